@@ -1,0 +1,25 @@
+# Surgical Feature-Space Decomposition (SFSD) of LLMs, and its peers.
+# This file is the table of contents; each stage lives in rules/<stage>.smk.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/models.smk"
+include: "rules/calibration.smk"
+include: "rules/features.smk"
+include: "rules/eigen.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,115 @@
+# Helpers shared by the rules: config checks, paths, resources, code versions.
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+# The interpreter running Snakemake runs the stages too (same environment on a workstation or,
+# with a shared file system, on cluster nodes).
+PYTHON = sys.executable
+PACKAGE_DIR = Path(workflow.basedir) / "workflow" / "sfsd"
+MODELS = config["models"]
+
+
+wildcard_constraints:
+    model="|".join(sorted(MODELS)),
+    block=r"\d{3}",
+
+
+def fail(message):
+    """Stop before any job starts, with one line naming the key and the fix."""
+    raise ValueError(f"config error: {message}")
+
+
+def check_config():
+    sys.path.insert(0, str(PACKAGE_DIR.parent))  # the package, also when not pip-installed
+    from sfsd.arch import REGISTRY, select_linears
+    from sfsd.errors import SfsdError
+    from sfsd.models import EMBEDDED
+
+    for name, m in MODELS.items():
+        arch = None
+        if m["source"] == "embedded":
+            if m.get("id") not in EMBEDDED:
+                fail(f"models.{name}.id {m.get('id')!r} is not an embedded model; choose one of {sorted(EMBEDDED)}")
+            arch = EMBEDDED[m["id"]].architecture
+        if m["source"] == "hub" and not m.get("id"):
+            fail(f"models.{name}.id must name a hub repo (e.g. huggyllama/llama-7b) for source hub")
+        if m["source"] == "local":
+            folder = Path(m.get("path") or "")
+            if not m.get("path") or not (folder / "config.json").is_file():
+                fail(f"models.{name}.path {m.get('path')!r} is not a model folder with config.json")
+            arch = (json.loads((folder / "config.json").read_text()).get("architectures") or ["?"])[0]
+            if arch not in REGISTRY:
+                fail(f"models.{name}: unsupported architecture {arch!r}; supported: {', '.join(sorted(REGISTRY))}")
+        if arch is not None:  # hub models are checked once downloaded, by the stages themselves
+            try:
+                select_linears(REGISTRY[arch], config["layers"])
+            except SfsdError as err:
+                fail(f"models.{name}: {err}")
+    cal = config["calibration"]
+    if cal["source"] in ("text_file", "jsonl_file"):
+        if not cal["path"] or not Path(cal["path"]).is_file():
+            fail(f"calibration.path {cal['path']!r} is not a file (needed by source {cal['source']})")
+        if Path(cal["path"]).stat().st_size == 0:
+            fail(f"calibration.path {cal['path']!r} is empty; give it some text")
+    if cal["source"] == "hub" and not cal["hub_dataset"]:
+        fail("calibration.hub_dataset must be set for calibration.source hub")
+
+
+check_config()
+
+
+def code_version(*modules):
+    """Digest of the library modules a stage runs: Snakemake sees a rule's own code, not the modules
+    it imports, so this goes into params and a change of them reruns the stage."""
+    h = hashlib.sha256()
+    for m in ("__init__", "errors", "io", "arch", *modules):
+        h.update((PACKAGE_DIR / f"{m}.py").read_bytes())
+    return h.hexdigest()[:12]
+
+
+def model_dir(wildcards):
+    """Folder of a model: the user's own for source local, else the prepared copy under results/."""
+    m = MODELS[wildcards.model]
+    return m["path"] if m["source"] == "local" else f"results/models/{wildcards.model}"
+
+
+def model_params_b(name):
+    """Approximate parameter count (billions) for resource sizing."""
+    m = MODELS[name]
+    if "params_b" in m:
+        return m["params_b"]
+    folder = Path(m["path"]) if m["source"] == "local" else Path(f"results/models/{name}")
+    files = list(folder.glob("*.safetensors")) if folder.exists() else []
+    if files:
+        return sum(f.stat().st_size for f in files) / 4e9  # stored fp32 at most: an upper bound
+    return 0.135 if m["source"] == "embedded" else 7.0
+
+
+def gpu_wanted():
+    return 0 if config["device"] == "cpu" else 1
+
+
+def collect_mem_mb(wildcards, attempt):
+    # model weights at the collection dtype + float32 staging + float64 accumulators + 2 GB headroom
+    params = model_params_b(wildcards.model) * 1e9
+    bytes_per = 2 if config["collection"]["dtype"] != "float32" else 4
+    return int((params * bytes_per * 1.5) / 1e6 + 2000) * attempt
+
+
+def eigen_mem_mb(wildcards, attempt):
+    # one block's weights and float64 covariances: ~ 40 bytes per block parameter, plus headroom
+    params_per_block = model_params_b(wildcards.model) * 1e9 / 32
+    return int(params_per_block * 40 / 1e6 + 1000) * attempt
+
+
+def blocks_of_model(model):
+    """Block indices, known once the features checkpoint has run."""
+    folder = checkpoints.collect_features.get(model=model).output.features
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    return [f"{b:03d}" for b in range(manifest["n_blocks"])]
+
+
+def all_targets():
+    return [f"results/{m}/eigen/summary.json" for m in MODELS]

@@ -1,0 +1,19 @@
+# Models: the embedded model converted once to safetensors, or a hub model downloaded once.
+
+
+rule prepare_model:
+    output:
+        model=directory("results/models/{model}"),
+    params:
+        source=lambda wc: MODELS[wc.model]["source"],
+        id=lambda wc: MODELS[wc.model].get("id", ""),
+        revision=lambda wc: MODELS[wc.model].get("revision", "main"),
+        code=code_version("models"),
+    log:
+        "results/logs/prepare_model/{model}.log",
+    resources:
+        mem_mb=lambda wc, attempt: int(model_params_b(wc.model) * 1e9 * 8 / 1e6 + 2000) * attempt,
+        runtime=lambda wc: int(30 + 10 * model_params_b(wc.model)),
+    shell:
+        "{PYTHON:q} -m sfsd prepare-model --source {params.source} --name {params.id:q} "
+        "--revision {params.revision:q} --out {output.model:q} > {log:q} 2>&1"

@@ -1,0 +1,87 @@
+"""Stage 1 on a tiny random Llama with grouped-query attention: the collected statistics equal a
+direct computation, padding does not leak into them, and derived output moments match hooked outputs."""
+
+import pytest
+import torch
+
+from sfsd.arch import get_arch, groups_for, linear_of, select_linears
+from sfsd.calibration import tokenize
+from sfsd.collect import collect_input_moments
+from sfsd.models import load_model
+from sfsd.stats import output_moments
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: What do plants need to grow?\nAnswer: water and light",
+    "A man is sitting on a roof.",
+    "Sarah was a much better surgeon than Maria.",
+    "Once upon a time",
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokens(tiny_llama):
+    model, tokenizer = load_model(tiny_llama, device="cpu")
+    tokens = tokenize(TEXTS, tokenizer, seq_len=40)
+    assert int(tokens["attention_mask"][:, -1].sum()) < len(TEXTS)  # some rows are padded
+    return model, tokens
+
+
+def hooked(model, spec, tokens, block, linear, where="input"):
+    """Inputs or outputs of one Linear over the real (unpadded) tokens, by a plain hook."""
+    seen = []
+    layer = linear_of(model, spec, block, linear)
+
+    def hook(_m, inputs, output):
+        seen.append((inputs[0] if where == "input" else output).detach())
+
+    h = layer.register_forward_hook(hook)
+    with torch.no_grad():
+        model(**tokens)
+    h.remove()
+    flat = seen[0].reshape(-1, seen[0].shape[-1])
+    return flat[tokens["attention_mask"].reshape(-1).bool()].double()
+
+
+def test_statistics_equal_direct_computation(model_and_tokens):
+    model, tokens = model_and_tokens
+    spec = get_arch("LlamaForCausalLM")
+    groups = groups_for(spec, select_linears(spec, ["proj"]))
+    assert groups == ["attn_in", "attn_out", "mlp_in", "mlp_out"]  # 4 inputs for 7 Linear layers
+    moments = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"],
+                                    batch_size=2, progress=False)
+    assert len(moments) == 2 and set(moments[1]) == set(groups)
+    for block in range(2):
+        for group, first in [("attn_in", "k_proj"), ("attn_out", "o_proj"), ("mlp_in", "up_proj"),
+                             ("mlp_out", "down_proj")]:
+            x = hooked(model, spec, tokens, block, first)
+            acc = moments[block][group]
+            assert acc.count == int(tokens["attention_mask"].sum())
+            torch.testing.assert_close(acc.xsum, x.sum(0), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(acc.xxt, x.T @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_padding_does_not_change_statistics(tiny_llama, model_and_tokens):
+    model, tokens = model_and_tokens
+    spec = get_arch("LlamaForCausalLM")
+    _, tokenizer = load_model(tiny_llama, device="cpu")
+    longer = tokenize(TEXTS, tokenizer, seq_len=64)  # same texts, 24 more padding slots each
+    ids = longer["input_ids"].clone()
+    ids[longer["attention_mask"] == 0] = 7  # garbage under the mask must not matter either
+    a = collect_input_moments(model, spec, ["mlp_out"], tokens["input_ids"], tokens["attention_mask"], 5, progress=False)
+    b = collect_input_moments(model, spec, ["mlp_out"], ids, longer["attention_mask"], 2, progress=False)
+    assert a[1]["mlp_out"].count == b[1]["mlp_out"].count
+    torch.testing.assert_close(a[1]["mlp_out"].xxt, b[1]["mlp_out"].xxt, rtol=1e-5, atol=1e-4)
+
+
+def test_derived_output_covariance_equals_hooked_outputs(model_and_tokens):
+    model, tokens = model_and_tokens
+    spec = get_arch("LlamaForCausalLM")
+    moments = collect_input_moments(model, spec, ["attn_in", "mlp_in"], tokens["input_ids"],
+                                    tokens["attention_mask"], 3, progress=False)
+    for linear in ["k_proj", "v_proj", "gate_proj"]:  # k/v are grouped-query: 16 outputs of 32 inputs
+        layer = linear_of(model, spec, 1, linear)
+        y = hooked(model, spec, tokens, 1, linear, where="output")
+        mu, cov = output_moments(layer.weight, layer.bias, moments[1][spec.group_of(linear)])
+        torch.testing.assert_close(mu, y.mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cov, torch.cov(y.T, correction=0), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,130 @@
+"""Architecture registry: the only place that knows where a model keeps its Linear layers.
+
+Algorithms ask this module for "the q_proj of block 3" or "the layers that read the attention
+input"; they never spell `model.model.layers[i].self_attn...` themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the pieces of one family of decoder-only transformers live."""
+
+    blocks: str  # attribute path from the CausalLM to the ModuleList of blocks
+    decoder: str  # attribute path to the base model (everything but the lm_head)
+    lm_head: str
+    # short name -> attribute path inside a block, in forward order
+    linears: dict[str, str]
+    # name of a shared input -> the Linear layers that read it (first one gets the hook)
+    input_groups: dict[str, tuple[str, ...]]
+    # LASER's layer-type names (Sharma et al.) -> our short names
+    laser_types: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def group_of(self, linear: str) -> str:
+        for group, members in self.input_groups.items():
+            if linear in members:
+                return group
+        raise KeyError(linear)
+
+    def param_name(self, block: int, linear: str, kind: str = "weight") -> str:
+        """State-dict key of a Linear's weight or bias, e.g. model.layers.3.self_attn.q_proj.weight."""
+        return f"{self.blocks}.{block}.{self.linears[linear]}.{kind}"
+
+
+_LLAMA_LINEARS = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+_LLAMA_GROUPS = {
+    "attn_in": ("q_proj", "k_proj", "v_proj"),
+    "attn_out": ("o_proj",),
+    "mlp_in": ("gate_proj", "up_proj"),
+    "mlp_out": ("down_proj",),
+}
+_LLAMA_LASER = {
+    "q_proj": ("q_proj",),
+    "k_proj": ("k_proj",),
+    "v_proj": ("v_proj",),
+    "out_proj": ("o_proj",),
+    "fc_in": ("gate_proj",),
+    "fc_up": ("up_proj",),
+    "fc_out": ("down_proj",),
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "all": tuple(_LLAMA_LINEARS),
+    "dont": (),
+}
+
+_LLAMA_LIKE = ArchSpec(
+    blocks="model.layers",
+    decoder="model",
+    lm_head="lm_head",
+    linears=_LLAMA_LINEARS,
+    input_groups=_LLAMA_GROUPS,
+    laser_types=_LLAMA_LASER,
+)
+
+# Mistral, Qwen2 and Qwen3 use Llama's module names; grouped-query k/v only changes shapes, and
+# Qwen2's q/k/v biases are read from the checkpoint like any other bias.
+REGISTRY: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": _LLAMA_LIKE,
+    "MistralForCausalLM": _LLAMA_LIKE,
+    "Qwen2ForCausalLM": _LLAMA_LIKE,
+    "Qwen3ForCausalLM": _LLAMA_LIKE,
+}
+
+
+def get_arch(architecture: str) -> ArchSpec:
+    try:
+        return REGISTRY[architecture]
+    except KeyError:
+        raise ConfigError(
+            f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(REGISTRY))} "
+            "(add an ArchSpec to sfsd/arch.py for another family)"
+        ) from None
+
+
+def architecture_of(config) -> str:
+    """The HF architecture name of a transformers config (or its dict form)."""
+    archs = config.get("architectures") if isinstance(config, dict) else config.architectures
+    if not archs:
+        raise ConfigError("the model's config.json names no 'architectures'; set it to e.g. ['LlamaForCausalLM']")
+    return archs[0]
+
+
+def select_linears(spec: ArchSpec, keywords: list[str]) -> list[str]:
+    """Short names of the Linear layers matched by config keywords (substring match, forward order)."""
+    if not keywords:
+        raise ConfigError("config 'layers' is empty; name at least one Linear, e.g. [q_proj, down_proj]")
+    chosen = [name for name in spec.linears if any(k in name or k == spec.linears[name] for k in keywords)]
+    unmatched = [k for k in keywords if not any(k in n or k == spec.linears[n] for n in spec.linears)]
+    if unmatched:
+        raise ConfigError(
+            f"config 'layers' keyword(s) {unmatched} match no Linear layer; available: {', '.join(spec.linears)}"
+        )
+    return chosen
+
+
+def groups_for(spec: ArchSpec, linears: list[str]) -> list[str]:
+    """Input groups needed to describe the given Linear layers (in forward order)."""
+    return [g for g, members in spec.input_groups.items() if any(m in linears for m in members)]
+
+
+def blocks_of(model: torch.nn.Module, spec: ArchSpec) -> torch.nn.ModuleList:
+    return model.get_submodule(spec.blocks)
+
+
+def linear_of(model: torch.nn.Module, spec: ArchSpec, block: int, linear: str) -> torch.nn.Linear:
+    return blocks_of(model, spec)[block].get_submodule(spec.linears[linear])

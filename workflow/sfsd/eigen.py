@@ -1,0 +1,116 @@
+"""Stage 2: per block and per target Linear, the output mean and covariance from the cached input
+moments, and its eigendecomposition (float64, descending). One job per block, single-threaded by
+default: LAPACK's eigh is several times slower with 2 MKL threads than with 1 on small machines,
+so Snakemake runs blocks in parallel instead."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from .arch import get_arch, select_linears
+from .collect import load_block_moments
+from .errors import DataError, NumericalError
+from .io import checkpoint_index, model_digest, read_parameters, save_tensors
+from .models import resolve_dtype
+from .stats import eigh_descending, energy_kept, output_moments
+
+log = logging.getLogger(__name__)
+
+# A negative eigenvalue below -tol * largest is not round-off: the statistics are broken.
+NEGATIVE_TOLERANCE = 1e-6
+
+
+def run_eigen(
+    features_path: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    layers: list[str],
+    save_dtype: str = "float32",
+    threads: int = 1,
+) -> dict:
+    torch.set_num_threads(threads)
+    moments, meta = load_block_moments(features_path)
+    block = int(meta["block"])
+    digest = model_digest(model_dir)
+    if meta.get("model_digest") != digest:
+        raise DataError(
+            f"{features_path} was collected from another model (digest {meta.get('model_digest')} != {digest}); "
+            "rerun feature collection for this model"
+        )
+    spec = get_arch(meta["architecture"])
+    linears = select_linears(spec, layers)
+    index = checkpoint_index(model_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    report: dict[str, dict] = {}
+    eigh_seconds = 0.0
+    for linear in linears:
+        group = spec.group_of(linear)
+        if group not in moments:
+            raise DataError(f"{features_path} holds no statistics for {group} (needed by {linear}); rerun collection")
+        names = [spec.param_name(block, linear, "weight")]
+        bias_name = spec.param_name(block, linear, "bias")
+        if bias_name in index:
+            names.append(bias_name)
+        params = read_parameters(model_dir, names)
+        mu, cov = output_moments(params[names[0]], params.get(bias_name), moments[group])
+        started = time.perf_counter()
+        eig = eigh_descending(cov)
+        eigh_seconds += time.perf_counter() - started
+        if not torch.isfinite(eig.values).all():
+            raise NumericalError(f"block {block} {linear}: eigendecomposition gave NaN/Inf")
+        top = float(eig.values[0]) if eig.values.numel() else 0.0
+        if eig.min_raw < -NEGATIVE_TOLERANCE * max(top, 1e-30):
+            raise NumericalError(
+                f"block {block} {linear}: covariance has eigenvalue {eig.min_raw:.3e} (largest {top:.3e}); "
+                "it is not positive semi-definite beyond round-off, the statistics are corrupt: rerun collection"
+            )
+        if eig.n_clamped:
+            log.info("block %d %s: clamped %d round-off negative eigenvalue(s), min %.3e", block, linear,
+                     eig.n_clamped, eig.min_raw)
+        tensors[f"{linear}.eigenvalues"] = eig.values
+        tensors[f"{linear}.eigenvectors"] = eig.vectors.to(resolve_dtype(save_dtype))
+        tensors[f"{linear}.mean"] = mu
+        report[linear] = {"dim": int(eig.values.numel()), "n_clamped": eig.n_clamped, "min_raw": eig.min_raw,
+                          "top": top}
+    save_tensors(
+        out_path,
+        tensors,
+        {
+            "model": meta.get("model"),
+            "model_digest": digest,
+            "calibration_digest": meta.get("calibration_digest"),
+            "architecture": meta["architecture"],
+            "block": block,
+            "linears": linears,
+            "layers": report,
+        },
+    )
+    return {"block": block, "eigh_seconds": eigh_seconds, "layers": report}
+
+
+def summarize(paths: list) -> dict:
+    """Per block and Linear: dimension, clamped count, and the rank that keeps 90/95/99% of the
+    output variance; the energy curve itself is sampled at 20 evenly spaced ranks."""
+    from .io import load_tensors
+
+    blocks = []
+    for path in paths:
+        tensors, meta = load_tensors(path)
+        layers = {}
+        for linear in meta["linears"]:
+            values = tensors[f"{linear}.eigenvalues"]
+            energy = energy_kept(values)
+            n = values.numel()
+            sample = sorted({max(1, round(n * i / 20)) for i in range(1, 21)})
+            layers[linear] = {
+                "dim": n,
+                "n_clamped": meta["layers"][linear]["n_clamped"],
+                **{f"rank_{int(q * 100)}": int((energy < q).sum()) + 1 for q in (0.9, 0.95, 0.99)},
+                "energy_at_rank": {str(r): round(float(energy[r - 1]), 6) for r in sample},
+            }
+        blocks.append({"block": meta["block"], "layers": layers})
+    return {"model": meta.get("model") if paths else None, "blocks": sorted(blocks, key=lambda b: b["block"])}

@@ -1,0 +1,158 @@
+"""All file access of the library: atomic writes, safetensors with metadata, checkpoint weights.
+
+Every writer goes through a temporary name in the same folder and an os.replace, so a job killed
+mid-write leaves no file under the final name that a rerun could mistake for a finished output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import DataError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success rename it to `path`, on failure delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `path` as a whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"missing file {path}; run the stage that makes it first") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}); delete it and rerun its stage") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Save tensors atomically; metadata values are JSON-encoded (safetensors only stores strings)."""
+    meta = {k: json.dumps(v) for k, v in metadata.items()}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def load_tensors(path: str | os.PathLike, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load tensors (all, or `keys`) and the decoded metadata; a corrupt file is a DataError."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"missing file {path}; run the stage that makes it first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            names = keys if keys is not None else list(f.keys())
+            missing = [k for k in names if k not in f.keys()]
+            if missing:
+                raise DataError(f"{path} lacks tensors {missing[:3]}; it was made by another config, delete and rerun")
+            return {k: f.get_tensor(k) for k in names}, meta
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DataError(f"{path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DataError(f"{path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
+
+
+def checkpoint_index(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """Map every parameter name of a HF checkpoint folder to the safetensors file holding it."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index)["weight_map"]
+        return {name: model_dir / shard for name, shard in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.exists():
+        raise DataError(
+            f"{model_dir} holds no model.safetensors (or its index); save the model with safe_serialization=True"
+        )
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def read_parameters(model_dir: str | os.PathLike, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read a few parameters of a checkpoint without loading the model (a 7B model stays on disk)."""
+    index = checkpoint_index(model_dir)
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise DataError(f"checkpoint {model_dir} has no parameter(s) {missing[:3]}")
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(index[n], []).append(n)
+    out = {}
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for k in keys:
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def has_parameter(model_dir: str | os.PathLike, name: str) -> bool:
+    return name in checkpoint_index(model_dir)
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_digest(model_dir: str | os.PathLike) -> str:
+    """Cheap identity of a checkpoint: its config plus every safetensors header (names, shapes, offsets)
+    and file size. Hashing the 13 GB of a 7B model on every job would cost minutes."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for file in sorted(set(checkpoint_index(model_dir).values())):
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(header_len))
+        h.update(str(file.stat().st_size).encode())
+    return h.hexdigest()[:16]

