@@ -61,11 +61,10 @@ def lambada_passages() -> list[dict]:
 
 def coqa_stories() -> list[dict]:
     """The distinct CoQA stories (each story appears once per question turn in the shipped file)."""
-    seen: dict[str, str] = {}
+    by_text: dict[str, str] = {}  # story -> first story id; two ids share one story
     for r in _olmo_requests("coqa"):
-        story_id = r["doc"]["id"].split("_turn")[0]
-        seen.setdefault(story_id, r["doc"]["story"])
-    return [{"doc_id": f"coqa/{k}", "text": v} for k, v in seen.items()]
+        by_text.setdefault(r["doc"]["story"], r["doc"]["id"].split("_turn")[0])
+    return [{"doc_id": f"coqa/{story_id}", "text": text} for text, story_id in by_text.items()]
 
 
 def _text_file(path: str) -> list[dict]:

@@ -20,8 +20,8 @@ from .stats import eigh_descending, energy_kept, output_moments
 
 log = logging.getLogger(__name__)
 
-# A negative eigenvalue below -tol * largest is not round-off: the statistics are broken.
-NEGATIVE_TOLERANCE = 1e-6
+# A negative eigenvalue below -tol * max E[y_i^2] is not round-off: the statistics are broken.
+NEGATIVE_TOLERANCE = 1e-5
 
 
 def run_eigen(
@@ -63,9 +63,12 @@ def run_eigen(
         if not torch.isfinite(eig.values).all():
             raise NumericalError(f"block {block} {linear}: eigendecomposition gave NaN/Inf")
         top = float(eig.values[0]) if eig.values.numel() else 0.0
-        if eig.min_raw < -NEGATIVE_TOLERANCE * max(top, 1e-30):
+        # Round-off in cov = E[yy^T] - mu mu^T scales with E[y_i^2], not with the centred spread.
+        mu_w = mu - params[bias_name].double() if bias_name in params else mu
+        scale = float(cov.diagonal().max() + (mu_w**2).max())
+        if eig.min_raw < -NEGATIVE_TOLERANCE * max(scale, 1e-30):
             raise NumericalError(
-                f"block {block} {linear}: covariance has eigenvalue {eig.min_raw:.3e} (largest {top:.3e}); "
+                f"block {block} {linear}: covariance has eigenvalue {eig.min_raw:.3e} (scale {scale:.3e}); "
                 "it is not positive semi-definite beyond round-off, the statistics are corrupt: rerun collection"
             )
         if eig.n_clamped:

@@ -1,0 +1,136 @@
+"""The real Snakefile on a tiny random Llama (grouped-query attention): stage outputs, and what
+reruns when config or code changes."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from sfsd.io import load_tensors, read_json
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A private copy of the workflow, so a test may edit its code without touching the repo."""
+    for item in ("Snakefile", "config.yaml", "rules"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
+    shutil.copytree(REPO / "workflow", dest / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest / "Snakefile"
+
+
+def snakemake(snakefile: Path, workdir: Path, config: dict, *args: str, check: bool = True):
+    cfg = workdir / "test-config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
+           "--configfile", str(cfg), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def planned_jobs(proc) -> dict[str, int]:
+    """Rule -> job count from a dry run's 'Job stats' table; empty when there is nothing to do."""
+    out = proc.stdout + proc.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_llama, calibration_text_file):
+    root = tmp_path_factory.mktemp("wf")
+    (root / "repo").mkdir()
+    snakefile = copy_workflow(root / "repo")
+    workdir = root / "run"
+    workdir.mkdir()
+    config = {
+        "models": {"tiny": {"source": "local", "path": str(tiny_llama)}},
+        "calibration": {"source": "text_file", "path": str(calibration_text_file), "num_samples": 24, "seq_len": 32},
+        "collection": {"batch_size": 4},
+        "device": "cpu",
+    }
+    snakemake(snakefile, workdir, config)
+    return snakefile, workdir, config
+
+
+def test_stage_outputs(finished_run):
+    _, workdir, _ = finished_run
+    results = workdir / "results" / "tiny"
+    manifest = read_json(results / "features" / "manifest.json")
+    assert manifest["n_blocks"] == 2
+    assert list(manifest["groups"]) == ["attn_in", "attn_out", "mlp_in", "mlp_out"]
+    stats, meta = load_tensors(results / "features" / "block_001.safetensors")
+    assert set(stats) == {f"{g}.{k}" for g in manifest["groups"] for k in ("xxt", "xsum", "count")}
+    assert stats["attn_in.xxt"].shape == (32, 32) and stats["mlp_out.xxt"].shape == (48, 48)
+    assert stats["attn_in.xxt"].dtype.is_floating_point and stats["attn_in.xxt"].dtype.itemsize == 8
+    assert int(stats["attn_in.count"]) == manifest["tokens"] > 0
+    assert meta["calibration_digest"] == manifest["calibration_digest"]
+    eig, meta = load_tensors(results / "eigen" / "block_000.safetensors")
+    shapes = {"q_proj": 32, "k_proj": 16, "v_proj": 16, "o_proj": 32, "gate_proj": 48, "up_proj": 48, "down_proj": 32}
+    for linear, out in shapes.items():
+        assert eig[f"{linear}.eigenvectors"].shape == (out, out)
+        values = eig[f"{linear}.eigenvalues"]
+        assert values.shape == (out,) and bool((values[:-1] >= values[1:]).all())
+        assert eig[f"{linear}.mean"].shape == (out,)
+    summary = read_json(results / "eigen" / "summary.json")
+    assert [b["block"] for b in summary["blocks"]] == [0, 1]
+    # calibration texts are recorded with their ids
+    texts = (workdir / "results" / "calibration" / "texts.jsonl").read_text().splitlines()
+    assert len(texts) == 24
+
+
+def test_complete_run_has_nothing_to_do(finished_run):
+    snakefile, workdir, config = finished_run
+    assert planned_jobs(snakemake(snakefile, workdir, config, "--dry-run")) == {}
+
+
+def test_eigen_setting_reruns_eigen_only(finished_run):
+    snakefile, workdir, config = finished_run
+    changed = {**config, "eigen": {"save_dtype": "float64"}}
+    jobs = planned_jobs(snakemake(snakefile, workdir, changed, "--dry-run"))
+    assert jobs == {"eigendecompose": 2, "eigen_summary": 1, "all": 1}
+
+
+def test_calibration_setting_reruns_collection(finished_run):
+    snakefile, workdir, config = finished_run
+    changed = {**config, "calibration": {**config["calibration"], "num_samples": 20}}
+    jobs = planned_jobs(snakemake(snakefile, workdir, changed, "--dry-run"))
+    assert jobs.get("calibration_texts") == 1 and jobs.get("collect_features") == 1
+
+
+def test_code_change_reruns_its_stage_only(finished_run):
+    snakefile, workdir, config = finished_run
+    module = snakefile.parent / "workflow" / "sfsd" / "eigen.py"
+    original = module.read_text()
+    module.write_text(original + "\n# a change of the eigen stage's code\n")
+    try:
+        jobs = planned_jobs(snakemake(snakefile, workdir, config, "--dry-run"))
+    finally:
+        module.write_text(original)
+    assert jobs.get("eigendecompose") == 2 and "collect_features" not in jobs
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"layers": ["qq_proj"]}, "match no Linear layer"),
+        ({"calibration": {"source": "text_file", "path": "/nonexistent.txt"}}, "calibration.path"),
+        ({"eigen": {"threads": 0}}, "threads"),
+        ({"models": {"tiny": {"source": "embedded", "id": "gpt-5"}}}, "not an embedded model"),
+    ],
+)
+def test_bad_config_fails_before_any_job(finished_run, tmp_path, change, message):
+    snakefile, _, config = finished_run
+    proc = snakemake(snakefile, tmp_path, {**config, **change}, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
