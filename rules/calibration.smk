@@ -15,13 +15,15 @@ rule calibration_texts:
             sort_keys=True,
         ),
         code=code_version("calibration", "splits", "tasks"),
+    conda:
+        "../envs/gpu-stages.yaml"
     log:
         "results/logs/calibration_texts.log",
     resources:
         mem_mb=4000,
         runtime=10,
     shell:
-        "{PYTHON:q} -m sfsd calibration-texts --settings {params.settings:q} --out {output.texts:q} > {log:q} 2>&1"
+        "python -m sfsd calibration-texts --settings {params.settings:q} --out {output.texts:q} > {log:q} 2>&1"
 
 
 rule tokenize_calibration:
@@ -33,11 +35,13 @@ rule tokenize_calibration:
     params:
         seq_len=config["calibration"]["seq_len"],
         code=code_version("calibration", "models"),
+    conda:
+        "../envs/gpu-stages.yaml"
     log:
         "results/logs/tokenize_calibration/{model}.log",
     resources:
         mem_mb=4000,
         runtime=10,
     shell:
-        "{PYTHON:q} -m sfsd tokenize --model-dir {input.model:q} --texts {input.texts:q} "
+        "python -m sfsd tokenize --model-dir {input.model:q} --texts {input.texts:q} "
         "--seq-len {params.seq_len} --out {output.tokens:q} > {log:q} 2>&1"

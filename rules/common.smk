@@ -1,13 +1,15 @@
 # Helpers shared by the rules: config checks, paths, resources, code versions.
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
-# The interpreter running Snakemake runs the stages too (same environment on a workstation or,
-# with a shared file system, on cluster nodes).
-PYTHON = sys.executable
 PACKAGE_DIR = Path(workflow.basedir) / "workflow" / "sfsd"
+# Jobs run `python -m sfsd` from whatever environment is active (the venv of workflow/setup.sh, or
+# a conda env of envs/ with --sdm conda): put this checkout's package first on their path, so the
+# stages always run the code whose digest is in their params (see code_version).
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH")])))
 MODELS = config["models"]
 
 

@@ -11,6 +11,8 @@ rule eigendecompose:
         layers=",".join(config["layers"]),
         save_dtype=config["eigen"]["save_dtype"],
         code=code_version("eigen", "collect", "stats", "models"),
+    conda:
+        "../envs/cpu-stages.yaml"
     log:
         "results/logs/eigendecompose/{model}/block_{block}.log",
     benchmark:
@@ -20,7 +22,7 @@ rule eigendecompose:
         mem_mb=eigen_mem_mb,
         runtime=lambda wc: int(5 + 5 * model_params_b(wc.model)),
     shell:
-        "{PYTHON:q} -m sfsd eigen --features {input.features:q}/block_{wildcards.block}.safetensors "
+        "python -m sfsd eigen --features {input.features:q}/block_{wildcards.block}.safetensors "
         "--model-dir {input.model:q} --layers {params.layers} --save-dtype {params.save_dtype} "
         "--threads {threads} --out {output.eigen:q} > {log:q} 2>&1"
 
@@ -34,10 +36,12 @@ rule eigen_summary:
         summary="results/{model}/eigen/summary.json",
     params:
         code=code_version("eigen", "stats"),
+    conda:
+        "../envs/cpu-stages.yaml"
     log:
         "results/logs/eigen_summary/{model}.log",
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PYTHON:q} -m sfsd eigen-summary --out {output.summary:q} {input.blocks:q} > {log:q} 2>&1"
+        "python -m sfsd eigen-summary --out {output.summary:q} {input.blocks:q} > {log:q} 2>&1"

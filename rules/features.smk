@@ -15,6 +15,8 @@ checkpoint collect_features:
         batch_size=config["collection"]["batch_size"],
         flush_every=config["collection"]["flush_every"],
         code=code_version("collect", "stats", "models"),
+    conda:
+        "../envs/gpu-stages.yaml"
     log:
         "results/logs/collect_features/{model}.log",
     benchmark:
@@ -25,7 +27,7 @@ checkpoint collect_features:
         runtime=lambda wc: int(20 + 20 * model_params_b(wc.model)),
         gpu=gpu_wanted(),
     shell:
-        "{PYTHON:q} -m sfsd collect --model-dir {input.model:q} --model-name {wildcards.model} "
+        "python -m sfsd collect --model-dir {input.model:q} --model-name {wildcards.model} "
         "--tokens {input.tokens:q} --layers {params.layers} --dtype {params.dtype} --device {params.device} "
         "--batch-size {params.batch_size} --flush-every {params.flush_every} --out {output.features:q} "
         "> {log:q} 2>&1"

@@ -9,11 +9,13 @@ rule prepare_model:
         id=lambda wc: MODELS[wc.model].get("id", ""),
         revision=lambda wc: MODELS[wc.model].get("revision", "main"),
         code=code_version("models"),
+    conda:
+        "../envs/gpu-stages.yaml"
     log:
         "results/logs/prepare_model/{model}.log",
     resources:
         mem_mb=lambda wc, attempt: int(model_params_b(wc.model) * 1e9 * 8 / 1e6 + 2000) * attempt,
         runtime=lambda wc: int(30 + 10 * model_params_b(wc.model)),
     shell:
-        "{PYTHON:q} -m sfsd prepare-model --source {params.source} --name {params.id:q} "
+        "python -m sfsd prepare-model --source {params.source} --name {params.id:q} "
         "--revision {params.revision:q} --out {output.model:q} > {log:q} 2>&1"

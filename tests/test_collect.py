@@ -82,6 +82,7 @@ def test_derived_output_covariance_equals_hooked_outputs(model_and_tokens):
     for linear in ["k_proj", "v_proj", "gate_proj"]:  # k/v are grouped-query: 16 outputs of 32 inputs
         layer = linear_of(model, spec, 1, linear)
         y = hooked(model, spec, tokens, 1, linear, where="output")
-        mu, cov = output_moments(layer.weight, layer.bias, moments[1][spec.group_of(linear)])
+        acc = moments[1][spec.group_of(linear)]
+        mu, cov = output_moments(layer.weight, layer.bias, acc.mean(), acc.covariance())
         torch.testing.assert_close(mu, y.mean(0), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cov, torch.cov(y.T, correction=0), rtol=1e-4, atol=1e-5)

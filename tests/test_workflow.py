@@ -18,7 +18,7 @@ from sfsd.io import load_tensors, read_json
 
 def copy_workflow(dest: Path) -> Path:
     """A private copy of the workflow, so a test may edit its code without touching the repo."""
-    for item in ("Snakefile", "config.yaml", "rules"):
+    for item in ("Snakefile", "config.yaml", "rules", "profiles", "envs"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
     shutil.copytree(REPO / "workflow", dest / "workflow", ignore=shutil.ignore_patterns("__pycache__"))

@@ -46,6 +46,7 @@ def run_eigen(
     index = checkpoint_index(model_dir)
     tensors: dict[str, torch.Tensor] = {}
     report: dict[str, dict] = {}
+    input_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     eigh_seconds = 0.0
     for linear in linears:
         group = spec.group_of(linear)
@@ -56,7 +57,9 @@ def run_eigen(
         if bias_name in index:
             names.append(bias_name)
         params = read_parameters(model_dir, names)
-        mu, cov = output_moments(params[names[0]], params.get(bias_name), moments[group])
+        if group not in input_stats:  # q/k/v and gate/up share one input mean and covariance
+            input_stats[group] = (moments[group].mean(), moments[group].covariance())
+        mu, cov = output_moments(params[names[0]], params.get(bias_name), *input_stats[group])
         started = time.perf_counter()
         eig = eigh_descending(cov)
         eigh_seconds += time.perf_counter() - started

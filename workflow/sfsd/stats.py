@@ -91,16 +91,17 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 
 
 def output_moments(
-    weight: torch.Tensor, bias: torch.Tensor | None, moments: InputMoments
+    weight: torch.Tensor, bias: torch.Tensor | None, x_mean: torch.Tensor, x_cov: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (out,) and covariance (out, out) of y = W x + b, in float64, from the input moments."""
+    """Mean (out,) and covariance (out, out) of y = W x + b, in float64, from the input mean and
+    covariance (InputMoments.mean() / .covariance(), shared by the Linear layers of one input).
+
+    The covariance is symmetric up to round-off; eigh reads only its lower triangle."""
     w = weight.double()
-    mu = w @ moments.mean()
+    mu = w @ x_mean
     if bias is not None:
         mu = mu + bias.double()
-    cov = w @ moments.covariance() @ w.T
-    cov = 0.5 * (cov + cov.T)  # exact symmetry for eigh; the asymmetry is round-off only
-    return mu, cov
+    return mu, (w @ x_cov) @ w.T
 
 
 @dataclass

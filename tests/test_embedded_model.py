@@ -1,0 +1,35 @@
+"""The embedded SmolLM2-135M-Instruct (shipped on PyPI) through stages 1 and 2 via the real Snakefile,
+on a small calibration set (about 2 minutes on 2 CPU cores). Deselect with -m "not slow"."""
+
+import pytest
+import torch
+
+from sfsd.io import load_tensors, read_json
+from test_workflow import copy_workflow, planned_jobs, snakemake
+
+
+@pytest.mark.slow
+def test_embedded_model_stages_1_and_2(tmp_path):
+    (tmp_path / "repo").mkdir()
+    snakefile = copy_workflow(tmp_path / "repo")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config = {"calibration": {"num_samples": 24}, "device": "cpu"}
+    snakemake(snakefile, workdir, config)
+    results = workdir / "results" / "smollm2-135m"
+    manifest = read_json(results / "features" / "manifest.json")
+    assert manifest["architecture"] == "LlamaForCausalLM" and manifest["n_blocks"] == 30
+    assert manifest["tokens"] > 500
+    eig, meta = load_tensors(results / "eigen" / "block_029.safetensors")
+    assert meta["calibration_digest"] == manifest["calibration_digest"]
+    dims = {"q_proj": 576, "k_proj": 192, "v_proj": 192, "o_proj": 576, "gate_proj": 1536, "up_proj": 1536,
+            "down_proj": 576}
+    for linear, dim in dims.items():
+        v = eig[f"{linear}.eigenvectors"].double()
+        assert v.shape == (dim, dim)
+        torch.testing.assert_close(v.T @ v, torch.eye(dim, dtype=torch.float64), rtol=0, atol=1e-5)
+    summary = read_json(results / "eigen" / "summary.json")
+    assert len(summary["blocks"]) == 30
+    # the feature space is low-rank: gate_proj keeps 90% of its output variance well below full rank
+    assert summary["blocks"][15]["layers"]["gate_proj"]["rank_90"] < 1536 // 2
+    assert planned_jobs(snakemake(snakefile, workdir, config, "--dry-run")) == {}
