@@ -1,7 +1,7 @@
 # Surgical Feature-Space Decomposition (SFSD) of LLMs, and its peers.
 # This file is the table of contents; each stage lives in rules/<stage>.smk.
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -9,9 +9,7 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
-
-
+# validates the config (workflow/schemas/config.schema.yaml) before anything else
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/calibration.smk"

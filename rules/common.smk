@@ -5,22 +5,41 @@ import os
 import sys
 from pathlib import Path
 
+import jsonschema
+import yaml
+from snakemake.utils import validate
+
+SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 PACKAGE_DIR = Path(workflow.basedir) / "workflow" / "sfsd"
 # Jobs run `python -m sfsd` from whatever environment is active (the venv of workflow/setup.sh, or
 # a conda env of envs/ with --sdm conda): put this checkout's package first on their path, so the
 # stages always run the code whose digest is in their params (see code_version).
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH")])))
+
+
+def fail(message):
+    """Stop before any job starts, with one line naming the key and the fix."""
+    raise ValueError(f"config error: {message}")
+
+
+def validate_config():
+    """One line for the first schema violation (key path and reason), then Snakemake's own
+    validation, which also fills in the schema's defaults."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if error is not None:
+        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        fail(f"{key}: {error.message} (see {SCHEMA.relative_to(workflow.basedir)})")
+    validate(config, str(SCHEMA))
+
+
+validate_config()
 MODELS = config["models"]
 
 
 wildcard_constraints:
     model="|".join(sorted(MODELS)),
     block=r"\d{3}",
-
-
-def fail(message):
-    """Stop before any job starts, with one line naming the key and the fix."""
-    raise ValueError(f"config error: {message}")
 
 
 def check_config():

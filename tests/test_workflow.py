@@ -124,7 +124,10 @@ def test_code_change_reruns_its_stage_only(finished_run):
     [
         ({"layers": ["qq_proj"]}, "match no Linear layer"),
         ({"calibration": {"source": "text_file", "path": "/nonexistent.txt"}}, "calibration.path"),
-        ({"eigen": {"threads": 0}}, "threads"),
+        ({"eigen": {"threads": 0}}, "config error: eigen.threads: 0 is less than the minimum of 1"),
+        ({"collection": {"batch_size": "8"}}, "config error: collection.batch_size: '8' is not of type 'integer'"),
+        ({"calibration": {"source": "wiki"}}, "config error: calibration.source: 'wiki' is not one of"),
+        ({"typo_key": 1}, "'typo_key' was unexpected"),
         ({"models": {"tiny": {"source": "embedded", "id": "gpt-5"}}}, "not an embedded model"),
     ],
 )
