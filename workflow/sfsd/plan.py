@@ -246,7 +246,7 @@ def _targets(spec: ArchSpec, n_blocks: int, linears: Iterable[str], blocks: Iter
     bad = [n for n in linears if n not in spec.linears]
     if bad or not linears:
         raise ConfigError(f"linear(s) {bad or '[]'} unknown; choose from {', '.join(spec.linears)}")
-    chosen = list(range(n_blocks)) if blocks is None else sorted(set(int(b) for b in blocks))
+    chosen = list(range(n_blocks)) if blocks is None else sorted({int(b) for b in blocks})
     if any(not 0 <= b < n_blocks for b in chosen) or not chosen:
         raise ConfigError(f"blocks {chosen} out of range; the model has blocks 0..{n_blocks - 1}")
     return [(b, n) for b in chosen for n in spec.linears if n in linears]
@@ -254,7 +254,7 @@ def _targets(spec: ArchSpec, n_blocks: int, linears: Iterable[str], blocks: Iter
 
 def ratio_rank(keep_ratio: float, kappa: int) -> int:
     """Rank at a keep ratio: floor(keep_ratio * kappa), at least 1 (kappa itself means dense)."""
-    return max(1, int(math.floor(keep_ratio * kappa + _ROUND_GUARD)))
+    return max(1, math.floor(keep_ratio * kappa + _ROUND_GUARD))
 
 
 def uniform_plan(
@@ -292,8 +292,10 @@ def uniform_plan(
     return new_plan(layers, notes=notes, **header)
 
 
-def count_params(shapes: ModelShapes, plan: Mapping) -> dict:
+def count_params(shapes, plan: Mapping) -> dict:
     """Exact parameter counts and per-token Linear multiply-accumulates of a plan's model.
+
+    `shapes`: a ModelShapes, or anything `model_shapes` reads (dense model, config, model folder).
 
     Returns {"model": {...}, "decoder_linear": {...}, "macs_per_token": {...},
     "decoder_linear_macs_per_token": {...}}, each {"dense", "compressed", "fraction"}:
@@ -303,6 +305,8 @@ def count_params(shapes: ModelShapes, plan: Mapping) -> dict:
       layer costs r (in + out); bias adds, norms and attention's score products are not counted.
     A factored layer carries a bias of size out when the original had one, or when it is a feature-
     space layer with bias_compensation 'intended'. laser/vendi/dense layers cost the dense amount."""
+    if not isinstance(shapes, ModelShapes):
+        shapes = model_shapes(shapes)
     spec = get_arch(shapes.architecture)
     norm = validate_plan(plan, spec, shapes.n_blocks, shapes)
     bias_comp = norm["options"]["bias_compensation"]

@@ -1,0 +1,367 @@
+"""Rank plans, the parameter accountant, applying plans to a tiny GQA Llama, and save/load of the
+compressed model. Statistics are computed in-test from a few calibration tokens."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from sfsd.arch import get_arch, groups_for, linear_of
+from sfsd.calibration import tokenize
+from sfsd.collect import block_file, collect_input_moments
+from sfsd.compress import (
+    LowRankLinear,
+    apply_cached_plan,
+    apply_plan,
+    cached_statistics,
+    cut_factors,
+    factors_for,
+    full_rank_factors,
+    load_compressed,
+    save_compressed,
+    save_factor_cache,
+)
+from sfsd.errors import ConfigError, DataError
+from sfsd.io import model_digest, save_tensors
+from sfsd.methods import feature_space, max_rank
+from sfsd.models import load_model
+from sfsd.plan import (
+    ModelShapes,
+    budget_plan,
+    count_params,
+    model_shapes,
+    new_plan,
+    uniform_plan,
+    validate_plan,
+)
+from sfsd.stats import eigh_descending, output_moments
+
+SPEC = get_arch("LlamaForCausalLM")
+LINEARS = list(SPEC.linears)
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: What do plants need to grow?\nAnswer: water and light",
+    "A man is sitting on a roof. He starts pulling up roofing on a roof.",
+    "Sarah was a much better surgeon than Maria so Sarah always got the harder cases.",
+    "Once upon a time, in a barn near a farm house, there lived a little white kitten.",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama):
+    """Base model, tokens, and per-block eigen / feature tensors as the cached files hold them."""
+    model, tokenizer = load_model(tiny_llama, device="cpu")
+    tokens = tokenize(TEXTS, tokenizer, seq_len=40)
+    groups = groups_for(SPEC, LINEARS)
+    moments = collect_input_moments(model, SPEC, groups, tokens["input_ids"], tokens["attention_mask"],
+                                    batch_size=5, progress=False)
+    eigen, features = {}, {}
+    for b, per_block in enumerate(moments):  # what stages 1 and 2 write, computed in memory
+        features[b] = {}
+        for g, acc in per_block.items():
+            features[b].update({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum,
+                                f"{g}.count": torch.tensor(acc.count, dtype=torch.int64)})
+        eigen[b] = {}
+        for name in LINEARS:
+            layer = linear_of(model, SPEC, b, name)
+            acc = per_block[SPEC.group_of(name)]
+            with torch.no_grad():
+                mu, cov = output_moments(layer.weight, layer.bias, acc.mean(), acc.covariance())
+            eig = eigh_descending(cov)
+            eigen[b].update({f"{name}.eigenvalues": eig.values, f"{name}.eigenvectors": eig.vectors.float(),
+                             f"{name}.mean": mu})
+    return {"model": model, "tokenizer": tokenizer, "tokens": tokens, "eigen": eigen, "features": features,
+            "shapes": model_shapes(model), "digest": model_digest(tiny_llama), "dir": tiny_llama}
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).logits
+
+
+def _decoder_linear_params(model):
+    blocks = model.get_submodule(SPEC.blocks)
+    return sum(p.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+
+
+MIXED = {
+    "0.q_proj": {"method": "feature", "rank": 3},
+    "0.k_proj": {"method": "weight", "rank": 2},
+    "0.v_proj": {"method": "whitened", "rank": 4},
+    "0.gate_proj": {"method": "laser", "rate": 5.0},
+    "0.up_proj": {"method": "vendi", "rate": 3.0, "use_quality": True},
+    "1.o_proj": {"method": "feature", "rank": 15},
+    "1.down_proj": {"method": "whitened", "rank": 1},
+    "1.up_proj": {"method": "feature", "rank": 30},  # >= kappa 19: stays dense
+}
+
+
+def test_tiny_model_shapes(setup):
+    s = setup["shapes"]
+    assert s.n_blocks == 2 and s.architecture == "LlamaForCausalLM"
+    assert s.linears["q_proj"] == (32, 32) and s.linears["k_proj"] == (16, 32) and s.linears["down_proj"] == (32, 48)
+    assert s.total_params == sum(p.numel() for p in setup["model"].parameters())
+    assert model_shapes(setup["dir"]) == s  # from the folder's config on the meta device: same numbers
+    assert [max_rank(i, o) for o, i in s.linears.values()] == [16, 10, 10, 16, 19, 19, 19]
+
+
+@pytest.mark.parametrize("bias_compensation", ["intended", "none"])
+def test_counts_are_exact_in_both_conventions(setup, bias_compensation):
+    model = copy.deepcopy(setup["model"])
+    plan = new_plan(MIXED, bias_compensation=bias_compensation)
+    apply_plan(model, SPEC, plan, setup["eigen"], setup["features"])
+    counts = count_params(setup["shapes"], plan)
+    assert counts["model"]["compressed"] == sum(p.numel() for p in model.parameters())
+    assert counts["decoder_linear"]["compressed"] == _decoder_linear_params(model)
+    assert counts["model"]["dense"] == sum(p.numel() for p in setup["model"].parameters())
+    assert counts["decoder_linear"]["dense"] == _decoder_linear_params(setup["model"])
+    assert counts["model"]["compressed"] < counts["model"]["dense"]
+    assert count_params(setup["dir"], plan) == counts  # from the folder's config: the same
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), LowRankLinear)
+    assert isinstance(model.get_submodule("model.layers.1.mlp.up_proj"), torch.nn.Linear)  # normalised to dense
+
+
+def test_tied_embeddings_counted_once():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    shapes = model_shapes(config)
+    assert shapes.total_params == sum(p.numel() for p in model.parameters())
+    plan = uniform_plan(SPEC, 2, ["q_proj", "down_proj"], shapes, 0.5, "weight")
+    apply_plan(model, SPEC, plan)
+    assert count_params(shapes, plan)["model"]["compressed"] == sum(p.numel() for p in model.parameters())
+
+
+def test_macs_hand_computed():
+    shapes = ModelShapes(
+        architecture="LlamaForCausalLM", n_blocks=1,
+        linears={"q_proj": (8, 8), "k_proj": (4, 8), "v_proj": (4, 8), "o_proj": (8, 8), "gate_proj": (12, 8),
+                 "up_proj": (12, 8), "down_proj": (8, 12)},
+        biases={n: False for n in LINEARS}, total_params=2000, lm_head=(50, 8))
+    plan = new_plan({"0.q_proj": {"method": "feature", "rank": 2}, "0.down_proj": {"method": "weight", "rank": 3},
+                     "0.up_proj": {"method": "laser", "rate": 9.0}})
+    c = count_params(shapes, plan)
+    # dense: 64 + 32 + 32 + 64 + 96 + 96 + 96 = 480 in the blocks, + 400 for lm_head
+    assert c["macs_per_token"]["dense"] == 880 and c["decoder_linear_macs_per_token"]["dense"] == 480
+    # q: 2 * (8 + 8) = 32 instead of 64; down: 3 * (12 + 8) = 60 instead of 96; laser costs the same
+    assert c["macs_per_token"]["compressed"] == 880 - 64 + 32 - 96 + 60
+    # params: as MACs, plus the feature layer's compensation bias of 8
+    assert c["decoder_linear"]["dense"] == 480
+    assert c["decoder_linear"]["compressed"] == 480 - 64 + 32 + 8 - 96 + 60
+    assert c["model"]["compressed"] == 2000 - 64 + 32 + 8 - 96 + 60
+
+
+def test_full_rank_math_reproduces_the_layer(setup):
+    """At full rank (out for feature space) the factors are exact; plans never use it (>= kappa is dense)."""
+    layer = linear_of(setup["model"], SPEC, 0, "k_proj")
+    eig = setup["eigen"][0]
+    f = feature_space(layer.weight, None, eig["k_proj.eigenvectors"], eig["k_proj.mean"], 16)
+    low = LowRankLinear.from_factors(f)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(low(x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+def test_small_ranks_change_logits_but_generate_works(setup):
+    model = copy.deepcopy(setup["model"])
+    plan = uniform_plan(SPEC, 2, LINEARS, setup["shapes"], 0.3, "feature")
+    assert all(e["rank"] < 10 for e in plan["layers"].values())
+    report = apply_plan(model, SPEC, plan, setup["eigen"], setup["features"])
+    assert len(report["layers"]) == 14
+    base, comp = _logits(setup["model"], setup["tokens"]), _logits(model, setup["tokens"])
+    assert torch.isfinite(comp).all() and not torch.allclose(base, comp)
+    out = model.generate(setup["tokens"]["input_ids"][:1, :5], max_new_tokens=4, do_sample=False,
+                         pad_token_id=setup["tokenizer"].eos_token_id)
+    assert out.shape == (1, 9)
+
+
+def test_near_kappa_feature_plan_is_close_to_base(setup):
+    """At kappa - 1 the feature-space model keeps most of the variance: logits move little."""
+    model = copy.deepcopy(setup["model"])
+    plan = uniform_plan(SPEC, 2, LINEARS, setup["shapes"], 0.99, "feature")
+    apply_plan(model, SPEC, plan, setup["eigen"], setup["features"])
+    far = copy.deepcopy(setup["model"])
+    apply_plan(far, SPEC, uniform_plan(SPEC, 2, LINEARS, setup["shapes"], 0.2, "feature"), setup["eigen"])
+    base = _logits(setup["model"], setup["tokens"])
+    near_err = (_logits(model, setup["tokens"]) - base).norm()
+    assert near_err < (_logits(far, setup["tokens"]) - base).norm()
+
+
+def test_save_load_gives_identical_logits(setup, tmp_path):
+    model = copy.deepcopy(setup["model"])
+    plan = new_plan(MIXED, model="tiny", model_digest=setup["digest"], architecture="LlamaForCausalLM")
+    apply_plan(model, SPEC, plan, setup["eigen"], setup["features"], model_digest=setup["digest"])
+    before = _logits(model, setup["tokens"])
+    out = save_compressed(model, plan, tmp_path / "compressed", tokenizer=setup["tokenizer"])
+    assert not (out / "model.safetensors").exists()  # from_pretrained must not half-load it
+    loaded, saved_plan = load_compressed(out)
+    assert torch.equal(_logits(loaded, setup["tokens"]), before)
+    assert saved_plan["layers"]["1.up_proj"]["method"] == "dense"
+    assert json.loads((out / "plan.json").read_text()) == saved_plan
+    assert sum(p.numel() for p in loaded.parameters()) == count_params(setup["shapes"], plan)["model"]["compressed"]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out)("a roof")["input_ids"] == setup["tokenizer"]("a roof")["input_ids"]
+
+
+def test_save_load_tied_model(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         architectures=["LlamaForCausalLM"])
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    apply_plan(model, SPEC, new_plan({"0.gate_proj": {"method": "weight", "rank": 3}}))
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(input_ids=ids).logits
+    loaded, _ = load_compressed(save_compressed(model, new_plan({"0.gate_proj": {"method": "weight", "rank": 3}}),
+                                                tmp_path / "tied"))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, before.detach())
+
+
+def test_cached_statistics_from_files(setup, tmp_path):
+    root = tmp_path / "results" / "tiny"
+    for b in range(2):
+        save_tensors(root / "eigen" / block_file(b), setup["eigen"][b], {"model_digest": setup["digest"], "block": b})
+        save_tensors(root / "features" / block_file(b), setup["features"][b], {"model_digest": setup["digest"]})
+    plan = new_plan({"0.q_proj": {"method": "feature", "rank": 5}, "1.v_proj": {"method": "whitened", "rank": 4}})
+    in_memory, from_files = copy.deepcopy(setup["model"]), copy.deepcopy(setup["model"])
+    apply_plan(in_memory, SPEC, plan, setup["eigen"], setup["features"])
+    apply_plan(from_files, SPEC, plan, *cached_statistics(root, setup["digest"]))
+    assert torch.equal(_logits(in_memory, setup["tokens"]), _logits(from_files, setup["tokens"]))
+    with pytest.raises(DataError, match="another model"):
+        apply_plan(copy.deepcopy(setup["model"]), SPEC, plan, *cached_statistics(root, "0" * 16))
+    with pytest.raises(DataError, match="missing file"):
+        apply_plan(copy.deepcopy(setup["model"]), SPEC, plan, *cached_statistics(tmp_path / "nothing"))
+
+
+def test_factor_cache_slices_match_direct_factors(setup, tmp_path):
+    model = setup["model"]
+    for method in ("feature", "weight", "whitened"):
+        save_factor_cache(model, SPEC, method, LINEARS, tmp_path / "factors" / method, setup["eigen"],
+                          setup["features"], model_digest=setup["digest"])
+    plan = new_plan({"0.q_proj": {"method": "feature", "rank": 5}, "0.down_proj": {"method": "weight", "rank": 7},
+                     "1.k_proj": {"method": "whitened", "rank": 3}, "1.gate_proj": {"method": "feature", "rank": 18}})
+    direct, cached = copy.deepcopy(model), copy.deepcopy(model)
+    apply_plan(direct, SPEC, plan, setup["eigen"], setup["features"])
+    apply_cached_plan(cached, SPEC, plan, tmp_path / "factors", model_digest=setup["digest"])
+    torch.testing.assert_close(_logits(cached, setup["tokens"]), _logits(direct, setup["tokens"]),
+                               rtol=1e-4, atol=1e-4)
+    layer = linear_of(model, SPEC, 0, "up_proj")
+    entry = full_rank_factors(layer.weight, None, "feature", eigen=setup["eigen"][0], linear="up_proj")
+    assert entry["first"].shape == (max_rank(32, 48) - 1, 32)
+    one = cut_factors(entry, "feature", 4)
+    ref, _ = factors_for(layer.weight, None, "feature", 4, eigen=setup["eigen"][0], linear="up_proj")
+    torch.testing.assert_close(one.dense()[0], ref.dense()[0])
+    torch.testing.assert_close(one.bias, ref.bias)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "layers, error, match",
+    [
+        ({"0.qq_proj": {"method": "feature", "rank": 3}}, ConfigError, "plan layer '0.qq_proj' is unknown"),
+        ({"2.q_proj": {"method": "feature", "rank": 3}}, ConfigError, "block 0..1"),
+        ({"q_proj": {"method": "feature", "rank": 3}}, ConfigError, "is unknown"),
+        ({"0.q_proj": {"method": "pca", "rank": 3}}, ConfigError, "unknown method 'pca'"),
+        ({"0.q_proj": {"method": "feature", "rank": 0}}, ConfigError, "rank 0 is out of range"),
+        ({"0.q_proj": {"method": "feature", "rank": 33}}, ConfigError, "rank 33 is out of range"),
+        ({"0.k_proj": {"method": "weight", "rank": 17}}, ConfigError, "use 1..9"),
+        ({"0.q_proj": {"method": "feature", "rank": 2.0}}, ConfigError, "out of range"),
+        ({"0.q_proj": {"method": "feature"}}, ConfigError, "rank None"),
+        ({"0.q_proj": {"method": "laser", "rate": 11}}, ConfigError, "LASER rate 11"),
+        ({"0.q_proj": {"method": "vendi", "rate": 10}}, ConfigError, "keeps no row"),
+        ({"0.q_proj": {"method": "laser", "rank": 3}}, ConfigError, "do not apply to method 'laser'"),
+    ],
+)
+def test_bad_plans_fail_with_one_line(setup, layers, error, match):
+    with pytest.raises(error, match=match) as err:
+        validate_plan(new_plan(layers), SPEC, 2, setup["shapes"])
+    assert "\n" not in str(err.value)
+
+
+def test_plan_of_another_model_is_refused(setup):
+    plan = new_plan({"0.q_proj": {"method": "feature", "rank": 3}}, model_digest="deadbeef00000000")
+    with pytest.raises(DataError, match="another model"):
+        validate_plan(plan, SPEC, 2, setup["shapes"], model_digest=setup["digest"])
+    with pytest.raises(DataError, match="another model"):
+        apply_plan(copy.deepcopy(setup["model"]), SPEC, plan, setup["eigen"], model_digest=setup["digest"])
+    with pytest.raises(DataError, match="MistralForCausalLM"):
+        validate_plan({**plan, "model_digest": None, "architecture": "MistralForCausalLM"}, SPEC, 2, setup["shapes"],
+                      architecture="LlamaForCausalLM")
+    with pytest.raises(ConfigError, match="bias_compensation"):
+        validate_plan(new_plan({}, bias_compensation="released"), SPEC, 2, setup["shapes"])
+
+
+def test_rank_at_or_above_kappa_is_normalised_to_dense(setup, caplog):
+    plan = new_plan({"0.q_proj": {"method": "feature", "rank": 16}, "0.k_proj": {"method": "feature", "rank": 9},
+                     "0.up_proj": {"method": "feature", "rank": 48}})
+    with caplog.at_level(logging.INFO, logger="sfsd.plan"):
+        norm = validate_plan(plan, SPEC, 2, setup["shapes"])
+    assert norm["layers"]["0.q_proj"] == {"method": "dense", "note": "rank 16 >= kappa 16: kept dense"}
+    assert norm["layers"]["0.k_proj"] == {"method": "feature", "rank": 9}
+    assert norm["layers"]["0.up_proj"]["method"] == "dense"
+    assert "kept dense" in caplog.text
+    assert validate_plan(norm, SPEC, 2, setup["shapes"]) == norm  # idempotent
+    assert json.loads(json.dumps(norm)) == norm
+
+
+# ---------------------------------------------------------------- builders
+
+
+def test_uniform_plan_on_a_subset_of_blocks(setup):
+    plan = uniform_plan(SPEC, 2, ["q_proj", "gate_proj"], setup["shapes"], 0.5, "feature", blocks=[1])
+    assert plan["layers"] == {"1.q_proj": {"method": "feature", "rank": 8},
+                              "1.gate_proj": {"method": "feature", "rank": 9}}
+    model = copy.deepcopy(setup["model"])
+    apply_plan(model, SPEC, plan, setup["eigen"])
+    for b in range(2):
+        for name in LINEARS:
+            changed = isinstance(model.get_submodule(f"model.layers.{b}.{SPEC.linears[name]}"), LowRankLinear)
+            assert changed == (b == 1 and name in ("q_proj", "gate_proj"))
+    for name, p in setup["model"].named_parameters():
+        if name.startswith("model.layers.0."):
+            assert torch.equal(p, model.get_parameter(name))
+    lasered = uniform_plan(SPEC, 2, ["down_proj"], setup["shapes"], 0.5, "laser")
+    assert lasered["layers"]["0.down_proj"] == {"method": "laser", "rate": 5.0}
+    with pytest.raises(ConfigError, match="out of range"):
+        uniform_plan(SPEC, 2, ["q_proj"], setup["shapes"], 0.5, blocks=[2])
+    with pytest.raises(ConfigError, match="keep_ratio"):
+        uniform_plan(SPEC, 2, ["q_proj"], setup["shapes"], 0.0)
+
+
+@pytest.mark.parametrize("convention", ["model", "decoder_linear"])
+@pytest.mark.parametrize("target", [0.55, 0.7, 0.9, 0.97])
+def test_budget_plan_reaches_target_within_one_rank_step(setup, target, convention):
+    shapes = setup["shapes"]
+    linears = ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if convention == "model" and target < 0.7:
+        target = 0.75  # embeddings (vocab 320 x 32, twice) bound how small the whole model gets
+    plan = budget_plan(SPEC, shapes, linears, target, "feature", convention=convention, model="tiny")
+    got = count_params(shapes, plan)[convention]
+    step = shapes.n_blocks * sum(sum(shapes.linears[n]) for n in linears)
+    assert got["compressed"] <= target * got["dense"] < got["compressed"] + step
+    assert plan["model"] == "tiny" and plan["notes"]["builder"] == "budget"
+    model = copy.deepcopy(setup["model"])
+    apply_plan(model, SPEC, plan, setup["eigen"])
+    assert sum(p.numel() for p in model.parameters()) == count_params(shapes, plan)["model"]["compressed"]
+
+
+def test_budget_plan_limits(setup):
+    with pytest.raises(ConfigError, match="unreachable"):
+        budget_plan(SPEC, setup["shapes"], ["q_proj"], 0.1)
+    plan = budget_plan(SPEC, setup["shapes"], ["q_proj"], 1.0)
+    assert all(e["method"] == "dense" for e in plan["layers"].values())
+    with pytest.raises(ConfigError, match="factor method"):
+        budget_plan(SPEC, setup["shapes"], ["q_proj"], 0.9, "laser")
