@@ -15,6 +15,7 @@ include: "rules/models.smk"
 include: "rules/calibration.smk"
 include: "rules/features.smk"
 include: "rules/eigen.smk"
+include: "rules/compress.smk"
 
 
 rule all:

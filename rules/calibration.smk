@@ -23,7 +23,7 @@ rule calibration_texts:
         mem_mb=4000,
         runtime=10,
     shell:
-        "python -m sfsd calibration-texts --settings {params.settings:q} --out {output.texts:q} > {log:q} 2>&1"
+        "python -m sfsd --threads {threads} calibration-texts --settings {params.settings:q} --out {output.texts:q} > {log:q} 2>&1"
 
 
 rule tokenize_calibration:
@@ -43,5 +43,5 @@ rule tokenize_calibration:
         mem_mb=4000,
         runtime=10,
     shell:
-        "python -m sfsd tokenize --model-dir {input.model:q} --texts {input.texts:q} "
+        "python -m sfsd --threads {threads} tokenize --model-dir {input.model:q} --texts {input.texts:q} "
         "--seq-len {params.seq_len} --out {output.tokens:q} > {log:q} 2>&1"

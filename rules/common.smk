@@ -40,6 +40,8 @@ MODELS = config["models"]
 wildcard_constraints:
     model="|".join(sorted(MODELS)),
     block=r"\d{3}",
+    method="feature|weight|whitened",
+    budget="|".join(sorted(config["compression"]["budgets"])) or "(?!)",
 
 
 def check_config():
@@ -85,7 +87,7 @@ def code_version(*modules):
     """Digest of the library modules a stage runs: Snakemake sees a rule's own code, not the modules
     it imports, so this goes into params and a change of them reruns the stage."""
     h = hashlib.sha256()
-    for m in ("__init__", "errors", "io", "arch", *modules):
+    for m in ("__init__", "__main__", "cli", "errors", "io", "arch", *modules):
         h.update((PACKAGE_DIR / f"{m}.py").read_bytes())
     return h.hexdigest()[:12]
 
@@ -132,5 +134,12 @@ def blocks_of_model(model):
     return [f"{b:03d}" for b in range(manifest["n_blocks"])]
 
 
+def compression_targets():
+    """Plans for every (method, budget); the compressed models themselves when save_models is on."""
+    comp = config["compression"]
+    kind = "compressed/{method}-{budget}" if comp["save_models"] else "plans/{method}-{budget}.json"
+    return expand(f"results/{{model}}/{kind}", model=MODELS, method=comp["methods"], budget=comp["budgets"])
+
+
 def all_targets():
-    return [f"results/{m}/eigen/summary.json" for m in MODELS]
+    return [f"results/{m}/eigen/summary.json" for m in MODELS] + compression_targets()

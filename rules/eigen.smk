@@ -22,9 +22,9 @@ rule eigendecompose:
         mem_mb=eigen_mem_mb,
         runtime=lambda wc: int(5 + 5 * model_params_b(wc.model)),
     shell:
-        "python -m sfsd eigen --features {input.features:q}/block_{wildcards.block}.safetensors "
+        "python -m sfsd --threads {threads} eigen --features {input.features:q}/block_{wildcards.block}.safetensors "
         "--model-dir {input.model:q} --layers {params.layers} --save-dtype {params.save_dtype} "
-        "--threads {threads} --out {output.eigen:q} > {log:q} 2>&1"
+        "--out {output.eigen:q} > {log:q} 2>&1"
 
 
 rule eigen_summary:
@@ -44,4 +44,4 @@ rule eigen_summary:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m sfsd eigen-summary --out {output.summary:q} {input.blocks:q} > {log:q} 2>&1"
+        "python -m sfsd --threads {threads} eigen-summary --out {output.summary:q} {input.blocks:q} > {log:q} 2>&1"

@@ -27,7 +27,7 @@ checkpoint collect_features:
         runtime=lambda wc: int(20 + 20 * model_params_b(wc.model)),
         gpu=gpu_wanted(),
     shell:
-        "python -m sfsd collect --model-dir {input.model:q} --model-name {wildcards.model} "
+        "python -m sfsd --threads {threads} collect --model-dir {input.model:q} --model-name {wildcards.model} "
         "--tokens {input.tokens:q} --layers {params.layers} --dtype {params.dtype} --device {params.device} "
         "--batch-size {params.batch_size} --flush-every {params.flush_every} --out {output.features:q} "
         "> {log:q} 2>&1"

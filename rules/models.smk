@@ -17,5 +17,5 @@ rule prepare_model:
         mem_mb=lambda wc, attempt: int(model_params_b(wc.model) * 1e9 * 8 / 1e6 + 2000) * attempt,
         runtime=lambda wc: int(30 + 10 * model_params_b(wc.model)),
     shell:
-        "python -m sfsd prepare-model --source {params.source} --name {params.id:q} "
+        "python -m sfsd --threads {threads} prepare-model --source {params.source} --name {params.id:q} "
         "--revision {params.revision:q} --out {output.model:q} > {log:q} 2>&1"

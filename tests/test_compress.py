@@ -365,3 +365,21 @@ def test_budget_plan_limits(setup):
     assert all(e["method"] == "dense" for e in plan["layers"].values())
     with pytest.raises(ConfigError, match="factor method"):
         budget_plan(SPEC, setup["shapes"], ["q_proj"], 0.9, "laser")
+
+
+def test_laser_plan_maps_laser_names_through_the_registry():
+    from sfsd.arch import get_arch
+    from sfsd.errors import ConfigError
+    from sfsd.plan import laser_plan
+
+    spec = get_arch("LlamaForCausalLM")
+    plan = laser_plan(spec, 4, lnum=2, lname="fc_in", rate=9.0)
+    assert plan["layers"] == {"2.gate_proj": {"method": "laser", "rate": 9.0}}
+    everywhere = laser_plan(spec, 4, lnum=-1, lname="attn", rate=5, intervention="vendi", use_quality=True)
+    assert len(everywhere["layers"]) == 16
+    assert everywhere["layers"]["3.o_proj"] == {"method": "vendi", "rate": 5.0, "use_quality": True}
+    assert laser_plan(spec, 4, lnum=0, lname="dont", rate=9)["layers"] == {}
+    with pytest.raises(ConfigError, match="unknown LASER layer type 'fc_gate'"):
+        laser_plan(spec, 4, lnum=0, lname="fc_gate", rate=1)
+    with pytest.raises(ConfigError, match="lnum 7 out of range"):
+        laser_plan(spec, 4, lnum=7, lname="mlp", rate=1)

@@ -1,5 +1,6 @@
-"""The embedded SmolLM2-135M-Instruct (shipped on PyPI) through stages 1 and 2 via the real Snakefile,
-on a small calibration set (about 2 minutes on 2 CPU cores). Deselect with -m "not slow"."""
+"""The embedded SmolLM2-135M-Instruct (shipped on PyPI) through stages 1 and 2 and one compressed model
+via the real Snakefile, on a small calibration set (about 3 minutes on 2 CPU cores). Deselect with
+-m "not slow"."""
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     snakefile = copy_workflow(tmp_path / "repo")
     workdir = tmp_path / "run"
     workdir.mkdir()
-    config = {"calibration": {"num_samples": 24}, "device": "cpu"}
+    config = {"calibration": {"num_samples": 24}, "device": "cpu",
+              "compression": {"methods": ["feature"], "budgets": {"p54": 0.806}}}
     snakemake(snakefile, workdir, config)
     results = workdir / "results" / "smollm2-135m"
     manifest = read_json(results / "features" / "manifest.json")
@@ -32,4 +34,8 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     assert len(summary["blocks"]) == 30
     # the feature space is low-rank: gate_proj keeps 90% of its output variance well below full rank
     assert summary["blocks"][15]["layers"]["gate_proj"]["rank_90"] < 1536 // 2
+    plan = read_json(results / "plans" / "feature-p54.json")
+    assert 0.79 < plan["notes"]["params_fraction"] <= 0.806
+    assert all(key.split(".")[0] not in {"0", "1", "2", "3"} for key in plan["layers"])  # first_block 4
+    assert (results / "compressed" / "feature-p54" / "plan.json").exists()
     assert planned_jobs(snakemake(snakefile, workdir, config, "--dry-run")) == {}

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from sfsd.errors import NumericalError
-from sfsd.stats import InputMoments, check_finite, eigh_descending, energy_kept, output_moments
+from sfsd.stats import (
+    InputMoments,
+    check_finite,
+    covariance_factor,
+    eigh_descending,
+    energy_kept,
+    output_eigen,
+    output_moments,
+)
 
 
 def test_accumulated_moments_equal_direct_computation():
@@ -70,3 +78,24 @@ def test_energy_kept_is_cumulative_fraction():
 def test_check_finite_names_the_tensor():
     with pytest.raises(NumericalError, match=r"block 4: attn_in\.xxt has 1 NaN"):
         check_finite({"attn_in.xxt": torch.tensor([1.0, float("nan")])}, "block 4")
+
+
+def test_output_eigen_factor_path_equals_eigh_of_formed_covariance():
+    """A widening Linear (out > in) takes the SVD-of-factor path: same spectrum and subspaces."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    x_cov = torch.cov(x.T, correction=0)
+    w = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    factor = covariance_factor(x_cov)
+    assert factor is not None
+    fast = output_eigen(w, x_cov, factor)
+    slow = eigh_descending(w @ x_cov @ w.T)
+    torch.testing.assert_close(fast.values, slow.values, rtol=1e-9, atol=1e-9)
+    assert fast.values[6:].eq(0).all()
+    v = fast.vectors
+    torch.testing.assert_close(v.T @ v, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(v @ torch.diag(fast.values) @ v.T, w @ x_cov @ w.T, rtol=0, atol=1e-9)
+    # a singular input covariance has no Cholesky factor: the eigh path is used instead
+    assert covariance_factor(torch.zeros(3, 3, dtype=torch.float64)) is None
+    narrowing = output_eigen(w.T, w @ x_cov @ w.T + torch.eye(10, dtype=torch.float64), None)
+    assert narrowing.vectors.shape == (6, 6)

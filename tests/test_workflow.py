@@ -57,9 +57,14 @@ def finished_run(tmp_path_factory, tiny_llama, calibration_text_file):
         "calibration": {"source": "text_file", "path": str(calibration_text_file), "num_samples": 24, "seq_len": 32},
         "collection": {"batch_size": 4},
         "device": "cpu",
+        "compression": {"budgets": {"b80": 0.8}, "first_block": 0},
     }
     snakemake(snakefile, workdir, config)
     return snakefile, workdir, config
+
+
+def tiny_model_dir(finished_run) -> str:
+    return finished_run[2]["models"]["tiny"]["path"]
 
 
 def test_stage_outputs(finished_run):
@@ -83,6 +88,15 @@ def test_stage_outputs(finished_run):
         assert eig[f"{linear}.mean"].shape == (out,)
     summary = read_json(results / "eigen" / "summary.json")
     assert [b["block"] for b in summary["blocks"]] == [0, 1]
+    # plans at the budget, and compressed models that load back with their plan
+    plan = read_json(workdir / "results" / "tiny" / "plans" / "feature-b80.json")
+    assert 0.75 < plan["notes"]["params_fraction"] <= 0.8
+    from sfsd.compress import load_compressed
+    from sfsd.plan import count_params, model_shapes
+
+    model, saved_plan = load_compressed(workdir / "results" / "tiny" / "compressed" / "feature-b80")
+    assert sum(p.numel() for p in model.parameters()) == count_params(model_shapes(tiny_model_dir(finished_run)),
+                                                                       saved_plan)["model"]["compressed"]
     # calibration texts are recorded with their ids
     texts = (workdir / "results" / "calibration" / "texts.jsonl").read_text().splitlines()
     assert len(texts) == 24
@@ -97,7 +111,8 @@ def test_eigen_setting_reruns_eigen_only(finished_run):
     snakefile, workdir, config = finished_run
     changed = {**config, "eigen": {"save_dtype": "float64"}}
     jobs = planned_jobs(snakemake(snakefile, workdir, changed, "--dry-run"))
-    assert jobs == {"eigendecompose": 2, "eigen_summary": 1, "all": 1}
+    # and what is made from the eigenvectors: factor caches and compressed models, never plans
+    assert jobs == {"eigendecompose": 2, "eigen_summary": 1, "factor_cache": 3, "compress_model": 3, "all": 1}
 
 
 def test_calibration_setting_reruns_collection(finished_run):

@@ -1,8 +1,10 @@
 """Eigendecomposition stage time versus the bare torch.linalg.eigh calls on the same matrices.
 
-Runs the stage function (read statistics and weights, form the output covariances, eigh, write) on
-cached features of the workflow, then times torch.linalg.eigh alone on the very same covariances,
-with the same thread count. Target: stage / bare <= 1.2. Python start-up of each Snakemake job
+Runs the stage function (read statistics and weights, decompose every output covariance, write) on
+cached features of the workflow, then times torch.linalg.eigh alone on the very same covariances
+C = W Cov[x] W^T, with the same thread count. The stage forms C and calls eigh for layers with
+out <= in, and takes the SVD of W L (Cov[x] = L L^T) for widening layers (gate/up), which avoids
+forming C. Target: stage / bare <= 1.2. Python start-up of each Snakemake job
 (about 2-3 s for importing torch) is reported separately from the job benchmark files.
 
     snakemake --cores 2          # once, to produce results/<model>/features
@@ -50,7 +52,7 @@ def main() -> None:
         for block in blocks:
             path = features / block_file(block)
             start = time.perf_counter()
-            run_eigen(path, model_dir, Path(tmp) / f"{block}.safetensors", linears, "float32", args.threads)
+            run_eigen(path, model_dir, Path(tmp) / f"{block}.safetensors", linears, "float32")
             stage = time.perf_counter() - start
             moments, _ = load_block_moments(path)
             covs = []

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import SfsdError
+from .errors import ConfigError, SfsdError
 
 
 def _csv(value: str) -> list[str]:
@@ -74,7 +74,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
 def cmd_eigen(args: argparse.Namespace) -> None:
     from .eigen import run_eigen
 
-    result = run_eigen(args.features, args.model_dir, args.out, _csv(args.layers), args.save_dtype, args.threads)
+    result = run_eigen(args.features, args.model_dir, args.out, _csv(args.layers), args.save_dtype)
     logging.info("block %d: eigh %.2f s", result["block"], result["eigh_seconds"])
 
 
@@ -85,9 +85,65 @@ def cmd_eigen_summary(args: argparse.Namespace) -> None:
     write_json(args.out, summarize([Path(p) for p in args.inputs]))
 
 
+def cmd_factor_cache(args: argparse.Namespace) -> None:
+    from .arch import architecture_of, get_arch, select_linears
+    from .compress import cached_statistics, save_factor_cache
+    from .io import atomic_dir, model_digest
+    from .models import load_model
+
+    model, _ = load_model(args.model_dir, device="cpu")
+    spec = get_arch(architecture_of(model.config))
+    digest = model_digest(args.model_dir)
+    eigen, features = cached_statistics(args.results, model_digest=digest)
+    with atomic_dir(args.out) as tmp:
+        paths = save_factor_cache(model, spec, args.method, select_linears(spec, _csv(args.layers)), tmp, eigen,
+                                  features, model_digest=digest, jitter=args.jitter)
+    logging.info("wrote %d blocks of %s factors at rank kappa-1", len(paths), args.method)
+
+
+def cmd_make_plan(args: argparse.Namespace) -> None:
+    from .arch import get_arch, select_linears
+    from .io import model_digest, write_json
+    from .plan import budget_plan, count_params, model_shapes
+
+    shapes = model_shapes(args.model_dir)
+    spec = get_arch(shapes.architecture)
+    first = args.first_block
+    if not 0 <= first < shapes.n_blocks:
+        raise ConfigError(f"first_block {first} is out of range: the model has blocks 0..{shapes.n_blocks - 1}")
+    plan = budget_plan(
+        spec, shapes, select_linears(spec, _csv(args.layers)), args.params_fraction, args.method,
+        blocks=range(first, shapes.n_blocks), convention=args.convention, model=args.model_name,
+        model_digest=model_digest(args.model_dir), architecture=shapes.architecture,
+        bias_compensation=args.bias_compensation,
+    )
+    plan["notes"]["counts"] = count_params(shapes, plan)
+    write_json(args.out, plan)
+    logging.info("plan %s: %.4f of the %s parameters", args.out, plan["notes"]["params_fraction"], args.convention)
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from .arch import architecture_of, get_arch
+    from .compress import apply_cached_plan, save_compressed
+    from .io import model_digest, read_json
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model_dir, device="cpu")
+    spec = get_arch(architecture_of(model.config))
+    plan = read_json(args.plan)
+    applied = apply_cached_plan(model, spec, plan, args.factors, model_digest=model_digest(args.model_dir))
+    save_compressed(model, applied["plan"], args.out, tokenizer=tokenizer)
+    logging.info("compressed %d layers into %s", len(applied["layers"]), args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfsd", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads for torch (the job's share of cores; unset lets MKL/OpenMP oversubscribe, which on "
+             "small machines makes eigh/SVD several times slower)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare-model", help="convert the embedded model or download a hub model")
@@ -126,9 +182,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--layers", required=True, help="comma-separated short Linear names")
     p.add_argument("--save-dtype", default="float32")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_eigen)
+
+    p = sub.add_parser("factor-cache", help="full-rank factors of one method, from which any plan is cut")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--results", required=True, help="results/<model> (holds eigen/ and features/)")
+    p.add_argument("--method", choices=["feature", "weight", "whitened"], required=True)
+    p.add_argument("--layers", required=True)
+    p.add_argument("--jitter", type=float, default=1e-6, help="relative Cholesky jitter (whitened)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_factor_cache)
+
+    p = sub.add_parser("make-plan", help="a uniform rank plan reaching a parameter budget")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--method", choices=["feature", "weight", "whitened"], required=True)
+    p.add_argument("--params-fraction", type=float, required=True, help="target fraction of parameters kept")
+    p.add_argument("--first-block", type=int, default=0, help="compress blocks first_block..last only")
+    p.add_argument("--layers", required=True)
+    p.add_argument("--convention", choices=["model", "decoder_linear"], default="model")
+    p.add_argument("--bias-compensation", choices=["intended", "none"], default="intended")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_make_plan)
+
+    p = sub.add_parser("compress", help="apply a rank plan (cut from the factor cache) and save the model")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--factors", required=True, help="folder holding <method>/block_NNN.safetensors")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eigen-summary", help="energy-vs-rank summary of all blocks' eigenvalues")
     p.add_argument("--out", required=True)
@@ -144,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     try:
         args.func(args)
     except SfsdError as err:

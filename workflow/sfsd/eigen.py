@@ -16,7 +16,7 @@ from .collect import load_block_moments
 from .errors import DataError, NumericalError
 from .io import checkpoint_index, model_digest, read_parameters, save_tensors
 from .models import resolve_dtype
-from .stats import eigh_descending, energy_kept, output_moments
+from .stats import covariance_factor, energy_kept, output_eigen, output_mean
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,7 @@ def run_eigen(
     out_path: str | os.PathLike,
     layers: list[str],
     save_dtype: str = "float32",
-    threads: int = 1,
 ) -> dict:
-    torch.set_num_threads(threads)
     moments, meta = load_block_moments(features_path)
     block = int(meta["block"])
     digest = model_digest(model_dir)
@@ -57,23 +55,28 @@ def run_eigen(
         if bias_name in index:
             names.append(bias_name)
         params = read_parameters(model_dir, names)
-        if group not in input_stats:  # q/k/v and gate/up share one input mean and covariance
-            input_stats[group] = (moments[group].mean(), moments[group].covariance())
-        mu, cov = output_moments(params[names[0]], params.get(bias_name), *input_stats[group])
+        if group not in input_stats:  # q/k/v and gate/up share one input mean, covariance and factor
+            x_cov = moments[group].covariance()
+            input_stats[group] = (moments[group].mean(), x_cov, covariance_factor(x_cov))
+        x_mean, x_cov, x_factor = input_stats[group]
+        weight = params[names[0]]
+        mu = output_mean(weight, params.get(bias_name), x_mean)
         started = time.perf_counter()
-        eig = eigh_descending(cov)
+        eig = output_eigen(weight, x_cov, x_factor)
         eigh_seconds += time.perf_counter() - started
         if not torch.isfinite(eig.values).all():
             raise NumericalError(f"block {block} {linear}: eigendecomposition gave NaN/Inf")
         top = float(eig.values[0]) if eig.values.numel() else 0.0
-        # Round-off in cov = E[yy^T] - mu mu^T scales with E[y_i^2], not with the centred spread.
-        mu_w = mu - params[bias_name].double() if bias_name in params else mu
-        scale = float(cov.diagonal().max() + (mu_w**2).max())
-        if eig.min_raw < -NEGATIVE_TOLERANCE * max(scale, 1e-30):
-            raise NumericalError(
-                f"block {block} {linear}: covariance has eigenvalue {eig.min_raw:.3e} (scale {scale:.3e}); "
-                "it is not positive semi-definite beyond round-off, the statistics are corrupt: rerun collection"
-            )
+        if eig.min_raw < 0:
+            # Round-off in C = E[yy^T] - mu mu^T scales with E[y_i^2] = C_ii + (W E[x])_i^2, not with
+            # the centred spread; diag(C) = (V * V) @ lambda.
+            diag = (eig.vectors.square() @ eig.values).max()
+            scale = float(diag + (weight.double() @ x_mean).square().max())
+            if eig.min_raw < -NEGATIVE_TOLERANCE * max(scale, 1e-30):
+                raise NumericalError(
+                    f"block {block} {linear}: covariance has eigenvalue {eig.min_raw:.3e} (scale {scale:.3e}); "
+                    "it is not positive semi-definite beyond round-off, the statistics are corrupt: rerun collection"
+                )
         if eig.n_clamped:
             log.info("block %d %s: clamped %d round-off negative eigenvalue(s), min %.3e", block, linear,
                      eig.n_clamped, eig.min_raw)

@@ -292,6 +292,33 @@ def uniform_plan(
     return new_plan(layers, notes=notes, **header)
 
 
+def laser_plan(
+    spec: ArchSpec,
+    n_blocks: int,
+    lnum: int,
+    lname: str,
+    rate: float,
+    intervention: str = "laser",
+    **options,
+) -> dict:
+    """One LASER intervention in LASER's own terms: layer number `lnum` (-1 = every block), layer type
+    `lname` (fc_in, fc_up, fc_out, q_proj, k_proj, v_proj, out_proj, attn, mlp, all, dont; mapped through
+    the architecture registry) and `rate` (rho = 1 - 0.1 rate). `intervention` 'vendi' keeps k rows
+    picked by Vendi score instead of the top singular directions (`options`: use_quality,
+    min_diversity, bandwidth, exact). 'dont' gives an empty plan: the unchanged model."""
+    if lname not in spec.laser_types:
+        raise ConfigError(f"unknown LASER layer type {lname!r}; choose one of {', '.join(spec.laser_types)}")
+    if intervention not in DENSE_METHODS:
+        raise ConfigError(f"intervention {intervention!r} is not one of {', '.join(DENSE_METHODS)}")
+    if not _is_int(lnum) or not -1 <= lnum < n_blocks:
+        raise ConfigError(f"LASER lnum {lnum!r} out of range: use -1 (all blocks) or 0..{n_blocks - 1}")
+    blocks = range(n_blocks) if lnum == -1 else [lnum]
+    entry = {"method": intervention, "rate": float(rate), **options}
+    layers = {layer_key(b, name): dict(entry) for b in blocks for name in spec.laser_types[lname]}
+    return new_plan(layers, notes={"builder": "laser", "lnum": lnum, "lname": lname, "rate": rate,
+                                   "intervention": intervention})
+
+
 def count_params(shapes, plan: Mapping) -> dict:
     """Exact parameter counts and per-token Linear multiply-accumulates of a plan's model.
 

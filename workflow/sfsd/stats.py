@@ -90,18 +90,31 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
             )
 
 
+def output_mean(weight: torch.Tensor, bias: torch.Tensor | None, x_mean: torch.Tensor) -> torch.Tensor:
+    """E[y] = W E[x] + b, in float64."""
+    mu = weight.double() @ x_mean
+    return mu if bias is None else mu + bias.double()
+
+
+def output_covariance(weight: torch.Tensor, x_cov: torch.Tensor) -> torch.Tensor:
+    """Cov[y] = W Cov[x] W^T, in float64. Symmetric up to round-off; eigh reads its lower triangle."""
+    w = weight.double()
+    return (w @ x_cov) @ w.T
+
+
 def output_moments(
     weight: torch.Tensor, bias: torch.Tensor | None, x_mean: torch.Tensor, x_cov: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (out,) and covariance (out, out) of y = W x + b, in float64, from the input mean and
-    covariance (InputMoments.mean() / .covariance(), shared by the Linear layers of one input).
+    """Mean (out,) and covariance (out, out) of y = W x + b from the input mean and covariance
+    (InputMoments.mean() / .covariance(), shared by the Linear layers that read one input)."""
+    return output_mean(weight, bias, x_mean), output_covariance(weight, x_cov)
 
-    The covariance is symmetric up to round-off; eigh reads only its lower triangle."""
-    w = weight.double()
-    mu = w @ x_mean
-    if bias is not None:
-        mu = mu + bias.double()
-    return mu, (w @ x_cov) @ w.T
+
+def covariance_factor(x_cov: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor L of an input covariance (Cov[x] = L L^T), or None when it is not
+    positive definite (then callers use the plain eigh path)."""
+    factor, info = torch.linalg.cholesky_ex(x_cov.double())
+    return factor if int(info) == 0 else None
 
 
 @dataclass
@@ -122,6 +135,25 @@ def eigh_descending(cov: torch.Tensor) -> Eigen:
     negative = values < 0
     min_raw = float(values.min()) if bool(negative.any()) else 0.0
     return Eigen(values.clamp_min(0.0), vectors, int(negative.sum()), min_raw)
+
+
+def output_eigen(weight: torch.Tensor, x_cov: torch.Tensor, x_factor: torch.Tensor | None = None) -> Eigen:
+    """Eigendecomposition (float64, descending) of the output covariance C = W Cov[x] W^T.
+
+    A Linear that widens (out > in, e.g. gate/up projections) has C = A A^T with A = W L of rank
+    <= in (L = `covariance_factor`): the SVD A = U S Q^T gives the nonzero eigenpairs (S^2, U)
+    without forming C, more accurately (no squaring) and faster than an out x out eigh; the other
+    out - in eigenvalues are exactly 0, with an orthonormal completion of U as their eigenvectors.
+    Otherwise (or without a factor) C is formed and passed to eigh."""
+    out_features, in_features = weight.shape
+    if x_factor is None or out_features <= in_features:
+        return eigh_descending(output_covariance(weight, x_cov))
+    a = weight.double() @ x_factor
+    u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    complete, _ = torch.linalg.qr(u, mode="complete")
+    vectors = torch.cat([u, complete[:, in_features:]], dim=1)
+    values = torch.cat([s.square(), s.new_zeros(out_features - in_features)])
+    return Eigen(values, vectors, 0, 0.0)
 
 
 def energy_kept(values: torch.Tensor) -> torch.Tensor:
