@@ -42,6 +42,7 @@ wildcard_constraints:
     block=r"\d{3}",
     method="feature|weight|whitened",
     budget="|".join(sorted(config["compression"]["budgets"])) or "(?!)",
+    variant=r"base|(feature|weight|whitened)-\w+",
 
 
 def check_config():
@@ -141,5 +142,24 @@ def compression_targets():
     return expand(f"results/{{model}}/{kind}", model=MODELS, method=comp["methods"], budget=comp["budgets"])
 
 
+def compressed_input(wildcards):
+    """The compressed model folder of a variant; nothing for the base model."""
+    if wildcards.variant == "base":
+        return []
+    return f"results/{wildcards.model}/compressed/{wildcards.variant}"
+
+
+def evaluated_variants():
+    """`base` and, when evaluation.compressed is on, every <method>-<budget> compressed model."""
+    comp = config["compression"]
+    variants = ["base"]
+    if config["evaluation"]["compressed"]:
+        variants += [f"{m}-{b}" for m in comp["methods"] for b in comp["budgets"]]
+    return variants
+
+
 def all_targets():
-    return [f"results/{m}/eigen/summary.json" for m in MODELS] + compression_targets()
+    targets = [f"results/{m}/eigen/summary.json" for m in MODELS] + compression_targets()
+    if config["evaluation"]["enabled"]:
+        targets += expand("results/tables/{model}/table1.md", model=MODELS)
+    return targets

@@ -53,7 +53,7 @@ def build_tiny_model(folder: Path, architecture: str = "LlamaForCausalLM", seed:
     }[architecture]
     config = config_cls(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, architectures=[architecture],
     )
     model = getattr(transformers, architecture)(config)

@@ -58,6 +58,8 @@ def finished_run(tmp_path_factory, tiny_llama, calibration_text_file):
         "collection": {"batch_size": 4},
         "device": "cpu",
         "compression": {"budgets": {"b80": 0.8}, "first_block": 0},
+        "evaluation": {"tasks": ["arc_easy", "winogrande"], "limit": 4, "batch_size": 4,
+                       "perplexity": {"source": "lambada", "window": 32, "max_docs": 20}},
     }
     snakemake(snakefile, workdir, config)
     return snakefile, workdir, config
@@ -102,6 +104,36 @@ def test_stage_outputs(finished_run):
     assert len(texts) == 24
 
 
+def test_results_and_table_from_cached_results(finished_run):
+    import pyarrow.parquet as pq
+
+    snakefile, workdir, config = finished_run
+    results = pq.read_table(workdir / "results" / "tiny" / "results.parquet").to_pylist()
+    variants = {(r["method"], r["plan"]) for r in results}
+    assert variants == {("baseline", "base"), ("feature", "feature-b80"), ("weight", "weight-b80"),
+                        ("whitened", "whitened-b80")}
+    test_rows = [r for r in results if r["metric"] == "acc_norm"]
+    assert {r["task"] for r in test_rows} == {"arc_easy", "winogrande"}
+    assert all(r["split"] == "test" and r["n"] == 4 and r["limit"] == 4 for r in test_rows)
+    assert all(r["scorer"] == "lm_eval" and r["lm_eval_version"] for r in test_rows)
+    base = next(r for r in results if r["plan"] == "base")
+    assert base["params_model"] == base["params_model_dense"] and base["params_model_fraction"] == 1.0
+    assert any(r["metric"] == "ppl" and r["window"] == 32 for r in results)
+    table = workdir / "results" / "tables" / "tiny" / "table1.md"
+    text = table.read_text()
+    for label in ("Baseline", "Feature space (SFSD)", "Weight space (SVD)", "Whitened SVD (SVD-LLM)"):
+        assert label in text
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    for column in ("params_M", "params_%", "decoder_linear_%", "MACs_per_token_M", "arc_easy", "winogrande",
+                   "average", "ppl_lambada_32"):
+        assert column in header
+    # the table is remade from cached results alone: deleting it reruns only its own rule
+    table.unlink()
+    assert planned_jobs(snakemake(snakefile, workdir, config, "--dry-run")) == {"paper_table": 1, "all": 1}
+    snakemake(snakefile, workdir, config)
+    assert table.read_text() == text
+
+
 def test_complete_run_has_nothing_to_do(finished_run):
     snakefile, workdir, config = finished_run
     assert planned_jobs(snakemake(snakefile, workdir, config, "--dry-run")) == {}
@@ -112,7 +144,8 @@ def test_eigen_setting_reruns_eigen_only(finished_run):
     changed = {**config, "eigen": {"save_dtype": "float64"}}
     jobs = planned_jobs(snakemake(snakefile, workdir, changed, "--dry-run"))
     # and what is made from the eigenvectors: factor caches and compressed models, never plans
-    assert jobs == {"eigendecompose": 2, "eigen_summary": 1, "factor_cache": 3, "compress_model": 3, "all": 1}
+    assert jobs == {"eigendecompose": 2, "eigen_summary": 1, "factor_cache": 3, "compress_model": 3,
+                    "evaluate_model": 3, "combine_results": 1, "paper_table": 1, "all": 1}
 
 
 def test_calibration_setting_reruns_collection(finished_run):

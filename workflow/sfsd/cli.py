@@ -136,6 +136,89 @@ def cmd_compress(args: argparse.Namespace) -> None:
     logging.info("compressed %d layers into %s", len(applied["layers"]), args.out)
 
 
+def cmd_export_tasks(args: argparse.Namespace) -> None:
+    from .evaluate import export_local_tasks
+
+    manifest = export_local_tasks(args.out, _csv(args.tasks), metrics=_csv(args.metrics) or None)
+    logging.info("exported %s", ", ".join(f"{t} ({v['n_docs']} docs)" for t, v in manifest["tasks"].items()))
+
+
+def cmd_splits(args: argparse.Namespace) -> None:
+    from .evaluate import split_doc_ids
+    from .io import write_json
+
+    out = {
+        "seed": args.seed, "calibration_fraction": args.calibration_fraction,
+        "search_fraction": args.search_fraction,
+        "tasks": {t: split_doc_ids(t, None, args.seed, args.calibration_fraction, args.search_fraction)
+                  for t in _csv(args.tasks)},
+    }
+    write_json(args.out, out)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .compress import load_compressed
+    from .evaluate import common_columns, evaluate_lmeval, perplexity_row, score_multiple_choice, \
+        build_requests, summarize_scores, write_rows
+    from .io import read_json
+    from .models import load_model, load_tokenizer, resolve_device
+    from .perplexity import perplexity, perplexity_texts
+    from .plan import count_params, model_shapes, new_plan
+
+    device = resolve_device(args.device)
+    if args.compressed:
+        model, plan = load_compressed(args.compressed, device=device)
+        tokenizer = load_tokenizer(args.compressed)
+        method = args.method
+    else:
+        model, tokenizer = load_model(args.model_dir, device=str(device))
+        plan, method = new_plan({}), "baseline"
+    counts = count_params(model_shapes(args.model_dir), plan)
+    splits = read_json(args.splits)["tasks"]
+    tasks = _csv(args.tasks)
+    missing = [t for t in tasks if t not in splits]
+    if missing:
+        raise ConfigError(f"{args.splits} has no split for task(s) {missing}; rerun the eval_splits rule")
+    ids = {t: {args.split: splits[t][args.split][: args.limit] if args.limit else splits[t][args.split]}
+           for t in tasks}
+    if args.scorer == "lm_eval":
+        rows = evaluate_lmeval(model, tokenizer, args.tasks_dir, tasks, ids, batch_size=args.batch_size)
+    else:
+        scores = score_multiple_choice(model, tokenizer, build_requests(args.tasks_dir, tasks, ids),
+                                       batch_size=args.batch_size)
+        rows = summarize_scores(scores)
+    if args.ppl_source != "none":
+        exclude = []
+        if args.calibration_texts:
+            with open(args.calibration_texts, encoding="utf-8") as f:
+                exclude = [json.loads(line)["doc_id"] for line in f if line.strip()]
+        texts = perplexity_texts(args.ppl_source, exclude_ids=exclude, max_docs=args.ppl_max_docs)
+        rows.append(perplexity_row(perplexity(model, tokenizer, texts, args.ppl_window), args.ppl_source))
+    common = common_columns(args.model_name, method, args.variant, counts, device=str(device),
+                            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                            limit=args.limit)
+    write_rows(args.out, rows, common)
+    logging.info("evaluated %s/%s: %d rows", args.model_name, args.variant, len(rows))
+
+
+def cmd_combine_results(args: argparse.Namespace) -> None:
+    import pyarrow.parquet as pq
+
+    from .evaluate import combine
+    from .io import atomic_path
+
+    table = combine(args.inputs)
+    with atomic_path(args.out) as tmp:
+        pq.write_table(table, tmp)
+    logging.info("combined %d rows from %d files", table.num_rows, len(args.inputs))
+
+
+def cmd_paper_table(args: argparse.Namespace) -> None:
+    from .tables import paper_table
+
+    paper_table(args.results, args.metric, args.out_md, args.out_csv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfsd", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -212,6 +295,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factors", required=True, help="folder holding <method>/block_NNN.safetensors")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export-tasks", help="the six benchmarks as local lm-eval tasks (offline)")
+    p.add_argument("--tasks", required=True)
+    p.add_argument("--metrics", default="acc,acc_norm")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_tasks)
+
+    p = sub.add_parser("splits", help="seeded search/test doc ids of every task (calibration part left out)")
+    p.add_argument("--tasks", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--calibration-fraction", type=float, required=True)
+    p.add_argument("--search-fraction", type=float, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_splits)
+
+    p = sub.add_parser("evaluate", help="benchmarks (+ perplexity) of the base or a compressed model, as Parquet")
+    p.add_argument("--model-dir", required=True, help="the base model (parameter counts refer to it)")
+    p.add_argument("--compressed", default=None, help="a compressed model folder; omit for the base model")
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--method", default="baseline")
+    p.add_argument("--variant", required=True, help="plan name written to the rows (base, feature-p54, ...)")
+    p.add_argument("--tasks-dir", required=True)
+    p.add_argument("--tasks", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--split", choices=["search", "test"], default="test")
+    p.add_argument("--limit", type=int, default=None, help="first N docs of the split per task")
+    p.add_argument("--scorer", choices=["lm_eval", "native"], default="lm_eval")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ppl-source", default="lambada", help="lambada, coqa, or none")
+    p.add_argument("--ppl-window", type=int, default=128)
+    p.add_argument("--ppl-max-docs", type=int, default=None)
+    p.add_argument("--calibration-texts", default=None, help="texts.jsonl whose doc ids perplexity must skip")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("combine-results", help="concatenate result Parquet files")
+    p.add_argument("--out", required=True)
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=cmd_combine_results)
+
+    p = sub.add_parser("paper-table", help="the SFSD paper's Table 1 for one model, as Markdown and CSV")
+    p.add_argument("--results", required=True)
+    p.add_argument("--metric", default="acc_norm")
+    p.add_argument("--out-md", required=True)
+    p.add_argument("--out-csv", required=True)
+    p.set_defaults(func=cmd_paper_table)
 
     p = sub.add_parser("eigen-summary", help="energy-vs-rank summary of all blocks' eigenvalues")
     p.add_argument("--out", required=True)

@@ -1,0 +1,126 @@
+# Evaluation: the six benchmarks as local lm-eval tasks, seeded search/test splits, the base and the
+# compressed models scored on the test split (plus perplexity), results combined, and the paper's table.
+
+
+rule export_tasks:
+    output:
+        tasks=directory("results/tasks"),
+    params:
+        tasks=",".join(config["evaluation"]["tasks"]),
+        code=code_version("evaluate", "lmeval_tasks", "tasks"),
+    conda:
+        "../envs/gpu-stages.yaml"
+    log:
+        "results/logs/export_tasks.log",
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    shell:
+        "python -m sfsd --threads {threads} export-tasks --tasks {params.tasks} --out {output.tasks:q} > {log:q} 2>&1"
+
+
+rule eval_splits:
+    output:
+        splits="results/splits.json",
+    params:
+        tasks=",".join(config["evaluation"]["tasks"]),
+        seed=config["splits"]["seed"],
+        calibration=config["splits"]["calibration_fraction"],
+        search=config["splits"]["search_fraction"],
+        code=code_version("evaluate", "splits", "tasks"),
+    conda:
+        "../envs/gpu-stages.yaml"
+    log:
+        "results/logs/eval_splits.log",
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    shell:
+        "python -m sfsd --threads {threads} splits --tasks {params.tasks} --seed {params.seed} "
+        "--calibration-fraction {params.calibration} --search-fraction {params.search} --out {output.splits:q} "
+        "> {log:q} 2>&1"
+
+
+rule evaluate_model:
+    input:
+        model=model_dir,
+        compressed=compressed_input,
+        tasks=rules.export_tasks.output.tasks,
+        splits=rules.eval_splits.output.splits,
+        calibration=rules.calibration_texts.output.texts,
+    output:
+        rows="results/{model}/eval/{variant}.parquet",
+    params:
+        compressed=lambda wc, input: f"--compressed {input.compressed} --method {wc.variant.split('-')[0]}"
+        if input.compressed
+        else "",
+        tasks=",".join(config["evaluation"]["tasks"]),
+        split=config["evaluation"]["split"],
+        limit=lambda wc: f"--limit {config['evaluation']['limit']}" if config["evaluation"]["limit"] else "",
+        scorer=config["evaluation"]["scorer"],
+        batch_size=config["evaluation"]["batch_size"],
+        device=config["device"],
+        ppl=lambda wc: "--ppl-source {source} --ppl-window {window} --ppl-max-docs {max_docs}".format(
+            **config["evaluation"]["perplexity"]
+        ),
+        code=code_version("evaluate", "lmeval_tasks", "perplexity", "compress", "plan", "methods", "models"),
+    conda:
+        "../envs/gpu-stages.yaml"
+    log:
+        "results/logs/evaluate_model/{model}/{variant}.log",
+    benchmark:
+        "results/benchmarks/evaluate_model/{model}/{variant}.tsv"
+    threads: 1
+    resources:
+        mem_mb=collect_mem_mb,
+        runtime=lambda wc: int(30 + 30 * model_params_b(wc.model)),
+        gpu=gpu_wanted(),
+    shell:
+        "python -m sfsd --threads {threads} evaluate --model-dir {input.model:q} {params.compressed} "
+        "--model-name {wildcards.model} --variant {wildcards.variant} --tasks-dir {input.tasks:q} "
+        "--tasks {params.tasks} --splits {input.splits:q} --split {params.split} {params.limit} "
+        "--scorer {params.scorer} --batch-size {params.batch_size} --device {params.device} {params.ppl} "
+        "--calibration-texts {input.calibration:q} --out {output.rows:q} > {log:q} 2>&1"
+
+
+rule combine_results:
+    input:
+        rows=lambda wc: expand("results/{{model}}/eval/{variant}.parquet", variant=evaluated_variants()),
+    output:
+        results="results/{model}/results.parquet",
+    params:
+        code=code_version("evaluate"),
+    conda:
+        "../envs/cpu-stages.yaml"
+    log:
+        "results/logs/combine_results/{model}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m sfsd --threads {threads} combine-results --out {output.results:q} {input.rows:q} > {log:q} 2>&1"
+
+
+rule paper_table:
+    input:
+        results=rules.combine_results.output.results,
+    output:
+        md=report(
+            "results/tables/{model}/table1.md",
+            caption="../workflow/report/table1.rst",
+            category="Tables",
+        ),
+        csv="results/tables/{model}/table1.csv",
+    params:
+        metric=config["evaluation"]["metric"],
+        code=code_version("tables"),
+    conda:
+        "../envs/cpu-stages.yaml"
+    log:
+        "results/logs/paper_table/{model}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m sfsd --threads {threads} paper-table --results {input.results:q} --metric {params.metric} "
+        "--out-md {output.md:q} --out-csv {output.csv:q} > {log:q} 2>&1"
