@@ -16,7 +16,8 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     config = {"calibration": {"num_samples": 24}, "device": "cpu",
-              "compression": {"methods": ["feature"], "budgets": {"p54": 0.806}}}
+              "compression": {"methods": ["feature"], "budgets": {"p54": 0.806}},
+              "evaluation": {"tasks": ["arc_easy", "piqa"], "limit": 10, "perplexity": {"max_docs": 30}}}
     snakemake(snakefile, workdir, config)
     results = workdir / "results" / "smollm2-135m"
     manifest = read_json(results / "features" / "manifest.json")
@@ -38,4 +39,6 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     assert 0.79 < plan["notes"]["params_fraction"] <= 0.806
     assert all(key.split(".")[0] not in {"0", "1", "2", "3"} for key in plan["layers"])  # first_block 4
     assert (results / "compressed" / "feature-p54" / "plan.json").exists()
+    table = (workdir / "results" / "tables" / "smollm2-135m" / "table1.csv").read_text().splitlines()
+    assert len(table) == 3 and table[1].startswith("Baseline") and table[2].startswith("Feature space")
     assert planned_jobs(snakemake(snakefile, workdir, config, "--dry-run")) == {}
