@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -112,7 +113,14 @@ def model_params_b(name):
 
 
 def gpu_wanted():
-    return 0 if config["device"] == "cpu" else 1
+    """gpu=1 for GPU stages: always with device cuda*, never with cpu; with auto only where this machine
+    has an NVIDIA driver (nvidia-smi), so a CPU-only workstation does not run its GPU stages one at a time (the
+    profile's gpu limit). On a cluster whose login node has no GPU, set device: cuda."""
+    if config["device"] == "cpu":
+        return 0
+    if config["device"] == "auto":
+        return int(shutil.which("nvidia-smi") is not None)  # the NVIDIA driver ships it
+    return 1
 
 
 def collect_mem_mb(wildcards, attempt):
