@@ -76,13 +76,14 @@ def test_profile_settings():
 
 def test_profile_names_real_rules_and_resources(tmp_path, tiny_llama, calibration_text_file):
     """A dry run through the profile: every rule it routes exists, and stage 1 asks for a GPU
-    (the rule's gpu=1 with device auto) in the profile's GPU partition."""
+    (the rule's gpu=1 with device cuda, as on a cluster whose login node has no GPU) in the profile's
+    GPU partition."""
     (tmp_path / "repo").mkdir()
     snakefile = copy_workflow(tmp_path / "repo")
     workdir = tmp_path / "run"
     workdir.mkdir()
     cfg = workdir / "test-config.yaml"
-    cfg.write_text(yaml.safe_dump(workflow_config(tiny_llama, calibration_text_file, device="auto")))
+    cfg.write_text(yaml.safe_dump(workflow_config(tiny_llama, calibration_text_file, device="cuda")))
     base = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
             "--configfile", str(cfg)]
     rules = subprocess.run([*base, "--list-rules"], capture_output=True, text=True, timeout=300)
