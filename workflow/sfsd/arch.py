@@ -108,8 +108,11 @@ def select_linears(spec: ArchSpec, keywords: list[str]) -> list[str]:
     """Short names of the Linear layers matched by config keywords (substring match, forward order)."""
     if not keywords:
         raise ConfigError("config 'layers' is empty; name at least one Linear, e.g. [q_proj, down_proj]")
-    chosen = [name for name in spec.linears if any(k in name or k == spec.linears[name] for k in keywords)]
-    unmatched = [k for k in keywords if not any(k in n or k == spec.linears[n] for n in spec.linears)]
+    def matches(keyword: str, name: str) -> bool:  # "q_proj", "proj", or the path "self_attn.q_proj"
+        return keyword in name or keyword == spec.linears[name]
+
+    chosen = [name for name in spec.linears if any(matches(k, name) for k in keywords)]
+    unmatched = [k for k in keywords if not any(matches(k, name) for name in spec.linears)]
     if unmatched:
         raise ConfigError(
             f"config 'layers' keyword(s) {unmatched} match no Linear layer; available: {', '.join(spec.linears)}"

@@ -42,24 +42,23 @@ def run_eigen(
     spec = get_arch(meta["architecture"])
     linears = select_linears(spec, layers)
     index = checkpoint_index(model_dir)
+    # the block's weights and biases in one read of the checkpoint
+    wanted = [spec.param_name(block, linear, kind) for linear in linears for kind in ("weight", "bias")]
+    params = read_parameters(model_dir, [n for n in wanted if n in index], index=index)
     tensors: dict[str, torch.Tensor] = {}
     report: dict[str, dict] = {}
-    input_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    input_stats: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     eigh_seconds = 0.0
     for linear in linears:
         group = spec.group_of(linear)
         if group not in moments:
             raise DataError(f"{features_path} holds no statistics for {group} (needed by {linear}); rerun collection")
-        names = [spec.param_name(block, linear, "weight")]
         bias_name = spec.param_name(block, linear, "bias")
-        if bias_name in index:
-            names.append(bias_name)
-        params = read_parameters(model_dir, names)
         if group not in input_stats:  # q/k/v and gate/up share one input mean, covariance and factor
             x_cov = moments[group].covariance()
             input_stats[group] = (moments[group].mean(), x_cov, covariance_factor(x_cov))
         x_mean, x_cov, x_factor = input_stats[group]
-        weight = params[names[0]]
+        weight = params[spec.param_name(block, linear, "weight")]
         mu = output_mean(weight, params.get(bias_name), x_mean)
         started = time.perf_counter()
         eig = output_eigen(weight, x_cov, x_factor)

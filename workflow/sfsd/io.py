@@ -116,9 +116,12 @@ def checkpoint_index(model_dir: str | os.PathLike) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def read_parameters(model_dir: str | os.PathLike, names: list[str]) -> dict[str, torch.Tensor]:
-    """Read a few parameters of a checkpoint without loading the model (a 7B model stays on disk)."""
-    index = checkpoint_index(model_dir)
+def read_parameters(
+    model_dir: str | os.PathLike, names: list[str], index: dict[str, Path] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a few parameters of a checkpoint without loading the model (a 7B model stays on disk).
+    `index`: the checkpoint_index of model_dir, when the caller already has it."""
+    index = checkpoint_index(model_dir) if index is None else index
     missing = [n for n in names if n not in index]
     if missing:
         raise DataError(f"checkpoint {model_dir} has no parameter(s) {missing[:3]}")
