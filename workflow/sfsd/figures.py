@@ -1,0 +1,580 @@
+"""Figures and the methods-comparison table, made from cached results alone (Parquet/JSON/JSONL).
+
+Nothing here loads a model or touches a GPU, except `spectra_rows`, which reads the weights of a few
+Linear layers from the checkpoint on the CPU to compare weight-space singular values with the cached
+feature-space eigenvalues (its output, spectra.parquet, is what the spectra figure reads).
+
+Inputs, per model and search `{method}-{mode}-{target}` (the surgical search's outputs):
+
+- `search/{search}/curve.parquet`: the test metric along the search (one row per evaluation point and
+  task; layers_done 0 is the uncompressed model);
+- `search/{search}/log.jsonl`: one object per finished layer with its final `layer_params_fraction`.
+
+Every writer saves PNG and SVG atomically; SVGs carry no date and a fixed id salt, so remaking a
+figure from the same data gives the same file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from .errors import DataError
+from .io import atomic_path
+from .tables import METHOD_LABEL, METHOD_ORDER
+
+# One colour per method in every figure, so a reader learns it once.
+METHOD_COLOR = {"baseline": "0.35", "feature": "#1f77b4", "weight": "#ff7f0e", "whitened": "#2ca02c",
+                "laser": "#d62728", "vendi": "#9467bd"}
+MODES = ("accuracy", "perplexity", "budget")
+MODE_TITLE = {"accuracy": "accuracy-driven", "perplexity": "perplexity-driven", "budget": "budget-driven"}
+# Canonical order of the Linear layers in the heat map (the registry's forward order for Llama-like models).
+LINEAR_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CURVE_COLUMNS = ("method", "search", "mode", "target", "layers_done", "block", "params_model",
+                 "params_model_fraction", "task", "split", "metric", "value", "n")
+LOG_KEYS = ("step", "layer", "block", "linear", "in_features", "out_features", "rank", "layer_params_fraction",
+            "params_model_fraction")
+SPECTRA_COLUMNS = ("block", "linear", "space", "rank", "rank_fraction", "energy", "full_rank", "kappa")
+RATE_METRICS = ("acc", "acc_norm")  # in [0, 1], plotted as %
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+def parse_search_name(name: str) -> tuple[str, str, str]:
+    """(method, mode, target) of a search name `{method}-{mode}-{target}`."""
+    parts = str(name).split("-", 2)
+    if len(parts) != 3 or parts[1] not in MODES or not parts[0] or not parts[2]:
+        raise DataError(f"search name {name!r} is not <method>-<mode>-<target> with mode one of {', '.join(MODES)}")
+    return parts[0], parts[1], parts[2]
+
+
+def read_curve(path: str | os.PathLike) -> list[dict]:
+    """Rows of one search's curve.parquet, checked for the columns the figures need."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing file {path}; run the search that makes it first")
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a truncated or foreign file
+        raise DataError(f"{path} is not a readable Parquet file ({err}); delete it and rerun its search") from None
+    missing = [c for c in CURVE_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {missing}; it is not a search curve (see sfsd/figures.py)")
+    rows = table.to_pylist()
+    if not rows:
+        raise DataError(f"{path} holds no rows; rerun its search")
+    return rows
+
+
+def read_search_log(path: str | os.PathLike) -> list[dict]:
+    """Entries of one search's log.jsonl (one JSON object per finished layer), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing file {path}; run the search that makes it first")
+    entries = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {i} is not JSON ({err.msg}); delete the search's outputs and rerun it") from None
+        missing = [k for k in LOG_KEYS if k not in entry] if isinstance(entry, dict) else list(LOG_KEYS)
+        if missing:
+            raise DataError(f"{path} line {i} lacks key(s) {missing}; it is not a search log (see sfsd/figures.py)")
+        frac = entry["layer_params_fraction"]
+        if not isinstance(frac, (int, float)) or not 0 <= frac <= 1.000001:
+            raise DataError(f"{path} line {i}: layer_params_fraction {frac!r} is not in [0, 1]")
+        entries.append(entry)
+    if not entries:
+        raise DataError(f"{path} holds no entries; rerun its search")
+    return entries
+
+
+def read_parquet_rows(path: str | os.PathLike, what: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing file {path}; run the stage that makes the {what} first")
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:
+        raise DataError(f"{path} is not a readable Parquet file ({err}); delete it and rerun its stage") from None
+
+
+# ------------------------------------------------------------------------------------------- plotting
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GPU
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "sfsd", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
+                         "legend.fontsize": 8, "figure.dpi": 100})
+    return plt
+
+
+def save_figure(fig, out_png: str | os.PathLike, out_svg: str | os.PathLike, dpi: int = 150) -> None:
+    """Write a figure as PNG and SVG, each atomically; closes it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+        with atomic_path(out_svg) as tmp:
+            fig.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    finally:
+        plt.close(fig)
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+def _is_rate(metric: str) -> bool:
+    return metric in RATE_METRICS
+
+
+# ------------------------------------------------------------------- Figures 1/2: metric vs parameters
+
+def curve_panels(curves: Mapping[str, list[dict]], tasks: Sequence[str] = (), metric: str = "acc_norm") -> list[dict]:
+    """Panels of the search-curve figure, from curve rows per search name.
+
+    A panel is one (task, metric): the configured `tasks` (in that order, those present), then `average`
+    (the curve's own rows, or the mean of the tasks when every task was scored at that point), then any
+    other task (perplexity sources). A panel shows the searches that targeted its task, or every search
+    that scored it when none did. Each series has x = % of the model's parameters kept, y = the metric
+    (x100 for accuracies), sorted along the search; `baseline` is the uncompressed model (layers_done 0)."""
+    if not curves:
+        raise DataError("no search curves given")
+    by_search: dict[str, dict[tuple[str, str], dict[int, dict]]] = {}
+    for name, rows in curves.items():
+        parse_search_name(name)
+        points: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+        for r in rows:
+            if r.get("split", "test") != "test" or r["value"] is None or not math.isfinite(r["value"]):
+                continue
+            points[(r["task"], r["metric"])][int(r["layers_done"])] = r
+        by_search[name] = points
+    present = {key for pts in by_search.values() for key in pts}
+    rate_tasks = [t for t in tasks if t != "average"]
+
+    def pick_metric(task: str) -> str | None:
+        metrics = {m for t, m in present if t == task}
+        for m in (metric, "acc_norm", "acc", "ppl"):
+            if m in metrics:
+                return m
+        return sorted(metrics)[0] if metrics else None
+
+    # the average panel: the curves' own "average" rows, else the mean over the configured tasks
+    avg_metric = pick_metric("average") or (metric if rate_tasks else None)
+    for name, pts in by_search.items():
+        if ("average", avg_metric) in pts or not rate_tasks:
+            continue
+        per_task = [pts.get((t, pick_metric(t) or metric), {}) for t in rate_tasks]
+        steps = set.intersection(*(set(p) for p in per_task)) if all(per_task) else set()
+        if steps and all(pick_metric(t) == avg_metric for t in rate_tasks):
+            pts[("average", avg_metric)] = {
+                s: {**per_task[0][s], "task": "average", "value": sum(p[s]["value"] for p in per_task) / len(per_task)}
+                for s in steps}
+            present.add(("average", avg_metric))
+
+    order = [t for t in tasks if t != "average"] + ["average"]
+    order += sorted({t for t, _ in present} - set(order))
+    panels = []
+    for task in order:
+        m = pick_metric(task)
+        if m is None:
+            continue
+        scored = [n for n, pts in by_search.items() if (task, m) in pts]
+        own = [n for n in scored if parse_search_name(n)[2] == task]
+        series, baselines = [], []
+        for name in sorted(own or scored, key=lambda n: (METHOD_ORDER.get(parse_search_name(n)[0], 9), n)):
+            pts = by_search[name][(task, m)]
+            steps = sorted(pts)
+            method, mode, target = parse_search_name(name)
+            scale = 100.0 if _is_rate(m) else 1.0
+            series.append({"search": name, "method": method, "mode": mode, "target": target,
+                           "x": [100.0 * pts[s]["params_model_fraction"] for s in steps],
+                           "y": [scale * pts[s]["value"] for s in steps],
+                           "n": pts[steps[0]].get("n")})
+            if 0 in pts:
+                baselines.append(scale * pts[0]["value"])
+        panels.append({"task": task, "metric": m, "series": series,
+                       "baseline": sorted(baselines)[len(baselines) // 2] if baselines else None})
+    if not panels:
+        raise DataError("the search curves hold no test-split rows to plot")
+    return panels
+
+
+def uniform_points(results: Iterable[Mapping], panels: Sequence[dict]) -> dict[str, list[dict]]:
+    """Uniform-budget models of the evaluation (Table 1) as points on the search-curve panels, only where
+    they were scored on as many documents as the curve (else the two would not be comparable)."""
+    rows = [r for r in results if r.get("split") == "test" and r.get("method") not in (None, "baseline")]
+    out: dict[str, list[dict]] = {}
+    for panel in panels:
+        task, metric = panel["task"], panel["metric"]
+        ns = {s["n"] for s in panel["series"]}
+        by_plan: dict[str, dict] = {}
+        for r in rows:
+            if r["metric"] != metric or r.get("value") is None:
+                continue
+            if task == "average" or r["task"] == task:
+                by_plan.setdefault(r["plan"], {"method": r["method"], "plan": r["plan"],
+                                               "x": 100.0 * r["params_model_fraction"], "values": {}, "ns": set()})
+                by_plan[r["plan"]]["values"][r["task"]] = r["value"]
+                by_plan[r["plan"]]["ns"].add(r.get("n"))
+        points = []
+        for p in by_plan.values():
+            if task == "average":
+                if p["ns"] != ns and len(ns) == 1:  # the average panel: every task at the curve's docs
+                    continue
+                value = sum(p["values"].values()) / len(p["values"])
+            elif p["ns"] <= ns:
+                value = p["values"][task]
+            else:
+                continue
+            points.append({**p, "y": value * (100.0 if _is_rate(metric) else 1.0)})
+        out[task] = sorted(points, key=lambda p: (METHOD_ORDER.get(p["method"], 9), p["plan"]))
+    return out
+
+
+def _metric_label(metric: str) -> str:
+    return {"acc": "accuracy (%)", "acc_norm": "length-normalised accuracy (%)",
+            "ppl": "perplexity (lower is better)"}.get(metric, metric)
+
+
+def plot_search_curves(curves: Mapping[str, list[dict]], out_png: str | os.PathLike, out_svg: str | os.PathLike, *,
+                       tasks: Sequence[str] = (), metric: str = "acc_norm", results: Iterable[Mapping] | None = None,
+                       title: str = "", dpi: int = 150) -> list[dict]:
+    """Figures 1/2 of the SFSD paper: per task (and the average), the test metric against the parameters
+    kept along each surgical search, one line per search, the uncompressed model as a horizontal line,
+    and the uniform-budget models of Table 1 as points when scored on the same documents."""
+    panels = curve_panels(curves, tasks, metric)
+    points = uniform_points(results, panels) if results is not None else {}
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
+    # colour = method, line style and marker = the search's target (so searches of one method on
+    # different targets stay apart where they share a panel)
+    targets = sorted({s["target"] for p in panels for s in p["series"]})
+    styles = dict(zip(targets, [("-", "o"), ("--", "s"), ("-.", "^"), (":", "v"), ((0, (5, 1)), "D"),
+                                ((0, (3, 1, 1, 1)), "P")] * (len(targets) // 6 + 1)))
+    rows, cols = _grid(len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    handles: dict[str, object] = {}
+    for ax, panel in zip(axes.flat, panels):
+        for s in panel["series"]:
+            label = f"{METHOD_LABEL.get(s['method'], s['method'])}, search on {s['target']}"
+            ls, marker = styles[s["target"]]
+            (line,) = ax.plot(s["x"], s["y"], color=METHOD_COLOR.get(s["method"], None), lw=1.5, ls=ls,
+                              marker=marker, ms=2.5, label=label)
+            handles.setdefault(label, line)
+        for p in points.get(panel["task"], []):
+            h = ax.scatter([p["x"]], [p["y"]], s=42, marker="D", facecolor="white", zorder=3, linewidths=1.5,
+                           edgecolor=METHOD_COLOR.get(p["method"], "k"))
+            handles.setdefault(f"{METHOD_LABEL.get(p['method'], p['method'])}, uniform ranks (Table 1)", h)
+        if panel["baseline"] is not None:
+            h = ax.axhline(panel["baseline"], color="0.35", ls=":", lw=1.2)
+            handles.setdefault("uncompressed model", h)
+        n = sorted({s["n"] for s in panel["series"] if s["n"]})
+        count = "" if not n or panel["task"] == "average" else \
+            f" ({'tokens' if panel['metric'] == 'ppl' else 'n'}={', '.join(map(str, n))})"
+        if panel["metric"] == "ppl":
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")  # 40, 60, 100 rather than 4x10^1
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_title(panel["task"] + count)
+        ax.set_xlabel("parameters kept (% of the dense model)")
+        ax.set_ylabel(_metric_label(panel["metric"]))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    # below the panels; bbox_inches="tight" grows the canvas to hold it
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(3, len(handles)),
+               bbox_to_anchor=(0.5, 0.0), frameon=False)
+    save_figure(fig, out_png, out_svg, dpi)
+    return panels
+
+
+# ---------------------------------------------------------------- Figure 3: per-layer parameter budgets
+
+def layer_budget_matrix(entries: Sequence[Mapping], n_blocks: int | None = None,
+                        linears: Sequence[str] | None = None) -> tuple[list[int], list[str], list[list[float]]]:
+    """(blocks, linears, % of parameters kept per [block][linear]) after one search. Layers the search
+    never reached are intact (100%); a layer logged twice keeps its last entry."""
+    last = {}
+    for e in entries:
+        last[(int(e["block"]), e["linear"])] = 100.0 * float(e["layer_params_fraction"])
+    n_blocks = n_blocks if n_blocks is not None else max(b for b, _ in last) + 1
+    if linears is None:
+        seen = {lin for _, lin in last}
+        linears = [lin for lin in LINEAR_ORDER if lin in seen] + sorted(seen - set(LINEAR_ORDER))
+    matrix = [[last.get((b, lin), 100.0) for lin in linears] for b in range(n_blocks)]
+    return list(range(n_blocks)), list(linears), matrix
+
+
+def plot_layer_budgets(logs: Mapping[str, Sequence[Mapping]], out_png: str | os.PathLike,
+                       out_svg: str | os.PathLike, *, title: str = "", dpi: int = 150,
+                       annotate: bool = True) -> dict[str, list[list[float]]]:
+    """Figure 3 of the SFSD paper: the final parameter budget of every Linear layer (block x q,k,v,o,gate,up,
+    down; 100% = intact) after each search, with their mean first when there are several."""
+    if not logs:
+        raise DataError("no search logs given")
+    n_blocks = max(int(e["block"]) for entries in logs.values() for e in entries) + 1
+    seen = {e["linear"] for entries in logs.values() for e in entries}
+    linears = [lin for lin in LINEAR_ORDER if lin in seen] + sorted(seen - set(LINEAR_ORDER))
+    matrices: dict[str, list[list[float]]] = {}
+    finals: dict[str, float] = {}
+    for name in sorted(logs):
+        parse_search_name(name)
+        _, _, matrices[name] = layer_budget_matrix(logs[name], n_blocks, linears)
+        finals[name] = 100.0 * float(logs[name][-1]["params_model_fraction"])
+    panels = []
+    if len(matrices) > 1:
+        mean = [[sum(m[b][j] for m in matrices.values()) / len(matrices) for j in range(len(linears))]
+                for b in range(n_blocks)]
+        panels.append((f"mean of {len(matrices)} searches", mean))
+    panels += [(f"{parse_search_name(n)[2]}: model at {finals[n]:.1f}%", m) for n, m in matrices.items()]
+    plt = _pyplot()
+    cols = min(len(panels), 4)
+    rows = math.ceil(len(panels) / cols)
+    height = max(2.6, 0.2 * n_blocks + 1.2)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.45 * len(linears) * cols + 1.8, height * rows), squeeze=False,
+                             layout="constrained")
+    short = [lin.removesuffix("_proj") for lin in linears]
+    image = None
+    for i, (ax, (label, matrix)) in enumerate(zip(axes.flat, panels)):
+        image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis", aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(linears)), short, rotation=45, ha="right")
+        step = max(1, math.ceil(n_blocks / 16))
+        ax.set_yticks(range(0, n_blocks, step))
+        if i % cols == 0:
+            ax.set_ylabel("block")
+        ax.set_xlabel("Linear layer")
+        ax.set_title(label, fontsize=9)
+        if annotate and n_blocks <= 40:
+            for b in range(n_blocks):
+                for j in range(len(linears)):
+                    v = matrix[b][j]
+                    ax.text(j, b, f"{v:.0f}", ha="center", va="center", fontsize=5.5,
+                            color="black" if v > 60 else "white")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    cbar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    cbar.set_label("parameters kept by the layer (% of dense)")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, out_png, out_svg, dpi)
+    return dict(panels)
+
+
+# ------------------------------------------------------------------------------ eigenvalue spectra
+
+def energy_curve(values, full_rank: int, points: int = 200) -> list[tuple[int, float]]:
+    """(rank, fraction of the total energy in the top `rank` values) at up to `points` ranks from 1 to
+    `full_rank`; `values` are eigenvalues or squared singular values (any order, clamped at 0)."""
+    import torch
+
+    v = torch.as_tensor(values, dtype=torch.float64).clamp_min(0).sort(descending=True).values
+    if v.numel() == 0 or full_rank < 1:
+        raise DataError("an empty spectrum has no energy curve")
+    total = float(v.sum())
+    cum = (v.cumsum(0) / total).tolist() if total > 0 else [1.0] * v.numel()
+    ranks = sorted({max(1, min(full_rank, round(1 + (full_rank - 1) * i / max(1, points - 1)))) for i in range(points)})
+    return [(r, min(1.0, cum[min(r, len(cum)) - 1])) for r in ranks]
+
+
+def spectra_rows(eigen_paths: Sequence[str | os.PathLike], model_dir: str | os.PathLike,
+                 points: int = 200) -> list[dict]:
+    """Energy kept against rank for each Linear of the given eigen blocks, in feature space (eigenvalues of
+    the output covariance, from stage 2) and weight space (squared singular values of W, read from the
+    checkpoint on the CPU). Both are indexed by rank up to min(in, out), the largest rank either
+    factorization can use; kappa (where the two factors cost as much as W) comes along for the figure."""
+    import torch
+
+    from .arch import get_arch
+    from .io import checkpoint_index, load_tensors, read_parameters
+    from .methods import max_rank
+
+    rows: list[dict] = []
+    index = checkpoint_index(model_dir)
+    for path in eigen_paths:
+        tensors, meta = load_tensors(path)
+        block, spec = int(meta["block"]), get_arch(meta["architecture"])
+        names = {lin: spec.param_name(block, lin, "weight") for lin in meta["linears"]}
+        weights = read_parameters(model_dir, list(names.values()), index=index)
+        for linear in meta["linears"]:
+            w = weights[names[linear]]
+            out_f, in_f = w.shape
+            full = min(out_f, in_f)
+            key = f"{linear}.eigenvalues"
+            if key not in tensors:
+                raise DataError(f"{path} lacks {key}; rerun the eigendecomposition of block {block}")
+            sigma = torch.linalg.svdvals(w.float())  # float32 is ample for energy fractions
+            for space, values in (("feature", tensors[key]), ("weight", sigma.double().square())):
+                for rank, energy in energy_curve(values, full, points):
+                    rows.append({"model": meta.get("model"), "block": block, "linear": linear, "space": space,
+                                 "rank": rank, "rank_fraction": rank / full, "energy": energy,
+                                 "full_rank": full, "kappa": max_rank(in_f, out_f),
+                                 "in_features": in_f, "out_features": out_f})
+    if not rows:
+        raise DataError("no eigen blocks given for the spectra")
+    return rows
+
+
+def write_spectra(rows: Sequence[Mapping], out: str | os.PathLike) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(out) as tmp:
+        pq.write_table(pa.Table.from_pylist(list(rows)), tmp)
+
+
+def plot_spectra(rows: Sequence[Mapping], out_png: str | os.PathLike, out_svg: str | os.PathLike, *,
+                 title: str = "", dpi: int = 150) -> None:
+    """Energy kept against rank (% of full rank) per layer type, one colour per block; solid lines are the
+    feature space (output covariance eigenvalues), dashed the weight space (singular values of W)."""
+    missing = [c for c in SPECTRA_COLUMNS if rows and c not in rows[0]]
+    if not rows or missing:
+        raise DataError(f"spectra rows lack column(s) {missing or list(SPECTRA_COLUMNS)}; rerun the spectra rule")
+    curves: dict[tuple[str, int, str], list[tuple[float, float]]] = defaultdict(list)
+    kappa_frac: dict[str, float] = {}
+    for r in rows:
+        curves[(r["linear"], int(r["block"]), r["space"])].append((100.0 * r["rank_fraction"], 100.0 * r["energy"]))
+        kappa_frac[r["linear"]] = 100.0 * r["kappa"] / r["full_rank"]
+    linears = [lin for lin in LINEAR_ORDER if lin in kappa_frac] + sorted(set(kappa_frac) - set(LINEAR_ORDER))
+    blocks = sorted({b for _, b, _ in curves})
+    plt = _pyplot()
+    cmap = plt.get_cmap("plasma")
+    colors = {b: cmap(0.85 * i / max(1, len(blocks) - 1)) for i, b in enumerate(blocks)}
+    n_panels = len(linears) + 1  # the last cell holds the legend
+    rows_, cols = _grid(n_panels)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3.3 * cols, 2.9 * rows_), squeeze=False)
+    for ax, linear in zip(axes.flat, linears):
+        for b in blocks:
+            for space, ls in (("feature", "-"), ("weight", "--")):
+                pts = sorted(curves.get((linear, b, space), []))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[b], ls=ls, lw=1.4)
+        ax.axvline(kappa_frac[linear], color="0.5", lw=0.8, ls=":")
+        ax.set_title(linear)
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 101)
+        ax.set_xlabel("rank (% of min(in, out))")
+        ax.set_ylabel("energy kept (%)")
+        ax.grid(alpha=0.3)
+    legend_ax = list(axes.flat)[len(linears)]
+    legend_ax.axis("off")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[b], lw=2, label=f"block {b}") for b in blocks]
+    handles += [Line2D([], [], color="k", ls="-", label="feature space (eigenvalues of Cov[y])"),
+                Line2D([], [], color="k", ls="--", label="weight space (singular values² of W)"),
+                Line2D([], [], color="0.5", ls=":", label="break-even rank κ (factors cost as much as W)")]
+    legend_ax.legend(handles=handles, loc="center", frameon=False, fontsize=8)
+    for ax in list(axes.flat)[len(linears) + 1:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, out_png, out_svg, dpi)
+
+
+# ------------------------------------------------------------------------- methods at equal budgets
+
+def methods_table_rows(rows: Sequence[Mapping], metric: str = "acc_norm", split: str = "test") -> list[dict]:
+    """Methods x budgets from the combined results: one row per evaluated model (baseline first, then by
+    budget from the largest and by method), with parameters, the average test metric over the tasks
+    every model was scored on, its change from the baseline, and perplexity."""
+    from .tasks import TASKS
+
+    variants: dict[str, dict] = {}
+    for r in rows:
+        v = variants.setdefault(r["plan"], {"method": r["method"], "plan": r["plan"], "scores": {}, "ppl": None,
+                                            "params_model": r.get("params_model"),
+                                            "fraction": r.get("params_model_fraction")})
+        if r["metric"] == "ppl":
+            v["ppl"] = r["value"]
+        elif r["metric"] == metric and r["split"] == split and r["task"] in TASKS:
+            v["scores"][r["task"]] = 100.0 * r["value"]
+    if not variants:
+        raise DataError("the results hold no rows; run the evaluation rules first")
+    common = set.intersection(*(set(v["scores"]) for v in variants.values()))
+    if not common:
+        raise DataError(f"no task was scored ({metric}, {split} split) for every model; rerun the evaluation")
+    base = next((v for v in variants.values() if v["method"] == "baseline"), None)
+
+    def average(v):
+        return sum(v["scores"][t] for t in common) / len(common)
+
+    def budget(v):  # plan names are <method>-<budget>; anything else is its own group
+        return v["plan"].split("-", 1)[1] if v["plan"].startswith(f"{v['method']}-") else v["plan"]
+
+    # budgets from the largest (by their models' largest fraction), methods in the usual order inside one
+    group_size: dict[str, float] = defaultdict(float)
+    for v in variants.values():
+        group_size[budget(v)] = max(group_size[budget(v)], v["fraction"] or 0)
+    out = []
+    for v in sorted(variants.values(), key=lambda v: (v["method"] != "baseline", -group_size[budget(v)], budget(v),
+                                                       METHOD_ORDER.get(v["method"], 9))):
+        avg = average(v)
+        out.append({
+            "budget": "dense" if v["method"] == "baseline" else budget(v),
+            "method": METHOD_LABEL.get(v["method"], v["method"]),
+            "params_M": round((v["params_model"] or 0) / 1e6, 2),
+            "params_%": round(100 * (v["fraction"] or 0), 1),
+            f"avg_{metric}": round(avg, 2),
+            "delta_vs_baseline": None if base is None else round(avg - average(base), 2),
+            "ppl": None if v["ppl"] is None else round(v["ppl"], 2),
+        })
+    return out
+
+
+def _cell(value) -> str:
+    """Markdown cell: blank for missing, 4 significant digits for huge values (a broken model's perplexity)."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and abs(value) >= 1e5:
+        return f"{value:.4g}"
+    return str(value)
+
+
+def methods_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLike,
+                  out_csv: str | os.PathLike) -> list[dict]:
+    """Write the methods-comparison table (Markdown with a caption line, and CSV)."""
+    from .tasks import TASKS
+
+    rows = read_parquet_rows(results, "combined results")
+    table = methods_table_rows(rows, metric)
+    tasks = sorted({r["task"] for r in rows if r["metric"] == metric and r["task"] in TASKS})
+    ppl = sorted({f"{r['task']}, {r.get('window')}-token windows" for r in rows if r["metric"] == "ppl"})
+    columns = list(table[0])
+    with atomic_path(out_csv) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(table)
+    lines = [f"Methods at equal parameter budgets: average zero-shot {metric} (x100, test split) over "
+             f"{', '.join(tasks)}; change from the uncompressed model in points; perplexity on "
+             f"{'; '.join(ppl) or 'none'}. Parameters over the whole model.", "",
+             "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in table]
+    with atomic_path(out_md) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return table
