@@ -1,0 +1,320 @@
+"""Surgical rank search: candidates, bisection against the linear scan, the block-input cache, resume
+after kill -9, and the delta = 0 guarantee, on the tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfsd.arch import get_arch, select_linears
+from sfsd.compress import LowRankLinear, save_factor_cache
+from sfsd.errors import ConfigError
+from sfsd.io import model_digest
+from sfsd.evaluate import build_requests, encode_requests, export_local_tasks, mean_metric, score_multiple_choice, \
+    split_doc_ids
+from sfsd.methods import max_rank
+from sfsd.plan import model_shapes
+from sfsd.search import (
+    AccuracyObjective,
+    BlockCache,
+    SearchSettings,
+    candidate_ranks,
+    choose_rank,
+    search_order,
+    surgical_search,
+)
+from sfsd.search_run import FactorCache
+
+from conftest import REPO, build_tiny_model
+
+LLAMA = get_arch("LlamaForCausalLM")
+LINEARS = list(LLAMA.linears)
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def test_candidate_ranks_follow_the_paper():
+    assert candidate_ranks(100) == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90]  # kappa itself = dense
+    assert candidate_ranks(7) == [1, 2, 3, 4, 5, 6]  # floor(0.3 * 7) = 2 ... duplicates merged
+    assert candidate_ranks(1) == []
+    assert candidate_ranks(30, (0.5,)) == [1, 15]
+
+
+def test_search_order_is_reverse_with_the_paper_order_inside_a_block():
+    order = search_order(LLAMA, 3, LINEARS, first_block=1)
+    assert order[:7] == [(2, n) for n in ("down_proj", "up_proj", "gate_proj", "o_proj", "v_proj", "k_proj", "q_proj")]
+    assert order[-1] == (1, "q_proj") and len(order) == 14
+    assert search_order(LLAMA, 3, ["q_proj", "down_proj"], 0, 0) == [(0, "down_proj"), (0, "q_proj")]
+    with pytest.raises(ConfigError, match="out of range"):
+        search_order(LLAMA, 3, LINEARS, first_block=3)
+    with pytest.raises(ConfigError, match="lacks"):
+        search_order(LLAMA, 3, LINEARS, 0, order=("down_proj",))
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 5, 9, 10, 17, 30, 99, 100, 101])
+def test_bisection_equals_linear_scan_on_monotone_scores(threshold):
+    candidates = [1, 10, 20, 30, 40, 50, 60, 70, 80, 90]
+
+    def score(r):  # monotone in rank
+        return float(r), r >= threshold
+
+    linear, lt = choose_rank(candidates, score, "linear")
+    bisect, bt = choose_rank(candidates, score, "bisect")
+    assert linear == bisect
+    assert len(bt) <= math.ceil(math.log2(len(candidates) + 1))
+    tried = {t.rank: t.accepted for t in bt}
+    if bisect is not None:
+        assert tried[bisect] is True  # the chosen rank was evaluated ...
+        i = candidates.index(bisect)
+        if i > 0:
+            assert tried[candidates[i - 1]] is False  # ... and its smaller neighbour confirmed to fail
+
+
+def test_bisection_can_differ_only_where_acceptance_is_not_monotone():
+    candidates = [1, 2, 3, 4, 5, 6, 7]
+    ok = {1: False, 2: True, 3: False, 4: False, 5: True, 6: True, 7: True}  # 2 passes by noise
+    linear, _ = choose_rank(candidates, lambda r: (0.0, ok[r]), "linear")
+    bisect, _ = choose_rank(candidates, lambda r: (0.0, ok[r]), "bisect")
+    assert (linear, bisect) == (2, 5)
+
+
+# ---------------------------------------------------------------- on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory):
+    """A 4-block tiny Llama, its tokenizer, and a weight-space factor cache (no statistics needed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny4"), n_layers=4, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    factors = folder / "factors"
+    save_factor_cache(model, LLAMA, "weight", LINEARS, factors / "weight", model_digest=model_digest(folder))
+    return folder, model, AutoTokenizer.from_pretrained(folder), factors
+
+
+@pytest.fixture(scope="module")
+def arc_requests(tiny4, tmp_path_factory):
+    _, model, tok, _ = tiny4
+    task_dir = tmp_path_factory.mktemp("tasks")
+    export_local_tasks(task_dir, ["arc_easy"], metrics=("acc", "acc_norm"))
+    ids = {"arc_easy": split_doc_ids("arc_easy", None, 1234, 0.1, 0.2, limit=12)}
+    enc = encode_requests(tok, build_requests(task_dir, ["arc_easy"], ids, ["search"]), 512)
+    return task_dir, ids, enc
+
+
+class LogitAgreement:
+    """A hand-made objective that depends on the whole forward pass: minus the mean squared difference
+    of the logits from the dense model's on fixed batches (the scorer runs the same batches each call)."""
+
+    name = "agreement"
+
+    def __init__(self, model, tol: float, batches):
+        self.batches = batches
+        with torch.no_grad():
+            self.reference = [model(b, use_cache=False).logits for b in batches]
+        self.tol = tol
+
+    def score(self, model) -> float:
+        with torch.no_grad():
+            return -float(sum(((model(b, use_cache=False).logits - r) ** 2).mean()
+                              for b, r in zip(self.batches, self.reference)))
+
+    def threshold(self, baseline, step):
+        return baseline - self.tol
+
+    def passes(self, score, threshold):
+        return score >= threshold
+
+
+class RankBudget(LogitAgreement):
+    """Monotone in every rank by construction (fewer removed ranks = higher score), still running the
+    model so the cache and the counter are exercised."""
+
+    def score(self, model) -> float:
+        super().score(model)
+        removed = sum(max_rank(m.in_features, m.out_features) - m.first.out_features
+                      for m in model.modules() if isinstance(m, LowRankLinear))
+        return -float(removed)
+
+
+def _fresh(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _batches(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (4, 12), generator=g) for _ in range(n)]
+
+
+def test_cached_block_inputs_equal_a_full_forward(tiny4):
+    folder, _, _, _ = tiny4
+    model = _fresh(folder)
+    batches = _batches()
+    captured = {}
+    def capture(module, args, kwargs):
+        captured[len(captured)] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    handle = model.model.layers[2].register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        full = [model(b, use_cache=False).logits for b in batches]
+    handle.remove()
+    cache = BlockCache(model, LLAMA)
+    try:
+        assert cache.record(2, lambda: [model(b, use_cache=False) for b in batches])
+        assert cache.forwards["inputs"] == 2 * 4 * len(batches)  # blocks 0 and 1 only
+        recorded = list(cache.states.values())
+        for i in range(len(batches)):
+            assert torch.equal(recorded[i], captured[i])
+        with cache.cached(), torch.no_grad():
+            fed = [model(b, use_cache=False).logits for b in batches]
+        assert cache.forwards["search"] == 2 * 4 * len(batches)  # blocks 2 and 3 only
+        for a, b in zip(full, fed):
+            assert torch.equal(a, b)
+    finally:
+        cache.close()
+
+
+def _settings(**kw):
+    return SearchSettings(**{"method": "weight", "first_block": 2, "checkpoints": (), **kw})
+
+
+def test_bisection_with_cache_picks_the_linear_scan_ranks(tiny4, tmp_path):
+    folder, _, _, factors = tiny4
+    results = {}
+    for strategy, cache in (("linear", False), ("bisect", True)):
+        model = _fresh(folder)
+        objective = RankBudget(model, 0.0, _batches())
+        objective.threshold = lambda baseline, step: -10.0 * (step // 2)  # step 1 allows none: dense
+        objective.passes = lambda s, t: s >= t
+        res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)),
+                              objective, _settings(strategy=strategy), tmp_path / f"{strategy}.jsonl",
+                              cache=cache, progress=False)
+        results[strategy] = res
+    lin, bis = results["linear"], results["bisect"]
+    assert lin.plan["layers"] == bis.plan["layers"]
+    assert any(e["method"] == "weight" for e in bis.plan["layers"].values())
+    assert any(e["method"] == "dense" for e in bis.plan["layers"].values())
+    assert bis.summary["search_block_forwards"] < lin.summary["search_block_forwards"]
+    assert bis.summary["evaluations"] < lin.summary["evaluations"]
+
+
+def test_real_logits_objective_same_plan_with_and_without_cache(tiny4, tmp_path):
+    folder, _, _, factors = tiny4
+    plans = []
+    for cache in (False, True):
+        model = _fresh(folder)
+        res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)),
+                              LogitAgreement(model, 2e-4, _batches(1)), _settings(), tmp_path / f"{cache}.jsonl",
+                              cache=cache, progress=False)
+        plans.append((res.plan["layers"], [t for r in res.layers for t in r["tried"]]))
+    assert plans[0] == plans[1]  # identical scores, bit for bit: the cache is exact
+
+
+def test_delta_zero_never_lowers_the_search_score(tiny4, arc_requests, tmp_path):
+    folder, _, tok, factors = tiny4
+    _, _, enc = arc_requests
+    model = _fresh(folder)
+    objective = AccuracyObjective(tok, enc, "acc_norm", delta=0.0, batch_size=8)
+    res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)), objective,
+                          _settings(first_block=3), tmp_path / "state.jsonl", progress=False)
+    baseline = res.summary["baseline"]
+    for r in res.layers:
+        for t in r["tried"]:
+            assert t["accepted"] == (t["score"] >= baseline)
+    final = mean_metric(score_multiple_choice(model, tok, enc, 8), "acc_norm")
+    assert final >= baseline
+    assert res.layers[-1]["params_model_fraction"] <= 1.0
+
+
+def test_budget_stop_and_checkpoints(tiny4, tmp_path):
+    folder, _, _, factors = tiny4
+    model = _fresh(folder)
+    objective = RankBudget(model, 0.0, _batches())
+    objective.passes = lambda s, t: True  # accept rank 1 everywhere: parameters fall fastest
+    res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)), objective,
+                          _settings(first_block=0, stop_at=0.97, checkpoints=(0.99, 0.98)), tmp_path / "s.jsonl",
+                          progress=False)
+    assert res.summary["stopped_at_budget"]
+    assert res.layers[-1]["params_model_fraction"] <= 0.97 < res.layers[-2]["params_model_fraction"]
+    assert set(res.checkpoints) == {"p99", "p98"}
+    assert len(res.checkpoints["p99"]["layers"]) <= len(res.checkpoints["p98"]["layers"]) <= len(res.layers)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="search.delta"):
+        _settings(delta=1.5).check()
+    with pytest.raises(ConfigError, match="search.methods"):
+        _settings(method="laser").check()
+    with pytest.raises(ConfigError, match="search.stop_at"):
+        _settings(stop_at=1.0).check()
+
+
+# ---------------------------------------------------------------- resume after kill -9 (real CLI)
+
+
+def _cli(tiny4, arc_requests, out, extra=()):
+    folder, _, _, factors = tiny4
+    task_dir, ids, _ = arc_requests
+    splits = out.parent / "splits.json"
+    if not splits.exists():
+        splits.parent.mkdir(parents=True, exist_ok=True)
+        splits.write_text(json.dumps({"tasks": ids}))
+    return [sys.executable, "-m", "sfsd", "--threads", "1", "search", "--model-dir", str(folder),
+            "--model-name", "tiny", "--factors", str(factors), "--method", "weight", "--target", "arc_easy",
+            "--first-block", "0", "--layers", ",".join(LINEARS), "--tasks-dir", str(task_dir), "--splits", str(splits),
+            "--tasks", "arc_easy", "--search-limit", "12", "--curve-limit", "4", "--device", "cpu",
+            "--delta", "0.05", "--out", str(out), *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
+
+
+def test_resume_after_kill_gives_the_uninterrupted_plan(tiny4, arc_requests, tmp_path):
+    whole = tmp_path / "a" / "feature-accuracy-arc_easy"
+    subprocess.run(_cli(tiny4, arc_requests, whole), check=True, env=_env(), capture_output=True)
+    killed = tmp_path / "b" / "feature-accuracy-arc_easy"
+    state = killed.with_name(killed.name + ".state.jsonl")
+    proc = subprocess.Popen(_cli(tiny4, arc_requests, killed), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and state.read_text().count('"type": "layer"') >= 9:
+            os.kill(proc.pid, signal.SIGKILL)  # mid-search, after 9 of 28 layers
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the search finished before it could be killed"
+    assert not killed.exists() and state.exists()
+    done = proc and state.read_text().count('"type": "layer"')
+    second = subprocess.run(_cli(tiny4, arc_requests, killed), check=True, env=_env(), capture_output=True,
+                            text=True)
+    assert f"{done} layers done" in second.stderr
+    plan_a = json.loads((whole / "plan.json").read_text())
+    plan_b = json.loads((killed / "plan.json").read_text())
+    assert plan_a["layers"] == plan_b["layers"]
+    log_a = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert [(r["layer"], r["rank"], r["tried"]) for r in log_a] == [(r["layer"], r["rank"], r["tried"]) for r in log_b]
+    import pyarrow.parquet as pq
+
+    curve_a = pq.read_table(whole / "curve.parquet").to_pylist()
+    curve_b = pq.read_table(killed / "curve.parquet").to_pylist()
+    assert [(r["layers_done"], r["task"], r["metric"], r["value"]) for r in curve_a] == \
+        [(r["layers_done"], r["task"], r["metric"], r["value"]) for r in curve_b]
+    assert not state.exists()
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["layers_searched"] == 28 and summary["search_block_forwards"] > 0

@@ -1,0 +1,200 @@
+"""The search stage: load the model, the factor cache and the search data, run `surgical_search`, and
+write its outputs. All file access of the search lives here; `sfsd.search` only sees tensors and
+callables.
+
+Outputs (a folder per search, `results/<model>/search/<method>-<mode>-<target>/`):
+- plan.json: the final rank plan (`sfsd.plan` format; layers the search kept dense appear as "dense");
+- log.jsonl: one record per searched layer (candidates tried with scores, decision, parameters);
+- curve.parquet: the test split along the search (layers_done, params, task, metric, value, n);
+- checkpoints/pNN.json: the plan when the model first fell to NN% of its parameters;
+- summary.json: baseline, block-forward counters, evaluations, cache size, time, settings.
+The resumable state lives NEXT to the folder (`<folder>.state.jsonl`), not in it, because Snakemake
+removes the outputs of a failed job; it is deleted once the outputs are complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .arch import architecture_of, get_arch, select_linears
+from .compress import _BlockFile
+from .collect import block_file
+from .errors import ConfigError, DataError
+from .io import atomic_dir, atomic_path, model_digest, write_json
+from .search import AccuracyObjective, PerplexityObjective, SearchSettings, surgical_search
+
+log = logging.getLogger(__name__)
+
+AVERAGE = "average"
+
+
+def state_path(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    return out.with_name(out.name + ".state.jsonl")
+
+
+class FactorCache:
+    """(block, linear) -> full-rank factor entry from `<factors>/<method>/block_NNN.safetensors`, the
+    current block's file open at a time, digest-checked against the model."""
+
+    def __init__(self, root: str | os.PathLike, method: str, digest: str | None) -> None:
+        self.root, self.method, self.digest = Path(root), method, digest
+        self._block: tuple[int, _BlockFile] | None = None
+
+    def __call__(self, block: int, linear: str) -> dict[str, torch.Tensor]:
+        if self._block is None or self._block[0] != block:
+            self._block = (block, _BlockFile(self.root / self.method / block_file(block), self.digest))
+        f = self._block[1]
+        entry = {k: f[f"{linear}.{k}"] for k in ("first", "second")}
+        for k in ("mean", "bias"):
+            try:
+                entry[k] = f[f"{linear}.{k}"]
+            except DataError:
+                pass
+        return entry
+
+
+def _split_ids(splits_file: str | os.PathLike, tasks: Sequence[str], split: str, limit: int | None) -> dict:
+    splits = json.loads(Path(splits_file).read_text())["tasks"]
+    missing = [t for t in tasks if t not in splits]
+    if missing:
+        raise ConfigError(f"{splits_file} has no split for task(s) {missing}; add them to evaluation.tasks")
+    return {t: {split: splits[t][split][:limit] if limit else splits[t][split]} for t in tasks}
+
+
+def _calibration_ids(path: str | os.PathLike | None) -> list[str]:
+    if not path:
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["doc_id"] for line in f if line.strip()]
+
+
+def run_search(
+    *,
+    model_dir: str,
+    model_name: str,
+    factors_dir: str,
+    out_dir: str,
+    settings: SearchSettings,
+    layers: Sequence[str],
+    tasks_dir: str,
+    splits_file: str,
+    tasks: Sequence[str],
+    search_limit: int | None,
+    curve_limit: int | None,
+    curve_every: int = 1,
+    ppl_window: int = 128,
+    ppl_max_docs: int | None = 300,
+    ppl_search_fraction: float = 0.2,
+    calibration_texts: str | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    cache: bool = True,
+    cache_max_mb: float = 4096,
+    progress: bool = True,
+) -> dict:
+    """Run the search of `settings` and write its outputs into `out_dir` (atomically); return the summary."""
+    from .evaluate import build_requests, encode_requests, lmeval_max_length, score_multiple_choice, \
+        summarize_scores
+    from .models import load_model
+    from .perplexity import perplexity, perplexity_texts
+    from .plan import model_shapes
+
+    model, tokenizer = load_model(model_dir, device=device)
+    shapes = model_shapes(model)
+    spec = get_arch(architecture_of(model.config))
+    linears = select_linears(spec, list(layers))
+    digest = model_digest(model_dir)
+    max_length = lmeval_max_length(model, tokenizer)
+
+    ppl_docs: tuple[list, list] | None = None
+    if settings.mode == "perplexity":
+        docs = perplexity_texts(settings.target, exclude_ids=_calibration_ids(calibration_texts), max_docs=ppl_max_docs)
+        cut = max(1, int(len(docs) * ppl_search_fraction))
+        if cut >= len(docs):
+            raise ConfigError(f"perplexity source {settings.target} has {len(docs)} docs: too few to split into search "
+                              "and test text; raise evaluation.perplexity.max_docs")
+        ppl_docs = (docs[:cut], docs[cut:])  # search on the first part, as SFSD does on WikiText-2
+        objective = PerplexityObjective(tokenizer, ppl_docs[0], ppl_window, settings.eps, batch_size)
+        inputs = [d["doc_id"] for d in ppl_docs[0]]
+    else:
+        target_tasks = list(tasks) if settings.target == AVERAGE else [settings.target]
+        unknown = [t for t in target_tasks if t not in tasks]
+        if unknown:
+            raise ConfigError(f"search target {settings.target!r} is not one of evaluation.tasks {list(tasks)} nor "
+                              f"{AVERAGE!r}")
+        ids = _split_ids(splits_file, target_tasks, "search", search_limit)
+        enc = encode_requests(tokenizer, build_requests(tasks_dir, target_tasks, ids, ["search"]), max_length)
+        objective = AccuracyObjective(tokenizer, enc, settings.metric, settings.delta, batch_size)
+        inputs = ids
+    settings = SearchSettings(**{**asdict(settings), "inputs": _digest([digest, inputs, search_limit])})
+
+    test_ids = _split_ids(splits_file, list(tasks), "test", curve_limit)
+    test_enc = encode_requests(tokenizer, build_requests(tasks_dir, list(tasks), test_ids, ["test"]), max_length)
+
+    def curve(m: torch.nn.Module) -> list[dict]:
+        rows = summarize_scores(score_multiple_choice(m, tokenizer, test_enc, batch_size))
+        if ppl_docs is not None:
+            r = perplexity(m, tokenizer, ppl_docs[1], ppl_window, batch_size=batch_size)
+            rows.append({"task": settings.target, "split": "test", "metric": "ppl", "value": r["ppl"],
+                         "stderr": None, "n": r["tokens"], "scorer": "native"})
+        return [{k: r[k] for k in ("task", "split", "metric", "value", "n")} for r in rows]
+
+    state = state_path(out_dir)
+    result = surgical_search(
+        model, spec, shapes, linears, FactorCache(factors_dir, settings.method, digest), objective, settings, state,
+        curve=curve, curve_every=curve_every, cache=cache, cache_max_bytes=cache_max_mb * 2**20,
+        header={"model": model_name, "model_digest": digest, "architecture": architecture_of(model.config)},
+        progress=progress)
+    name = Path(out_dir).name
+    summary = {**result.summary, "model": model_name, "search": name, "settings": asdict(settings),
+               "device": str(next(model.parameters()).device), "search_limit": search_limit,
+               "curve_limit": curve_limit}
+    _write_outputs(out_dir, result, summary, model_name, name, settings)
+    state.unlink(missing_ok=True)
+    log.info("search %s: %d layers, %d evaluations, %d search block-forwards, params %.4f of the model",
+             name, summary["layers_searched"], summary["evaluations"], summary["search_block_forwards"],
+             summary.get("params_model_fraction", 1.0))
+    return summary
+
+
+def _digest(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_outputs(out_dir, result, summary: dict, model_name: str, name: str, settings: SearchSettings) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_dir(out_dir) as tmp:
+        tmp = Path(tmp)
+        write_json(tmp / "plan.json", result.plan)
+        with open(tmp / "log.jsonl", "w", encoding="utf-8") as f:
+            for r in result.layers:
+                f.write(json.dumps(r) + "\n")
+        curve = [{"model": model_name, "method": settings.method, "search": name, "mode": settings.mode,
+                  "target": settings.target, **r} for r in result.curve]
+        columns = ["model", "method", "search", "mode", "target", "layers_done", "block", "params_model",
+                   "params_model_fraction", "params_decoder_linear", "params_decoder_linear_fraction",
+                   "task", "split", "metric", "value", "n"]
+        types = {"layers_done": pa.int64(), "block": pa.int64(), "params_model": pa.int64(),
+                 "params_decoder_linear": pa.int64(), "n": pa.int64(), "value": pa.float64(),
+                 "params_model_fraction": pa.float64(), "params_decoder_linear_fraction": pa.float64()}
+        schema = pa.schema([(c, types.get(c, pa.string())) for c in columns])
+        table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in curve], schema=schema)
+        pq.write_table(table, tmp / "curve.parquet")
+        for label, plan in result.checkpoints.items():
+            write_json(tmp / "checkpoints" / f"{label}.json", plan)
+        write_json(tmp / "summary.json", summary)
+
+
+__all__ = ["AVERAGE", "FactorCache", "run_search", "state_path"]
