@@ -16,6 +16,7 @@ include: "rules/calibration.smk"
 include: "rules/features.smk"
 include: "rules/eigen.smk"
 include: "rules/compress.smk"
+include: "rules/evaluate_common.smk"
 include: "rules/evaluate.smk"
 
 

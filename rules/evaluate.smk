@@ -1,6 +1,6 @@
-# Evaluation: the six benchmarks as local lm-eval tasks, seeded search/test splits, the base and the
-# compressed models scored on the test split (plus perplexity), results combined, and the paper's table.
-
+# Evaluation: the six benchmarks as local lm-eval tasks (or lm-eval's own hub tasks), seeded search/test
+# splits, the base and the compressed models scored on the test split (plus perplexity), results combined,
+# and the paper's table.
 
 rule export_tasks:
     output:
@@ -27,7 +27,8 @@ rule eval_splits:
         seed=config["splits"]["seed"],
         calibration=config["splits"]["calibration_fraction"],
         search=config["splits"]["search_fraction"],
-        code=code_version("evaluate", "splits", "tasks"),
+        source=EVAL["source"],  # hub: downloads lm-eval's task data to count and check its eval docs
+        code=code_version("evaluate", "splits", "tasks", "lmeval_tasks"),
     conda:
         "../envs/gpu-stages.yaml"
     log:
@@ -37,17 +38,18 @@ rule eval_splits:
         runtime=10,
     shell:
         "python -m sfsd --threads {threads} splits --tasks {params.tasks} --seed {params.seed} "
-        "--calibration-fraction {params.calibration} --search-fraction {params.search} --out {output.splits:q} "
-        "> {log:q} 2>&1"
+        "--calibration-fraction {params.calibration} --search-fraction {params.search} --source {params.source} "
+        "--out {output.splits:q} > {log:q} 2>&1"
 
 
 rule evaluate_model:
     input:
         model=model_dir,
         compressed=compressed_input,
-        tasks=rules.export_tasks.output.tasks,
+        tasks=eval_tasks_input,
         splits=rules.eval_splits.output.splits,
         calibration=rules.calibration_texts.output.texts,
+        ppl_text=perplexity_input,
     output:
         rows="results/{model}/eval/{variant}.parquet",
     params:
@@ -60,10 +62,11 @@ rule evaluate_model:
         scorer=config["evaluation"]["scorer"],
         batch_size=config["evaluation"]["batch_size"],
         device=config["device"],
-        ppl=lambda wc: "--ppl-source {source} --ppl-window {window} --ppl-max-docs {max_docs}".format(
-            **config["evaluation"]["perplexity"]
+        task_args=eval_task_args,
+        ppl=perplexity_args,
+        code=code_version(
+            "evaluate", "lmeval_tasks", "tasks", "perplexity", "compress", "plan", "methods", "models"
         ),
-        code=code_version("evaluate", "lmeval_tasks", "perplexity", "compress", "plan", "methods", "models"),
     conda:
         "../envs/gpu-stages.yaml"
     log:
@@ -77,7 +80,7 @@ rule evaluate_model:
         gpu=gpu_wanted(),
     shell:
         "python -m sfsd --threads {threads} evaluate --model-dir {input.model:q} {params.compressed} "
-        "--model-name {wildcards.model} --variant {wildcards.variant} --tasks-dir {input.tasks:q} "
+        "--model-name {wildcards.model} --variant {wildcards.variant} {params.task_args} "
         "--tasks {params.tasks} --splits {input.splits:q} --split {params.split} {params.limit} "
         "--scorer {params.scorer} --batch-size {params.batch_size} --device {params.device} {params.ppl} "
         "--calibration-texts {input.calibration:q} --out {output.rows:q} > {log:q} 2>&1"

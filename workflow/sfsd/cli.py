@@ -144,22 +144,20 @@ def cmd_export_tasks(args: argparse.Namespace) -> None:
 
 
 def cmd_splits(args: argparse.Namespace) -> None:
-    from .evaluate import split_doc_ids
+    from .evaluate import eval_splits
     from .io import write_json
 
-    out = {
-        "seed": args.seed, "calibration_fraction": args.calibration_fraction,
-        "search_fraction": args.search_fraction,
-        "tasks": {t: split_doc_ids(t, None, args.seed, args.calibration_fraction, args.search_fraction)
-                  for t in _csv(args.tasks)},
-    }
+    out = eval_splits(_csv(args.tasks), args.seed, args.calibration_fraction, args.search_fraction, source=args.source)
     write_json(args.out, out)
+    logging.info("%s splits: %s", args.source, ", ".join(
+        f"{t} {out['eval_split'][t]} {out['n_docs'][t]} docs -> search {len(v['search'])}, test {len(v['test'])}"
+        for t, v in out["tasks"].items()))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .compress import load_compressed
     from .evaluate import common_columns, evaluate_lmeval, perplexity_row, score_multiple_choice, \
-        build_requests, summarize_scores, write_rows
+        build_requests, source_by_name, summarize_scores, write_rows
     from .io import read_json
     from .models import load_model, load_tokenizer, resolve_device
     from .perplexity import perplexity, perplexity_texts
@@ -174,17 +172,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         model, tokenizer = load_model(args.model_dir, device=str(device))
         plan, method = new_plan({}), "baseline"
     counts = count_params(model_shapes(args.model_dir), plan)
-    splits = read_json(args.splits)["tasks"]
+    record = read_json(args.splits)
+    splits = record["tasks"]
+    if record.get("source", "local") != args.task_source:
+        raise ConfigError(f"{args.splits} was drawn for evaluation.source {record.get('source', 'local')!r}, not "
+                          f"{args.task_source!r}; rerun the eval_splits rule")
     tasks = _csv(args.tasks)
     missing = [t for t in tasks if t not in splits]
     if missing:
         raise ConfigError(f"{args.splits} has no split for task(s) {missing}; rerun the eval_splits rule")
     ids = {t: {args.split: splits[t][args.split][: args.limit] if args.limit else splits[t][args.split]}
            for t in tasks}
+    source = source_by_name(args.task_source, args.tasks_dir)
+    n_docs = record.get("n_docs")
     if args.scorer == "lm_eval":
-        rows = evaluate_lmeval(model, tokenizer, args.tasks_dir, tasks, ids, batch_size=args.batch_size)
+        rows = evaluate_lmeval(model, tokenizer, source, tasks, ids, batch_size=args.batch_size, n_docs=n_docs)
     else:
-        scores = score_multiple_choice(model, tokenizer, build_requests(args.tasks_dir, tasks, ids),
+        scores = score_multiple_choice(model, tokenizer, build_requests(source, tasks, ids, n_docs=n_docs),
                                        batch_size=args.batch_size)
         rows = summarize_scores(scores)
     if args.ppl_source != "none":
@@ -192,7 +196,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if args.calibration_texts:
             with open(args.calibration_texts, encoding="utf-8") as f:
                 exclude = [json.loads(line)["doc_id"] for line in f if line.strip()]
-        texts = perplexity_texts(args.ppl_source, exclude_ids=exclude, max_docs=args.ppl_max_docs)
+        texts = perplexity_texts(args.ppl_source, path=args.ppl_path, text_field=args.ppl_text_field,
+                                 exclude_ids=exclude, max_docs=args.ppl_max_docs)
         rows.append(perplexity_row(perplexity(model, tokenizer, texts, args.ppl_window), args.ppl_source))
     common = common_columns(args.model_name, method, args.variant, counts, device=str(device),
                             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -307,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--calibration-fraction", type=float, required=True)
     p.add_argument("--search-fraction", type=float, required=True)
+    p.add_argument("--source", choices=["local", "hub"], default="local",
+                   help="local: the shipped validation docs; hub: lm-eval's own eval_docs (downloads them)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_splits)
 
@@ -316,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", required=True)
     p.add_argument("--method", default="baseline")
     p.add_argument("--variant", required=True, help="plan name written to the rows (base, feature-p54, ...)")
-    p.add_argument("--tasks-dir", required=True)
+    p.add_argument("--task-source", choices=["local", "hub"], default="local",
+                   help="local: the exported tasks of --tasks-dir; hub: lm-eval's built-in tasks (downloads data)")
+    p.add_argument("--tasks-dir", default=None, help="export-tasks folder (task source local)")
     p.add_argument("--tasks", required=True)
     p.add_argument("--splits", required=True)
     p.add_argument("--split", choices=["search", "test"], default="test")
@@ -324,9 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", choices=["lm_eval", "native"], default="lm_eval")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
-    p.add_argument("--ppl-source", default="lambada", help="lambada, coqa, or none")
+    p.add_argument("--ppl-source", default="lambada", help="lambada, coqa, wikitext2, text_file, jsonl_file or none")
     p.add_argument("--ppl-window", type=int, default=128)
-    p.add_argument("--ppl-max-docs", type=int, default=None)
+    p.add_argument("--ppl-max-docs", type=int, default=None, help="first N documents (default: all)")
+    p.add_argument("--ppl-path", default=None, help="the file of the text_file / jsonl_file perplexity sources")
+    p.add_argument("--ppl-text-field", default="text", help="JSONL field of the jsonl_file perplexity source")
     p.add_argument("--calibration-texts", default=None, help="texts.jsonl whose doc ids perplexity must skip")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_evaluate)

