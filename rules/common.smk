@@ -19,8 +19,10 @@ os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_DIR.paren
 
 
 def fail(message):
-    """Stop before any job starts, with one line naming the key and the fix."""
-    raise ValueError(f"config error: {message}")
+    """Stop before any job starts, with one line naming the key and the fix (an exception would add
+    Snakemake's traceback lines to it)."""
+    print(f"config error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def validate_config():
@@ -80,6 +82,42 @@ def check_config():
             fail(f"calibration.path {cal['path']!r} is empty; give it some text")
     if cal["source"] == "hub" and not cal["hub_dataset"]:
         fail("calibration.hub_dataset must be set for calibration.source hub")
+    if cal["source"] == "jsonl_file":
+        first = next((line for line in Path(cal["path"]).read_text(encoding="utf-8").splitlines() if line.strip()), "")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            fail(f"calibration.path {cal['path']!r} is not JSONL (its first line is not JSON); use source text_file")
+        if not isinstance(row, dict) or cal["text_field"] not in row:
+            fail(f"calibration.text_field {cal['text_field']!r} is not a field of {cal['path']!r}; "
+                 f"its first row has {sorted(row) if isinstance(row, dict) else type(row).__name__}")
+    # calibration text must never come from an evaluated split
+    if cal["source"] == "combination" and cal["task_source"] == "local" and config["splits"]["calibration_fraction"] == 0:
+        fail("splits.calibration_fraction is 0, so every task document is in an evaluated split and calibration.source "
+             "combination would calibrate on them; set it above 0 (default 0.1) or choose another calibration.source")
+    exported_tasks = Path("results/tasks").resolve()  # evaluate.smk's export_tasks output
+    if cal["source"] in ("text_file", "jsonl_file") and Path(cal["path"]).resolve().is_relative_to(exported_tasks):
+        fail(f"calibration.path {cal['path']!r} is an exported evaluation task file: calibration would overlap the "
+             "evaluated splits; use calibration.source combination (it draws from the held-out calibration part)")
+    # the model's own limits, wherever its config.json is readable before any job starts (local models, or
+    # an embedded/hub model already prepared under results/models/); the stages check the rest
+    ppl = config["evaluation"]["perplexity"]
+    for name, m in MODELS.items():
+        model_config = (Path(m["path"]) if m["source"] == "local" else Path("results/models") / name) / "config.json"
+        if not model_config.is_file():
+            continue
+        mc = json.loads(model_config.read_text())
+        context = mc.get("max_position_embeddings")
+        if context and cal["seq_len"] > context:
+            fail(f"calibration.seq_len {cal['seq_len']} exceeds the context of model {name} ({context} tokens); "
+                 f"set it to {context} or less")
+        if context and config["evaluation"]["enabled"] and ppl["source"] != "none" and ppl["window"] > context:
+            fail(f"evaluation.perplexity.window {ppl['window']} exceeds the context of model {name} ({context} "
+                 f"tokens); set it to {context} or less")
+        n_blocks = mc.get("num_hidden_layers")
+        if n_blocks and config["compression"]["first_block"] >= n_blocks:
+            fail(f"compression.first_block {config['compression']['first_block']} is out of range: model {name} "
+                 f"has blocks 0..{n_blocks - 1}")
 
 
 check_config()
@@ -89,7 +127,7 @@ def code_version(*modules):
     """Digest of the library modules a stage runs: Snakemake sees a rule's own code, not the modules
     it imports, so this goes into params and a change of them reruns the stage."""
     h = hashlib.sha256()
-    for m in ("__init__", "__main__", "cli", "errors", "io", "arch", *modules):
+    for m in ("__init__", "__main__", "cli", "errors", "io", "arch", "provenance", *modules):
         h.update((PACKAGE_DIR / f"{m}.py").read_bytes())
     return h.hexdigest()[:12]
 

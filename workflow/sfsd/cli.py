@@ -45,8 +45,9 @@ def cmd_calibration_texts(args: argparse.Namespace) -> None:
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     from .calibration import tokenize, tokens_digest
-    from .io import save_tensors
+    from .io import file_digest, model_digest, save_tensors
     from .models import load_tokenizer
+    from .provenance import stamp, tokenizer_digest
 
     with open(args.texts, encoding="utf-8") as f:
         docs = [json.loads(line) for line in f if line.strip()]
@@ -56,7 +57,9 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         args.out,
         tokens,
         {"digest": digest, "seq_len": args.seq_len, "tokens": int(tokens["attention_mask"].sum()),
-         "sequences": int(tokens["input_ids"].shape[0])},
+         "sequences": int(tokens["input_ids"].shape[0]),
+         **stamp(model_digest(args.model_dir), digest, {"seq_len": args.seq_len},
+                 tokenizer_digest=tokenizer_digest(args.model_dir), texts_digest=file_digest(args.texts)[:16])},
     )
     logging.info("tokenized %d texts into %d real tokens (digest %s)", len(docs),
                  int(tokens["attention_mask"].sum()), digest)
@@ -105,6 +108,7 @@ def cmd_make_plan(args: argparse.Namespace) -> None:
     from .arch import get_arch, select_linears
     from .io import model_digest, write_json
     from .plan import budget_plan, count_params, model_shapes
+    from .provenance import stamp
 
     shapes = model_shapes(args.model_dir)
     spec = get_arch(shapes.architecture)
@@ -118,6 +122,9 @@ def cmd_make_plan(args: argparse.Namespace) -> None:
         bias_compensation=args.bias_compensation,
     )
     plan["notes"]["counts"] = count_params(shapes, plan)
+    plan["notes"]["provenance"] = stamp(plan["model_digest"], None, {  # a uniform plan reads no statistics
+        "method": args.method, "params_fraction": args.params_fraction, "first_block": first,
+        "layers": _csv(args.layers), "convention": args.convention, "bias_compensation": args.bias_compensation})
     write_json(args.out, plan)
     logging.info("plan %s: %.4f of the %s parameters", args.out, plan["notes"]["params_fraction"], args.convention)
 
@@ -132,7 +139,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     spec = get_arch(architecture_of(model.config))
     plan = read_json(args.plan)
     applied = apply_cached_plan(model, spec, plan, args.factors, model_digest=model_digest(args.model_dir))
-    save_compressed(model, applied["plan"], args.out, tokenizer=tokenizer)
+    save_compressed(model, applied["plan"], args.out, tokenizer=tokenizer, factors=applied["provenance"])
     logging.info("compressed %d layers into %s", len(applied["layers"]), args.out)
 
 

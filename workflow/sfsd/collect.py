@@ -16,9 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, architecture_of, blocks_of, get_arch, groups_for, select_linears
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
 from .io import atomic_dir, load_tensors, model_digest, save_tensors, write_json
 from .models import load_model
+from .provenance import require, stamp, tokenizer_digest
 from .stats import InputMoments, check_finite
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ def collect_input_moments(
     flush_every: int = 1,
     progress: bool = True,
 ) -> list[dict[str, InputMoments]]:
-    """Moments of the inputs of `groups` in every block, over the unpadded tokens only."""
+    """Moments of the inputs of `groups` in every block, over the unpadded tokens only.
+
+    NaN/Inf inputs (float16 overflow, corrupt weights) stop the pass at the first float64 flush that
+    holds them, naming the block, the input group and the batch: a 7B run fails in seconds, not hours."""
     device = next(model.parameters()).device
     blocks = blocks_of(model, spec)
     moments: list[dict[str, InputMoments]] = [{} for _ in blocks]
@@ -73,6 +77,9 @@ def collect_input_moments(
                 current_valid[:] = [mask.reshape(-1).nonzero().squeeze(1)]
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
                 bar.update(int(mask.sum()))
+                batch = start // batch_size
+                if (batch + 1) % flush_every == 0:  # just flushed: the float64 sums are on the CPU
+                    _check_batch(moments, spec, batch, batch_size, next(model.parameters()).dtype)
     finally:
         for h in handles:
             h.remove()
@@ -81,6 +88,23 @@ def collect_input_moments(
             acc.flush()
             check_finite({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum}, f"block {b}")
     return moments
+
+
+def _check_batch(moments: list[dict[str, InputMoments]], spec: ArchSpec, batch: int, batch_size: int,
+                 dtype: torch.dtype) -> None:
+    """NumericalError naming the first block/group whose running input sum went NaN/Inf (a NaN or Inf
+    anywhere in a batch's inputs reaches the sum), with the likely cause."""
+    for b, per_block in enumerate(moments):
+        for g, acc in per_block.items():
+            if torch.isfinite(acc.xsum).all():
+                continue
+            kind = "NaN" if torch.isnan(acc.xsum).any() else "Inf"
+            cause = ("collection.dtype float16 overflowed (max 65504): collect in bfloat16 or float32"
+                     if dtype == torch.float16 else
+                     "the model's weights or the calibration tokens are corrupt (check the checkpoint)")
+            raise NumericalError(
+                f"block {b} {g} (input of {', '.join(spec.input_groups[g])}): {kind} activations in calibration "
+                f"batch {batch} (sequences {batch * batch_size}..{(batch + 1) * batch_size - 1}, longest first); {cause}")
 
 
 def run_collect(
@@ -95,6 +119,7 @@ def run_collect(
     flush_every: int = 1,
 ) -> dict:
     """Load model and tokens, collect, write block_XXX.safetensors files and manifest.json."""
+    digest = model_digest(model_dir)  # refuses a truncated checkpoint before the (long) load
     model, _ = load_model(model_dir, dtype=dtype, device=device)
     arch = architecture_of(model.config)
     spec = get_arch(arch)
@@ -103,6 +128,8 @@ def run_collect(
     if batch_size < 1:
         raise ConfigError(f"collection.batch_size must be >= 1, got {batch_size}")
     tokens, tok_meta = load_tensors(tokens_path, ["input_ids", "attention_mask"])
+    # tokens of another tokenizer would index other embeddings: silently wrong statistics
+    require(tokens_path, tok_meta, "tokenize_calibration", tokenizer_digest=tokenizer_digest(model_dir))
     seq_len = tokens["input_ids"].shape[1]
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
@@ -115,13 +142,14 @@ def run_collect(
     )
     seconds = time.perf_counter() - started
     n_tokens = int(tokens["attention_mask"].sum())
+    settings = {"layers": list(layers), "dtype": dtype, "device": device, "batch_size": batch_size,
+                "flush_every": flush_every}
     common = {
         "model": model_name,
-        "model_digest": model_digest(model_dir),
         "architecture": arch,
-        "calibration_digest": tok_meta.get("digest"),
         "tokens": n_tokens,
         "dtype": dtype,
+        **stamp(digest, tok_meta.get("digest"), settings, tokenizer_digest=tok_meta.get("tokenizer_digest")),
     }
     with atomic_dir(out_dir) as tmp:
         for b, per_block in enumerate(moments):

@@ -39,6 +39,7 @@ from .methods import (
     whitened,
 )
 from .plan import FACTOR_METHODS, Shapes, layer_key, parse_layer_key, validate_plan
+from .provenance import common_value, stamp
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,9 @@ def factors_for(
         if count <= 0:
             raise DataError(f"feature statistics of block {block} {group} hold no tokens")
         factors, used = whitened(weight, bias, xxt.to(device) / count, rank, jitter)
+        if used:
+            log.warning("block %d %s: Cholesky of the %s second moment needed jitter %.1e x mean(diag)",
+                        block, linear, group, used)
         return factors, {"jitter": used}
     raise ConfigError(f"{method!r} is not a factor method")
 
@@ -277,9 +281,11 @@ def _no_init():
     return no_init_weights()
 
 
-def save_compressed(model: nn.Module, plan: Mapping, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+def save_compressed(model: nn.Module, plan: Mapping, out_dir: str | os.PathLike, tokenizer=None,
+                    factors: Mapping | None = None) -> Path:
     """Write `out_dir` atomically: compressed.safetensors (state dict; a tied tensor once), plan.json
-    (normalised against the model), config.json, generation_config.json and the tokenizer if given."""
+    (normalised against the model), config.json, generation_config.json and the tokenizer if given.
+    `factors`: the provenance of the factor caches used (apply_cached_plan's), recorded in the metadata."""
     spec = get_arch(architecture_of(model.config))
     norm = validate_plan(plan, spec, len(blocks_of(model, spec)), linear_shapes(model, spec))
     tensors: dict[str, torch.Tensor] = {}
@@ -299,7 +305,11 @@ def save_compressed(model: nn.Module, plan: Mapping, out_dir: str | os.PathLike,
     with atomic_dir(out_dir) as tmp:
         save_tensors(Path(tmp) / WEIGHTS_FILE, tensors,
                      {"format": FORMAT, "tied": tied, "dtype": dtypes.pop(), "model": norm.get("model"),
-                      "model_digest": norm.get("model_digest")})
+                      "factors": dict(factors or {}),
+                      **stamp(norm.get("model_digest"),
+                              next((v["calibration_digest"] for v in (factors or {}).values()
+                                    if v.get("calibration_digest")), None),
+                              {"options": norm.get("options")})})
         write_json(Path(tmp) / PLAN_FILE, norm)
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -365,16 +375,20 @@ def full_rank_factors(
     group: str = "",
     block: int = -1,
     jitter: float = 1e-6,
+    report: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """The factors of one Linear at rank kappa - 1, the largest rank a plan can keep factored, as
     tensors for `save_factor_cache`: `first` (rows in rank order), `second` (columns in rank order),
     and for feature space the output `mean` (and the layer's `bias`) its rank-dependent bias needs.
-    Any rank r < kappa is then `cut_factors(cache, r)`: the same factors as computing at rank r."""
+    Any rank r < kappa is then `cut_factors(cache, r)`: the same factors as computing at rank r.
+    `report`, when given, receives what the method reports (the Cholesky jitter of whitened)."""
     kappa = max_rank(weight.shape[1], weight.shape[0])
     top = max(1, kappa - 1)
     # The feature-space bias depends on r: store factors without it and rebuild it in cut_factors.
-    factors, _ = factors_for(weight, bias, method, top, eigen=eigen, features=features, linear=linear,
-                             group=group, block=block, bias_compensation="none", jitter=jitter)
+    factors, extra = factors_for(weight, bias, method, top, eigen=eigen, features=features, linear=linear,
+                                 group=group, block=block, bias_compensation="none", jitter=jitter)
+    if report is not None:
+        report.update(extra)
     out = {"first": factors.first, "second": factors.second}
     if method == "feature":
         out["mean"] = _stat(eigen, f"{linear}.mean", block, "eigen").to(weight.dtype)
@@ -423,20 +437,31 @@ def save_factor_cache(
         raise ConfigError(f"save_factor_cache: {method!r} is not a factor method ({', '.join(FACTOR_METHODS)})")
     all_blocks = blocks_of(model, spec)
     paths = []
+    sources: list[tuple[str, dict]] = []  # (file, metadata) of the statistics read, for provenance
     for block in (range(len(all_blocks)) if blocks is None else blocks):
         eigen = _block(eigen_blocks, block, "eigen") if method == "feature" else None
         features = _block(feature_blocks, block, "feature") if method == "whitened" else None
+        stats = eigen if eigen is not None else features
+        if isinstance(stats, _BlockFile):
+            sources.append((str(stats.path), stats.metadata))
+        # every block's statistics from one calibration run (a stale block of an older run is refused)
+        calibration = common_value(sources, "calibration_digest", f"{method} statistics")
         tensors = {}
+        layers: dict[str, dict] = {}
         for linear in linears:
             layer = model.get_submodule(linear_path(spec, block, linear))
+            extra: dict = {}
             with torch.no_grad():
                 entry = full_rank_factors(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
                                           method, eigen=eigen, features=features, linear=linear,
-                                          group=spec.group_of(linear), block=block, jitter=jitter)
+                                          group=spec.group_of(linear), block=block, jitter=jitter, report=extra)
             tensors.update({f"{linear}.{k}": v for k, v in entry.items()})
+            if extra:
+                layers[linear] = extra
         path = Path(out_dir) / block_file(block)
-        save_tensors(path, tensors, {"method": method, "block": block, "linears": list(linears),
-                                     "model_digest": model_digest})
+        save_tensors(path, tensors, {"method": method, "block": block, "linears": list(linears), "layers": layers,
+                                     **stamp(model_digest, calibration,
+                                             {"method": method, "layers": list(linears), "jitter": jitter})})
         paths.append(path)
     return paths
 
@@ -455,6 +480,7 @@ def apply_cached_plan(
     norm = validate_plan(plan, spec, len(blocks), linear_shapes(model, spec), model_digest=model_digest,
                          architecture=_architecture(model))
     files: dict[tuple[str, int], _BlockFile] = {}  # the current block's files only
+    sources: dict[str, list[tuple[str, dict]]] = {}  # method -> (file, metadata) of the cache blocks used
     report = {}
     for key, entry in norm["layers"].items():
         method = entry["method"]
@@ -467,6 +493,7 @@ def apply_cached_plan(
             if any(b != block for _, b in files):
                 files.clear()
             files[(method, block)] = _BlockFile(Path(cache_dir) / method / block_file(block), model_digest)
+            sources.setdefault(method, []).append((str(files[(method, block)].path), files[(method, block)].metadata))
         f = files[(method, block)]
         cache = {k: f[f"{linear}.{k}"] for k in ("first", "second")}
         for k in ("mean", "bias"):
@@ -480,7 +507,14 @@ def apply_cached_plan(
                             for t in (factors.first, factors.second, factors.bias)))
         replace_module(model, linear_path(spec, block, linear), LowRankLinear.from_factors(factors))
         report[key] = {"method": method, "rank": entry["rank"]}
-    return {"plan": norm, "layers": report}
+    # what the compressed model is made of: one calibration run per method's cache, never a mix
+    provenance = {m: {"calibration_digest": common_value(items, "calibration_digest", f"{m} factor cache"),
+                      "code_version": items[0][1].get("code_version")} for m, items in sources.items()}
+    digests = {m: p["calibration_digest"] for m, p in provenance.items() if p["calibration_digest"] is not None}
+    if len(set(digests.values())) > 1:
+        raise DataError(f"the factor caches under {cache_dir} come from different calibration data {digests}; "
+                        "rerun factor_cache for every method")
+    return {"plan": norm, "layers": report, "provenance": provenance}
 
 
 __all__ = [

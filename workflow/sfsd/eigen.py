@@ -16,12 +16,27 @@ from .collect import load_block_moments
 from .errors import DataError, NumericalError
 from .io import checkpoint_index, model_digest, read_parameters, save_tensors
 from .models import resolve_dtype
+from .provenance import common_value, stamp
 from .stats import covariance_factor, energy_kept, output_eigen, output_mean
 
 log = logging.getLogger(__name__)
 
 # A negative eigenvalue below -tol * max E[y_i^2] is not round-off: the statistics are broken.
 NEGATIVE_TOLERANCE = 1e-5
+# |S_ij - S_ji| above tol * sqrt(S_ii S_jj) in a summed x x^T is not float32 round-off either.
+ASYMMETRY_TOLERANCE = 1e-4
+
+
+def check_symmetric(xxt: torch.Tensor, where: str) -> None:
+    """NumericalError when a second-moment matrix is not symmetric beyond round-off (eigh would read
+    one triangle and silently ignore the other)."""
+    a = xxt.double()
+    diag = a.diagonal().clamp_min(0)
+    scale = torch.sqrt(torch.outer(diag, diag)).clamp_min(float(diag.max()) * 1e-12 + 1e-300)
+    worst = float(((a - a.T).abs() / scale).max()) if a.numel() else 0.0
+    if worst > ASYMMETRY_TOLERANCE:
+        raise NumericalError(f"{where}: x x^T is not symmetric (relative asymmetry {worst:.3e} > "
+                             f"{ASYMMETRY_TOLERANCE:.0e}); the statistics are corrupt: rerun collection")
 
 
 def run_eigen(
@@ -55,8 +70,13 @@ def run_eigen(
             raise DataError(f"{features_path} holds no statistics for {group} (needed by {linear}); rerun collection")
         bias_name = spec.param_name(block, linear, "bias")
         if group not in input_stats:  # q/k/v and gate/up share one input mean, covariance and factor
+            check_symmetric(moments[group].xxt, f"{features_path} block {block} {group}")
             x_cov = moments[group].covariance()
-            input_stats[group] = (moments[group].mean(), x_cov, covariance_factor(x_cov))
+            factor = covariance_factor(x_cov)
+            if factor is None:  # widening layers then take the out x out eigh path (slower, same result)
+                log.info("block %d %s: input covariance is not positive definite (Cholesky failed); "
+                         "decomposing the output covariance directly", block, group)
+            input_stats[group] = (moments[group].mean(), x_cov, factor)
         x_mean, x_cov, x_factor = input_stats[group]
         weight = params[spec.param_name(block, linear, "weight")]
         mu = output_mean(weight, params.get(bias_name), x_mean)
@@ -89,12 +109,11 @@ def run_eigen(
         tensors,
         {
             "model": meta.get("model"),
-            "model_digest": digest,
-            "calibration_digest": meta.get("calibration_digest"),
             "architecture": meta["architecture"],
             "block": block,
             "linears": linears,
             "layers": report,
+            **stamp(digest, meta.get("calibration_digest"), {"layers": list(layers), "save_dtype": save_dtype}),
         },
     )
     return {"block": block, "eigh_seconds": eigh_seconds, "layers": report}
@@ -106,8 +125,10 @@ def summarize(paths: list) -> dict:
     from .io import load_tensors
 
     blocks = []
+    metas = []
     for path in paths:
         tensors, meta = load_tensors(path)
+        metas.append((path, meta))
         layers = {}
         for linear in meta["linears"]:
             values = tensors[f"{linear}.eigenvalues"]
@@ -121,4 +142,9 @@ def summarize(paths: list) -> dict:
                 "energy_at_rank": {str(r): round(float(energy[r - 1]), 6) for r in sample},
             }
         blocks.append({"block": meta["block"], "layers": layers})
-    return {"model": meta.get("model") if paths else None, "blocks": sorted(blocks, key=lambda b: b["block"])}
+    # one model and one calibration run across all blocks: a stale block of an older run is refused
+    model = common_value(metas, "model_digest", "eigen")
+    calibration = common_value(metas, "calibration_digest", "eigen")
+    return {"model": meta.get("model") if paths else None,
+            **stamp(model, calibration, {"blocks": len(paths)}),
+            "blocks": sorted(blocks, key=lambda b: b["block"])}

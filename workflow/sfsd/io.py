@@ -93,11 +93,37 @@ def load_tensors(path: str | os.PathLike, keys: list[str] | None = None) -> tupl
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
+    if not Path(path).exists():
+        raise DataError(f"missing file {path}; run the stage that makes it first")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     except (SafetensorError, OSError, ValueError) as err:
         raise DataError(f"{path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
+
+
+def safetensors_header(path: str | os.PathLike) -> bytes:
+    """The raw JSON header of a safetensors file, after checking that the file is exactly as long as
+    the header says: a truncated copy or download is a DataError naming the file, not a traceback
+    from deep inside a model loader. Reads only the header (cheap even for a 10 GB shard)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 2 <= header_len <= size - 8:
+                raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
+            raw = f.read(header_len)
+        header = json.loads(raw)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError:
+        raise DataError(f"missing file {path}; run the stage that makes it first") from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise DataError(f"{path} is not a valid safetensors file ({err}); delete it and make it again") from None
+    if 8 + header_len + end != size:
+        raise DataError(f"{path} is truncated or corrupt: its header describes {8 + header_len + end} bytes, the file "
+                        f"has {size}; delete it and copy, download or make it again")
+    return raw
 
 
 def checkpoint_index(model_dir: str | os.PathLike) -> dict[str, Path]:
@@ -112,8 +138,14 @@ def checkpoint_index(model_dir: str | os.PathLike) -> dict[str, Path]:
         raise DataError(
             f"{model_dir} holds no model.safetensors (or its index); save the model with safe_serialization=True"
         )
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
+    header = json.loads(safetensors_header(single))
+    return {name: single for name in header if name != "__metadata__"}
+
+
+def check_checkpoint(model_dir: str | os.PathLike) -> None:
+    """DataError unless every safetensors file of the checkpoint is present and complete."""
+    for file in sorted(set(checkpoint_index(model_dir).values())):
+        safetensors_header(file)
 
 
 def read_parameters(
@@ -148,14 +180,29 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def model_digest(model_dir: str | os.PathLike) -> str:
-    """Cheap identity of a checkpoint: its config plus every safetensors header (names, shapes, offsets)
-    and file size. Hashing the 13 GB of a 7B model on every job would cost minutes."""
+def model_digest(model_dir: str | os.PathLike, samples: int = 64, chunk: int = 1 << 16) -> str:
+    """Cheap identity of a checkpoint: its config, every safetensors header (names, shapes, offsets),
+    file size, and `samples` chunks of the weights at fixed, evenly spaced offsets (all of a small
+    file). The weight samples tell apart two checkpoints of one architecture (a base model and its
+    fine-tune share every header); hashing all 13 GB of a 7B model on every job would cost minutes."""
     model_dir = Path(model_dir)
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise DataError(f"{model_dir} is not a model folder (no config.json); fix models.<name>.path")
+    h = hashlib.sha256(config.read_bytes())
     for file in sorted(set(checkpoint_index(model_dir).values())):
+        header = safetensors_header(file)  # also refuses a truncated shard
+        size = file.stat().st_size
+        h.update(header)
+        h.update(str(size).encode())
+        start = 8 + len(header)
         with open(file, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            h.update(f.read(header_len))
-        h.update(str(file.stat().st_size).encode())
+            if size - start <= samples * chunk:
+                f.seek(start)
+                h.update(f.read())
+            else:
+                step = (size - start - chunk) // (samples - 1)
+                for i in range(samples):
+                    f.seek(start + i * step)
+                    h.update(f.read(chunk))
     return h.hexdigest()[:16]

@@ -20,7 +20,7 @@ import torch
 
 from .arch import architecture_of, get_arch
 from .errors import ConfigError, DataError
-from .io import atomic_dir, read_json
+from .io import atomic_dir, check_checkpoint, read_json
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str
     from transformers import AutoModelForCausalLM
 
     get_arch(architecture_of(model_config(model_dir)))  # unsupported architecture fails before loading
+    check_checkpoint(model_dir)  # a truncated shard is one DataError, not a loader traceback
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
     model.to(resolve_device(device)).eval()
     return model, load_tokenizer(model_dir)
