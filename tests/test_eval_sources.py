@@ -120,7 +120,7 @@ def _fake_hub(monkeypatch, order: str, calls: list | None = None):
     return hub_eval_docs
 
 
-def test_hub_splits_seeded_disjoint_stable_and_never_calibration(monkeypatch):
+def test_hub_splits_seeded_disjoint_stable_and_never_calibration(monkeypatch, caplog):
     calls = []
     fake = _fake_hub(monkeypatch, "shuffled", calls)
     tasks = ["piqa", "arc_challenge"]
@@ -145,12 +145,19 @@ def test_hub_splits_seeded_disjoint_stable_and_never_calibration(monkeypatch):
         dropped = set(a["content_excluded"][t])
         assert dropped and not dropped & positional and not dropped & evaluated
         assert len(evaluated) + len(positional) + len(dropped) == n  # nothing else is lost
+    assert a["local_overlap"]["piqa"] == 1.0 and a["local_overlap"]["arc_challenge"] == pytest.approx(30 / 70, abs=1e-4)
     # same order as shipped: the content check drops nothing and the ids are the local ones
     _fake_hub(monkeypatch, "same")
     same = eval_splits(["piqa"], source="hub", **SPLIT)
     assert same["content_excluded"]["piqa"] == []
     assert same["tasks"]["piqa"] == split_doc_ids("piqa", None, **SPLIT)
     assert eval_splits(["piqa"], source="local", **SPLIT)["tasks"] == same["tasks"]
+    # a hub copy whose text differs from the shipped one cannot be matched: said, not silently trusted
+    monkeypatch.setattr(lmeval_tasks, "hub_eval_docs", lambda tasks: {
+        t: ("validation", [dict(d, goal=d["goal"] + " (edited)") for d in lmeval_docs(t)]) for t in tasks})
+    with caplog.at_level("WARNING", logger="sfsd.evaluate"):
+        edited = eval_splits(["piqa"], source="hub", **SPLIT)
+    assert edited["local_overlap"]["piqa"] == 0.0 and "match the shipped copies" in caplog.text
     with pytest.raises(ConfigError):
         eval_splits(["piqa"], source="web", **SPLIT)
 

@@ -127,9 +127,15 @@ def local_calibration_keys(task: str, seed: int, calibration_fraction: float,
                            search_fraction: float) -> set[tuple[str, ...]]:
     """Content keys (`doc_key`) of the shipped docs of `task` in the calibration part: every document
     the `combination` calibration source can draw from the local copies."""
+    return _local_keys(task, seed, calibration_fraction, search_fraction)[1]
+
+
+def _local_keys(task: str, seed: int, calibration_fraction: float,
+                search_fraction: float) -> tuple[set[tuple[str, ...]], set[tuple[str, ...]]]:
+    """(keys of every shipped doc, keys of the calibration part)."""
     docs = lmeval_docs(task)
     cal = partition(len(docs), task, seed, calibration_fraction, search_fraction)["calibration"]
-    return {doc_key(task, docs[i]) for i in cal}
+    return {doc_key(task, d) for d in docs}, {doc_key(task, docs[i]) for i in cal}
 
 
 def eval_splits(
@@ -143,7 +149,9 @@ def eval_splits(
     """The `splits` stage's record: {source, seed, calibration_fraction, search_fraction,
     tasks: {task: {search, test}}, n_docs: {task: n}, eval_split: {task: dataset split},
     content_excluded: {task: hub ids outside the positional calibration part, dropped because their
-    content equals a local calibration document}}.
+    content equals a local calibration document}, local_overlap: {task: fraction of the hub docs found
+    among the shipped ones by content (hub only; ~1 for the shared validation sets, ~0 for ARC's test
+    split); a low value on a validation split is logged: the content check could then miss documents}}.
 
     local: positions in the shipped validation docs (`split_doc_ids`). hub: positions in lm-eval's own
     eval_docs (downloaded; `lmeval_tasks.hub_eval_docs`), partitioned by the same seeded rule, and then
@@ -157,7 +165,7 @@ def eval_splits(
         check_task(t)
     out: dict = {"source": source, "seed": seed, "calibration_fraction": calibration_fraction,
                  "search_fraction": search_fraction, "tasks": {}, "n_docs": {}, "eval_split": {},
-           "content_excluded": {}}
+           "content_excluded": {}, "local_overlap": {}}
     if source == "local":
         for t in tasks:
             n = len(load_local_docs(t))
@@ -177,9 +185,15 @@ def eval_splits(
     for t in tasks:
         split, docs = hub[t]
         excluded: list[int] = []
-        if have_local and calibration_fraction > 0:
-            keys = local_calibration_keys(t, seed, calibration_fraction, search_fraction)
-            excluded = [i for i, d in enumerate(docs) if doc_key(t, d) in keys]
+        if have_local:
+            every, keys = _local_keys(t, seed, calibration_fraction, search_fraction)
+            hub_keys = [doc_key(t, d) for d in docs]
+            excluded = [i for i, k in enumerate(hub_keys) if k in keys]
+            overlap = sum(k in every for k in hub_keys) / max(1, len(hub_keys))
+            out["local_overlap"][t] = round(overlap, 4)
+            if split == "validation" and overlap < 0.99 and calibration_fraction > 0:
+                log.warning("%s: only %.1f%% of the hub's validation docs match the shipped copies by content; "
+                            "documents edited between the copies escape the calibration check", t, 100 * overlap)
         cal = set(partition(len(docs), t, seed, calibration_fraction, search_fraction)["calibration"])
         moved = [i for i in excluded if i not in cal]
         if moved:
