@@ -204,8 +204,65 @@ def evaluated_variants():
     return variants
 
 
+def figure_searches():
+    """Search names `{method}-{mode}-{target}` whose outputs the figures read; [] without a `search` config.
+    The search stage's own `search_names()` (when defined) is the authority; otherwise the names are
+    derived from config["search"]: methods x modes x targets (targets per mode, or the evaluation tasks
+    for accuracy and the perplexity source for perplexity)."""
+    if "search" not in config:
+        return []
+    if callable(globals().get("search_names")):
+        return list(search_names())
+    s = config["search"]
+    defaults = {"accuracy": s.get("tasks", config["evaluation"]["tasks"]),
+                "perplexity": [s.get("ppl_source", config["evaluation"]["perplexity"]["source"])]}
+    return [f"{method}-{mode}-{target}" for method in s.get("methods", ["feature"])
+            for mode in s.get("modes", ["accuracy"])
+            for target in (s.get("targets") or {}).get(mode, defaults.get(mode, []))]
+
+
+def figures_targets():
+    """Figures (and the methods table) of every model: spectra always, search curves per search mode and
+    layer-budget heat maps per (method, mode) once searches are configured."""
+    fig = config["figures"]
+    if not fig["enabled"]:
+        return []
+    targets = expand("results/figures/{model}/spectra.{ext}", model=MODELS, ext=("png", "svg"))
+    if config["evaluation"]["enabled"]:
+        targets += expand("results/tables/{model}/methods.{ext}", model=MODELS, ext=("md", "csv"))
+    searches = [s.split("-", 2) for s in figure_searches()]
+    modes = sorted({mode for _, mode, _ in searches})
+    pairs = sorted({f"{method}-{mode}" for method, mode, _ in searches})
+    targets += expand("results/figures/{model}/search_{mode}.{ext}", model=MODELS, mode=modes, ext=("png", "svg"))
+    targets += expand("results/figures/{model}/layer_budgets_{pair}.{ext}", model=MODELS, pair=pairs,
+                      ext=("png", "svg"))
+    return targets
+
+
+def spectra_block_files(wildcards):
+    """Eigen files of the blocks shown in the spectra figure (figures.spectra_blocks; negative indices count
+    from the last block; null = four blocks spread over the depth)."""
+    n = len(blocks_of_model(wildcards.model))
+    chosen = config["figures"]["spectra_blocks"]
+    if chosen is None:
+        blocks = sorted({round(i * (n - 1) / 3) for i in range(4)})
+    else:
+        bad = [b for b in chosen if not -n <= b < n]
+        if bad:
+            fail(f"figures.spectra_blocks: block(s) {bad} out of range; model {wildcards.model} has blocks 0..{n - 1}")
+        blocks = sorted({b % n for b in chosen})
+    return [f"results/{wildcards.model}/eigen/block_{b:03d}.safetensors" for b in blocks]
+
+
+def searches_of(mode=None, method=None):
+    """Search names of the figures (see figure_searches in rules/common.smk), filtered by mode/method."""
+    return [s for s in figure_searches() if (mode is None or s.split("-", 2)[1] == mode)
+            and (method is None or s.split("-", 2)[0] == method)]
+
+
 def all_targets():
     targets = [f"results/{m}/eigen/summary.json" for m in MODELS] + compression_targets()
     if config["evaluation"]["enabled"]:
         targets += expand("results/tables/{model}/table1.md", model=MODELS)
+    targets += figures_targets()
     return targets

@@ -143,9 +143,11 @@ def test_eigen_setting_reruns_eigen_only(finished_run):
     snakefile, workdir, config = finished_run
     changed = {**config, "eigen": {"save_dtype": "float64"}}
     jobs = planned_jobs(snakemake(snakefile, workdir, changed, "--dry-run"))
-    # and what is made from the eigenvectors: factor caches and compressed models, never plans
+    # and what is made from the eigenvectors: factor caches and compressed models, never plans; the
+    # spectra and the tables/figures made from the new results
     assert jobs == {"eigendecompose": 2, "eigen_summary": 1, "factor_cache": 3, "compress_model": 3,
-                    "evaluate_model": 3, "combine_results": 1, "paper_table": 1, "all": 1}
+                    "evaluate_model": 3, "combine_results": 1, "paper_table": 1, "spectra": 1,
+                    "figure_spectra": 1, "methods_table": 1, "all": 1}
 
 
 def test_calibration_setting_reruns_collection(finished_run):

@@ -231,6 +231,51 @@ def cmd_paper_table(args: argparse.Namespace) -> None:
     paper_table(args.results, args.metric, args.out_md, args.out_csv)
 
 
+def _search_inputs(paths: list[str], reader) -> dict:
+    """{search name: content} of search outputs given as results/<model>/search/<search>/<file> paths."""
+    return {Path(p).parent.name: reader(p) for p in paths}
+
+
+def cmd_spectra(args: argparse.Namespace) -> None:
+    from .figures import spectra_rows, write_spectra
+
+    rows = spectra_rows(args.eigen, args.model_dir, args.points)
+    write_spectra(rows, args.out)
+    logging.info("spectra of %d blocks: %d rows", len(args.eigen), len(rows))
+
+
+def cmd_figure_spectra(args: argparse.Namespace) -> None:
+    from .figures import plot_spectra, read_parquet_rows
+
+    plot_spectra(read_parquet_rows(args.spectra, "spectra"), args.out_png, args.out_svg, title=args.title, dpi=args.dpi)
+
+
+def cmd_figure_search_curves(args: argparse.Namespace) -> None:
+    from .figures import plot_search_curves, read_curve, read_parquet_rows
+
+    results = read_parquet_rows(args.results, "combined results") if args.results else None
+    panels = plot_search_curves(_search_inputs(args.curves, read_curve), args.out_png, args.out_svg,
+                                tasks=_csv(args.tasks), metric=args.metric, results=results, title=args.title,
+                                dpi=args.dpi)
+    logging.info("search curves: %d panels from %d searches", len(panels), len(args.curves))
+
+
+def cmd_figure_layer_budgets(args: argparse.Namespace) -> None:
+    from .figures import plot_layer_budgets, read_search_log
+
+    plot_layer_budgets(_search_inputs(args.logs, read_search_log), args.out_png, args.out_svg, title=args.title,
+                       dpi=args.dpi, annotate=args.annotate)
+
+
+def cmd_methods_table(args: argparse.Namespace) -> None:
+    from .figures import methods_table
+
+    methods_table(args.results, args.metric, args.out_md, args.out_csv)
+
+
+# ---------------------------------------------------------------- LASER study (sfsd.laser_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfsd", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -365,6 +410,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=cmd_eigen_summary)
+
+    # figures and tables from cached results (no model, no GPU; `spectra` reads a few weights on the CPU)
+    p = sub.add_parser("spectra", help="energy kept vs rank, feature space and weight space, of some eigen blocks")
+    p.add_argument("--model-dir", required=True, help="the dense model (weights for the singular values of W)")
+    p.add_argument("--points", type=int, default=200, help="ranks sampled per curve")
+    p.add_argument("--out", required=True, help="spectra.parquet")
+    p.add_argument("eigen", nargs="+", help="results/<model>/eigen/block_NNN.safetensors files")
+    p.set_defaults(func=cmd_spectra)
+
+    def figure_parser(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--out-png", required=True)
+        p.add_argument("--out-svg", required=True)
+        p.add_argument("--dpi", type=int, default=150, help="PNG resolution")
+        p.add_argument("--title", default="")
+        p.set_defaults(func=func)
+        return p
+
+    p = figure_parser("figure-spectra", cmd_figure_spectra, "feature- vs weight-space spectra (PNG + SVG)")
+    p.add_argument("--spectra", required=True, help="spectra.parquet of the spectra subcommand")
+    p = figure_parser("figure-search-curves", cmd_figure_search_curves,
+                      "test metric against parameters along surgical searches (PNG + SVG)")
+    p.add_argument("--tasks", default="", help="task panels, in order (then 'average' and perplexity sources)")
+    p.add_argument("--metric", default="acc_norm", help="accuracy metric of the task panels")
+    p.add_argument("--results", default=None, help="results.parquet: uniform-budget models as points")
+    p.add_argument("curves", nargs="+", help="search/<search>/curve.parquet files (the folder names the search)")
+    p = figure_parser("figure-layer-budgets", cmd_figure_layer_budgets,
+                      "final parameter budget per layer after surgical searches, heat map (PNG + SVG)")
+    p.add_argument("--annotate", action="store_true", help="write the %% into every cell")
+    p.add_argument("logs", nargs="+", help="search/<search>/log.jsonl files (the folder names the search)")
+
+    p = sub.add_parser("methods-table", help="methods x budgets (params, average metric, ppl) as Markdown and CSV")
+    p.add_argument("--results", required=True)
+    p.add_argument("--metric", default="acc_norm")
+    p.add_argument("--out-md", required=True)
+    p.add_argument("--out-csv", required=True)
+    p.set_defaults(func=cmd_methods_table)
+
+    # LASER study: grid, one point, choice on the search split, combined results, figure, table
     return parser
 
 
