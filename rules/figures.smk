@@ -50,7 +50,8 @@ rule figure_spectra:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m sfsd --threads {threads} figure-spectra --spectra {input.spectra:q} --title {wildcards.model:q} "
+        "python -m sfsd --threads {threads} figure-spectra --spectra {input.spectra:q} "
+        "--title '{wildcards.model}: energy kept against rank, feature space vs weight space' "
         "--dpi {params.dpi} --out-png {output.png:q} --out-svg {output.svg:q} > {log:q} 2>&1"
 
 
