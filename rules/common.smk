@@ -205,20 +205,9 @@ def evaluated_variants():
 
 
 def figure_searches():
-    """Search names `{method}-{mode}-{target}` whose outputs the figures read; [] without a `search` config.
-    The search stage's own `search_names()` (when defined) is the authority; otherwise the names are
-    derived from config["search"]: methods x modes x targets (targets per mode, or the evaluation tasks
-    for accuracy and the perplexity source for perplexity)."""
-    if "search" not in config:
-        return []
-    if callable(globals().get("search_names")):
-        return list(search_names())
-    s = config["search"]
-    defaults = {"accuracy": s.get("tasks", config["evaluation"]["tasks"]),
-                "perplexity": [s.get("ppl_source", config["evaluation"]["perplexity"]["source"])]}
-    return [f"{method}-{mode}-{target}" for method in s.get("methods", ["feature"])
-            for mode in s.get("modes", ["accuracy"])
-            for target in (s.get("targets") or {}).get(mode, defaults.get(mode, []))]
+    """Search names `{method}-{mode}-{target}` whose outputs the figures read (the search stage's
+    search_names()); [] while the config has no search section."""
+    return list(search_names()) if "search" in config else []
 
 
 def figures_targets():
