@@ -379,3 +379,32 @@ def test_report_builds(figure_run):
     snakemake(snakefile, workdir, config, "--report", "report.html")
     html = (workdir / "report.html").read_text(errors="replace")
     assert "Figures" in html and "spectra.png" in html and "methods.md" in html
+
+
+@workflow_test
+def test_search_figure_rules_in_the_workflow(figure_run, tmp_path):
+    """The search-figure rules of the real Snakefile, from search outputs alone: synthetic outputs in the
+    search's format stand in for a finished search, and --allowed-rules keeps the search rule itself out
+    (as on a machine that holds only copied results)."""
+    snakefile, workdir, config = figure_run
+    names = ["feature-accuracy-arc_easy", "weight-accuracy-arc_easy"]
+    for i, name in enumerate(names):
+        write_search(workdir / "results" / "tiny" / "search", name, seed=i)
+    searched = {**config, "search": {"enabled": True, "methods": ["feature", "weight"], "modes": ["accuracy"],
+                                     "targets": {"accuracy": ["arc_easy"]}}}
+    stems = ["search_accuracy", "layer_budgets_feature-accuracy", "layer_budgets_weight-accuracy"]
+    targets = [f"results/figures/tiny/{s}.png" for s in stems]
+    only = ["--allowed-rules", "figure_search_curves", "figure_layer_budgets"]
+    proc = snakemake(snakefile, workdir, searched, "--dry-run", *targets, *only)
+    assert planned_jobs(proc) == {"figure_search_curves": 1, "figure_layer_budgets": 2}
+    snakemake(snakefile, workdir, searched, *targets, *only)
+    figs = workdir / "results" / "figures" / "tiny"
+    for stem in stems:
+        assert_images(figs / f"{stem}.png", figs / f"{stem}.svg")
+    # the figure rules list exactly these targets for this search config
+    assert planned_jobs(snakemake(snakefile, workdir, searched, "--dry-run", *targets, *only)) == {}
+    # a changed search log remakes its heat map only
+    write_search(tmp_path, names[0], seed=7)
+    shutil.copy(tmp_path / names[0] / "log.jsonl", workdir / "results" / "tiny" / "search" / names[0] / "log.jsonl")
+    assert planned_jobs(snakemake(snakefile, workdir, searched, "--dry-run", *targets, *only)) == {
+        "figure_layer_budgets": 1}
