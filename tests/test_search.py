@@ -55,6 +55,7 @@ def test_search_order_is_reverse_with_the_paper_order_inside_a_block():
     assert order[:7] == [(2, n) for n in ("down_proj", "up_proj", "gate_proj", "o_proj", "v_proj", "k_proj", "q_proj")]
     assert order[-1] == (1, "q_proj") and len(order) == 14
     assert search_order(LLAMA, 3, ["q_proj", "down_proj"], 0, 0) == [(0, "down_proj"), (0, "q_proj")]
+    assert search_order(LLAMA, 3, LINEARS, first_block=-2) == order  # the top two blocks
     with pytest.raises(ConfigError, match="out of range"):
         search_order(LLAMA, 3, LINEARS, first_block=3)
     with pytest.raises(ConfigError, match="lacks"):

@@ -72,8 +72,11 @@ def candidate_ranks(kappa: int, fractions: Sequence[float] = FRACTIONS) -> list[
 def search_order(spec: ArchSpec, n_blocks: int, linears: Iterable[str], first_block: int,
                  last_block: int | None = None, order: Sequence[str] = ORDER) -> list[tuple[int, str]]:
     """(block, linear) in search order: blocks from last_block (default: the top) down to first_block,
-    inside a block the linears in `order` (those of `linears` only)."""
+    inside a block the linears in `order` (those of `linears` only). A negative first_block counts from
+    the end (-2 = the top two blocks), so one setting fits models of any depth."""
     linears = set(linears)
+    if first_block < 0:
+        first_block = max(0, n_blocks + first_block)
     unknown = [n for n in order if n not in spec.linears]
     if unknown:
         raise ConfigError(f"search.order names {unknown}, not Linear layers of this model; use {', '.join(spec.linears)}")

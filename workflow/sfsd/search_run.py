@@ -84,8 +84,9 @@ def run_search(
     out_dir: str,
     settings: SearchSettings,
     layers: Sequence[str],
-    tasks_dir: str,
+    tasks_dir: str | None,
     splits_file: str,
+    task_source: str = "local",
     tasks: Sequence[str],
     search_limit: int | None,
     curve_limit: int | None,
@@ -99,10 +100,12 @@ def run_search(
     cache: bool = True,
     cache_max_mb: float = 4096,
     progress: bool = True,
+    with_curve: bool = True,
 ) -> dict:
     """Run the search of `settings` and write its outputs into `out_dir` (atomically); return the summary."""
     from .evaluate import build_requests, encode_requests, lmeval_max_length, score_multiple_choice, \
         summarize_scores
+    from .lmeval_tasks import source_by_name
     from .models import load_model
     from .perplexity import perplexity, perplexity_texts
     from .plan import model_shapes
@@ -113,6 +116,7 @@ def run_search(
     linears = select_linears(spec, list(layers))
     digest = model_digest(model_dir)
     max_length = lmeval_max_length(model, tokenizer)
+    source = source_by_name(task_source, tasks_dir)
 
     ppl_docs: tuple[list, list] | None = None
     if settings.mode == "perplexity":
@@ -131,13 +135,13 @@ def run_search(
             raise ConfigError(f"search target {settings.target!r} is not one of evaluation.tasks {list(tasks)} nor "
                               f"{AVERAGE!r}")
         ids = _split_ids(splits_file, target_tasks, "search", search_limit)
-        enc = encode_requests(tokenizer, build_requests(tasks_dir, target_tasks, ids, ["search"]), max_length)
+        enc = encode_requests(tokenizer, build_requests(source, target_tasks, ids, ["search"]), max_length)
         objective = AccuracyObjective(tokenizer, enc, settings.metric, settings.delta, batch_size)
         inputs = ids
     settings = SearchSettings(**{**asdict(settings), "inputs": _digest([digest, inputs, search_limit])})
 
     test_ids = _split_ids(splits_file, list(tasks), "test", curve_limit)
-    test_enc = encode_requests(tokenizer, build_requests(tasks_dir, list(tasks), test_ids, ["test"]), max_length)
+    test_enc = encode_requests(tokenizer, build_requests(source, list(tasks), test_ids, ["test"]), max_length)
 
     def curve(m: torch.nn.Module) -> list[dict]:
         rows = summarize_scores(score_multiple_choice(m, tokenizer, test_enc, batch_size))
@@ -150,7 +154,7 @@ def run_search(
     state = state_path(out_dir)
     result = surgical_search(
         model, spec, shapes, linears, FactorCache(factors_dir, settings.method, digest), objective, settings, state,
-        curve=curve, curve_every=curve_every, cache=cache, cache_max_bytes=cache_max_mb * 2**20,
+        curve=curve if with_curve else None, curve_every=curve_every, cache=cache, cache_max_bytes=cache_max_mb * 2**20,
         header={"model": model_name, "model_digest": digest, "architecture": architecture_of(model.config)},
         progress=progress)
     name = Path(out_dir).name
@@ -172,29 +176,33 @@ def _digest(obj) -> str:
 
 
 def _write_outputs(out_dir, result, summary: dict, model_name: str, name: str, settings: SearchSettings) -> None:
+    """Each file atomically, summary.json last (Snakemake deletes all outputs of a job that fails)."""
+    import shutil
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with atomic_dir(out_dir) as tmp:
-        tmp = Path(tmp)
-        write_json(tmp / "plan.json", result.plan)
-        with open(tmp / "log.jsonl", "w", encoding="utf-8") as f:
-            for r in result.layers:
-                f.write(json.dumps(r) + "\n")
-        curve = [{"model": model_name, "method": settings.method, "search": name, "mode": settings.mode,
-                  "target": settings.target, **r} for r in result.curve]
-        columns = ["model", "method", "search", "mode", "target", "layers_done", "block", "params_model",
-                   "params_model_fraction", "params_decoder_linear", "params_decoder_linear_fraction",
-                   "task", "split", "metric", "value", "n"]
-        types = {"layers_done": pa.int64(), "block": pa.int64(), "params_model": pa.int64(),
-                 "params_decoder_linear": pa.int64(), "n": pa.int64(), "value": pa.float64(),
-                 "params_model_fraction": pa.float64(), "params_decoder_linear_fraction": pa.float64()}
-        schema = pa.schema([(c, types.get(c, pa.string())) for c in columns])
-        table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in curve], schema=schema)
-        pq.write_table(table, tmp / "curve.parquet")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "plan.json", result.plan)
+    with atomic_path(out / "log.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in result.layers:
+            f.write(json.dumps(r) + "\n")
+    curve = [{"model": model_name, "method": settings.method, "search": name, "mode": settings.mode,
+              "target": settings.target, **r} for r in result.curve]
+    columns = ["model", "method", "search", "mode", "target", "layers_done", "block", "params_model",
+               "params_model_fraction", "params_decoder_linear", "params_decoder_linear_fraction",
+               "task", "split", "metric", "value", "n"]
+    types = {"layers_done": pa.int64(), "block": pa.int64(), "params_model": pa.int64(),
+             "params_decoder_linear": pa.int64(), "n": pa.int64(), "value": pa.float64(),
+             "params_model_fraction": pa.float64(), "params_decoder_linear_fraction": pa.float64()}
+    schema = pa.schema([(c, types.get(c, pa.string())) for c in columns])
+    with atomic_path(out / "curve.parquet") as tmp:
+        pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in curve], schema=schema), tmp)
+    with atomic_dir(out / "checkpoints") as tmp:
         for label, plan in result.checkpoints.items():
-            write_json(tmp / "checkpoints" / f"{label}.json", plan)
-        write_json(tmp / "summary.json", summary)
+            write_json(Path(tmp) / f"{label}.json", plan)
+    write_json(out / "summary.json", summary)
 
 
 __all__ = ["AVERAGE", "FactorCache", "run_search", "state_path"]
