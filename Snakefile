@@ -19,6 +19,7 @@ include: "rules/compress.smk"
 include: "rules/evaluate_common.smk"
 include: "rules/evaluate.smk"
 include: "rules/figures.smk"
+include: "rules/laser.smk"
 
 
 rule all:

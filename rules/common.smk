@@ -249,9 +249,21 @@ def searches_of(mode=None, method=None):
             and (method is None or s.split("-", 2)[0] == method)]
 
 
+def laser_targets():
+    """The LASER study's sweep figure and best-point table of each of its models (rules/laser.smk)."""
+    laser = config["laser"]
+    if not laser["enabled"]:
+        return []
+    models = laser["models"] if laser["models"] is not None else list(MODELS)
+    return expand("results/figures/{model}/laser_sweep.{ext}", model=models, ext=("png", "svg")) + expand(
+        "results/tables/{model}/laser_best.{ext}", model=models, ext=("md", "csv")
+    )
+
+
 def all_targets():
     targets = [f"results/{m}/eigen/summary.json" for m in MODELS] + compression_targets()
     if config["evaluation"]["enabled"]:
         targets += expand("results/tables/{model}/table1.md", model=MODELS)
     targets += figures_targets()
+    targets += laser_targets()
     return targets

@@ -276,6 +276,68 @@ def cmd_methods_table(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- LASER study (sfsd.laser_study)
 
 
+def cmd_laser_grid(args: argparse.Namespace) -> None:
+    from .arch import get_arch
+    from .io import write_json
+    from .laser_study import build_grid
+    from .plan import model_shapes
+
+    settings = json.loads(args.settings)
+    shapes = model_shapes(args.model_dir)
+    grid = build_grid(get_arch(shapes.architecture), shapes, **settings)
+    write_json(args.out, {**grid, "settings": settings})
+    logging.info("LASER grid: %d points (%d skipped)", len(grid["points"]), len(grid["skipped"]))
+
+
+def cmd_laser_point(args: argparse.Namespace) -> None:
+    from .evaluate import build_requests, encode_requests, lmeval_max_length, source_by_name, write_rows
+    from .io import model_digest, read_json
+    from .laser_study import GridPoint, run_point, split_ids
+    from .models import load_model
+
+    point = GridPoint.parse(args.intervention, args.lname, args.lnum, args.rate)
+    record = read_json(args.splits)
+    if record.get("source", "local") != args.task_source:
+        raise ConfigError(f"{args.splits} was drawn for evaluation.source {record.get('source', 'local')!r}, not "
+                          f"{args.task_source!r}; rerun the eval_splits rule")
+    ids = split_ids(record, args.task, args.split, args.limit, args.splits)
+    model, tokenizer = load_model(args.model_dir, device=args.device)
+    requests = build_requests(source_by_name(args.task_source, args.tasks_dir), [args.task], ids,
+                              n_docs=record.get("n_docs"))
+    enc = encode_requests(tokenizer, requests, lmeval_max_length(model, tokenizer))
+    rows, items, common = run_point(model, tokenizer, point, enc, model_name=args.model_name,
+                                    batch_size=args.batch_size, bandwidth=args.vendi_bandwidth,
+                                    exact=args.vendi_exact, limit=args.limit,
+                                    model_digest=model_digest(args.model_dir))
+    write_rows(args.out_items, items, common)
+    write_rows(args.out_scores, rows, common)
+
+
+def cmd_laser_choose(args: argparse.Namespace) -> None:
+    from .laser_study import choose_file
+
+    choose_file(args.inputs, args.task, args.metric, args.out)
+
+
+def cmd_laser_results(args: argparse.Namespace) -> None:
+    from .laser_study import combine_study
+
+    n_rows, n_items = combine_study(args.scores, args.items, args.chosen, args.out_results, args.out_items)
+    logging.info("LASER results: %d rows, %d item records", n_rows, n_items)
+
+
+def cmd_laser_figure(args: argparse.Namespace) -> None:
+    from .laser_study import sweep_figure
+
+    sweep_figure(args.results, args.metric, args.out_png, args.out_svg)
+
+
+def cmd_laser_table(args: argparse.Namespace) -> None:
+    from .laser_study import best_table
+
+    best_table(args.results, args.metric, args.out_md, args.out_csv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfsd", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -449,6 +511,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods_table)
 
     # LASER study: grid, one point, choice on the search split, combined results, figure, table
+    p = sub.add_parser("laser-grid", help="the points of a LASER sweep for one model (JSON)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--settings", required=True,
+                   help="JSON {lnums, lnames, rates, interventions, full_grid} (sfsd.laser_study.build_grid)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_laser_grid)
+
+    p = sub.add_parser("laser-point", help="one LASER/Vendi intervention scored on one split (rows + per-item)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--task-source", choices=["local", "hub"], default="local",
+                   help="evaluation.source: exported local tasks or lm-eval's hub tasks")
+    p.add_argument("--tasks-dir", default=None, help="export-tasks folder (task source local)")
+    p.add_argument("--splits", required=True, help="splits.json of the splits subcommand")
+    p.add_argument("--task", required=True)
+    p.add_argument("--split", choices=["search", "test"], required=True)
+    p.add_argument("--intervention", required=True, help="none (with lname dont), laser, vendi, vendi-quality, ...")
+    p.add_argument("--lname", required=True, help="LASER layer type: fc_in, fc_up, fc_out, q_proj, ..., dont")
+    p.add_argument("--lnum", required=True, help="block number, or all / -1 for every block")
+    p.add_argument("--rate", required=True, help="rho = 1 - 0.1 rate, rate in [0, 10]")
+    p.add_argument("--limit", type=int, default=None, help="first N docs of the split")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--vendi-bandwidth", type=float, default=None, help="RBF bandwidth (default: median distance)")
+    p.add_argument("--vendi-exact", action="store_true", help="greedy on the exact order-1 Vendi score (small matrices)")
+    p.add_argument("--out-scores", required=True)
+    p.add_argument("--out-items", required=True)
+    p.set_defaults(func=cmd_laser_point)
+
+    p = sub.add_parser("laser-choose", help="the best LASER point of one task on the search split (JSON)")
+    p.add_argument("--task", required=True)
+    p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc")
+    p.add_argument("--out", required=True)
+    p.add_argument("inputs", nargs="+", help="search-split scores.parquet of every point")
+    p.set_defaults(func=cmd_laser_choose)
+
+    p = sub.add_parser("laser-results", help="all LASER points in one results Parquet, chosen points flagged")
+    p.add_argument("--scores", nargs="+", required=True)
+    p.add_argument("--items", nargs="+", required=True, help="items.parquet of the reported points")
+    p.add_argument("--chosen", nargs="+", required=True, help="chosen JSON of every task")
+    p.add_argument("--out-results", required=True)
+    p.add_argument("--out-items", required=True)
+    p.set_defaults(func=cmd_laser_results)
+
+    p = sub.add_parser("laser-figure", help="accuracy change against rate, per layer type (PNG + SVG)")
+    p.add_argument("--results", required=True)
+    p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc")
+    p.add_argument("--out-png", required=True)
+    p.add_argument("--out-svg", required=True)
+    p.set_defaults(func=cmd_laser_figure)
+
+    p = sub.add_parser("laser-table", help="best LASER intervention per task, validation and test (MD + CSV)")
+    p.add_argument("--results", required=True)
+    p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc")
+    p.add_argument("--out-md", required=True)
+    p.add_argument("--out-csv", required=True)
+    p.set_defaults(func=cmd_laser_table)
     return parser
 
 
