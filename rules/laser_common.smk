@@ -33,6 +33,15 @@ def check_laser_config():
             fail(str(err))
     if not LASER["full_grid"] and not (set(LASER["lnames"]) - {"dont"}):
         fail("laser.lnames lists only dont (the baseline); add a layer type such as fc_in, or set laser.full_grid")
+    # layer numbers against the model's depth wherever its config.json is readable before any job starts
+    # (local models, or a prepared one); otherwise the laser_grid job checks them
+    for name in [] if LASER["full_grid"] else laser_models():
+        m = MODELS[name]
+        model_config = (Path(m["path"]) if m["source"] == "local" else Path("results/models") / name) / "config.json"
+        n_blocks = json.loads(model_config.read_text()).get("num_hidden_layers") if model_config.is_file() else None
+        bad = [n for n in LASER["lnums"] if n_blocks and n >= n_blocks]
+        if bad:
+            fail(f"laser.lnums {bad} out of range: model {name} has blocks 0..{n_blocks - 1} (-1 = every block)")
 
 
 check_laser_config()

@@ -187,3 +187,21 @@ def test_sweep_extended_by_one_rate_reruns_only_new_points(tmp_path, tiny_llama)
     table = (workdir / "results" / "tables" / "tiny" / "laser_best.md").read_text()
     assert "| arc_easy | laser |" in table and "val_acc" in table and "test_acc" in table
     assert (workdir / "results" / "figures" / "tiny" / "laser_sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("laser, message", [
+    ({"tasks": ["piqa"]}, "config error: laser.tasks ['piqa'] are not in evaluation.tasks"),
+    ({"lnums": [2]}, "config error: laser.lnums [2] out of range: model tiny has blocks 0..1"),
+    ({"rates": [11]}, "config error: laser.rates.0: 11 is greater than the maximum of 10"),
+])
+def test_bad_laser_config_fails_before_any_job(tmp_path, tiny_llama, laser, message):
+    from test_workflow import copy_workflow, snakemake
+
+    (tmp_path / "repo").mkdir()
+    snakefile = copy_workflow(tmp_path / "repo")
+    config = {"models": {"tiny": {"source": "local", "path": str(tiny_llama)}}, "device": "cpu",
+              "compression": {"first_block": 0}, "evaluation": {"tasks": ["arc_easy"]},
+              "laser": {"enabled": True, "lnums": [1], "lnames": ["fc_in"], "rates": [5], **laser}}
+    proc = snakemake(snakefile, tmp_path, config, "--dry-run", check=False)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
