@@ -18,6 +18,7 @@ include: "rules/eigen.smk"
 include: "rules/compress.smk"
 include: "rules/evaluate_common.smk"
 include: "rules/evaluate.smk"
+include: "rules/search.smk"
 include: "rules/figures.smk"
 include: "rules/laser.smk"
 

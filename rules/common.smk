@@ -45,7 +45,9 @@ wildcard_constraints:
     block=r"\d{3}",
     method="feature|weight|whitened",
     budget="|".join(sorted(config["compression"]["budgets"])) or "(?!)",
-    variant=r"base|(feature|weight|whitened)-\w+",
+    variant=r"base|(feature|weight|whitened)-\w+|search-(feature|weight|whitened)-(accuracy|perplexity)-\w+",
+    mode="accuracy|perplexity",
+    target=r"\w+",
 
 
 def check_config():
@@ -196,12 +198,61 @@ def compressed_input(wildcards):
 
 
 def evaluated_variants():
-    """`base` and, when evaluation.compressed is on, every <method>-<budget> compressed model."""
+    """`base` and, when evaluation.compressed is on, every <method>-<budget> compressed model and every
+    searched model (search-<method>-<mode>-<target>, when search.evaluate is on)."""
     comp = config["compression"]
     variants = ["base"]
     if config["evaluation"]["compressed"]:
         variants += [f"{m}-{b}" for m in comp["methods"] for b in comp["budgets"]]
+        if config["search"]["enabled"] and config["search"]["evaluate"]:
+            variants += [f"search-{s}" for s in search_names()]
     return variants
+
+
+def variant_method(variant):
+    """The decomposition method of an evaluated variant (the results' `method` column)."""
+    parts = variant.split("-")
+    return parts[1] if parts[0] == "search" else parts[0]
+
+
+def search_names():
+    """`{method}-{mode}-{target}` of every configured search (methods x modes x that mode's targets)."""
+    s = config["search"]
+    if not s["enabled"]:
+        return []
+    return [f"{method}-{mode}-{target}" for method in s["methods"] for mode in s["modes"]
+            for target in s["targets"][mode]]
+
+
+def search_args(wildcards):
+    """The search settings as CLI options; `search.full` switches to the paper's full settings."""
+    s = config["search"]
+    full = s["full"]
+    first_block = config["compression"]["first_block"] if full else s["first_block"]
+    args = [
+        f"--metric {s['metric']}", f"--delta {s['delta']}", f"--eps {s['eps']}", f"--order {','.join(s['order'])}",
+        f"--fractions {','.join(str(f) for f in s['fractions'])}", f"--first-block {first_block}",
+        f"--strategy {s['strategy']}", f"--convention {config['compression']['convention']}",
+        f"--bias-compensation {config['compression']['bias_compensation']}",
+        f"--checkpoints {','.join(str(c) for c in s['checkpoints']) or 'none'}",
+        f"--curve-every {s['curve_every']}", f"--cache-max-mb {s['cache_max_mb']}", f"--batch-size {s['batch_size']}",
+    ]
+    if s["last_block"] is not None and not full:
+        args.append(f"--last-block {s['last_block']}")
+    if s["stop_at"] is not None:
+        args.append(f"--stop-at {s['stop_at']}")
+    if s["search_limit"] is not None and not full:
+        args.append(f"--search-limit {s['search_limit']}")
+    if s["curve_limit"] is not None and not full:
+        args.append(f"--curve-limit {s['curve_limit']}")
+    if not s["cache"]:
+        args.append("--no-cache")
+    return " ".join(args)
+
+
+def search_targets():
+    """Every configured search's output folder (and, via evaluated_variants, its evaluation)."""
+    return expand("results/{model}/search/{search}/summary.json", model=MODELS, search=search_names())
 
 
 def figure_searches():
@@ -228,6 +279,17 @@ def figures_targets():
     return targets
 
 
+def laser_targets():
+    """The LASER study's sweep figure and best-point table of each of its models (rules/laser.smk)."""
+    laser = config["laser"]
+    if not laser["enabled"]:
+        return []
+    models = laser["models"] if laser["models"] is not None else list(MODELS)
+    return expand("results/figures/{model}/laser_sweep.{ext}", model=models, ext=("png", "svg")) + expand(
+        "results/tables/{model}/laser_best.{ext}", model=models, ext=("md", "csv")
+    )
+
+
 def spectra_block_files(wildcards):
     """Eigen files of the blocks shown in the spectra figure (figures.spectra_blocks; negative indices count
     from the last block; null = four blocks spread over the depth)."""
@@ -249,21 +311,11 @@ def searches_of(mode=None, method=None):
             and (method is None or s.split("-", 2)[0] == method)]
 
 
-def laser_targets():
-    """The LASER study's sweep figure and best-point table of each of its models (rules/laser.smk)."""
-    laser = config["laser"]
-    if not laser["enabled"]:
-        return []
-    models = laser["models"] if laser["models"] is not None else list(MODELS)
-    return expand("results/figures/{model}/laser_sweep.{ext}", model=models, ext=("png", "svg")) + expand(
-        "results/tables/{model}/laser_best.{ext}", model=models, ext=("md", "csv")
-    )
-
-
 def all_targets():
     targets = [f"results/{m}/eigen/summary.json" for m in MODELS] + compression_targets()
     if config["evaluation"]["enabled"]:
         targets += expand("results/tables/{model}/table1.md", model=MODELS)
+    targets += search_targets()
     targets += figures_targets()
     targets += laser_targets()
     return targets

@@ -53,7 +53,7 @@ rule evaluate_model:
     output:
         rows="results/{model}/eval/{variant}.parquet",
     params:
-        compressed=lambda wc, input: f"--compressed {input.compressed} --method {wc.variant.split('-')[0]}"
+        compressed=lambda wc, input: f"--compressed {input.compressed} --method {variant_method(wc.variant)}"
         if input.compressed
         else "",
         tasks=",".join(config["evaluation"]["tasks"]),

@@ -184,6 +184,11 @@ def test_cached_block_inputs_equal_a_full_forward(tiny4):
         assert cache.forwards["search"] == 2 * 4 * len(batches)  # blocks 2 and 3 only
         for a, b in zip(full, fed):
             assert torch.equal(a, b)
+        # the baseline pass records while running the whole model, and returns its result
+        logits = cache.record(3, lambda: [model(b, use_cache=False).logits for b in batches], complete=True)
+        assert all(torch.equal(a, b) for a, b in zip(full, logits)) and len(cache.states) == len(batches)
+        with cache.cached(), torch.no_grad():
+            assert all(torch.equal(model(b, use_cache=False).logits, f) for b, f in zip(batches, full))
     finally:
         cache.close()
 

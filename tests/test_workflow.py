@@ -187,3 +187,35 @@ def test_bad_config_fails_before_any_job(finished_run, tmp_path, change, message
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_search_outputs_and_what_a_tolerance_change_reruns(finished_run):
+    import json
+
+    import pyarrow.parquet as pq
+
+    snakefile, workdir, base_config = finished_run
+    config = {**base_config, "search": {"enabled": True, "first_block": -1, "search_limit": 6, "curve_limit": 4}}
+    snakemake(snakefile, workdir, config)  # on top of the finished run: only the search and what it feeds
+    out = workdir / "results" / "tiny" / "search" / "feature-accuracy-average"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["layer"] for r in log] == [f"1.{n}" for n in ("down_proj", "up_proj", "gate_proj", "o_proj", "v_proj",
+                                                             "k_proj", "q_proj")]  # first_block -1: the top block
+    plan = read_json(out / "plan.json")
+    assert set(plan["layers"]) == {r["layer"] for r in log}
+    assert all(e == ({"method": "dense"} if r["rank"] is None else {"method": "feature", "rank": r["rank"]})
+               for r in log for e in [plan["layers"][r["layer"]]])
+    curve = pq.read_table(out / "curve.parquet").to_pylist()
+    assert {r["layers_done"] for r in curve} == {0, 7}
+    assert {r["task"] for r in curve} == {"arc_easy", "winogrande"}
+    summary = read_json(out / "summary.json")
+    assert summary["layers_searched"] == 7 and summary["search_block_forwards"] > 0
+    assert not (out.parent / "feature-accuracy-average.state.jsonl").exists()
+    # the searched model is evaluated with the others
+    results = pq.read_table(workdir / "results" / "tiny" / "results.parquet").to_pylist()
+    assert any(r["plan"] == "search-feature-accuracy-average" and r["method"] == "feature" for r in results)
+    # a new tolerance reruns the search and what is made from it, never collection or eigendecomposition
+    changed = {**config, "search": {**config["search"], "delta": 0.5}}
+    jobs = planned_jobs(snakemake(snakefile, workdir, changed, "--dry-run"))
+    assert jobs.get("search") == 1
+    assert not {"collect_features", "eigendecompose", "factor_cache", "compress_model"} & set(jobs)

@@ -231,6 +231,26 @@ def cmd_paper_table(args: argparse.Namespace) -> None:
     paper_table(args.results, args.metric, args.out_md, args.out_csv)
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    from .search import SearchSettings
+    from .search_run import run_search
+
+    settings = SearchSettings(
+        method=args.method, mode=args.mode, target=args.target, metric=args.metric, delta=args.delta, eps=args.eps,
+        order=tuple(_csv(args.order)), fractions=tuple(float(f) for f in _csv(args.fractions)),
+        first_block=args.first_block, last_block=args.last_block, strategy=args.strategy, stop_at=args.stop_at,
+        convention=args.convention, bias_compensation=args.bias_compensation,
+        checkpoints=tuple(float(c) for c in _csv(args.checkpoints) if c != "none"))
+    run_search(model_dir=args.model_dir, model_name=args.model_name, factors_dir=args.factors, out_dir=args.out,
+               settings=settings, layers=_csv(args.layers), tasks_dir=args.tasks_dir, splits_file=args.splits,
+               task_source=args.task_source,
+               tasks=_csv(args.tasks), search_limit=args.search_limit, curve_limit=args.curve_limit,
+               curve_every=args.curve_every, ppl_window=args.ppl_window, ppl_max_docs=args.ppl_max_docs,
+               ppl_search_fraction=args.ppl_search_fraction, calibration_texts=args.calibration_texts,
+               batch_size=args.batch_size, device=args.device, cache=not args.no_cache,
+               cache_max_mb=args.cache_max_mb)
+
+
 def _search_inputs(paths: list[str], reader) -> dict:
     """{search name: content} of search outputs given as results/<model>/search/<search>/<file> paths."""
     return {Path(p).parent.name: reader(p) for p in paths}
@@ -467,6 +487,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-csv", required=True)
     p.set_defaults(func=cmd_paper_table)
+
+    p = sub.add_parser("search", help="surgical rank search (resumable) -> plan, log, curve, summary")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--factors", required=True, help="folder holding <method>/block_NNN.safetensors (factor-cache)")
+    p.add_argument("--method", default="feature", help="feature | weight | whitened")
+    p.add_argument("--mode", default="accuracy", help="accuracy | perplexity")
+    p.add_argument("--target", default="average", help="a task, 'average' (accuracy), or a perplexity source")
+    p.add_argument("--metric", default="acc_norm", choices=["acc", "acc_norm"])
+    p.add_argument("--delta", type=float, default=0.0, help="accuracy: accepted drop from the baseline")
+    p.add_argument("--eps", type=float, default=0.005, help="perplexity: growth allowed per step")
+    p.add_argument("--order", default=",".join(("down_proj", "up_proj", "gate_proj", "o_proj", "v_proj", "k_proj",
+                                                  "q_proj")))
+    p.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
+    p.add_argument("--first-block", type=int, default=0)
+    p.add_argument("--last-block", type=int, default=None)
+    p.add_argument("--strategy", default="bisect", help="bisect | linear (the published scan)")
+    p.add_argument("--stop-at", type=float, default=None, help="stop once params fall to this fraction")
+    p.add_argument("--convention", default="model", choices=["model", "decoder_linear"])
+    p.add_argument("--bias-compensation", default="intended", choices=["intended", "none"])
+    p.add_argument("--checkpoints", default="0.9,0.8", help="save the plan when params first fall under these")
+    p.add_argument("--layers", required=True)
+    p.add_argument("--task-source", choices=["local", "hub"], default="local",
+                   help="local = exported tasks in --tasks-dir; hub = lm-eval's own tasks (online)")
+    p.add_argument("--tasks-dir", default=None)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--tasks", required=True, help="tasks of the test-split curve (and of the 'average' target)")
+    p.add_argument("--search-limit", type=int, default=None, help="search-split docs per task (none: all)")
+    p.add_argument("--curve-limit", type=int, default=None, help="test-split docs per task for the curve")
+    p.add_argument("--curve-every", type=int, default=1, help="evaluate the test split every N finished blocks")
+    p.add_argument("--ppl-window", type=int, default=128)
+    p.add_argument("--ppl-max-docs", type=int, default=300)
+    p.add_argument("--ppl-search-fraction", type=float, default=0.2)
+    p.add_argument("--calibration-texts", default=None, help="calibration JSONL whose docs perplexity text excludes")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-cache", action="store_true", help="full forwards for every candidate (the published cost)")
+    p.add_argument("--cache-max-mb", type=float, default=4096, help="bound on the cached block inputs")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("eigen-summary", help="energy-vs-rank summary of all blocks' eigenvalues")
     p.add_argument("--out", required=True)

@@ -261,22 +261,35 @@ class BlockCache:
             for i in replacements:
                 self.blocks[i] = self.originals[i]
 
-    def record(self, block: int, run: Callable[[], object]) -> bool:
-        """Record the inputs of `block` for every batch `run()` makes, running only the blocks below it.
-        False (and full forwards from then on) when they would not fit in max_bytes."""
+    def record(self, block: int, run: Callable[[], object], *, complete: bool = False, phase: str = "inputs"):
+        """Record the inputs of `block` for every batch `run()` makes, running only the blocks below it;
+        complete=True runs the whole model and returns run()'s result (the baseline pass records the top
+        block's inputs for free). Past max_bytes nothing is kept and later forwards are full (logged)."""
         self.states, self.block = {}, None
-        skip = {i: _Skip() for i in range(block + 1, len(self.blocks))}
-        with self.counting("inputs"), self._replaced({block: _Capture(self), **skip}), torch.no_grad():
-            run()
+        if complete:
+            def capture(module, args, kwargs) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.states[self.batch_key] = hidden.detach().clone()
+
+            handle = self.originals[block].register_forward_pre_hook(capture, with_kwargs=True)
+            try:
+                with self.counting(phase), torch.no_grad():
+                    result = run()
+            finally:
+                handle.remove()
+        else:
+            skip = {i: _Skip() for i in range(block + 1, len(self.blocks))}
+            with self.counting(phase), self._replaced({block: _Capture(self), **skip}), torch.no_grad():
+                result = run()
         size = sum(t.numel() * t.element_size() for t in self.states.values())
         if size > self.max_bytes:
             log.warning("block %d inputs need %.1f MB > cache bound %.1f MB: full forwards from here",
                         block, size / 2**20, self.max_bytes / 2**20)
             self.states = {}
-            return False
-        self.peak_bytes = max(self.peak_bytes, size)
-        self.block = block
-        return True
+        else:
+            self.peak_bytes = max(self.peak_bytes, size)
+            self.block = block
+        return result
 
     def _feed(self, module, args, kwargs):
         try:
@@ -469,9 +482,15 @@ def surgical_search(
     t0 = time.perf_counter()
     done_before = Counter()
     try:
+        recorded = None  # block whose inputs the cache holds
         if state.baseline is None:
-            with runner.counting("baseline"), torch.no_grad():
-                state.add_baseline(objective.score(model))
+            if cache and not state.layers:  # the baseline pass also records the top block's inputs
+                state.add_baseline(runner.record(order[0][0], lambda: objective.score(model), complete=True,
+                                                 phase="baseline"))
+                recorded = order[0][0] if runner.block is not None else None
+            else:
+                with runner.counting("baseline"), torch.no_grad():
+                    state.add_baseline(objective.score(model))
         baseline = state.baseline
         log.info("baseline %s on the search split: %.6g", objective.name, baseline)
 
@@ -535,8 +554,9 @@ def surgical_search(
                 break
             if block != current_block:
                 current_block = block
-                if cache:
+                if cache and recorded != block:
                     runner.record(block, lambda: objective.score(model))
+                    recorded = block
             out_f, in_f = shapes.linears[linear]
             kappa = max_rank(in_f, out_f)
             threshold = objective.threshold(baseline, step)

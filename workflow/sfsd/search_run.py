@@ -28,7 +28,7 @@ from .compress import _BlockFile
 from .collect import block_file
 from .errors import ConfigError, DataError
 from .io import atomic_dir, atomic_path, model_digest, write_json
-from .search import AccuracyObjective, PerplexityObjective, SearchSettings, surgical_search
+from .search import AccuracyObjective, PerplexityObjective, SearchSettings, search_order, surgical_search
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ class FactorCache:
     def __init__(self, root: str | os.PathLike, method: str, digest: str | None) -> None:
         self.root, self.method, self.digest = Path(root), method, digest
         self._block: tuple[int, _BlockFile] | None = None
+
+    def check(self, blocks: Sequence[int]) -> None:
+        """Fail before any scoring when a block file is missing, corrupt or of another model."""
+        for block in sorted(set(blocks)):
+            _BlockFile(self.root / self.method / block_file(block), self.digest)
 
     def __call__(self, block: int, linear: str) -> dict[str, torch.Tensor]:
         if self._block is None or self._block[0] != block:
@@ -152,8 +157,11 @@ def run_search(
         return [{k: r[k] for k in ("task", "split", "metric", "value", "n")} for r in rows]
 
     state = state_path(out_dir)
+    factors = FactorCache(factors_dir, settings.method, digest)
+    factors.check(b for b, _ in search_order(spec, shapes.n_blocks, linears, settings.first_block,
+                                             settings.last_block, settings.order))
     result = surgical_search(
-        model, spec, shapes, linears, FactorCache(factors_dir, settings.method, digest), objective, settings, state,
+        model, spec, shapes, linears, factors, objective, settings, state,
         curve=curve if with_curve else None, curve_every=curve_every, cache=cache, cache_max_bytes=cache_max_mb * 2**20,
         header={"model": model_name, "model_digest": digest, "architecture": architecture_of(model.config)},
         progress=progress)
