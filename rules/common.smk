@@ -279,6 +279,13 @@ def figures_targets():
     return targets
 
 
+def laser_results_of(wildcards):
+    """The LASER study's rows of a model (same row format), combined into its results.parquet."""
+    laser = config["laser"]
+    models = laser["models"] if laser["models"] is not None else list(MODELS)
+    return [f"results/{wildcards.model}/laser/results.parquet"] if laser["enabled"] and wildcards.model in models else []
+
+
 def laser_targets():
     """The LASER study's sweep figure and best-point table of each of its models (rules/laser.smk)."""
     laser = config["laser"]

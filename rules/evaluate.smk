@@ -88,7 +88,8 @@ rule evaluate_model:
 
 rule combine_results:
     input:
-        rows=lambda wc: expand("results/{{model}}/eval/{variant}.parquet", variant=evaluated_variants()),
+        rows=lambda wc: expand("results/{{model}}/eval/{variant}.parquet", variant=evaluated_variants())
+        + laser_results_of(wc),
     output:
         results="results/{model}/results.parquet",
     params:

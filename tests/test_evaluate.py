@@ -327,3 +327,20 @@ def test_parquet_round_trip_and_combine(tmp_path):
     assert both.num_rows == 3 and both.column("window").to_pylist() == [None, None, 128]
     assert both.column("seed").to_pylist() == [3, 3, None]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_tables_leave_out_models_scored_on_fewer_tasks():
+    from sfsd.tables import paper_table_rows
+
+    def row(method, plan, task, value):
+        return {"method": method, "plan": plan, "task": task, "split": "test", "metric": "acc_norm", "value": value,
+                "n": 10, "params_model": 100, "params_model_fraction": 1.0, "params_decoder_linear_fraction": 1.0,
+                "macs_per_token": 10}
+
+    rows = [row("baseline", "base", "piqa", 0.6), row("baseline", "base", "arc_easy", 0.4),
+            row("feature", "feature-p54", "piqa", 0.5), row("feature", "feature-p54", "arc_easy", 0.3),
+            # a LASER point chosen for one task, and the sweep's own baseline point: not Table 1 rows
+            row("laser", "laser/fc_in/L24/r5", "arc_easy", 0.5), row("baseline", "none/dont/Lall/r0", "arc_easy", 0.4)]
+    table, _ = paper_table_rows(rows)
+    assert [r["plan"] for r in table] == ["base", "feature-p54"]
+    assert table[0]["average"] == 50.0

@@ -515,6 +515,10 @@ def methods_table_rows(rows: Sequence[Mapping], metric: str = "acc_norm", split:
             v["scores"][r["task"]] = 100.0 * r["value"]
     if not variants:
         raise DataError("the results hold no rows; run the evaluation rules first")
+    from .tables import complete_variants
+
+    variants = {plan: v for (_, plan), v in complete_variants(
+        {(v["method"], plan): v for plan, v in variants.items()}).items()}
     common = set.intersection(*(set(v["scores"]) for v in variants.values()))
     if not common:
         raise DataError(f"no task was scored ({metric}, {split} split) for every model; rerun the evaluation")

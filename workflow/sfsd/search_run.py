@@ -145,8 +145,9 @@ def run_search(
         inputs = ids
     settings = SearchSettings(**{**asdict(settings), "inputs": _digest([digest, inputs, search_limit])})
 
-    test_ids = _split_ids(splits_file, list(tasks), "test", curve_limit)
-    test_enc = encode_requests(tokenizer, build_requests(source, list(tasks), test_ids, ["test"]), max_length)
+    if with_curve:
+        test_ids = _split_ids(splits_file, list(tasks), "test", curve_limit)
+        test_enc = encode_requests(tokenizer, build_requests(source, list(tasks), test_ids, ["test"]), max_length)
 
     def curve(m: torch.nn.Module) -> list[dict]:
         rows = summarize_scores(score_multiple_choice(m, tokenizer, test_enc, batch_size))

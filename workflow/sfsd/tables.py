@@ -17,6 +17,15 @@ METHOD_LABEL = {"baseline": "Baseline", "feature": "Feature space (SFSD)", "weig
                 "whitened": "Whitened SVD (SVD-LLM)", "laser": "LASER", "vendi": "Vendi"}
 
 
+def complete_variants(by_variant: dict) -> dict:
+    """The variants scored on every task the baseline (else the most complete variant) was scored on: a
+    model scored on fewer tasks, e.g. a LASER point chosen for one task (results/<model>/laser/ rows share
+    the results file), would show an average over other tasks; those belong to their own tables."""
+    bases = [v for (method, _), v in by_variant.items() if method == "baseline"] or list(by_variant.values())
+    wanted = max((set(v["scores"]) for v in bases), key=len)  # LASER's own baseline point is one task
+    return {k: v for k, v in by_variant.items() if wanted <= set(v["scores"])}
+
+
 def paper_table_rows(rows: list[dict], metric: str = "acc_norm", split: str = "test") -> tuple[list[dict], dict]:
     """One row per evaluated model variant: parameters, MACs, the six task scores (x100), their average,
     and perplexity; plus notes (docs per task, limit, scorer, versions) for the caption."""
@@ -37,6 +46,7 @@ def paper_table_rows(rows: list[dict], metric: str = "acc_norm", split: str = "t
             notes["lm_eval"].add(str(r.get("lm_eval_version")))
     if not by_variant:
         raise DataError("the results hold no rows; run the evaluation rules first")
+    by_variant = complete_variants(by_variant)
     table = []
     for (method, plan), v in sorted(by_variant.items(), key=lambda kv: (
             kv[0][0] != "baseline", -(kv[1]["params_model"] or 0), METHOD_ORDER.get(kv[0][0], 9), kv[0][1])):
