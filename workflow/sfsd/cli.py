@@ -206,9 +206,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         texts = perplexity_texts(args.ppl_source, path=args.ppl_path, text_field=args.ppl_text_field,
                                  exclude_ids=exclude, max_docs=args.ppl_max_docs)
         rows.append(perplexity_row(perplexity(model, tokenizer, texts, args.ppl_window), args.ppl_source))
+    from .compress import WEIGHTS_FILE
+    from .io import model_digest, read_metadata
+
+    # what the compressed weights were cut from (the factor caches' calibration), recorded per row
+    provenance = read_metadata(Path(args.compressed) / WEIGHTS_FILE) if args.compressed else {}
     common = common_columns(args.model_name, method, args.variant, counts, device=str(device),
                             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                            limit=args.limit)
+                            limit=args.limit, model_digest=model_digest(args.model_dir),
+                            calibration_digest=provenance.get("calibration_digest"))
     write_rows(args.out, rows, common)
     logging.info("evaluated %s/%s: %d rows", args.model_name, args.variant, len(rows))
 

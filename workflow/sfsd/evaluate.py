@@ -786,8 +786,11 @@ def common_columns(model: str, method: str, plan: str, counts: Mapping | None = 
                    device: str | None = None, dtype: str | None = None, **extra) -> dict:
     """The columns every row of one evaluated model shares: names, parameter/MAC counts, device, dtype and
     library versions, plus any `extra` columns."""
+    from .provenance import code_version
+
     out = {"model": model, "method": method, "plan": plan, "device": device, "dtype": dtype,
-           **library_versions(), **(param_columns(counts) if counts is not None else {})}
+           "code_version": code_version(), **library_versions(),
+           **(param_columns(counts) if counts is not None else {})}
     out.update(extra)
     return out
 

@@ -28,6 +28,7 @@ from .compress import _BlockFile
 from .collect import block_file
 from .errors import ConfigError, DataError
 from .io import atomic_dir, atomic_path, model_digest, write_json
+from .provenance import stamp
 from .search import AccuracyObjective, PerplexityObjective, SearchSettings, search_order, surgical_search
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,17 @@ class FactorCache:
 
     def __init__(self, root: str | os.PathLike, method: str, digest: str | None) -> None:
         self.root, self.method, self.digest = Path(root), method, digest
+        self.calibration_digest: str | None = None
         self._block: tuple[int, _BlockFile] | None = None
 
     def check(self, blocks: Sequence[int]) -> None:
         """Fail before any scoring when a block file is missing, corrupt or of another model."""
-        for block in sorted(set(blocks)):
-            _BlockFile(self.root / self.method / block_file(block), self.digest)
+        digests = {_BlockFile(self.root / self.method / block_file(block), self.digest).metadata.get("calibration_digest")
+                   for block in sorted(set(blocks))}
+        if len(digests) > 1:
+            raise DataError(f"the {self.method} factor cache in {self.root} mixes blocks of different calibration runs "
+                            f"({sorted(map(str, digests))}); rerun the factor_cache rule")
+        self.calibration_digest = digests.pop() if digests else None
 
     def __call__(self, block: int, linear: str) -> dict[str, torch.Tensor]:
         if self._block is None or self._block[0] != block:
@@ -166,6 +172,8 @@ def run_search(
         curve=curve if with_curve else None, curve_every=curve_every, cache=cache, cache_max_bytes=cache_max_mb * 2**20,
         header={"model": model_name, "model_digest": digest, "architecture": architecture_of(model.config)},
         progress=progress)
+    # what the plan was made from: model, the factor caches' calibration, the settings, the code
+    result.plan["notes"]["provenance"] = stamp(digest, factors.calibration_digest, asdict(settings))
     name = Path(out_dir).name
     summary = {**result.summary, "model": model_name, "search": name, "settings": asdict(settings),
                "device": str(next(model.parameters()).device), "search_limit": search_limit,
