@@ -7,7 +7,8 @@ deterministic counter: baseline + recorded block inputs + candidate evaluations;
 left out of both), and the ratio. Target: >= 10x fewer block forwards with identical plans.
 
     snakemake --cores 2          # once, for results/<model>/factors and results/tasks, results/splits.json
-    python workflow/benchmarks/search_cost.py [--target arc_easy --first-block 28 --search-limit 20]
+    python workflow/benchmarks/search_cost.py [--mode perplexity --first-block -1 --ppl-max-docs 100]
+    python workflow/benchmarks/search_cost.py --mode accuracy --target arc_easy --first-block 28 --search-limit 10
 
 The ratio depends on how deep the search goes: the cache runs only the blocks from the current one up,
 so its gain is largest near the top (about n_blocks / (n_blocks - block)) and bisection's is about
@@ -34,10 +35,14 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--method", default="feature")
-    parser.add_argument("--target", default="arc_easy", help="a task or 'average'")
+    parser.add_argument("--mode", default="perplexity", choices=["accuracy", "perplexity"],
+                        help="perplexity (default) is close to monotone in rank; accuracy on a small split is not")
+    parser.add_argument("--target", default=None, help="a task or 'average' (accuracy), lambada or coqa (perplexity)")
+    parser.add_argument("--eps", type=float, default=0.005)
+    parser.add_argument("--ppl-max-docs", type=int, default=100, help="perplexity: docs (first 20% searched)")
     parser.add_argument("--metric", default="acc_norm")
     parser.add_argument("--delta", type=float, default=0.02)
-    parser.add_argument("--first-block", type=int, default=28)
+    parser.add_argument("--first-block", type=int, default=-1, help="negative counts from the top")
     parser.add_argument("--search-limit", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -45,12 +50,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model_dir = args.results / "models" / args.model
-    settings = SearchSettings(method=args.method, mode="accuracy", target=args.target, metric=args.metric,
-                              delta=args.delta, first_block=args.first_block, checkpoints=())
+    target = args.target or ("lambada" if args.mode == "perplexity" else "arc_easy")
+    settings = SearchSettings(method=args.method, mode=args.mode, target=target, metric=args.metric,
+                              delta=args.delta, eps=args.eps, first_block=args.first_block, checkpoints=())
     runs = {}
     with tempfile.TemporaryDirectory(prefix="sfsd-search-cost-") as tmp:
         for name, strategy, cache in (("published", "linear", False), ("ours", "bisect", True)):
-            out = Path(tmp) / f"{name}-{args.method}-accuracy-{args.target}"
+            out = Path(tmp) / f"{name}-{args.method}-{args.mode}-{target}"
             start = time.perf_counter()
             summary = run_search(
                 model_dir=str(model_dir), model_name=args.model, factors_dir=str(args.results / args.model / "factors"),
@@ -58,14 +64,17 @@ def main() -> None:
                 layers=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                 tasks_dir=str(args.results / "tasks"), splits_file=str(args.results / "splits.json"),
                 tasks=list(TASKS), search_limit=args.search_limit, curve_limit=1, batch_size=args.batch_size,
+                ppl_max_docs=args.ppl_max_docs, calibration_texts=str(args.results / "calibration" / "texts.jsonl"),
                 device="cpu", cache=cache, progress=False, with_curve=False)
             seconds = time.perf_counter() - start
             log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
             runs[name] = (summary, log, seconds)
 
     (pub, pub_log, pub_s), (our, our_log, our_s) = runs["published"], runs["ours"]
-    print(f"model {args.model}, method {args.method}, target {args.target} ({args.metric}, delta {args.delta}), "
-          f"blocks {args.first_block}.., {args.search_limit} search docs per task, baseline {pub['baseline']:.4f}")
+    data = (f"{args.metric}, delta {args.delta}, {args.search_limit} search docs per task" if args.mode == "accuracy"
+            else f"ppl, eps {args.eps}, first 20% of {args.ppl_max_docs} docs")
+    print(f"model {args.model}, method {args.method}, {args.mode} search on {target} ({data}), first block "
+          f"{args.first_block}, baseline {pub['baseline']:.4f}")
     print(f"{'layer':<16}{'kappa':>6}{'published':>11}{'ours':>7}{'evals pub/ours':>16}")
     differences = []
     for a, b in zip(pub_log, our_log, strict=True):

@@ -466,6 +466,18 @@ def save_factor_cache(
     return paths
 
 
+def factor_entry(block: Mapping[str, torch.Tensor], linear: str) -> dict[str, torch.Tensor]:
+    """One Linear's entry of a factor-cache block file (`save_factor_cache`): first, second and, where
+    stored, the output mean and the bias, for `cut_factors`."""
+    entry = {k: block[f"{linear}.{k}"] for k in ("first", "second")}
+    for k in ("mean", "bias"):
+        try:
+            entry[k] = block[f"{linear}.{k}"]
+        except DataError:  # not stored for this method
+            pass
+    return entry
+
+
 def apply_cached_plan(
     model: nn.Module,
     spec: ArchSpec,
@@ -494,13 +506,7 @@ def apply_cached_plan(
                 files.clear()
             files[(method, block)] = _BlockFile(Path(cache_dir) / method / block_file(block), model_digest)
             sources.setdefault(method, []).append((str(files[(method, block)].path), files[(method, block)].metadata))
-        f = files[(method, block)]
-        cache = {k: f[f"{linear}.{k}"] for k in ("first", "second")}
-        for k in ("mean", "bias"):
-            try:
-                cache[k] = f[f"{linear}.{k}"]
-            except DataError:
-                pass
+        cache = factor_entry(files[(method, block)], linear)
         layer = model.get_submodule(linear_path(spec, block, linear))
         factors = cut_factors(cache, method, entry["rank"], norm["options"]["bias_compensation"])
         factors = Factors(*(None if t is None else t.to(layer.weight.device, layer.weight.dtype)

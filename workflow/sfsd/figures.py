@@ -16,7 +16,6 @@ figure from the same data gives the same file.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -562,23 +561,15 @@ def _cell(value) -> str:
 def methods_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLike,
                   out_csv: str | os.PathLike) -> list[dict]:
     """Write the methods-comparison table (Markdown with a caption line, and CSV)."""
+    from .tables import write_table
     from .tasks import TASKS
 
     rows = read_parquet_rows(results, "combined results")
     table = methods_table_rows(rows, metric)
     tasks = sorted({r["task"] for r in rows if r["metric"] == metric and r["task"] in TASKS})
     ppl = sorted({f"{r['task']}, {r.get('window')}-token windows" for r in rows if r["metric"] == "ppl"})
-    columns = list(table[0])
-    with atomic_path(out_csv) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(table)
-    lines = [f"Methods at equal parameter budgets: average zero-shot {metric} (x100, test split) over "
-             f"{', '.join(tasks)}; change from the uncompressed model in points; perplexity on "
-             f"{'; '.join(ppl) or 'none'}. Parameters over the whole model.", "",
-             "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in table]
-    with atomic_path(out_md) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_table(table, out_md, out_csv, cell=_cell,
+                caption=f"Methods at equal parameter budgets: average zero-shot {metric} (x100, test split) over "
+                f"{', '.join(tasks)}; change from the uncompressed model in points; perplexity on "
+                f"{'; '.join(ppl) or 'none'}. Parameters over the whole model.")
     return table

@@ -21,7 +21,6 @@ Pieces, each usable on its own:
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -562,22 +561,12 @@ def best_table_rows(rows: Sequence[Mapping], metric: str) -> tuple[list[dict], d
 def best_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLike, out_csv: str | os.PathLike) -> None:
     """The best intervention per task (and per intervention kind) with its validation (search split) and
     test accuracy, as Markdown (with a caption) and CSV, from the study's results Parquet alone."""
+    from .tables import write_table
+
     table, notes = best_table_rows(_read(results), metric)
-    columns = list(table[0])
-    with atomic_path(out_csv) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(table)
-    lines = [
-        f"LASER study: the best point of each intervention on the validation (search) split by {metric}, "
-        "and its score on the disjoint test split (x100; changes against the unchanged model, `dont`). "
-        "`chosen` marks the task's pick over all points, the baseline included.",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
-    lines += ["| " + " | ".join("" if row[c] is None else str(row[c]) for c in columns) + " |" for row in table]
-    lines += ["", f"Docs per task and split: {', '.join(notes['docs'])}. Limit per split: {', '.join(notes['limit'])}."]
-    with atomic_path(out_md) as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n")
+    write_table(table, out_md, out_csv,
+                caption=f"LASER study: the best point of each intervention on the validation (search) split by "
+                f"{metric}, and its score on the disjoint test split (x100; changes against the unchanged model, "
+                "`dont`). `chosen` marks the task's pick over all points, the baseline included.",
+                footer=f"Docs per task and split: {', '.join(notes['docs'])}. Limit per split: "
+                f"{', '.join(notes['limit'])}.")

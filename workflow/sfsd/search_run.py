@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .arch import architecture_of, get_arch, select_linears
-from .compress import _BlockFile
+from .compress import _BlockFile, factor_entry
 from .collect import block_file
 from .errors import ConfigError, DataError
 from .io import atomic_dir, atomic_path, model_digest, write_json
@@ -62,14 +62,7 @@ class FactorCache:
     def __call__(self, block: int, linear: str) -> dict[str, torch.Tensor]:
         if self._block is None or self._block[0] != block:
             self._block = (block, _BlockFile(self.root / self.method / block_file(block), self.digest))
-        f = self._block[1]
-        entry = {k: f[f"{linear}.{k}"] for k in ("first", "second")}
-        for k in ("mean", "bias"):
-            try:
-                entry[k] = f[f"{linear}.{k}"]
-            except DataError:
-                pass
-        return entry
+        return factor_entry(self._block[1], linear)
 
 
 def _split_ids(splits_file: str | os.PathLike, tasks: Sequence[str], split: str, limit: int | None) -> dict:

@@ -69,22 +69,34 @@ def paper_table_rows(rows: list[dict], metric: str = "acc_norm", split: str = "t
 def paper_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLike, out_csv: str | os.PathLike) -> None:
     """Write the SFSD paper's Table 1 analogue as Markdown (with its caption) and CSV."""
     table, notes = paper_table_rows(pq.read_table(results).to_pylist(), metric)
-    columns = list(dict.fromkeys(k for row in table for k in row))
+    write_table(table, out_md, out_csv,
+                caption=f"Zero-shot {metric} (x100) on the test split; params over the whole model (embeddings and "
+                "lm_head included, as in the SFSD paper) and over decoder Linear layers (as in SVD-LLM); MACs per "
+                "token of the Linear layers (lm_head included).",
+                footer=f"Docs per task: {', '.join(notes.get('n', []))}. Limit per task: "
+                f"{', '.join(notes.get('limit', []))}. Scorer: {', '.join(notes.get('scorer', []))} "
+                f"(lm-eval {', '.join(notes.get('lm_eval', []))}).")
+
+
+def _cell(value) -> str:
+    return "" if value is None else str(value)
+
+
+def write_table(rows: list[dict], out_md: str | os.PathLike, out_csv: str | os.PathLike, caption: str,
+                footer: str | None = None, cell=_cell) -> None:
+    """Write rows as CSV and as a Markdown table between a caption line and an optional footer, atomically.
+    Columns: every key in first-seen order; `cell` formats a Markdown cell."""
+    if not rows:
+        raise DataError(f"no rows for the table {out_md}")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     with atomic_path(out_csv) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(table)
-    lines = [
-        f"Zero-shot {metric} (x100) on the test split; params over the whole model (embeddings and lm_head "
-        "included, as in the SFSD paper) and over decoder Linear layers (as in SVD-LLM); MACs per token of "
-        "the Linear layers (lm_head included).",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
-    lines += ["| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns) + " |" for row in table]
-    lines += ["", f"Docs per task: {', '.join(notes.get('n', []))}. Limit per task: {', '.join(notes.get('limit', []))}. "
-              f"Scorer: {', '.join(notes.get('scorer', []))} (lm-eval {', '.join(notes.get('lm_eval', []))})."]
+            writer.writerows(rows)
+    lines = [caption, "", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    if footer:
+        lines += ["", footer]
     with atomic_path(out_md) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
