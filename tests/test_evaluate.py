@@ -344,3 +344,43 @@ def test_tables_leave_out_models_scored_on_fewer_tasks():
     table, _ = paper_table_rows(rows)
     assert [r["plan"] for r in table] == ["base", "feature-p54"]
     assert table[0]["average"] == 50.0
+
+
+def test_evaluation_killed_mid_run_leaves_no_output_and_reruns_to_the_same_rows(tiny_llama, task_dir, tmp_path):
+    """kill -9 of the evaluate stage: no results file under its name; the rerun writes the same rows."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    ids = {t: split_doc_ids(t, None, limit=8, **SPLIT) for t in ("arc_easy", "hellaswag")}
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"tasks": ids}))
+    out = tmp_path / "eval" / "base.parquet"
+    cmd = [sys.executable, "-m", "sfsd", "--threads", "1", "evaluate", "--model-dir", str(tiny_llama),
+           "--model-name", "tiny", "--variant", "base", "--tasks-dir", str(task_dir), "--tasks", "arc_easy,hellaswag",
+           "--splits", str(splits), "--scorer", "native", "--batch-size", "1", "--device", "cpu",
+           "--ppl-source", "lambada", "--ppl-window", "32", "--ppl-max-docs", "60", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import threading
+
+    err: list[str] = []
+    threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    started = time.monotonic()
+    while proc.poll() is None and not any("Loading weights" in e for e in err) and time.monotonic() - started < 120:
+        time.sleep(0.01)
+    time.sleep(0.3)  # the model is loaded: now scoring
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the evaluation finished before it could be killed"
+    assert not out.exists()  # whatever the moment of the kill, nothing under the final name
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    rows = read_rows(out).to_pylist()
+    again = tmp_path / "again.parquet"
+    subprocess.run([*cmd[:-1], str(again)], env=env, check=True, capture_output=True)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "code_version"} for r in rs]  # noqa: E731
+    assert strip(rows) == strip(read_rows(again).to_pylist())
+    assert {r["task"] for r in rows} == {"arc_easy", "hellaswag", "lambada"}
