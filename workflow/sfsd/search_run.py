@@ -129,7 +129,9 @@ def run_search(
         if cut >= len(docs):
             raise ConfigError(f"perplexity source {settings.target} has {len(docs)} docs: too few to split into search "
                               "and test text; raise evaluation.perplexity.max_docs")
-        ppl_docs = (docs[:cut], docs[cut:])  # search on the first part, as SFSD does on WikiText-2
+        rest = docs[cut:]
+        # search on the first part, as SFSD does on WikiText-2; the curve scores (curve_limit of) the rest
+        ppl_docs = (docs[:cut], rest[:curve_limit] if curve_limit else rest)
         objective = PerplexityObjective(tokenizer, ppl_docs[0], ppl_window, settings.eps, batch_size)
         inputs = [d["doc_id"] for d in ppl_docs[0]]
     else:
