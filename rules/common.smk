@@ -120,6 +120,22 @@ def check_config():
         if n_blocks and config["compression"]["first_block"] >= n_blocks:
             fail(f"compression.first_block {config['compression']['first_block']} is out of range: model {name} "
                  f"has blocks 0..{n_blocks - 1}")
+        search = config["search"]
+        if n_blocks and search["enabled"] and not search["full"]:
+            first = search["first_block"] + n_blocks if search["first_block"] < 0 else search["first_block"]
+            last = n_blocks - 1 if search["last_block"] is None else search["last_block"]
+            if not 0 <= first <= last < n_blocks:
+                fail(f"search.first_block {search['first_block']} / last_block {search['last_block']} give no block of "
+                     f"model {name} (blocks 0..{n_blocks - 1}); negative first_block counts from the top")
+    search = config["search"]
+    if search["enabled"]:
+        unknown = [t for t in search["targets"]["accuracy"] if t != "average" and t not in config["evaluation"]["tasks"]]
+        if "accuracy" in search["modes"] and unknown:
+            fail(f"search.targets.accuracy {unknown} are not in evaluation.tasks {config['evaluation']['tasks']}; add "
+                 "them there (the search scores their search split) or use average")
+        empty = [m for m in search["modes"] if not search["targets"][m]]
+        if empty:
+            fail(f"search.targets.{empty[0]} is empty while search.modes lists {empty[0]}; name a target or drop the mode")
 
 
 check_config()

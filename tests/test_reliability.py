@@ -141,6 +141,12 @@ CONFIG_CASES = [
     ("collection dtype typo", {"collection": {"dtype": "float8"}}, "collection.dtype: 'float8' is not one of"),
     ("misspelt key", {"calibraton": {"seq_len": 64}}, "'calibraton' was unexpected"),
     ("search delta out of range", {"search": {"delta": -0.5}}, "search.delta: -0.5 is less than the minimum of 0"),
+    ("search blocks out of range", {"search": {"enabled": True, "first_block": 5}},
+     "search.first_block 5 / last_block None give no block of model tiny (blocks 0..1)"),
+    ("search target not evaluated", {"search": {"enabled": True, "first_block": -1, "targets": {"accuracy": ["piqa"]}},
+                                     "evaluation": {"tasks": ["arc_easy"]}},
+     "search.targets.accuracy ['piqa'] are not in evaluation.tasks ['arc_easy']"),
+    ("unknown search method", {"search": {"methods": ["laser"]}}, "search.methods.0: 'laser' is not one of"),
 ]
 
 
