@@ -22,10 +22,8 @@ rule search:
         settings=search_args,
         layers=",".join(config["layers"]),
         tasks=",".join(config["evaluation"]["tasks"]),
-        ppl=lambda wc: "--ppl-window {window} --ppl-max-docs {max_docs}".format(
-            window=config["evaluation"]["perplexity"]["window"],
-            max_docs=config["evaluation"]["perplexity"]["max_docs"] or 1000000,
-        ),
+        ppl=lambda wc: f"--ppl-window {config['evaluation']['perplexity']['window']}"
+        + (f" --ppl-max-docs {n}" if (n := config["evaluation"]["perplexity"]["max_docs"]) is not None else ""),
         device=config["device"],
         out=lambda wc, output: Path(output.summary).parent,
         code=code_version("search", "search_run", "evaluate", "lmeval_tasks", "perplexity", "compress", "plan",

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +151,12 @@ def _combination(settings: CalibrationSettings, rng: np.random.Generator) -> lis
     rng.shuffle(leftovers)
     chosen += leftovers[: max(0, settings.num_samples - len(chosen))]
     return chosen[: settings.num_samples]
+
+
+def read_texts(path: str | os.PathLike) -> list[dict]:
+    """The calibration documents {doc_id, task, text} of a texts.jsonl (the calibration_texts rule's)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def load_pool(settings: CalibrationSettings) -> list[dict]:

@@ -44,13 +44,12 @@ def cmd_calibration_texts(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from .calibration import tokenize, tokens_digest
+    from .calibration import read_texts, tokenize, tokens_digest
     from .io import file_digest, model_digest, save_tensors
     from .models import load_tokenizer
     from .provenance import stamp, tokenizer_digest
 
-    with open(args.texts, encoding="utf-8") as f:
-        docs = [json.loads(line) for line in f if line.strip()]
+    docs = read_texts(args.texts)
     tokens = tokenize([d["text"] for d in docs], load_tokenizer(args.model_dir), args.seq_len)
     digest = tokens_digest(tokens)
     save_tensors(
@@ -163,9 +162,9 @@ def cmd_splits(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .compress import load_compressed
+    from .calibration import read_texts
     from .evaluate import common_columns, evaluate_lmeval, perplexity_row, score_multiple_choice, \
-        build_requests, source_by_name, summarize_scores, write_rows
-    from .io import read_json
+        build_requests, read_split_ids, source_by_name, summarize_scores, write_rows
     from .models import load_model, load_tokenizer, resolve_device
     from .perplexity import perplexity, perplexity_texts
     from .plan import count_params, model_shapes, new_plan
@@ -179,19 +178,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         model, tokenizer = load_model(args.model_dir, device=str(device))
         plan, method = new_plan({}), "baseline"
     counts = count_params(model_shapes(args.model_dir), plan)
-    record = read_json(args.splits)
-    splits = record["tasks"]
-    if record.get("source", "local") != args.task_source:
-        raise ConfigError(f"{args.splits} was drawn for evaluation.source {record.get('source', 'local')!r}, not "
-                          f"{args.task_source!r}; rerun the eval_splits rule")
     tasks = _csv(args.tasks)
-    missing = [t for t in tasks if t not in splits]
-    if missing:
-        raise ConfigError(f"{args.splits} has no split for task(s) {missing}; rerun the eval_splits rule")
-    ids = {t: {args.split: splits[t][args.split][: args.limit] if args.limit else splits[t][args.split]}
-           for t in tasks}
+    ids, n_docs = read_split_ids(args.splits, tasks, args.split, args.limit, args.task_source)
     source = source_by_name(args.task_source, args.tasks_dir)
-    n_docs = record.get("n_docs")
     if args.scorer == "lm_eval":
         rows = evaluate_lmeval(model, tokenizer, source, tasks, ids, batch_size=args.batch_size, n_docs=n_docs)
     else:
@@ -199,10 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                        batch_size=args.batch_size)
         rows = summarize_scores(scores)
     if args.ppl_source != "none":
-        exclude = []
-        if args.calibration_texts:
-            with open(args.calibration_texts, encoding="utf-8") as f:
-                exclude = [json.loads(line)["doc_id"] for line in f if line.strip()]
+        exclude = [d["doc_id"] for d in read_texts(args.calibration_texts)] if args.calibration_texts else []
         texts = perplexity_texts(args.ppl_source, path=args.ppl_path, text_field=args.ppl_text_field,
                                  exclude_ids=exclude, max_docs=args.ppl_max_docs)
         rows.append(perplexity_row(perplexity(model, tokenizer, texts, args.ppl_window), args.ppl_source))
@@ -316,20 +302,16 @@ def cmd_laser_grid(args: argparse.Namespace) -> None:
 
 
 def cmd_laser_point(args: argparse.Namespace) -> None:
-    from .evaluate import build_requests, encode_requests, lmeval_max_length, source_by_name, write_rows
-    from .io import model_digest, read_json
-    from .laser_study import GridPoint, run_point, split_ids
+    from .evaluate import build_requests, encode_requests, lmeval_max_length, read_split_ids, source_by_name, \
+        write_rows
+    from .io import model_digest
+    from .laser_study import GridPoint, run_point
     from .models import load_model
 
     point = GridPoint.parse(args.intervention, args.lname, args.lnum, args.rate)
-    record = read_json(args.splits)
-    if record.get("source", "local") != args.task_source:
-        raise ConfigError(f"{args.splits} was drawn for evaluation.source {record.get('source', 'local')!r}, not "
-                          f"{args.task_source!r}; rerun the eval_splits rule")
-    ids = split_ids(record, args.task, args.split, args.limit, args.splits)
+    ids, n_docs = read_split_ids(args.splits, [args.task], args.split, args.limit, args.task_source)
     model, tokenizer = load_model(args.model_dir, device=args.device)
-    requests = build_requests(source_by_name(args.task_source, args.tasks_dir), [args.task], ids,
-                              n_docs=record.get("n_docs"))
+    requests = build_requests(source_by_name(args.task_source, args.tasks_dir), [args.task], ids, n_docs=n_docs)
     enc = encode_requests(tokenizer, requests, lmeval_max_length(model, tokenizer))
     rows, items, common = run_point(model, tokenizer, point, enc, model_name=args.model_name,
                                     batch_size=args.batch_size, bandwidth=args.vendi_bandwidth,
@@ -524,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-limit", type=int, default=None, help="test-split docs per task for the curve")
     p.add_argument("--curve-every", type=int, default=1, help="evaluate the test split every N finished blocks")
     p.add_argument("--ppl-window", type=int, default=128)
-    p.add_argument("--ppl-max-docs", type=int, default=300)
+    p.add_argument("--ppl-max-docs", type=int, default=None, help="first N perplexity documents (default: all)")
     p.add_argument("--ppl-search-fraction", type=float, default=0.2)
     p.add_argument("--calibration-texts", default=None, help="calibration JSONL whose docs perplexity text excludes")
     p.add_argument("--batch-size", type=int, default=8)

@@ -117,6 +117,28 @@ def split_doc_ids(
     return out
 
 
+def read_split_ids(path: str | os.PathLike, tasks: Sequence[str], split: str, limit: int | None = None,
+                   source: str = "local") -> tuple[dict[str, dict[str, list[int]]], dict | None]:
+    """({task: {split: the first `limit` doc ids}}, the record's eval doc counts) from the splits record
+    the eval_splits rule wrote (`eval_splits`), checked to be drawn for task source `source` and to hold
+    every task; the counts go to `build_requests(n_docs=...)`, which refuses a changed dataset."""
+    from .io import read_json
+
+    record = read_json(path)
+    if record.get("source", "local") != source:
+        raise ConfigError(f"{path} was drawn for evaluation.source {record.get('source', 'local')!r}, not "
+                          f"{source!r}; rerun the eval_splits rule")
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"split {split!r} is not evaluated; use one of {', '.join(EVAL_SPLITS)}")
+    splits = record["tasks"]
+    missing = [t for t in tasks if t not in splits]
+    if missing:
+        raise ConfigError(f"{path} has no split for task(s) {missing}; add them to evaluation.tasks and rerun "
+                          "the eval_splits rule")
+    ids = {t: {split: splits[t][split][:limit] if limit else splits[t][split]} for t in tasks}
+    return ids, record.get("n_docs")
+
+
 def all_split_ids(tasks: Iterable[str], seed: int, calibration_fraction: float, search_fraction: float,
                   limit: int | None = None) -> dict[str, dict[str, list[int]]]:
     """{task: split_doc_ids(...)} for several tasks (local source)."""

@@ -28,7 +28,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -321,18 +320,6 @@ def run_point(
     log.info("%s: %d matrices changed in %.1f s, %d docs scored in %.1f s", point.name, len(applied["layers"]),
              apply_seconds, len(items), seconds)
     return summary_rows(items), items, common
-
-
-def split_ids(record: Mapping, task: str, split: str, limit: int | None, where: str = "splits.json") -> dict:
-    """{task: {split: the first `limit` doc ids}} of the workflow's splits record (`sfsd.evaluate.eval_splits`,
-    read from `where`)."""
-    splits = record["tasks"]
-    if task not in splits:
-        raise ConfigError(f"{where} has no split for task {task!r}; add it to evaluation.tasks")
-    if split not in ("search", "test"):
-        raise ConfigError(f"split {split!r} must be search (LASER's validation part) or test")
-    ids = splits[task][split]
-    return {task: {split: ids[:limit] if limit else ids}}
 
 
 # ---------------------------------------------------------------- choosing on the search split

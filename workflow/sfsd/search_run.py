@@ -65,21 +65,6 @@ class FactorCache:
         return factor_entry(self._block[1], linear)
 
 
-def _split_ids(splits_file: str | os.PathLike, tasks: Sequence[str], split: str, limit: int | None) -> dict:
-    splits = json.loads(Path(splits_file).read_text())["tasks"]
-    missing = [t for t in tasks if t not in splits]
-    if missing:
-        raise ConfigError(f"{splits_file} has no split for task(s) {missing}; add them to evaluation.tasks")
-    return {t: {split: splits[t][split][:limit] if limit else splits[t][split]} for t in tasks}
-
-
-def _calibration_ids(path: str | os.PathLike | None) -> list[str]:
-    if not path:
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["doc_id"] for line in f if line.strip()]
-
-
 def run_search(
     *,
     model_dir: str,
@@ -107,8 +92,9 @@ def run_search(
     with_curve: bool = True,
 ) -> dict:
     """Run the search of `settings` and write its outputs into `out_dir` (atomically); return the summary."""
-    from .evaluate import build_requests, encode_requests, lmeval_max_length, score_multiple_choice, \
-        summarize_scores
+    from .calibration import read_texts
+    from .evaluate import build_requests, encode_requests, lmeval_max_length, read_split_ids, \
+        score_multiple_choice, summarize_scores
     from .lmeval_tasks import source_by_name
     from .models import load_model
     from .perplexity import perplexity, perplexity_texts
@@ -124,7 +110,8 @@ def run_search(
 
     ppl_docs: tuple[list, list] | None = None
     if settings.mode == "perplexity":
-        docs = perplexity_texts(settings.target, exclude_ids=_calibration_ids(calibration_texts), max_docs=ppl_max_docs)
+        exclude = [d["doc_id"] for d in read_texts(calibration_texts)] if calibration_texts else []
+        docs = perplexity_texts(settings.target, exclude_ids=exclude, max_docs=ppl_max_docs)
         cut = max(1, int(len(docs) * ppl_search_fraction))
         if cut >= len(docs):
             raise ConfigError(f"perplexity source {settings.target} has {len(docs)} docs: too few to split into search "
@@ -140,15 +127,17 @@ def run_search(
         if unknown:
             raise ConfigError(f"search target {settings.target!r} is not one of evaluation.tasks {list(tasks)} nor "
                               f"{AVERAGE!r}")
-        ids = _split_ids(splits_file, target_tasks, "search", search_limit)
-        enc = encode_requests(tokenizer, build_requests(source, target_tasks, ids, ["search"]), max_length)
+        ids, n_docs = read_split_ids(splits_file, target_tasks, "search", search_limit, task_source)
+        enc = encode_requests(tokenizer, build_requests(source, target_tasks, ids, ["search"], n_docs=n_docs),
+                              max_length)
         objective = AccuracyObjective(tokenizer, enc, settings.metric, settings.delta, batch_size)
         inputs = ids
     settings = SearchSettings(**{**asdict(settings), "inputs": _digest([digest, inputs, search_limit])})
 
     if with_curve:
-        test_ids = _split_ids(splits_file, list(tasks), "test", curve_limit)
-        test_enc = encode_requests(tokenizer, build_requests(source, list(tasks), test_ids, ["test"]), max_length)
+        test_ids, n_docs = read_split_ids(splits_file, list(tasks), "test", curve_limit, task_source)
+        test_enc = encode_requests(tokenizer, build_requests(source, list(tasks), test_ids, ["test"], n_docs=n_docs),
+                                   max_length)
 
     def curve(m: torch.nn.Module) -> list[dict]:
         rows = summarize_scores(score_multiple_choice(m, tokenizer, test_enc, batch_size))
@@ -189,8 +178,6 @@ def _digest(obj) -> str:
 
 def _write_outputs(out_dir, result, summary: dict, model_name: str, name: str, settings: SearchSettings) -> None:
     """Each file atomically, summary.json last (Snakemake deletes all outputs of a job that fails)."""
-    import shutil
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
