@@ -480,7 +480,8 @@ def surgical_search(
     header = dict(header or {})
     decisions: dict[str, dict] = {}
     t0 = time.perf_counter()
-    done_before = Counter()
+    # the parameter fraction budgets (stop_at, checkpoints) are judged by, in the configured convention
+    fraction_key = "params_model_fraction" if settings.convention == "model" else "params_decoder_linear_fraction"
     try:
         recorded = None  # block whose inputs the cache holds
         if state.baseline is None:
@@ -503,15 +504,15 @@ def surgical_search(
                     "params_decoder_linear": counts["decoder_linear"]["compressed"],
                     "params_decoder_linear_fraction": counts["decoder_linear"]["fraction"]}
 
+        def entry_of(rank: int | None) -> dict:  # the plan entry of a decision
+            return {"method": "dense"} if rank is None else {"method": settings.method, "rank": rank}
+
         def apply_decision(block: int, linear: str, rank: int | None) -> None:
-            key = layer_key(block, linear)
-            if rank is None:
-                decisions[key] = {"method": "dense"}
-                return
-            dense = runner.originals[block].get_submodule(spec.linears[linear])
-            replace_module(model, linear_path(spec, block, linear),
-                           _low_rank(factors(block, linear), settings.method, rank, settings.bias_compensation, dense))
-            decisions[key] = {"method": settings.method, "rank": rank}
+            decisions[layer_key(block, linear)] = entry_of(rank)
+            if rank is not None:
+                dense = runner.originals[block].get_submodule(spec.linears[linear])
+                replace_module(model, linear_path(spec, block, linear), _low_rank(
+                    factors(block, linear), settings.method, rank, settings.bias_compensation, dense))
 
         def curve_point(layers_done: int, block: int) -> None:
             if curve is None:
@@ -524,9 +525,8 @@ def surgical_search(
         # replay what a previous run finished
         for record in state.layers:
             apply_decision(record["block"], record["linear"], record["rank"])
-        if state.layers:
-            done_before = Counter(state.layers[-1]["forwards"])
-            runner.forwards.update(done_before)
+        if state.layers:  # the counters continue from the last finished layer
+            runner.forwards.update(state.layers[-1]["forwards"])
         top = order[0][0]
 
         def curve_due(step: int) -> bool:  # after every `curve_every`-th finished block
@@ -545,8 +545,7 @@ def surgical_search(
         if state.layers and [(r["block"], r["linear"]) for r in state.layers] != order[:len(state.layers)]:
             raise DataError(f"{state.path} records layers in another order than this search; delete it to start over")
         stopped = bool(state.layers) and settings.stop_at is not None and \
-            state.layers[-1]["params_model_fraction" if settings.convention == "model" else
-                             "params_decoder_linear_fraction"] <= settings.stop_at
+            state.layers[-1][fraction_key] <= settings.stop_at
         bar = _progress(len(order), len(state.layers), progress)
         current_block = None
         for step, (block, linear) in enumerate(todo, start=len(state.layers) + 1):
@@ -590,8 +589,7 @@ def surgical_search(
                                 f"params={p['params_model_fraction']:.3f}")
             if step != len(order) and curve_due(step):
                 curve_point(step, block)
-            fraction = p["params_model_fraction" if settings.convention == "model" else "params_decoder_linear_fraction"]
-            if settings.stop_at is not None and fraction <= settings.stop_at:
+            if settings.stop_at is not None and p[fraction_key] <= settings.stop_at:
                 log.info("parameter budget %.3f reached after %s: stopping", settings.stop_at, record["layer"])
                 stopped = True
         bar.close()
@@ -599,12 +597,10 @@ def surgical_search(
         if not state.curve or state.curve[-1]["layers_done"] != final["step"]:
             curve_point(final["step"], final["block"])
         # checkpoint plans: the plan when the model first fell under each budget
-        fraction_key = "params_model_fraction" if settings.convention == "model" else "params_decoder_linear_fraction"
         for c in settings.checkpoints:
             hit = next((i for i, r in enumerate(state.layers) if r[fraction_key] <= c), None)
             if hit is not None:
-                layers = {r["layer"]: ({"method": "dense"} if r["rank"] is None else
-                                       {"method": settings.method, "rank": r["rank"]}) for r in state.layers[:hit + 1]}
+                layers = {r["layer"]: entry_of(r["rank"]) for r in state.layers[:hit + 1]}
                 checkpoints[f"p{round(c * 100):02d}"] = new_plan(
                     layers, bias_compensation=settings.bias_compensation,
                     notes={"builder": "search-checkpoint", "params_fraction_at_most": c}, **header)
