@@ -6,15 +6,12 @@ import pytest
 import torch
 
 from sfsd.io import load_tensors, read_json
-from test_workflow import copy_workflow, planned_jobs, snakemake
+from test_workflow import new_run, planned_jobs, snakemake
 
 
 @pytest.mark.slow
 def test_embedded_model_stages_1_and_2(tmp_path):
-    (tmp_path / "repo").mkdir()
-    snakefile = copy_workflow(tmp_path / "repo")
-    workdir = tmp_path / "run"
-    workdir.mkdir()
+    snakefile, workdir = new_run(tmp_path)
     config = {"calibration": {"num_samples": 24}, "device": "cpu",
               "compression": {"methods": ["feature"], "budgets": {"p54": 0.806}},
               "evaluation": {"tasks": ["arc_easy", "piqa"], "limit": 10, "perplexity": {"max_docs": 30}}}

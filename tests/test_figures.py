@@ -20,7 +20,7 @@ from sfsd import figures as F
 from sfsd.errors import DataError
 from sfsd.io import save_tensors
 
-from test_workflow import copy_workflow, planned_jobs, snakemake
+from test_workflow import new_run, planned_jobs, snakemake
 
 # (out, in) of a small Llama-like block: hidden 64, grouped-query k/v of 32, MLP 96
 SHAPES = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
@@ -314,10 +314,7 @@ def figure_run(tmp_path_factory, tiny_llama, calibration_text_file):
     task with the native scorer (the methods table then holds the baseline row only; its contents are
     tested above on synthetic results)."""
     root = tmp_path_factory.mktemp("figwf")
-    (root / "repo").mkdir()
-    snakefile = copy_workflow(root / "repo")
-    workdir = root / "run"
-    workdir.mkdir()
+    snakefile, workdir = new_run(root)
     config = {
         "models": {"tiny": {"source": "local", "path": str(tiny_llama)}},
         "calibration": {"source": "text_file", "path": str(calibration_text_file), "num_samples": 16, "seq_len": 32},

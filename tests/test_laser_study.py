@@ -146,12 +146,9 @@ def test_sweep_extended_by_one_rate_reruns_only_new_points(tmp_path, tiny_llama)
     scored are not rerun (their files are untouched); the new rate's points are; a finished run has nothing
     left to do; results, figure and table come out of it."""
     import pyarrow.parquet as pq
-    from test_workflow import copy_workflow, planned_jobs, snakemake
+    from test_workflow import new_run, planned_jobs, snakemake
 
-    (tmp_path / "repo").mkdir()
-    snakefile = copy_workflow(tmp_path / "repo")
-    workdir = tmp_path / "run"
-    workdir.mkdir()
+    snakefile, workdir = new_run(tmp_path)
     laser = {"enabled": True, "tasks": ["arc_easy"], "lnums": [1], "lnames": ["fc_in"], "rates": [5],
              "interventions": ["laser"], "limit": 4, "batch_size": 4}
     config = {"models": {"tiny": {"source": "local", "path": str(tiny_llama)}}, "device": "cpu",
@@ -197,7 +194,6 @@ def test_sweep_extended_by_one_rate_reruns_only_new_points(tmp_path, tiny_llama)
 def test_bad_laser_config_fails_before_any_job(tmp_path, tiny_llama, laser, message):
     from test_workflow import copy_workflow, snakemake
 
-    (tmp_path / "repo").mkdir()
     snakefile = copy_workflow(tmp_path / "repo")
     config = {"models": {"tiny": {"source": "local", "path": str(tiny_llama)}}, "device": "cpu",
               "compression": {"first_block": 0}, "evaluation": {"tasks": ["arc_easy"]},

@@ -28,7 +28,7 @@ import yaml
 
 from conftest import REPO
 from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
-from test_workflow import copy_workflow
+from test_workflow import new_run
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 TARGET = "results/tiny/eigen/summary.json"
@@ -79,10 +79,7 @@ def test_profile_names_real_rules_and_resources(tmp_path, tiny_llama, calibratio
     """A dry run through the profile: every rule it routes exists, and stage 1 asks for a GPU
     (the rule's gpu=1 with device cuda, as on a cluster whose login node has no GPU) in the profile's
     GPU partition."""
-    (tmp_path / "repo").mkdir()
-    snakefile = copy_workflow(tmp_path / "repo")
-    workdir = tmp_path / "run"
-    workdir.mkdir()
+    snakefile, workdir = new_run(tmp_path)
     cfg = workdir / "test-config.yaml"
     cfg.write_text(yaml.safe_dump(workflow_config(tiny_llama, calibration_text_file, device="cuda")))
     base = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
@@ -134,10 +131,7 @@ def cluster():
 def slurm_run(cluster, tmp_path_factory, tiny_llama, calibration_text_file):
     """The workflow through a test variant of profiles/slurm, on the private cluster."""
     root = tmp_path_factory.mktemp("slurm-wf")
-    (root / "repo").mkdir()
-    snakefile = copy_workflow(root / "repo")
-    workdir = root / "run"
-    workdir.mkdir()
+    snakefile, workdir = new_run(root)
     cfg = workdir / "test-config.yaml"
     cfg.write_text(yaml.safe_dump(workflow_config(tiny_llama, calibration_text_file, device="cpu")))
 

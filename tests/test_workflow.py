@@ -18,11 +18,20 @@ from sfsd.io import load_tensors, read_json
 
 def copy_workflow(dest: Path) -> Path:
     """A private copy of the workflow, so a test may edit its code without touching the repo."""
+    dest.mkdir(parents=True, exist_ok=True)
     for item in ("Snakefile", "config.yaml", "rules", "profiles", "envs"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
     shutil.copytree(REPO / "workflow", dest / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
     return dest / "Snakefile"
+
+
+def new_run(root: Path) -> tuple[Path, Path]:
+    """(Snakefile of a private workflow copy in root/repo, an empty working folder root/run)."""
+    snakefile = copy_workflow(root / "repo")
+    workdir = root / "run"
+    workdir.mkdir()
+    return snakefile, workdir
 
 
 def snakemake(snakefile: Path, workdir: Path, config: dict, *args: str, check: bool = True):
@@ -48,10 +57,7 @@ def planned_jobs(proc) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_llama, calibration_text_file):
     root = tmp_path_factory.mktemp("wf")
-    (root / "repo").mkdir()
-    snakefile = copy_workflow(root / "repo")
-    workdir = root / "run"
-    workdir.mkdir()
+    snakefile, workdir = new_run(root)
     config = {
         "models": {"tiny": {"source": "local", "path": str(tiny_llama)}},
         "calibration": {"source": "text_file", "path": str(calibration_text_file), "num_samples": 24, "seq_len": 32},
