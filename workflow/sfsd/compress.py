@@ -113,7 +113,7 @@ def _architecture(model: nn.Module) -> str | None:
 # ---------------------------------------------------------------- cached statistics (all file reads)
 
 
-class _BlockFile:
+class BlockFile:
     """Lazy read-only view of one block file: tensors are read on first access (memory-mapped), and
     the file's model_digest is checked against the expected one before anything is used."""
 
@@ -143,10 +143,10 @@ def cached_statistics(
     root = Path(model_results)
 
     def eigen(block: int) -> BlockTensors:
-        return _BlockFile(root / "eigen" / block_file(block), model_digest)
+        return BlockFile(root / "eigen" / block_file(block), model_digest)
 
     def features(block: int) -> BlockTensors:
-        return _BlockFile(root / "features" / block_file(block), model_digest)
+        return BlockFile(root / "features" / block_file(block), model_digest)
 
     return eigen, features
 
@@ -442,7 +442,7 @@ def save_factor_cache(
         eigen = _block(eigen_blocks, block, "eigen") if method == "feature" else None
         features = _block(feature_blocks, block, "feature") if method == "whitened" else None
         stats = eigen if eigen is not None else features
-        if isinstance(stats, _BlockFile):
+        if isinstance(stats, BlockFile):
             sources.append((str(stats.path), stats.metadata))
         # every block's statistics from one calibration run (a stale block of an older run is refused)
         calibration = common_value(sources, "calibration_digest", f"{method} statistics")
@@ -491,7 +491,7 @@ def apply_cached_plan(
     blocks = blocks_of(model, spec)
     norm = validate_plan(plan, spec, len(blocks), linear_shapes(model, spec), model_digest=model_digest,
                          architecture=_architecture(model))
-    files: dict[tuple[str, int], _BlockFile] = {}  # the current block's files only
+    files: dict[tuple[str, int], BlockFile] = {}  # the current block's files only
     sources: dict[str, list[tuple[str, dict]]] = {}  # method -> (file, metadata) of the cache blocks used
     report = {}
     for key, entry in norm["layers"].items():
@@ -504,7 +504,7 @@ def apply_cached_plan(
         if (method, block) not in files:
             if any(b != block for _, b in files):
                 files.clear()
-            files[(method, block)] = _BlockFile(Path(cache_dir) / method / block_file(block), model_digest)
+            files[(method, block)] = BlockFile(Path(cache_dir) / method / block_file(block), model_digest)
             sources.setdefault(method, []).append((str(files[(method, block)].path), files[(method, block)].metadata))
         cache = factor_entry(files[(method, block)], linear)
         layer = model.get_submodule(linear_path(spec, block, linear))

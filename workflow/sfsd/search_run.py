@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .arch import architecture_of, get_arch, select_linears
-from .compress import _BlockFile, factor_entry
+from .compress import BlockFile, factor_entry
 from .collect import block_file
 from .errors import ConfigError, DataError
 from .io import atomic_dir, atomic_path, model_digest, write_json
@@ -48,11 +48,11 @@ class FactorCache:
     def __init__(self, root: str | os.PathLike, method: str, digest: str | None) -> None:
         self.root, self.method, self.digest = Path(root), method, digest
         self.calibration_digest: str | None = None
-        self._block: tuple[int, _BlockFile] | None = None
+        self._block: tuple[int, BlockFile] | None = None
 
     def check(self, blocks: Sequence[int]) -> None:
         """Fail before any scoring when a block file is missing, corrupt or of another model."""
-        digests = {_BlockFile(self.root / self.method / block_file(block), self.digest).metadata.get("calibration_digest")
+        digests = {BlockFile(self.root / self.method / block_file(block), self.digest).metadata.get("calibration_digest")
                    for block in sorted(set(blocks))}
         if len(digests) > 1:
             raise DataError(f"the {self.method} factor cache in {self.root} mixes blocks of different calibration runs "
@@ -61,7 +61,7 @@ class FactorCache:
 
     def __call__(self, block: int, linear: str) -> dict[str, torch.Tensor]:
         if self._block is None or self._block[0] != block:
-            self._block = (block, _BlockFile(self.root / self.method / block_file(block), self.digest))
+            self._block = (block, BlockFile(self.root / self.method / block_file(block), self.digest))
         return factor_entry(self._block[1], linear)
 
 
