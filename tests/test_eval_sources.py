@@ -194,6 +194,54 @@ def test_build_requests_takes_a_task_manager_and_checks_doc_counts(tmp_path):
         build_requests(manager, ["sfsd_piqa"], {"sfsd_piqa": {"test": [5000]}})
 
 
+def test_local_hub_and_native_rows_have_the_same_metric_columns(tmp_path, monkeypatch, tiny_llama):
+    """One task of each kind (winogrande: lm-eval defines acc only; piqa: acc and acc_norm) scored three
+    ways on the tiny model: lm-eval on the local export, lm-eval on its own built-in (hub) configs with the
+    hub data replaced by a stand-in holding the same docs, and the native scorer. All three give the same
+    (task, metric) rows, lm-eval's own (`TASKS[task].metrics`), so a table column never exists for one
+    source only; and the same values."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sfsd.evaluate import encode_requests, evaluate_lmeval, score_multiple_choice, summarize_scores
+
+    tasks = ["winogrande", "piqa"]
+    export_local_tasks(tmp_path / "tasks", tasks)
+    ids = {t: {"test": split_doc_ids(t, None, limit=2, **SPLIT)["test"]} for t in tasks}
+    by_path = {builtin_config(t)[0]["dataset_path"]: t for t in tasks}
+    loaded, real_load = [], datasets.load_dataset
+
+    def load_dataset(path=None, name=None, **kwargs):  # lm-eval's ConfigurableTask.download, offline
+        if path not in by_path:  # the local export's JSON files
+            return real_load(path=path, name=name, **kwargs)
+        docs = lmeval_docs(by_path[path])
+        loaded.append(by_path[path])
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(docs[:4]),
+                                     "validation": datasets.Dataset.from_list(docs)})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = evaluate_lmeval(model, tok, tmp_path / "tasks", tasks, ids, batch_size=4, max_length=512)
+        hub = evaluate_lmeval(model, tok, HubTasks(), tasks, ids, batch_size=4, max_length=512)
+        requests = build_requests(tmp_path / "tasks", tasks, ids)
+        native = summarize_scores(score_multiple_choice(model, tok, encode_requests(tok, requests, 512), 4))
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(loaded) == sorted(tasks)  # the hub rows really came through lm-eval's built-in configs
+    expected = {("winogrande", "acc"), ("piqa", "acc"), ("piqa", "acc_norm")}
+    assert expected == {(t, m) for t in tasks for m in TASKS[t].metrics}
+    columns = {name: {(r["task"], r["metric"]) for r in rows}
+               for name, rows in (("local", local), ("hub", hub), ("native", native))}
+    assert columns == {"local": expected, "hub": expected, "native": expected}
+    values = {name: {(r["task"], r["metric"]): r["value"] for r in rows}
+              for name, rows in (("local", local), ("hub", hub), ("native", native))}
+    assert values["hub"] == values["local"] and values["native"] == pytest.approx(values["local"])
+
+
 # ---------------------------------------------------------------- WikiText-2 perplexity
 
 

@@ -215,7 +215,74 @@ def test_methods_table(tmp_path):
     md = (tmp_path / "m.md").read_text()
     assert "| b50 | Weight space (SVD) | 0.5 | 50.0 | 30.0 | -25.0 | 2.5e+06 |" in md
     assert (tmp_path / "m.csv").read_text().splitlines()[0] == \
-        "budget,method,params_M,params_%,avg_acc_norm,delta_vs_baseline,ppl"
+        "budget,method,params_M,params_%,avg_acc_norm,avg_acc_norm_ci95,delta_vs_baseline,ppl"
+    assert table[1]["avg_acc_norm_ci95"] is None  # rows without a stderr: no interval, the value alone
+
+
+def paper_rows(n: int = 100) -> list[dict]:
+    """Results of a baseline and one compressed model on boolq (lm-eval: acc only) and piqa (acc, acc_norm),
+    with standard errors and a perplexity interval on the baseline."""
+    rows = []
+    for method, plan, frac, boolq, piqa, ppl in (("baseline", "base", 1.0, 0.60, 0.70, (40.0, 38.5, 41.7)),
+                                                 ("feature", "feature-b80", 0.8, 0.50, 0.60, (60.0, None, None))):
+        common = {"model": "tiny", "method": method, "plan": plan, "split": "test", "n": n,
+                  "params_model": int(frac * 1e6), "params_model_fraction": frac}
+        rows += [{**common, "task": "boolq", "metric": "acc", "value": boolq, "stderr": 0.04},
+                 {**common, "task": "piqa", "metric": "acc", "value": 0.1, "stderr": 0.03},
+                 {**common, "task": "piqa", "metric": "acc_norm", "value": piqa, "stderr": 0.03},
+                 {**common, "task": "lambada", "metric": "ppl", "value": ppl[0], "ci_low": ppl[1], "ci_high": ppl[2],
+                  "window": 128, "n": 3000}]
+    return rows
+
+
+def test_methods_table_resolves_the_paper_metric_per_task(tmp_path):
+    from sfsd.errors import ConfigError
+    from sfsd.evaluate import write_rows
+
+    write_rows(tmp_path / "results.parquet", paper_rows())
+    table = F.methods_table(tmp_path / "results.parquet", "paper", tmp_path / "m.md", tmp_path / "m.csv")
+    base, feat = table
+    # boolq acc and piqa acc_norm, averaged
+    assert base["avg_paper"] == pytest.approx(65.0) and feat["avg_paper"] == pytest.approx(55.0)
+    assert base["avg_paper_ci95"] == pytest.approx(1.96 * 100 * math.hypot(0.04, 0.03) / 2, abs=0.005)
+    assert feat["delta_vs_baseline"] == pytest.approx(-10.0)
+    assert (base["ppl_ci_low"], base["ppl_ci_high"]) == (38.5, 41.7) and "ppl_ci_low" not in feat
+    assert (tmp_path / "m.csv").read_text().splitlines()[0] == \
+        "budget,method,params_M,params_%,avg_paper,avg_paper_ci95,delta_vs_baseline,ppl,ppl_ci_low,ppl_ci_high"
+    md = (tmp_path / "m.md").read_text()
+    assert "| dense | Baseline | 1.0 | 100.0 | 65.0 ± 4.9 | 0.0 | 40.0 [38.5, 41.7] |" in md
+    assert "| b80 | Feature space (SFSD) | 0.8 | 80.0 | 55.0 ± 4.9 | -10.0 | 60.0 |" in md
+    assert "boolq acc, piqa acc_norm" in md.splitlines()[0]  # the caption says which metric each task used
+    acc = F.methods_table_rows(paper_rows(), "acc")
+    assert acc[0]["avg_acc"] == pytest.approx(35.0)
+    with pytest.raises(ConfigError, match="no acc_norm for boolq"):
+        F.methods_table_rows(paper_rows(), "acc_norm")
+
+
+def test_search_curves_resolve_the_paper_metric_per_task(tmp_path):
+    from sfsd.errors import ConfigError
+
+    curve = []
+    for step, frac, drop in ((0, 1.0, 0.0), (7, 0.9, 0.1)):
+        common = {"layers_done": step, "params_model_fraction": frac, "split": "test", "n": 40}
+        curve += [{**common, "task": "boolq", "metric": "acc", "value": 0.6 - drop},
+                  {**common, "task": "piqa", "metric": "acc", "value": 0.2},
+                  {**common, "task": "piqa", "metric": "acc_norm", "value": 0.7 - drop}]
+    curves = {"feature-accuracy-average": curve}
+    panels = F.plot_search_curves(curves, tmp_path / "c.png", tmp_path / "c.svg", tasks=["boolq", "piqa"],
+                                  results=paper_rows(40))
+    assert [(p["task"], p["metric"]) for p in panels] == [("boolq", "acc"), ("piqa", "acc_norm"), ("average", "paper")]
+    avg = panels[2]
+    assert avg["metrics"] == {"boolq": "acc", "piqa": "acc_norm"}
+    assert avg["series"][0]["y"] == pytest.approx([65.0, 55.0])
+    assert F._metric_label("paper") == "accuracy (%, acc or acc_norm per task as lm-eval defines)"
+    points = F.uniform_points(paper_rows(40), panels)
+    assert [p["y"] for p in points["average"]] == pytest.approx([55.0])  # boolq acc and piqa acc_norm
+    assert [p["y"] for p in points["piqa"]] == pytest.approx([60.0])
+    acc = F.curve_panels(curves, ["boolq", "piqa"], "acc")
+    assert [(p["task"], p["metric"]) for p in acc] == [("boolq", "acc"), ("piqa", "acc"), ("average", "acc")]
+    with pytest.raises(ConfigError, match="no acc_norm for boolq"):
+        F.curve_panels(curves, ["boolq", "piqa"], "acc_norm")
 
 
 def test_figures_are_reproducible(searches, tmp_path):

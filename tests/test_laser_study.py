@@ -141,6 +141,40 @@ def test_grid_and_choice():
     assert chosen["chosen"]["name"] == "dont"
 
 
+def test_paper_metric_is_resolved_per_task(tmp_path):
+    """laser.metric paper: BoolQ is chosen and reported by acc, ARC-Easy by acc_norm (lm-eval's own metric of
+    each); acc_norm for BoolQ is a config error naming the key."""
+    from sfsd.laser_study import BASELINE, GridPoint, best_table_rows, choose, sweep_figure
+    from sfsd.evaluate import write_rows
+
+    a = GridPoint("laser", "fc_in", 1, 5.0)
+    rows = []
+    for task, values in (("boolq", {"acc": (0.5, 0.6), "acc_norm": (0.9, 0.1)}),
+                         ("arc_easy", {"acc": (0.5, 0.4), "acc_norm": (0.3, 0.35)})):
+        for metric, (base, changed) in values.items():
+            for split in ("search", "test"):
+                for point, value in ((BASELINE, base), (a, changed)):
+                    rows.append({"task": task, "split": split, "metric": metric, "value": value, "stderr": 0.05,
+                                 "n": 8, "limit": 8, "method": point.method, "plan": point.name, **point.columns(),
+                                 "laser_chosen": point == a, "laser_best_of_intervention": point == a})
+    boolq, arc = choose(rows, "boolq"), choose(rows, "arc_easy")
+    assert (boolq["metric"], boolq["metric_setting"], boolq["chosen"]["name"]) == ("acc", "paper", a.name)
+    assert (arc["metric"], arc["chosen"]["name"]) == ("acc_norm", a.name)  # by acc it would keep the baseline
+    assert choose(rows, "arc_easy", "acc")["chosen"]["name"] == "dont"
+    with pytest.raises(ConfigError, match="laser.metric: lm-eval defines no acc_norm for boolq"):
+        choose(rows, "boolq", "acc_norm")
+    table, notes = best_table_rows(rows, "paper")
+    assert notes["metrics"] == {"arc_easy": "acc_norm", "boolq": "acc"}
+    got = {(r["task"], r["point"]): r for r in table}
+    assert got[("boolq", a.name)]["metric"] == "acc" and got[("boolq", a.name)]["val_paper"] == 60.0
+    assert got[("arc_easy", a.name)]["metric"] == "acc_norm" and got[("arc_easy", a.name)]["test_paper"] == 35.0
+    only_arc = [r for r in rows if r["task"] == "arc_easy"]
+    assert best_table_rows(only_arc, "paper")[0][0]["val_acc_norm"] == 35.0  # one task: the column names its metric
+    write_rows(tmp_path / "results.parquet", rows)
+    sweep_figure(tmp_path / "results.parquet", "paper", tmp_path / "s.png", tmp_path / "s.svg")
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+
+
 def test_sweep_extended_by_one_rate_reruns_only_new_points(tmp_path, tiny_llama):
     """The real Snakefile on the tiny model: a sweep, then the same sweep with one more rate. Points already
     scored are not rerun (their files are untouched); the new rate's points are; a finished run has nothing

@@ -147,6 +147,20 @@ CONFIG_CASES = [
                                      "evaluation": {"tasks": ["arc_easy"]}},
      "search.targets.accuracy ['piqa'] are not in evaluation.tasks ['arc_easy']"),
     ("unknown search method", {"search": {"methods": ["laser"]}}, "search.methods.0: 'laser' is not one of"),
+    ("unknown search metric", {"search": {"metric": "f1"}}, "search.metric: 'f1' is not one of"),
+    # a metric lm-eval's task config does not define (BoolQ and WinoGrande have acc only)
+    ("table metric undefined for a task", {"evaluation": {"tasks": ["arc_easy", "boolq"], "metric": "acc_norm"}},
+     "evaluation.metric: lm-eval defines no acc_norm for boolq"),
+    ("search metric undefined for an averaged task", {"evaluation": {"tasks": ["arc_easy", "winogrande"]},
+                                                      "search": {"enabled": True, "metric": "acc_norm"}},
+     "search.metric: lm-eval defines no acc_norm for winogrande"),
+    ("search metric undefined for a target", {"evaluation": {"tasks": ["arc_easy", "boolq"]},
+                                              "search": {"enabled": True, "metric": "acc_norm",
+                                                         "targets": {"accuracy": ["boolq"]}}},
+     "search.metric: lm-eval defines no acc_norm for boolq"),
+    ("laser metric undefined for its task", {"evaluation": {"tasks": ["arc_easy", "winogrande"]},
+                                             "laser": {"enabled": True, "tasks": ["winogrande"], "metric": "acc_norm"}},
+     "laser.metric: lm-eval defines no acc_norm for winogrande"),
 ]
 
 

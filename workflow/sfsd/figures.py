@@ -26,6 +26,7 @@ from pathlib import Path
 from .errors import DataError
 from .io import atomic_path
 from .tables import METHOD_LABEL, METHOD_ORDER
+from .tasks import METRIC_CHOICES
 
 # One colour per method in every figure, so a reader learns it once.
 METHOD_COLOR = {"baseline": "0.35", "feature": "#1f77b4", "weight": "#ff7f0e", "whitened": "#2ca02c",
@@ -39,7 +40,8 @@ CURVE_COLUMNS = ("method", "search", "mode", "target", "layers_done", "block", "
 LOG_KEYS = ("step", "layer", "block", "linear", "in_features", "out_features", "rank", "layer_params_fraction",
             "params_model_fraction")
 SPECTRA_COLUMNS = ("block", "linear", "space", "rank", "rank_fraction", "energy", "full_rank", "kappa")
-RATE_METRICS = ("acc", "acc_norm")  # in [0, 1], plotted as %
+# in [0, 1], plotted as %; "paper" names an average of each task's own metric (sfsd.tasks.task_metric)
+RATE_METRICS = METRIC_CHOICES  # in [0, 1], plotted as %
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -146,14 +148,20 @@ def _is_rate(metric: str) -> bool:
 
 # ------------------------------------------------------------------- Figures 1/2: metric vs parameters
 
-def curve_panels(curves: Mapping[str, list[dict]], tasks: Sequence[str] = (), metric: str = "acc_norm") -> list[dict]:
+def curve_panels(curves: Mapping[str, list[dict]], tasks: Sequence[str] = (), metric: str = "paper") -> list[dict]:
     """Panels of the search-curve figure, from curve rows per search name.
 
     A panel is one (task, metric): the configured `tasks` (in that order, those present), then `average`
     (the curve's own rows, or the mean of the tasks when every task was scored at that point), then any
-    other task (perplexity sources). A panel shows the searches that targeted its task, or every search
-    that scored it when none did. Each series has x = % of the model's parameters kept, y = the metric
-    (x100 for accuracies), sorted along the search; `baseline` is the uncompressed model (layers_done 0)."""
+    other task (perplexity sources). `metric` (`sfsd.tasks.METRIC_CHOICES`) is resolved per task by
+    `task_metric` ("paper": acc for boolq and winogrande, acc_norm for the others; ConfigError for a
+    metric lm-eval does not define for a task); the average panel's metric is the tasks' common metric,
+    or "paper" when they differ, and it carries `metrics` {task: metric averaged}. A panel shows the
+    searches that targeted its task, or every search that scored it when none did. Each series has x = %
+    of the model's parameters kept, y = the metric (x100 for accuracies), sorted along the search;
+    `baseline` is the uncompressed model (layers_done 0)."""
+    from .tasks import TASKS, task_metric
+
     if not curves:
         raise DataError("no search curves given")
     by_search: dict[str, dict[tuple[str, str], dict[int, dict]]] = {}
@@ -170,30 +178,38 @@ def curve_panels(curves: Mapping[str, list[dict]], tasks: Sequence[str] = (), me
 
     def pick_metric(task: str) -> str | None:
         metrics = {m for t, m in present if t == task}
+        if task in TASKS:  # a benchmark: the metric the setting means for it, if it was scored
+            wanted = task_metric(task, metric)
+            return wanted if wanted in metrics else None
         for m in (metric, "acc_norm", "acc", "ppl"):
             if m in metrics:
                 return m
         return sorted(metrics)[0] if metrics else None
 
-    # the average panel: the curves' own "average" rows, else the mean over the configured tasks
-    avg_metric = pick_metric("average") or (metric if rate_tasks else None)
+    # the average panel: the curves' own "average" rows, else the mean over the configured tasks, each
+    # task in its own metric
+    task_metrics = {t: pick_metric(t) or (task_metric(t, metric) if t in TASKS else metric) for t in rate_tasks}
+    common = set(task_metrics.values())
+    avg_metric = pick_metric("average") or ((common.pop() if len(common) == 1 else metric) if rate_tasks else None)
+    computed = False
     for name, pts in by_search.items():
         if ("average", avg_metric) in pts or not rate_tasks:
             continue
-        per_task = [pts.get((t, pick_metric(t) or metric), {}) for t in rate_tasks]
+        per_task = [pts.get((t, task_metrics[t]), {}) for t in rate_tasks]
         steps = set.intersection(*(set(p) for p in per_task)) if all(per_task) else set()
-        if steps and all(pick_metric(t) == avg_metric for t in rate_tasks):
+        if steps:
             pts[("average", avg_metric)] = {
                 s: {**per_task[0][s], "task": "average", "value": sum(p[s]["value"] for p in per_task) / len(per_task)}
                 for s in steps}
             present.add(("average", avg_metric))
+            computed = True
 
     order = [t for t in tasks if t != "average"] + ["average"]
     order += sorted({t for t, _ in present} - set(order))
     panels = []
     for task in order:
-        m = pick_metric(task)
-        if m is None:
+        m = avg_metric if task == "average" else pick_metric(task)
+        if m is None or not any((task, m) in pts for pts in by_search.values()):
             continue
         scored = [n for n, pts in by_search.items() if (task, m) in pts]
         own = [n for n in scored if parse_search_name(n)[2] == task]
@@ -209,8 +225,11 @@ def curve_panels(curves: Mapping[str, list[dict]], tasks: Sequence[str] = (), me
                            "n": pts[steps[0]].get("n")})
             if 0 in pts:
                 baselines.append(scale * pts[0]["value"])
-        panels.append({"task": task, "metric": m, "series": series,
-                       "baseline": sorted(baselines)[len(baselines) // 2] if baselines else None})
+        panel = {"task": task, "metric": m, "series": series,
+                 "baseline": sorted(baselines)[len(baselines) // 2] if baselines else None}
+        if task == "average" and computed:
+            panel["metrics"] = dict(task_metrics)
+        panels.append(panel)
     if not panels:
         raise DataError("the search curves hold no test-split rows to plot")
     return panels
@@ -225,8 +244,9 @@ def uniform_points(results: Iterable[Mapping], panels: Sequence[dict]) -> dict[s
         task, metric = panel["task"], panel["metric"]
         ns = {s["n"] for s in panel["series"]}
         by_plan: dict[str, dict] = {}
+        per_task = panel.get("metrics", {})  # the average panel: each task in its own metric
         for r in rows:
-            if r["metric"] != metric or r.get("value") is None:
+            if r["metric"] != per_task.get(r["task"], metric) or r.get("value") is None:
                 continue
             if task == "average" or r["task"] == task:
                 by_plan.setdefault(r["plan"], {"method": r["method"], "plan": r["plan"],
@@ -250,15 +270,17 @@ def uniform_points(results: Iterable[Mapping], panels: Sequence[dict]) -> dict[s
 
 def _metric_label(metric: str) -> str:
     return {"acc": "accuracy (%)", "acc_norm": "length-normalised accuracy (%)",
+            "paper": "accuracy (%, acc or acc_norm per task as lm-eval defines)",
             "ppl": "perplexity (lower is better)"}.get(metric, metric)
 
 
 def plot_search_curves(curves: Mapping[str, list[dict]], out_png: str | os.PathLike, out_svg: str | os.PathLike, *,
-                       tasks: Sequence[str] = (), metric: str = "acc_norm", results: Iterable[Mapping] | None = None,
+                       tasks: Sequence[str] = (), metric: str = "paper", results: Iterable[Mapping] | None = None,
                        title: str = "", dpi: int = 150) -> list[dict]:
     """Figures 1/2 of the SFSD paper: per task (and the average), the test metric against the parameters
     kept along each surgical search, one line per search, the uncompressed model as a horizontal line,
-    and the uniform-budget models of Table 1 as points when scored on the same documents."""
+    and the uniform-budget models of Table 1 as points when scored on the same documents. `metric` is
+    resolved per task as in `curve_panels` ("paper": each task's lm-eval/paper metric)."""
     panels = curve_panels(curves, tasks, metric)
     points = uniform_points(results, panels) if results is not None else {}
     plt = _pyplot()
@@ -497,21 +519,31 @@ def plot_spectra(rows: Sequence[Mapping], out_png: str | os.PathLike, out_svg: s
 
 # ------------------------------------------------------------------------- methods at equal budgets
 
-def methods_table_rows(rows: Sequence[Mapping], metric: str = "acc_norm", split: str = "test") -> list[dict]:
+def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: str = "test") -> list[dict]:
     """Methods x budgets from the combined results: one row per evaluated model (baseline first, then by
     budget from the largest and by method), with parameters, the average test metric over the tasks
-    every model was scored on, its change from the baseline, and perplexity."""
-    from .tasks import TASKS
+    every model was scored on (`avg_<m>`, x100; m the one metric all those tasks resolve to, else the
+    setting: `tables.metric_column`) and its 95% interval half-width (`avg_<m>_ci95`:
+    1.96 x sqrt(sum of the task stderr^2) / n_tasks x 100; None when a stderr is unknown), its change from
+    the baseline, and perplexity (with `ppl_ci_low` / `ppl_ci_high` where its row carries an interval).
+    metric: a setting of `sfsd.tasks.METRIC_CHOICES`, resolved per task by `task_metric` ("paper": acc for
+    boolq and winogrande, acc_norm for the others)."""
+    from .tables import average_ci95, finite_number, metric_column
+    from .tasks import TASKS, task_metric
 
     variants: dict[str, dict] = {}
+    resolved: dict[str, str] = {}
     for r in rows:
         v = variants.setdefault(r["plan"], {"method": r["method"], "plan": r["plan"], "scores": {}, "ppl": None,
                                             "params_model": r.get("params_model"),
                                             "fraction": r.get("params_model_fraction")})
         if r["metric"] == "ppl":
-            v["ppl"] = r["value"]
-        elif r["metric"] == metric and r["split"] == split and r["task"] in TASKS:
-            v["scores"][r["task"]] = 100.0 * r["value"]
+            v["ppl"] = (r["value"], finite_number(r.get("ci_low")), finite_number(r.get("ci_high")))
+        elif r["split"] == split and r["task"] in TASKS:
+            if r["task"] not in resolved:
+                resolved[r["task"]] = task_metric(r["task"], metric)
+            if r["metric"] == resolved[r["task"]]:
+                v["scores"][r["task"]] = (100.0 * r["value"], r.get("stderr"))
     if not variants:
         raise DataError("the results hold no rows; run the evaluation rules first")
     from .tables import complete_variants
@@ -522,9 +554,10 @@ def methods_table_rows(rows: Sequence[Mapping], metric: str = "acc_norm", split:
     if not common:
         raise DataError(f"no task was scored ({metric}, {split} split) for every model; rerun the evaluation")
     base = next((v for v in variants.values() if v["method"] == "baseline"), None)
+    label = metric_column(metric, {t: resolved[t] for t in common})
 
     def average(v):
-        return sum(v["scores"][t] for t in common) / len(common)
+        return sum(v["scores"][t][0] for t in common) / len(common)
 
     def budget(v):  # plan names are <method>-<budget>; anything else is its own group
         return v["plan"].split("-", 1)[1] if v["plan"].startswith(f"{v['method']}-") else v["plan"]
@@ -537,15 +570,19 @@ def methods_table_rows(rows: Sequence[Mapping], metric: str = "acc_norm", split:
     for v in sorted(variants.values(), key=lambda v: (v["method"] != "baseline", -group_size[budget(v)], budget(v),
                                                        METHOD_ORDER.get(v["method"], 9))):
         avg = average(v)
-        out.append({
+        row = {
             "budget": "dense" if v["method"] == "baseline" else budget(v),
             "method": METHOD_LABEL.get(v["method"], v["method"]),
             "params_M": round((v["params_model"] or 0) / 1e6, 2),
             "params_%": round(100 * (v["fraction"] or 0), 1),
-            f"avg_{metric}": round(avg, 2),
+            f"avg_{label}": round(avg, 2),
+            f"avg_{label}_ci95": average_ci95(v["scores"][t][1] for t in sorted(common)),
             "delta_vs_baseline": None if base is None else round(avg - average(base), 2),
-            "ppl": None if v["ppl"] is None else round(v["ppl"], 2),
-        })
+            "ppl": None if v["ppl"] is None else round(v["ppl"][0], 2),
+        }
+        if v["ppl"] is not None and v["ppl"][1] is not None and v["ppl"][2] is not None:
+            row["ppl_ci_low"], row["ppl_ci_high"] = round(v["ppl"][1], 2), round(v["ppl"][2], 2)
+        out.append(row)
     return out
 
 
@@ -560,16 +597,20 @@ def _cell(value) -> str:
 
 def methods_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLike,
                   out_csv: str | os.PathLike) -> list[dict]:
-    """Write the methods-comparison table (Markdown with a caption line, and CSV)."""
-    from .tables import write_table
-    from .tasks import TASKS
+    """Write the methods-comparison table (Markdown with a caption line, and CSV); `metric` as in
+    `methods_table_rows`. The Markdown shows the average as `50.0 ± 3.1` (95% interval) and perplexity
+    with its interval in brackets where known; the CSV keeps them in separate columns."""
+    from .tables import metric_caption, write_table
+    from .tasks import TASKS, task_metric
 
     rows = read_parquet_rows(results, "combined results")
     table = methods_table_rows(rows, metric)
-    tasks = sorted({r["task"] for r in rows if r["metric"] == metric and r["task"] in TASKS})
+    tasks = sorted({r["task"] for r in rows if r["task"] in TASKS and r["metric"] == task_metric(r["task"], metric)})
     ppl = sorted({f"{r['task']}, {r.get('window')}-token windows" for r in rows if r["metric"] == "ppl"})
+    what = metric_caption(metric, {t: task_metric(t, metric) for t in tasks})
     write_table(table, out_md, out_csv, cell=_cell,
-                caption=f"Methods at equal parameter budgets: average zero-shot {metric} (x100, test split) over "
-                f"{', '.join(tasks)}; change from the uncompressed model in points; perplexity on "
-                f"{'; '.join(ppl) or 'none'}. Parameters over the whole model.")
+                caption=f"Methods at equal parameter budgets: average zero-shot {what} (x100, test split) over "
+                f"{', '.join(tasks)}, ± its 95% interval (1.96 x sqrt(sum of the task standard errors^2) / "
+                f"n_tasks); change from the uncompressed model in points; perplexity on {'; '.join(ppl) or 'none'}"
+                " (95% interval in brackets where known). Parameters over the whole model.")
     return table

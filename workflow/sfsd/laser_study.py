@@ -34,6 +34,7 @@ import torch
 
 from .arch import ArchSpec, architecture_of, get_arch
 from .errors import ConfigError, DataError
+from .tasks import METRIC_CHOICES
 from .io import atomic_path, read_json, write_json
 from .methods import laser_rank
 
@@ -50,7 +51,9 @@ INTERVENTIONS: dict[str, tuple[str, dict]] = {
 BASELINE_INTERVENTION = "none"  # only with lname dont: the unchanged model
 # LASER's released sweep scripts try these rates (rho = 0.9 .. 0.005)
 LASER_RATES = (1.0, 2.0, 4.0, 6.0, 8.0, 9.0, 9.5, 9.9, 9.95)
-SELECT_METRICS = ("acc", "acc_norm")
+# laser.metric: paper = the task's lm-eval/paper metric (acc for boolq and winogrande, acc_norm for the
+# others; sfsd.tasks.task_metric), or one of acc / acc_norm where lm-eval defines it for the task
+SELECT_METRICS = METRIC_CHOICES
 # panel order of the figure: single matrices as LASER lists them (MLP first), groups last
 LNAME_ORDER = ("fc_in", "fc_up", "fc_out", "q_proj", "k_proj", "v_proj", "out_proj", "mlp", "attn", "all")
 
@@ -333,13 +336,27 @@ def _values_by_point(rows: Iterable[Mapping], task: str, split: str) -> dict[Gri
     return out
 
 
-def choose(rows: Iterable[Mapping], task: str, metric: str = "acc") -> dict:
-    """The best point of `task` on the search split: the highest `metric`; ties go to the higher mean gold
-    log-prob per token, then to the baseline (no intervention), then to the first in grid order. Also the
-    best point of each intervention (baseline excluded), whether or not it beats the baseline.
-    Returns {task, metric, chosen, by_intervention, baseline, values}."""
+def _task_metric(task: str, metric: str) -> str:
+    """The metric `metric` (SELECT_METRICS) means for `task` (`sfsd.tasks.task_metric`; a task name outside
+    the six benchmarks takes the setting itself, "paper" there meaning acc_norm)."""
+    from .tasks import resolve_metric
+
     if metric not in SELECT_METRICS:
         raise ConfigError(f"laser.metric {metric!r} must be one of {', '.join(SELECT_METRICS)}")
+    try:
+        return resolve_metric(task, metric)
+    except ConfigError as err:
+        raise ConfigError(f"laser.metric: {err}") from None
+
+
+def choose(rows: Iterable[Mapping], task: str, metric: str = "paper") -> dict:
+    """The best point of `task` on the search split: the highest `metric` (a SELECT_METRICS setting,
+    resolved for the task: "paper" = acc for boolq and winogrande, acc_norm for the others); ties go to
+    the higher mean gold log-prob per token, then to the baseline (no intervention), then to the first in
+    grid order. Also the best point of each intervention (baseline excluded), whether or not it beats the
+    baseline. Returns {task, metric (the resolved one), metric_setting, chosen, by_intervention, baseline,
+    values}."""
+    setting, metric = metric, _task_metric(task, metric)
     values = _values_by_point(rows, task, "search")
     if BASELINE not in values:
         raise DataError(f"no search-split rows of the baseline (dont) for {task}; run its laser_point job")
@@ -362,7 +379,7 @@ def choose(rows: Iterable[Mapping], task: str, metric: str = "acc") -> dict:
     for name in sorted({p.intervention for p in ordered if not p.is_baseline}):
         by_intervention[name] = best([p for p in ordered if p.intervention == name]).as_dict()
     chosen = best(ordered)
-    return {"task": task, "metric": metric, "split": "search", "chosen": chosen.as_dict(),
+    return {"task": task, "metric": metric, "metric_setting": setting, "split": "search", "chosen": chosen.as_dict(),
             "by_intervention": by_intervention, "baseline": values[BASELINE][metric],
             "values": {p.name: values[p][metric] for p in ordered}}
 
@@ -382,8 +399,8 @@ def choose_file(score_paths: Sequence[str | os.PathLike], task: str, metric: str
 
     result = choose(combine(score_paths).to_pylist(), task, metric)
     write_json(out, result)
-    log.info("%s: chose %s (%s %.4f, baseline %.4f) among %d points", task, result["chosen"]["name"], metric,
-             result["values"][result["chosen"]["name"]], result["baseline"], len(result["values"]))
+    log.info("%s: chose %s (%s %.4f, baseline %.4f) among %d points", task, result["chosen"]["name"],
+             result["metric"], result["values"][result["chosen"]["name"]], result["baseline"], len(result["values"]))
     return result
 
 
@@ -430,14 +447,17 @@ def sweep_figure(results: str | os.PathLike, metric: str, out_png: str | os.Path
                  out_svg: str | os.PathLike) -> None:
     """Change of `metric` (points x100, search split) against the rate: one row of panels per task, one
     panel per layer type, one line per (layer number, intervention); the baseline (dont) is the zero line,
-    the chosen point a star. PNG and SVG, written atomically."""
+    the chosen point a star. `metric` (SELECT_METRICS) is resolved per task ("paper": that task's
+    lm-eval/paper metric, named on its row's axis). PNG and SVG, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    rows = [r for r in _read(results) if r["split"] == "search" and r["metric"] == metric]
+    every = [r for r in _read(results) if r["split"] == "search"]
+    resolved = {t: _task_metric(t, metric) for t in sorted({r["task"] for r in every})}
+    rows = [r for r in every if r["metric"] == resolved[r["task"]]]
     if not rows:
         raise DataError(f"{results} has no search-split {metric} rows")
     tasks = sorted({r["task"] for r in rows})
@@ -481,13 +501,15 @@ def sweep_figure(results: str | os.PathLike, metric: str, out_png: str | os.Path
             if i == len(tasks) - 1:
                 ax.set_xlabel("rate (fraction of rank kept = 1 - 0.1 rate)")
             if j == 0:
-                ax.set_ylabel(f"{metric} change vs baseline\n(points x100, validation split)")
+                ax.set_ylabel(f"{resolved[task]} change vs baseline\n(points x100, validation split)")
     handles = [Line2D([], [], color="grey", lw=1.2, label="baseline (dont)")]
     handles += [Line2D([], [], color="dimgrey", linestyle=styles[n], marker=markers[n], label=n) for n in interventions]
     handles += [Line2D([], [], color=color[n], lw=3, label=f"layer {lnum_label(n)}") for n in lnums]
     handles += [Line2D([], [], color="crimson", marker="*", ms=12, ls="none", label="chosen")]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
-    fig.suptitle(f"LASER sweep: {metric} change per intervention", fontsize=11)
+    shown = sorted({resolved[t] for t in tasks})
+    fig.suptitle(f"LASER sweep: {' / '.join(shown)} change per intervention"
+                 + (" (each task's lm-eval metric)" if metric == "paper" else ""), fontsize=11)
     fig.tight_layout()
     for out, fmt in ((out_png, "png"), (out_svg, "svg")):
         with atomic_path(out) as tmp:
@@ -499,16 +521,27 @@ def sweep_figure(results: str | os.PathLike, metric: str, out_png: str | os.Path
 def best_table_rows(rows: Sequence[Mapping], metric: str) -> tuple[list[dict], dict]:
     """One row per (task, intervention): its best point on the search split, the baseline's and its
     `metric` (x100) on the search and the test split and the changes; `chosen` marks the task's overall
-    choice (which is the baseline when no intervention beat it). Plus notes (docs per split, limit)."""
+    choice (which is the baseline when no intervention beat it). Plus notes (docs per split, limit, the
+    metric of each task). `metric` (SELECT_METRICS) is resolved per task ("paper": that task's
+    lm-eval/paper metric); the `metric` column names it, the score columns are `val_<m>` and `test_<m>`,
+    m the one metric of every task in the table, else the setting (`tables.metric_column`: val_acc_norm
+    for arc_easy under "paper", val_paper for boolq beside arc_easy)."""
+    from .tables import CI95, ci95, metric_column
+
     values: dict[tuple[str, str, str], float] = {}
+    stderrs: dict[tuple[str, str, str], float | None] = {}
     n_docs: dict[tuple[str, str], set] = defaultdict(set)
     points: dict[tuple[str, str], dict] = {}
     chosen: dict[str, str] = {}
     limits = set()
+    resolved: dict[str, str] = {}
     for r in rows:
-        if r["metric"] != metric:
+        if r["task"] not in resolved:
+            resolved[r["task"]] = _task_metric(r["task"], metric)
+        if r["metric"] != resolved[r["task"]]:
             continue
         values[(r["task"], r["plan"], r["split"])] = 100.0 * r["value"]
+        stderrs[(r["task"], r["plan"], r["split"])] = r.get("stderr")
         n_docs[(r["task"], r["split"])].add(int(r["n"]))
         limits.add(r.get("limit"))
         if r.get("laser_chosen"):
@@ -516,7 +549,9 @@ def best_table_rows(rows: Sequence[Mapping], metric: str) -> tuple[list[dict], d
         if r.get("laser_best_of_intervention") or r.get("laser_chosen"):
             points[(r["task"], r["plan"])] = r
     table = []
-    for task in sorted({t for t, _ in points} | set(chosen)):
+    shown = sorted({t for t, _ in points} | set(chosen))
+    label = metric_column(metric, {t: resolved[t] for t in shown if t in resolved})
+    for task in shown:
         base_val, base_test = values.get((task, "dont", "search")), values.get((task, "dont", "test"))
         entries = sorted((r for (t, _), r in points.items() if t == task),
                          key=lambda r: (r["plan"] != "dont", list(INTERVENTIONS).index(r["laser_intervention"])
@@ -531,29 +566,33 @@ def best_table_rows(rows: Sequence[Mapping], metric: str) -> tuple[list[dict], d
                 "task": task, "intervention": "none (baseline)" if r["plan"] == "dont" else r["laser_intervention"],
                 "point": r["plan"], "lname": r["laser_lname"], "lnum": lnum_label(int(r["laser_lnum"])),
                 "rate": format_rate(r["laser_rate"]), "k": r.get("laser_k") or "",
-                "chosen": "yes" if chosen.get(task) == r["plan"] else "",
-                f"val_{metric}": None if val is None else round(val, 2),
+                "chosen": "yes" if chosen.get(task) == r["plan"] else "", "metric": resolved[task],
+                f"val_{label}": None if val is None else round(val, 2),
+                f"val_{label}{CI95}": ci95(stderrs.get((task, r["plan"], "search"))),
                 "val_baseline": None if base_val is None else round(base_val, 2), "val_change": delta(val, base_val),
-                f"test_{metric}": None if test is None else round(test, 2),
+                f"test_{label}": None if test is None else round(test, 2),
+                f"test_{label}{CI95}": ci95(stderrs.get((task, r["plan"], "test"))),
                 "test_baseline": None if base_test is None else round(base_test, 2),
                 "test_change": delta(test, base_test),
             })
     if not table:
         raise DataError("no chosen LASER points in the results; run the laser_results rule first")
     notes = {"docs": sorted(f"{t} {s} {'/'.join(str(n) for n in sorted(v))}" for (t, s), v in n_docs.items()),
-             "limit": sorted(str(x) for x in limits)}
+             "limit": sorted(str(x) for x in limits),
+             "metrics": {t: resolved[t] for t in sorted({row["task"] for row in table})}}
     return table, notes
 
 
 def best_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLike, out_csv: str | os.PathLike) -> None:
     """The best intervention per task (and per intervention kind) with its validation (search split) and
     test accuracy, as Markdown (with a caption) and CSV, from the study's results Parquet alone."""
-    from .tables import write_table
+    from .tables import metric_caption, write_table
 
     table, notes = best_table_rows(_read(results), metric)
     write_table(table, out_md, out_csv,
                 caption=f"LASER study: the best point of each intervention on the validation (search) split by "
-                f"{metric}, and its score on the disjoint test split (x100; changes against the unchanged model, "
+                f"{metric_caption(metric, notes['metrics'])}, and its score on the disjoint test split (x100, ± the "
+                "95% interval of each score, 1.96 standard errors; changes against the unchanged model, "
                 "`dont`). `chosen` marks the task's pick over all points, the baseline included.",
                 footer=f"Docs per task and split: {', '.join(notes['docs'])}. Limit per split: "
                 f"{', '.join(notes['limit'])}.")

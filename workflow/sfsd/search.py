@@ -137,11 +137,13 @@ def choose_rank(candidates: Sequence[int], try_rank: Callable[[int], tuple[float
 
 @dataclass
 class AccuracyObjective:
-    """Mean over tasks of a multiple-choice metric on the search split (native scorer, pre-tokenized)."""
+    """Mean over tasks of a multiple-choice metric on the search split (native scorer, pre-tokenized).
+    metric: a setting of `sfsd.tasks.METRIC_CHOICES` resolved per task (`evaluate.mean_metric`); "paper"
+    = acc for boolq and winogrande, acc_norm for the others, as lm-eval defines and the paper reports."""
 
     tokenizer: object
     requests: object  # evaluate.EncodedRequests
-    metric: str = "acc_norm"
+    metric: str = "paper"
     delta: float = 0.0
     batch_size: int = 8
     name: str = field(init=False, default="")
@@ -152,7 +154,10 @@ class AccuracyObjective:
     def score(self, model: nn.Module) -> float:
         from .evaluate import mean_metric, score_multiple_choice
 
-        return mean_metric(score_multiple_choice(model, self.tokenizer, self.requests, self.batch_size), self.metric)
+        # one forward per whole input (share_prefix off): the block-input cache records and replays the
+        # hidden states of whole inputs, and a KV-cache pass over prefix and suffixes would bypass it
+        return mean_metric(score_multiple_choice(model, self.tokenizer, self.requests, self.batch_size,
+                                                 share_prefix=False), self.metric)
 
     def threshold(self, baseline: float, step: int) -> float:
         return baseline - self.delta
@@ -325,7 +330,7 @@ class SearchSettings:
     method: str = "feature"
     mode: str = "accuracy"
     target: str = "average"
-    metric: str = "acc_norm"
+    metric: str = "paper"  # METRIC_CHOICES: paper = each task's lm-eval/paper metric (see sfsd.tasks)
     delta: float = 0.0
     eps: float = 0.005
     order: tuple[str, ...] = ORDER
@@ -344,6 +349,10 @@ class SearchSettings:
             raise ConfigError(f"search.methods: {self.method!r} is not a factor method; use one of {', '.join(FACTOR_METHODS)}")
         if self.mode not in MODES:
             raise ConfigError(f"search.modes: {self.mode!r} is unknown; use one of {', '.join(MODES)}")
+        from .tasks import METRIC_CHOICES
+
+        if self.metric not in METRIC_CHOICES:
+            raise ConfigError(f"search.metric {self.metric!r} is unknown; use one of {', '.join(METRIC_CHOICES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"search.strategy {self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
         if not 0 <= self.delta <= 1:

