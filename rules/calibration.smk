@@ -14,7 +14,7 @@ rule calibration_texts:
             },
             sort_keys=True,
         ),
-        code=code_version("calibration", "splits", "tasks"),
+        code=command_version("calibration-texts"),
     conda:
         "../envs/gpu-stages.yaml"
     log:
@@ -34,7 +34,7 @@ rule tokenize_calibration:
         tokens="results/{model}/calibration/tokens.safetensors",
     params:
         seq_len=config["calibration"]["seq_len"],
-        code=code_version("calibration", "models"),
+        code=command_version("tokenize"),
     conda:
         "../envs/gpu-stages.yaml"
     log:

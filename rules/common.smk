@@ -14,7 +14,7 @@ SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 PACKAGE_DIR = Path(workflow.basedir) / "workflow" / "sfsd"
 # Jobs run `python -m sfsd` from whatever environment is active (the venv of workflow/setup.sh, or
 # a conda env of envs/ with --sdm conda): put this checkout's package first on their path, so the
-# stages always run the code whose digest is in their params (see code_version).
+# stages always run the code whose digest is in their params (see command_version).
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH")])))
 
 
@@ -136,18 +136,44 @@ def check_config():
         empty = [m for m in search["modes"] if not search["targets"][m]]
         if empty:
             fail(f"search.targets.{empty[0]} is empty while search.modes lists {empty[0]}; name a target or drop the mode")
+    check_metrics()
+
+
+def check_metrics():
+    """evaluation.metric, search.metric and laser.metric against the tasks they score: a metric lm-eval's
+    config does not define for a task (acc_norm for boolq or winogrande) is one line naming the key; the
+    mapping itself is sfsd.tasks.task_metric's."""
+    from sfsd.errors import ConfigError
+    from sfsd.tasks import task_metric
+
+    def check(key, tasks):
+        for task in tasks:
+            try:
+                task_metric(task, config[key.split(".")[0]]["metric"])
+            except ConfigError as err:
+                fail(f"{key}: {err}")
+
+    check("evaluation.metric", config["evaluation"]["tasks"])
+    search = config["search"]
+    if search["enabled"] and "accuracy" in search["modes"]:
+        targets = search["targets"]["accuracy"]
+        check("search.metric", config["evaluation"]["tasks"] if "average" in targets else targets)
+    laser = config["laser"]
+    if laser["enabled"]:
+        check("laser.metric", laser["tasks"])
 
 
 check_config()
 
 
-def code_version(*modules):
-    """Digest of the library modules a stage runs: Snakemake sees a rule's own code, not the modules
-    it imports, so this goes into params and a change of them reruns the stage."""
-    h = hashlib.sha256()
-    for m in ("__init__", "__main__", "cli", "errors", "io", "arch", "provenance", *modules):
-        h.update((PACKAGE_DIR / f"{m}.py").read_bytes())
-    return h.hexdigest()[:12]
+def command_version(command):
+    """Digest of the library modules `python -m sfsd <command>` runs, found from its imports
+    (`sfsd.provenance.command_modules`): Snakemake sees a rule's own code, not the modules it imports, so
+    this goes into params and an edit of any of them, and of no other module, reruns the stage."""
+    sys.path.insert(0, str(PACKAGE_DIR.parent))
+    from sfsd.provenance import command_digest
+
+    return command_digest(command, PACKAGE_DIR)
 
 
 def model_dir(wildcards):
@@ -338,6 +364,8 @@ def all_targets():
     targets = [f"results/{m}/eigen/summary.json" for m in MODELS] + compression_targets()
     if config["evaluation"]["enabled"]:
         targets += expand("results/tables/{model}/table1.md", model=MODELS)
+        if len(evaluated_variants()) >= 2:  # something to compare with the base model
+            targets += expand("results/tables/{model}/comparisons.{ext}", model=MODELS, ext=("md", "csv"))
     targets += search_targets()
     targets += figures_targets()
     targets += laser_targets()

@@ -12,7 +12,7 @@ rule factor_cache:
     params:
         layers=",".join(config["layers"]),
         results=lambda wc, input: Path(input.features).parent,
-        code=code_version("compress", "methods", "plan", "models"),
+        code=command_version("factor-cache"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -40,7 +40,7 @@ rule make_plan:
         first_block=config["compression"]["first_block"],
         convention=config["compression"]["convention"],
         bias=config["compression"]["bias_compensation"],
-        code=code_version("plan", "methods", "models"),
+        code=command_version("make-plan"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -64,7 +64,7 @@ rule compress_model:
         model=directory("results/{model}/compressed/{method}-{budget}"),
     params:
         factors=lambda wc, input: Path(input.factors).parent,
-        code=code_version("compress", "methods", "plan", "models"),
+        code=command_version("compress"),
     conda:
         "../envs/cpu-stages.yaml"
     log:

@@ -10,7 +10,7 @@ rule eigendecompose:
     params:
         layers=",".join(config["layers"]),
         save_dtype=config["eigen"]["save_dtype"],
-        code=code_version("eigen", "collect", "stats", "models"),
+        code=command_version("eigen"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -35,7 +35,7 @@ rule eigen_summary:
     output:
         summary="results/{model}/eigen/summary.json",
     params:
-        code=code_version("eigen", "stats"),
+        code=command_version("eigen-summary"),
     conda:
         "../envs/cpu-stages.yaml"
     log:

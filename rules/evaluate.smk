@@ -7,7 +7,7 @@ rule export_tasks:
         tasks=directory("results/tasks"),
     params:
         tasks=",".join(config["evaluation"]["tasks"]),
-        code=code_version("evaluate", "lmeval_tasks", "tasks"),
+        code=command_version("export-tasks"),
     conda:
         "../envs/gpu-stages.yaml"
     log:
@@ -28,7 +28,7 @@ rule eval_splits:
         calibration=config["splits"]["calibration_fraction"],
         search=config["splits"]["search_fraction"],
         source=EVAL["source"],  # hub: downloads lm-eval's task data to count and check its eval docs
-        code=code_version("evaluate", "splits", "tasks", "lmeval_tasks"),
+        code=command_version("splits"),
     conda:
         "../envs/gpu-stages.yaml"
     log:
@@ -52,6 +52,7 @@ rule evaluate_model:
         ppl_text=perplexity_input,
     output:
         rows="results/{model}/eval/{variant}.parquet",
+        docs="results/{model}/eval/{variant}.docs.parquet",
     params:
         compressed=lambda wc, input: f"--compressed {input.compressed} --method {variant_method(wc.variant)}"
         if input.compressed
@@ -64,9 +65,7 @@ rule evaluate_model:
         device=config["device"],
         task_args=eval_task_args,
         ppl=perplexity_args,
-        code=code_version(
-            "evaluate", "lmeval_tasks", "tasks", "perplexity", "compress", "plan", "methods", "models"
-        ),
+        code=command_version("evaluate"),
     conda:
         "../envs/gpu-stages.yaml"
     log:
@@ -83,17 +82,53 @@ rule evaluate_model:
         "--model-name {wildcards.model} --variant {wildcards.variant} {params.task_args} "
         "--tasks {params.tasks} --splits {input.splits:q} --split {params.split} {params.limit} "
         "--scorer {params.scorer} --batch-size {params.batch_size} --device {params.device} {params.ppl} "
-        "--calibration-texts {input.calibration:q} --out {output.rows:q} > {log:q} 2>&1"
+        "--calibration-texts {input.calibration:q} --out {output.rows:q} --items-out {output.docs:q} > {log:q} 2>&1"
+
+
+rule check_scorer:
+    input:
+        model=model_dir,
+        compressed=compressed_input,
+        tasks=eval_tasks_input,
+        splits=rules.eval_splits.output.splits,
+    output:
+        report="results/{model}/eval/scorer_check/{variant}.json",
+    params:
+        compressed=lambda wc, input: f"--compressed {input.compressed}" if input.compressed else "",
+        tasks=",".join(config["evaluation"]["tasks"]),
+        # the first check_docs of the documents the evaluation scores
+        limit=min(EVAL["check_docs"], EVAL["limit"] or EVAL["check_docs"]),
+        batch_size=config["evaluation"]["batch_size"],
+        device=config["device"],
+        task_args=eval_task_args,
+        code=command_version("check-scorer"),
+    conda:
+        "../envs/gpu-stages.yaml"
+    log:
+        "results/logs/check_scorer/{model}/{variant}.log",
+    benchmark:
+        "results/benchmarks/check_scorer/{model}/{variant}.tsv"
+    threads: 1
+    resources:
+        mem_mb=collect_mem_mb,
+        runtime=lambda wc: int(20 + 10 * model_params_b(wc.model)),
+        gpu=gpu_wanted(),
+    shell:
+        "python -m sfsd --threads {threads} check-scorer --model-dir {input.model:q} {params.compressed} "
+        "{params.task_args} --tasks {params.tasks} --splits {input.splits:q} --limit {params.limit} "
+        "--batch-size {params.batch_size} --device {params.device} --out {output.report:q} > {log:q} 2>&1"
 
 
 rule combine_results:
     input:
         rows=lambda wc: expand("results/{{model}}/eval/{variant}.parquet", variant=evaluated_variants())
         + laser_results_of(wc),
+        # no table or figure from a native scorer that disagrees with lm-eval
+        checks=scorer_checks,
     output:
         results="results/{model}/results.parquet",
     params:
-        code=code_version("evaluate"),
+        code=command_version("combine-results"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -117,7 +152,7 @@ rule paper_table:
         csv="results/tables/{model}/table1.csv",
     params:
         metric=config["evaluation"]["metric"],
-        code=code_version("tables"),
+        code=command_version("paper-table"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -128,3 +163,31 @@ rule paper_table:
     shell:
         "python -m sfsd --threads {threads} paper-table --results {input.results:q} --metric {params.metric} "
         "--out-md {output.md:q} --out-csv {output.csv:q} > {log:q} 2>&1"
+
+
+rule comparisons_table:
+    input:
+        docs=expand("results/{{model}}/eval/{variant}.docs.parquet", variant=evaluated_variants()),
+        checks=scorer_checks,
+    output:
+        md=report(
+            "results/tables/{model}/comparisons.md",
+            caption="../workflow/report/comparisons.rst",
+            category="Tables",
+        ),
+        csv="results/tables/{model}/comparisons.csv",
+    params:
+        metric=config["evaluation"]["metric"],
+        seed=config["evaluation"]["bootstrap"]["seed"],
+        resamples=config["evaluation"]["bootstrap"]["resamples"],
+        code=command_version("comparisons"),
+    conda:
+        "../envs/cpu-stages.yaml"
+    log:
+        "results/logs/comparisons_table/{model}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m sfsd --threads {threads} comparisons --metric {params.metric} --seed {params.seed} "
+        "--n-boot {params.resamples} --out-md {output.md:q} --out-csv {output.csv:q} {input.docs:q} > {log:q} 2>&1"

@@ -39,7 +39,9 @@ def perplexity_args(wildcards, input):
     ppl = EVAL["perplexity"]
     if ppl["source"] == "none":
         return "--ppl-source none"
-    args = f"--ppl-source {ppl['source']} --ppl-window {ppl['window']}"
+    # the leading search_fraction of the documents belongs to the rank search: never scored here
+    args = (f"--ppl-source {ppl['source']} --ppl-window {ppl['window']} "
+            f"--ppl-search-fraction {config['splits']['search_fraction']}")
     if ppl["max_docs"] is not None:
         args += f" --ppl-max-docs {ppl['max_docs']}"
     if ppl["source"] in ("text_file", "jsonl_file"):
@@ -51,3 +53,12 @@ def perplexity_input(wildcards):
     """A local perplexity text file is an input, so editing it reruns the evaluation."""
     ppl = EVAL["perplexity"]
     return ppl["path"] if ppl["source"] in ("text_file", "jsonl_file") else []
+
+
+def scorer_checks(wildcards):
+    """With the native scorer: its check against lm-eval (check_scorer) on the base model and on the
+    first compressed variant (the low-rank layers), when evaluation.check_docs > 0."""
+    if EVAL["scorer"] != "native" or not EVAL["check_docs"]:
+        return []
+    variants = evaluated_variants()[:2]
+    return expand("results/{model}/eval/scorer_check/{variant}.json", model=wildcards.model, variant=variants)

@@ -14,7 +14,7 @@ checkpoint collect_features:
         device=config["device"],
         batch_size=config["collection"]["batch_size"],
         flush_every=config["collection"]["flush_every"],
-        code=code_version("collect", "stats", "models"),
+        code=command_version("collect"),
     conda:
         "../envs/gpu-stages.yaml"
     log:

@@ -12,7 +12,7 @@ rule spectra:
         spectra="results/{model}/eigen/spectra.parquet",
     params:
         points=config["figures"]["spectra_points"],
-        code=code_version("figures", "tables", "tasks", "methods"),
+        code=command_version("spectra"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -41,7 +41,7 @@ rule figure_spectra:
         svg="results/figures/{model}/spectra.svg",
     params:
         dpi=config["figures"]["dpi"],
-        code=code_version("figures", "tables", "tasks", "methods"),
+        code=command_version("figure-spectra"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -76,7 +76,7 @@ rule figure_search_curves:
         metric=config["evaluation"]["metric"],
         results=lambda wc, input: f"--results {input.results}" if input.results else "",
         dpi=config["figures"]["dpi"],
-        code=code_version("figures", "tables", "tasks", "methods"),
+        code=command_version("figure-search-curves"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -107,7 +107,7 @@ rule figure_layer_budgets:
     params:
         dpi=config["figures"]["dpi"],
         annotate="--annotate" if config["figures"]["annotate_heatmap"] else "",
-        code=code_version("figures", "tables", "tasks", "methods"),
+        code=command_version("figure-layer-budgets"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -133,7 +133,7 @@ rule methods_table:
         csv="results/tables/{model}/methods.csv",
     params:
         metric=config["evaluation"]["metric"],
-        code=code_version("figures", "tables", "tasks", "methods"),
+        code=command_version("methods-table"),
     conda:
         "../envs/cpu-stages.yaml"
     log:

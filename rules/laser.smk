@@ -16,7 +16,7 @@ checkpoint laser_grid:
         grid="results/{model}/laser/grid.json",
     params:
         settings=json.dumps({k: LASER[k] for k in ("lnums", "lnames", "rates", "interventions", "full_grid")}),
-        code=code_version("laser_study", "plan", "methods"),
+        code=command_version("laser-grid"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -53,7 +53,7 @@ rule laser_point:
             ([f"--vendi-bandwidth {LASER['vendi']['bandwidth']}"] if LASER["vendi"]["bandwidth"] else [])
             + (["--vendi-exact"] if LASER["vendi"]["exact"] else [])
         ),
-        code=code_version(*LASER_CODE),
+        code=command_version("laser-point"),
     conda:
         "../envs/gpu-stages.yaml"
     log:
@@ -80,7 +80,7 @@ checkpoint laser_choose:
         chosen="results/{model}/laser/chosen/{task}.json",
     params:
         metric=LASER["metric"],
-        code=code_version("laser_study", "evaluate"),
+        code=command_version("laser-choose"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -102,7 +102,7 @@ rule laser_results:
         results="results/{model}/laser/results.parquet",
         per_item="results/{model}/laser/items.parquet",
     params:
-        code=code_version("laser_study", "evaluate"),
+        code=command_version("laser-results"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -127,7 +127,7 @@ rule laser_figure:
         svg="results/figures/{model}/laser_sweep.svg",
     params:
         metric=LASER["metric"],
-        code=code_version("laser_study"),
+        code=command_version("laser-figure"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
@@ -152,7 +152,7 @@ rule laser_table:
         csv="results/tables/{model}/laser_best.csv",
     params:
         metric=LASER["metric"],
-        code=code_version("laser_study"),
+        code=command_version("laser-table"),
     conda:
         "../envs/cpu-stages.yaml"
     log:

@@ -8,7 +8,6 @@ from sfsd.laser_study import format_rate, grid_points, reported_points
 
 LASER = config["laser"]
 LASER_POINT_FILE = "results/{model}/laser/points/{task}/{split}/{intervention}/{lname}/L{lnum}/r{rate}/{kind}.parquet"
-LASER_CODE = ("laser_study", "evaluate", "lmeval_tasks", "tasks", "compress", "plan", "methods", "models")
 
 
 def laser_models():

@@ -8,7 +8,7 @@ rule prepare_model:
         source=lambda wc: MODELS[wc.model]["source"],
         id=lambda wc: MODELS[wc.model].get("id", ""),
         revision=lambda wc: MODELS[wc.model].get("revision", "main"),
-        code=code_version("models"),
+        code=command_version("prepare-model"),
     conda:
         "../envs/gpu-stages.yaml"
     log:

@@ -22,12 +22,12 @@ rule search:
         settings=search_args,
         layers=",".join(config["layers"]),
         tasks=",".join(config["evaluation"]["tasks"]),
-        ppl=lambda wc: f"--ppl-window {config['evaluation']['perplexity']['window']}"
+        ppl=lambda wc: f"--ppl-window {config['evaluation']['perplexity']['window']} "
+        f"--ppl-search-fraction {config['splits']['search_fraction']}"
         + (f" --ppl-max-docs {n}" if (n := config["evaluation"]["perplexity"]["max_docs"]) is not None else ""),
         device=config["device"],
         out=lambda wc, output: Path(output.summary).parent,
-        code=code_version("search", "search_run", "evaluate", "lmeval_tasks", "perplexity", "compress", "plan",
-                          "methods", "models"),
+        code=command_version("search"),
     conda:
         "../envs/gpu-stages.yaml"
     log:
@@ -56,7 +56,7 @@ rule compress_searched:
         model=directory("results/{model}/compressed/search-{method}-{mode}-{target}"),
     params:
         factors=lambda wc, input: Path(input.factors).parent,
-        code=code_version("compress", "methods", "plan", "models"),
+        code=command_version("compress"),
     conda:
         "../envs/cpu-stages.yaml"
     log:

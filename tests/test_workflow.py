@@ -3,6 +3,7 @@ reruns when config or code changes."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -34,12 +35,12 @@ def new_run(root: Path) -> tuple[Path, Path]:
     return snakefile, workdir
 
 
-def snakemake(snakefile: Path, workdir: Path, config: dict, *args: str, check: bool = True):
+def snakemake(snakefile: Path, workdir: Path, config: dict, *args: str, check: bool = True, env=None):
     cfg = workdir / "test-config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
            "--configfile", str(cfg), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -67,7 +68,8 @@ def finished_run(tmp_path_factory, tiny_llama, calibration_text_file):
         "evaluation": {"tasks": ["arc_easy", "winogrande"], "limit": 4, "batch_size": 4,
                        "perplexity": {"source": "lambada", "window": 32, "max_docs": 20}},
     }
-    snakemake(snakefile, workdir, config)
+    # every job's log also lists the modules it imported (test_every_command_imports_only_...)
+    snakemake(snakefile, workdir, config, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
     return snakefile, workdir, config
 
 
@@ -118,10 +120,16 @@ def test_results_and_table_from_cached_results(finished_run):
     variants = {(r["method"], r["plan"]) for r in results}
     assert variants == {("baseline", "base"), ("feature", "feature-b80"), ("weight", "weight-b80"),
                         ("whitened", "whitened-b80")}
-    test_rows = [r for r in results if r["metric"] == "acc_norm"]
+    test_rows = [r for r in results if r["metric"] == "acc"]
     assert {r["task"] for r in test_rows} == {"arc_easy", "winogrande"}
+    # lm-eval's own metrics: acc_norm for ARC-Easy, none for WinoGrande (its config defines acc only)
+    assert {r["task"] for r in results if r["metric"] == "acc_norm"} == {"arc_easy"}
     assert all(r["split"] == "test" and r["n"] == 4 and r["limit"] == 4 for r in test_rows)
-    assert all(r["scorer"] == "lm_eval" and r["lm_eval_version"] for r in test_rows)
+    assert all(r["scorer"] == "native" and r["lm_eval_version"] for r in test_rows)
+    # the native scorer was checked against lm-eval on the base model and the first compressed one
+    for variant in ("base", "feature-b80"):
+        check = read_json(workdir / "results" / "tiny" / "eval" / "scorer_check" / f"{variant}.json")
+        assert check["mismatches"] == [] and check["docs"] == 2 * 4
     base = next(r for r in results if r["plan"] == "base")
     assert base["params_model"] == base["params_model_dense"] and base["params_model_fraction"] == 1.0
     assert any(r["metric"] == "ppl" and r["window"] == 32 for r in results)
@@ -152,8 +160,8 @@ def test_eigen_setting_reruns_eigen_only(finished_run):
     # and what is made from the eigenvectors: factor caches and compressed models, never plans; the
     # spectra and the tables/figures made from the new results
     assert jobs == {"eigendecompose": 2, "eigen_summary": 1, "factor_cache": 3, "compress_model": 3,
-                    "evaluate_model": 3, "combine_results": 1, "paper_table": 1, "spectra": 1,
-                    "figure_spectra": 1, "methods_table": 1, "all": 1}
+                    "evaluate_model": 3, "check_scorer": 1, "combine_results": 1, "paper_table": 1,
+                    "comparisons_table": 1, "spectra": 1, "figure_spectra": 1, "methods_table": 1, "all": 1}
 
 
 def test_calibration_setting_reruns_collection(finished_run):
@@ -163,16 +171,73 @@ def test_calibration_setting_reruns_collection(finished_run):
     assert jobs.get("calibration_texts") == 1 and jobs.get("collect_features") == 1
 
 
-def test_code_change_reruns_its_stage_only(finished_run):
+def rule_commands(snakefile: Path) -> dict[str, str]:
+    """{rule: the `python -m sfsd` command its shell runs} of every rule of the workflow."""
+    out = {}
+    for smk in (snakefile.parent / "rules").glob("*.smk"):
+        for block in re.split(r"(?m)^(?=(?:rule|checkpoint) )", smk.read_text()):
+            name = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            command = re.search(r"python -m sfsd --threads \{threads\} ([a-z-]+)", block)
+            if name and command:
+                out[name.group(1)] = command.group(1)
+    return out
+
+
+def job_reasons(proc) -> list[tuple[str, str]]:
+    """(rule, reason) of every job of a dry run."""
+    out = proc.stdout + proc.stderr
+    return [(m.group(1), next((line for line in m.group(2).splitlines() if "reason:" in line), ""))
+            for m in re.finditer(r"(?m)^(?:local)?(?:rule|checkpoint) (\w+):\n((?:[ \t]+.*\n)*)", out)]
+
+
+def test_every_command_imports_only_modules_its_rule_digests(finished_run):
+    """The finished run's jobs ran with PYTHONPROFILEIMPORTTIME (see finished_run): every sfsd module a
+    job really imported is among the modules whose digest its rule's params hold."""
+    from sfsd.provenance import command_modules
+
+    snakefile, workdir, _ = finished_run
+    commands = rule_commands(snakefile)
+    package = snakefile.parent / "workflow" / "sfsd"
+    checked = 0
+    for rule, command in commands.items():
+        for log in (workdir / "results" / "logs" / rule).rglob("*.log"):
+            text = log.read_text()
+            if "import time:" not in text:  # remade by a later test's run, without the import log
+                continue
+            imported = set(re.findall(r"^import time:.*\| +sfsd\.(\w+)\s*$", text, re.M))
+            assert imported, log
+            assert imported <= set(command_modules(command, package)), (rule, imported - set(command_modules(command, package)))
+            checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("module", ["eigen", "items", "compare", "calibration"])
+def test_editing_a_module_reruns_exactly_the_rules_whose_commands_import_it(finished_run, module):
+    """A dry run after an edit: every rule whose command imports the module is planned, and no other rule
+    has changed params (rules downstream of a changed job rerun only for their updated inputs)."""
+    from sfsd.provenance import command_modules
+
     snakefile, workdir, config = finished_run
-    module = snakefile.parent / "workflow" / "sfsd" / "eigen.py"
-    original = module.read_text()
-    module.write_text(original + "\n# a change of the eigen stage's code\n")
+    commands = rule_commands(snakefile)
+    package = snakefile.parent / "workflow" / "sfsd"
+    path = package / f"{module}.py"
+    original = path.read_text()
+    path.write_text(original + "\n# an edit of this module\n")
     try:
-        jobs = planned_jobs(snakemake(snakefile, workdir, config, "--dry-run"))
+        jobs = job_reasons(snakemake(snakefile, workdir, config, "--dry-run"))
     finally:
-        module.write_text(original)
-    assert jobs.get("eigendecompose") == 2 and "collect_features" not in jobs
+        path.write_text(original)
+    importing = {r for r, c in commands.items() if module in command_modules(c, package)}
+    planned = {r for r, _ in jobs}
+    own_change = {r for r, reason in jobs if "Params have changed" in reason}
+    assert own_change and own_change <= importing
+    assert {r for r, reason in jobs if "Params have changed" not in reason} - {"all"} <= \
+        {r for r, reason in jobs if "Input files updated by another job" in reason}
+    assert importing & {r for r in commands if (workdir / "results" / "logs" / r).exists()} <= planned
+    if module == "eigen":
+        assert "collect_features" not in planned and "eigendecompose" in own_change
+    if module == "calibration":  # evaluation and the search read the calibration texts' ids
+        assert {"calibration_texts", "evaluate_model"} <= planned
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,66 @@ def code_version() -> str:
     return f"{__version__}+{h.hexdigest()[:12]}"
 
 
+def _relative_imports(tree) -> set[str]:
+    """Package modules imported anywhere in `tree` (module level or inside functions): `from .x import`,
+    `from . import x`."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                out.add(node.module.split(".")[0])
+            else:
+                out.update(alias.name for alias in node.names)
+    return out
+
+
+def command_modules(command: str, package_dir: str | os.PathLike = PACKAGE_DIR) -> list[str]:
+    """The package modules that `python -m sfsd <command>` can run: cli.py and the entry points, the
+    modules its `cmd_<command>` function (and the cli.py helpers it calls) imports, and every package
+    module those import, transitively. A rule puts their digest (`command_digest`) into its params, so an
+    edit of any of them reruns it and an edit of any other module does not."""
+    import ast
+
+    package_dir = Path(package_dir)
+    cli = ast.parse((package_dir / "cli.py").read_text())
+    functions = {n.name: n for n in cli.body if isinstance(n, ast.FunctionDef)}
+    name = "cmd_" + command.replace("-", "_")
+    if name not in functions:
+        raise KeyError(f"sfsd has no command {command!r} (no {name} in cli.py)")
+    seen_functions, todo, modules = set(), [name], {"__init__", "__main__", "cli"}
+    modules |= _relative_imports(ast.Module(body=[n for n in cli.body if not isinstance(n, ast.FunctionDef)],
+                                            type_ignores=[]))
+    while todo:  # the command function and the cli.py helpers it calls
+        fn = functions[todo.pop()]
+        seen_functions.add(fn.name)
+        modules |= _relative_imports(fn)
+        todo += [n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id in functions
+                 and n.id not in seen_functions and n.id != fn.name]
+    def is_module(name: str) -> bool:  # `from . import __version__` names an attribute, not a module
+        return (package_dir / f"{name}.py").is_file()
+
+    modules = {m for m in modules if is_module(m)}
+    pending = sorted(modules - {"__init__", "__main__", "cli"})
+    while pending:  # transitively through the package
+        module = pending.pop()
+        for dep in _relative_imports(ast.parse((package_dir / f"{module}.py").read_text())):
+            if dep not in modules and is_module(dep):
+                modules.add(dep)
+                pending.append(dep)
+    return sorted(modules)
+
+
+def command_digest(command: str, package_dir: str | os.PathLike = PACKAGE_DIR) -> str:
+    """sha256 (12 hex digits) of the sources of `command_modules(command)`."""
+    h = hashlib.sha256()
+    for module in command_modules(command, package_dir):
+        h.update(module.encode())
+        h.update((Path(package_dir) / f"{module}.py").read_bytes())
+    return h.hexdigest()[:12]
+
+
 def tokenizer_digest(model_dir: str | os.PathLike) -> str:
     """Digest of a model folder's tokenizer files (two models sharing a tokenizer share it)."""
     folder = Path(model_dir)
