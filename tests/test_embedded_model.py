@@ -39,3 +39,30 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     table = (workdir / "results" / "tables" / "smollm2-135m" / "table1.csv").read_text().splitlines()
     assert len(table) == 3 and table[1].startswith("Baseline") and table[2].startswith("Feature space")
     assert planned_jobs(snakemake(snakefile, workdir, config, "--dry-run")) == {}
+    # the native scorer's own check against lm-eval ran inside the workflow, before the table
+    for variant in ("base", "feature-p54"):
+        check = read_json(results / "eval" / "scorer_check" / f"{variant}.json")
+        assert check["mismatches"] == [] and check["docs"] == 20 and check["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_native_scorer_equals_lmeval_on_the_embedded_model_on_all_six_tasks(tmp_path):
+    """acc and acc_norm identical to lm-eval's on every document, every choice's log-likelihood within
+    1e-4, on SmolLM2-135M (the real vocabulary, tokenizer and BOS handling) for each of the six tasks."""
+    from sfsd.evaluate import build_requests, check_against_lmeval, evaluate_lmeval_detailed, \
+        export_local_tasks, score_multiple_choice, split_doc_ids
+    from sfsd.models import convert_embedded, load_model
+    from sfsd.tasks import TASKS
+
+    torch.set_num_threads(2)
+    folder = tmp_path / "smollm2"
+    convert_embedded("smollm2-135m-instruct", folder)
+    model, tokenizer = load_model(folder, device="cpu")
+    tasks = list(TASKS)
+    export_local_tasks(tmp_path / "tasks", tasks)
+    ids = {t: split_doc_ids(t, None, 1234, 0.1, 0.2, limit=8) for t in tasks}
+    native = score_multiple_choice(model, tokenizer, build_requests(tmp_path / "tasks", tasks, ids, ["test"]))
+    _, reference = evaluate_lmeval_detailed(model, tokenizer, tmp_path / "tasks", tasks, ids, splits=["test"])
+    report = check_against_lmeval(native, reference, tolerance=1e-4)
+    assert report["mismatches"] == [] and report["docs"] == 6 * 8
+    assert {d["task"] for d in reference} == set(tasks)

@@ -12,6 +12,7 @@ import torch
 
 from sfsd.errors import ConfigError
 from sfsd.evaluate import (
+    check_against_lmeval,
     EVAL_SPLITS,
     build_requests,
     combine,
@@ -64,7 +65,7 @@ def hf_caches(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("lmeval_tasks")
-    export_local_tasks(out, SIX, metrics=("acc", "acc_norm"))
+    export_local_tasks(out, SIX)  # lm-eval's own metric lists: acc only for boolq and winogrande
     return out
 
 
@@ -194,9 +195,11 @@ def test_calibration_split_is_never_evaluated(model_tok, task_dir):
 def test_lmeval_scores_the_tiny_model_on_all_six_tasks(lmeval_run, split_ids):
     rows, docs = lmeval_run
     got = {(r["task"], r["split"], r["metric"]): r for r in rows}
+    assert {(t, m) for t, _, m in got} == {(t, m) for t in SIX for m in TASKS[t].metrics}  # lm-eval's own
+    assert not {t for t, _, m in got if m == "acc_norm"} & {"boolq", "winogrande"}
     for task in SIX:
         for split in EVAL_SPLITS:
-            for metric in ("acc", "acc_norm"):
+            for metric in TASKS[task].metrics:
                 r = got[(task, split, metric)]
                 assert r["n"] == LIMIT and 0.0 <= r["value"] <= 1.0 and r["scorer"] == "lm_eval"
             ids = sorted(d["doc_id"] for d in docs if d["task"] == task and d["split"] == split)
@@ -230,12 +233,55 @@ def test_native_scorer_equals_lmeval(task, share_prefix, lmeval_run, native_run)
         ref = reference[(s["split"], s["doc_id"])]
         np.testing.assert_allclose(s["lls"], ref["lls"], rtol=1e-5, atol=1e-4)
         assert s["greedy"] == ref["greedy"]
-        assert (s["acc"], s["acc_norm"]) == (ref["acc"], ref["acc_norm"])
+        assert all(s[m] == ref[m] for m in TASKS[task].metrics)  # lm-eval logs only its task's metrics
     summary = {(r["split"], r["metric"]): r for r in summarize_scores(mine)}
+    assert set(summary) == {(r["split"], r["metric"]) for r in rows if r["task"] == task}  # the same rows
     for r in rows:
         if r["task"] == task:
             assert summary[(r["split"], r["metric"])]["value"] == pytest.approx(r["value"])
             assert summary[(r["split"], r["metric"])]["stderr"] == pytest.approx(r["stderr"])
+
+
+def test_shared_prefix_path_runs_and_does_less_work(model_tok, native_run, monkeypatch):
+    """The default scorer really takes the KV-cache path (a silent fall-back to the plain path would still
+    pass the equality tests) on every document of the six tasks, and computes less than lm-eval."""
+    import sfsd.evaluate as E
+
+    model, tok = model_tok
+    requests, scores = native_run
+    calls = []
+    real = E._shared_batch
+
+    def counted(model_, enc_, scorer_, groups, *rest):
+        calls.append(len(groups))
+        return real(model_, enc_, scorer_, groups, *rest)
+
+    monkeypatch.setattr(E, "_shared_batch", counted)
+    enc = encode_requests(tok, requests, MAX_LENGTH)
+    again = score_multiple_choice(model, tok, enc, batch_size=4)
+    assert sum(calls) == len(requests)  # every document went through the shared path
+    for a, b in zip(scores[False], again, strict=True):
+        np.testing.assert_allclose(a["lls"], b["lls"], rtol=1e-5, atol=1e-4)
+    work = E.forward_work(enc, model)
+    assert work["native"] < work["lm_eval"]
+
+
+def test_check_against_lmeval_reports_every_kind_of_difference():
+    def doc(doc_id, lls, acc, acc_norm=None, task="piqa"):
+        return {"task": task, "split": "test", "doc_id": doc_id, "lls": lls, "acc": acc,
+                **({} if acc_norm is None else {"acc_norm": acc_norm})}
+
+    reference = [doc(1, [-1.0, -2.0], 1.0, 1.0), doc(2, [-3.0, -2.5], 0.0, 0.0), doc(3, [-1.0, -1.5], 1.0, 1.0),
+                 doc(5, [-2.0, -1.0], 1.0, task="boolq")]
+    native = [doc(1, [-1.00005, -2.0], 1.0, 1.0),  # within 1e-4: agrees
+              doc(2, [-2.0, -2.5], 1.0, 0.0),  # a log-likelihood 1.0 off and acc flipped
+              doc(4, [-1.0, -1.2], 1.0, 1.0),  # scored natively only (doc 3: by lm-eval only)
+              doc(5, [-2.0, -1.0], 1.0, 0.0, task="boolq")]  # lm-eval has no acc_norm for boolq: not compared
+    report = check_against_lmeval(native, reference)
+    found = sorted((m["task"], m["doc_id"], m["what"].split(" ")[0]) for m in report["mismatches"])
+    assert found == [("piqa", 2, "acc"), ("piqa", 2, "log-likelihood"), ("piqa", 3, "scored"), ("piqa", 4, "scored")]
+    assert report["max_abs_diff"] == pytest.approx(1.0) and report["docs"] == 4
+    assert check_against_lmeval(native[:1], reference[:1])["mismatches"] == []
 
 
 def test_encoded_requests_rescore_identically_and_dedupe(model_tok, native_run):
@@ -247,9 +293,15 @@ def test_encoded_requests_rescore_identically_and_dedupe(model_tok, native_run):
     again = score_multiple_choice(model, tok, requests, batch_size=7, max_length=MAX_LENGTH)
     for a, b in zip(scores, again, strict=True):
         np.testing.assert_allclose(a["lls"], b["lls"], rtol=1e-5, atol=1e-4)
-    value = mean_metric(again, "acc_norm")
-    per_task = [np.mean([s["acc_norm"] for s in again if s["task"] == t]) for t in SIX]
+    value = mean_metric(again)  # "paper": acc for boolq and winogrande, acc_norm for the others
+    per_task = [np.mean([s[TASKS[t].paper_metric] for s in again if s["task"] == t]) for t in SIX]
     assert value == pytest.approx(np.mean(per_task))
+    assert mean_metric(again, "acc") == pytest.approx(np.mean([np.mean([s["acc"] for s in again if s["task"] == t])
+                                                               for t in SIX]))
+    with pytest.raises(ConfigError, match="no acc_norm for boolq"):
+        mean_metric(again, "acc_norm")
+    assert mean_metric(again, "acc_norm", tasks=["piqa", "arc_easy"]) == pytest.approx(
+        np.mean([np.mean([s["acc_norm"] for s in again if s["task"] == t]) for t in ("piqa", "arc_easy")]))
 
 
 # ---------------------------------------------------------------- perplexity
@@ -321,8 +373,13 @@ def test_parquet_round_trip_and_combine(tmp_path):
     assert got[0]["params_model"] == 800 and got[0]["params_decoder_linear_dense"] == 600
     assert got[0]["lm_eval_version"] and got[0]["torch_version"]
     assert got[0]["seed"] == 3 and got[0]["model"] == "tiny"
-    ppl = {"ppl": 44.0, "nll": math.log(44.0), "tokens": 1016, "windows": 8, "window": 128, "stride": 128}
-    b = write_rows(tmp_path / "b.parquet", [perplexity_row(ppl, "lambada")], {"model": "tiny", "method": "dense"})
+    ppl = {"ppl": 44.0, "nll": math.log(44.0), "tokens": 1016, "windows": 8, "window": 128, "stride": 128,
+           "window_nll": [127 * math.log(44.0)] * 8, "window_tokens": [127] * 8}
+    row = perplexity_row(ppl, "lambada", docs=[{"doc_id": "lambada/1"}, {"doc_id": "lambada/2"}])
+    # windows of equal NLL: no spread, so the interval is the point itself
+    assert row["ci_low"] == pytest.approx(44.0) and row["ci_high"] == pytest.approx(44.0)
+    assert row["ppl_docs"] == 2 and len(row["ppl_docs_digest"]) == 16
+    b = write_rows(tmp_path / "b.parquet", [row], {"model": "tiny", "method": "dense"})
     both = combine([a, b])
     assert both.num_rows == 3 and both.column("window").to_pylist() == [None, None, 128]
     assert both.column("seed").to_pylist() == [3, 3, None]
@@ -346,6 +403,58 @@ def test_tables_leave_out_models_scored_on_fewer_tasks():
     assert table[0]["average"] == 50.0
 
 
+def test_native_rows_carry_each_tasks_lmeval_metrics():
+    scores = [{"task": t, "split": "test", "doc_id": i, "acc": float(i % 2), "acc_norm": float(i % 3 == 0)}
+              for t in ("boolq", "piqa", "custom") for i in range(4)]
+    got = {(r["task"], r["metric"]) for r in summarize_scores(scores)}
+    assert got == {("boolq", "acc"), ("piqa", "acc"), ("piqa", "acc_norm"), ("custom", "acc"), ("custom", "acc_norm")}
+    assert {r["metric"] for r in summarize_scores(scores, ["acc_norm"])} == {"acc_norm"}  # explicit: every task
+
+
+def test_paper_table_names_each_tasks_metric_and_shows_95_intervals(tmp_path):
+    from sfsd.tables import paper_table, paper_table_rows
+
+    common = {"split": "test", "n": 200, "params_model": 100, "params_model_fraction": 1.0,
+              "params_decoder_linear_fraction": 1.0, "macs_per_token": 10}
+
+    def rows_of(method, plan, boolq, piqa, stderr, ppl):
+        out = [{**common, "method": method, "plan": plan, "task": "boolq", "metric": "acc", "value": boolq,
+                "stderr": 0.035 if stderr else None},
+               {**common, "method": method, "plan": plan, "task": "boolq", "metric": "acc_norm", "value": 0.1,
+                "stderr": 0.01},  # an old export's meaningless acc_norm: never shown under "paper"
+               {**common, "method": method, "plan": plan, "task": "piqa", "metric": "acc", "value": 0.3,
+                "stderr": 0.03 if stderr else None},
+               {**common, "method": method, "plan": plan, "task": "piqa", "metric": "acc_norm", "value": piqa,
+                "stderr": 0.025 if stderr else None}]
+        return out + [{**common, "method": method, "plan": plan, "task": "lambada", "metric": "ppl", "value": ppl[0],
+                       "stderr": None, "n": 3000, "window": 128, "ci_low": ppl[1], "ci_high": ppl[2]}]
+
+    rows = rows_of("baseline", "base", 0.56, 0.62, True, (40.0, 38.5, 41.7)) + \
+        rows_of("feature", "feature-b80", 0.5, 0.5, False, (60.0, None, None))
+    write_rows(tmp_path / "results.parquet", rows)
+    table, notes = paper_table_rows(rows)
+    assert notes["metrics"] == {"boolq": "acc", "piqa": "acc_norm"}
+    base, feat = table
+    assert (base["boolq_acc"], base["boolq_acc_ci95"]) == (56.0, pytest.approx(1.96 * 3.5))
+    assert (base["piqa_acc_norm"], base["piqa_acc_norm_ci95"]) == (62.0, pytest.approx(1.96 * 2.5))
+    assert base["average"] == 59.0
+    assert base["average_ci95"] == pytest.approx(1.96 * 100 * math.hypot(0.035, 0.025) / 2, abs=0.005)
+    assert feat["boolq_acc_ci95"] is None and feat["average_ci95"] is None
+    assert "boolq_acc_norm" not in base and "boolq" not in base
+    paper_table(tmp_path / "results.parquet", "paper", tmp_path / "t.md", tmp_path / "t.csv")
+    csv_header = (tmp_path / "t.csv").read_text().splitlines()[0].split(",")
+    assert csv_header[6:] == ["boolq_acc", "boolq_acc_ci95", "piqa_acc_norm", "piqa_acc_norm_ci95", "average",
+                              "average_ci95", "ppl_lambada_128", "ppl_lambada_128_ci_low", "ppl_lambada_128_ci_high"]
+    md = (tmp_path / "t.md").read_text()
+    assert "| boolq acc | piqa acc_norm | average | ppl_lambada_128 |" in md
+    assert "| 56.0 ± 6.9 | 62.0 ± 4.9 | 59.0 ± 4.2 | 40.0 [38.5, 41.7] |" in md
+    assert "| 50.0 | 50.0 | 50.0 | 60.0 |" in md  # no stderr, no interval: the value alone
+    acc, _ = paper_table_rows(rows, "acc")
+    assert (acc[0]["boolq_acc"], acc[0]["piqa_acc"]) == (56.0, 30.0)
+    with pytest.raises(ConfigError, match="no acc_norm for boolq"):
+        paper_table_rows(rows, "acc_norm")
+
+
 def test_evaluation_killed_mid_run_leaves_no_output_and_reruns_to_the_same_rows(tiny_llama, task_dir, tmp_path):
     """kill -9 of the evaluate stage: no results file under its name; the rerun writes the same rows."""
     import signal
@@ -362,7 +471,8 @@ def test_evaluation_killed_mid_run_leaves_no_output_and_reruns_to_the_same_rows(
     cmd = [sys.executable, "-m", "sfsd", "--threads", "1", "evaluate", "--model-dir", str(tiny_llama),
            "--model-name", "tiny", "--variant", "base", "--tasks-dir", str(task_dir), "--tasks", "arc_easy,hellaswag",
            "--splits", str(splits), "--scorer", "native", "--batch-size", "1", "--device", "cpu",
-           "--ppl-source", "lambada", "--ppl-window", "32", "--ppl-max-docs", "60", "--out", str(out)]
+           "--ppl-source", "lambada", "--ppl-window", "32", "--ppl-max-docs", "60", "--ppl-search-fraction", "0.2",
+           "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import threading

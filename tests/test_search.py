@@ -266,6 +266,31 @@ def test_settings_are_checked():
         _settings(method="laser").check()
     with pytest.raises(ConfigError, match="search.stop_at"):
         _settings(stop_at=1.0).check()
+    with pytest.raises(ConfigError, match="search.metric 'f1' is unknown"):
+        _settings(metric="f1").check()
+    assert SearchSettings().metric == "paper"
+
+
+def test_accuracy_objective_uses_each_tasks_paper_metric(tiny4, arc_requests):
+    _, model, tok, _ = tiny4
+    _, _, enc = arc_requests
+    scores = score_multiple_choice(model, tok, enc, 8)
+    objective = AccuracyObjective(tok, enc, batch_size=8)  # default "paper": acc_norm for ARC-Easy
+    assert objective.metric == "paper"
+    assert objective.score(model) == mean_metric(scores, "acc_norm") == mean_metric(scores, "paper")
+    assert AccuracyObjective(tok, enc, "acc", batch_size=8).score(model) == mean_metric(scores, "acc")
+
+
+def test_search_metric_undefined_for_a_target_fails_before_scoring(tiny4, arc_requests, tmp_path, capsys):
+    from sfsd.cli import main
+
+    out = tmp_path / "s" / "weight-accuracy-boolq"
+    args = _cli(tiny4, arc_requests, out)[3:]  # without `python -m sfsd`
+    args[args.index("--target") + 1] = args[args.index("--tasks") + 1] = "boolq"
+    code = main([*args, "--metric", "acc_norm"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: search.metric: lm-eval defines no acc_norm for boolq"), err[-3:]
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- resume after kill -9 (real CLI)
@@ -282,7 +307,7 @@ def _cli(tiny4, arc_requests, out, extra=()):
             "--model-name", "tiny", "--factors", str(factors), "--method", "weight", "--target", "arc_easy",
             "--first-block", "0", "--layers", ",".join(LINEARS), "--tasks-dir", str(task_dir), "--splits", str(splits),
             "--tasks", "arc_easy", "--search-limit", "12", "--curve-limit", "4", "--device", "cpu",
-            "--delta", "0.05", "--out", str(out), *extra]
+            "--delta", "0.05", "--ppl-search-fraction", "0.2", "--out", str(out), *extra]
 
 
 def _env():
@@ -324,3 +349,35 @@ def test_resume_after_kill_gives_the_uninterrupted_plan(tiny4, arc_requests, tmp
     assert not state.exists()
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["layers_searched"] == 28 and summary["search_block_forwards"] > 0
+
+
+def test_evaluated_documents_are_disjoint_from_those_any_search_scored(tiny4, arc_requests, tmp_path):
+    """What the evaluate stage scores for every variant (task docs and perplexity text, as recorded in its
+    per-item file) shares no document with what an accuracy or a perplexity search decided on (recorded in
+    their summaries), so no table number is measured on text a search was tuned on."""
+    import pyarrow.parquet as pq
+
+    folder, _, _, _ = tiny4
+    task_dir, _, _ = arc_requests
+    ppl = ["--ppl-window", "32", "--ppl-max-docs", "30"]
+    runs = {}
+    for mode, target in (("accuracy", "arc_easy"), ("perplexity", "lambada")):
+        out = tmp_path / "search" / f"weight-{mode}-{target}"
+        subprocess.run(_cli(tiny4, arc_requests, out, ("--mode", mode, "--target", target, *ppl)), check=True,
+                       env=_env(), capture_output=True)
+        runs[mode] = json.loads((out / "summary.json").read_text())["search_docs"]
+    items = tmp_path / "eval" / "base.docs.parquet"
+    subprocess.run([sys.executable, "-m", "sfsd", "--threads", "1", "evaluate", "--model-dir", str(folder),
+                    "--model-name", "tiny", "--variant", "base", "--tasks-dir", str(task_dir), "--tasks", "arc_easy",
+                    "--splits", str(tmp_path / "search" / "splits.json"), "--device", "cpu", "--ppl-source", "lambada",
+                    *ppl, "--ppl-search-fraction", "0.2", "--out", str(tmp_path / "eval" / "base.parquet"),
+                    "--items-out", str(items)], check=True, env=_env(), capture_output=True)
+    table = pq.read_table(items)
+    evaluated_ppl = json.loads(table.schema.metadata[b"ppl_doc_ids"])
+    evaluated_docs = {r["item"] for r in table.to_pylist() if r["unit"] == "doc" and r["task"] == "arc_easy"}
+    searched_ppl, searched_docs = runs["perplexity"], set(runs["accuracy"]["arc_easy"]["search"])
+    assert len(searched_ppl) == 6 and len(evaluated_ppl) == 24  # 20% / 80% of the 30 documents
+    assert not set(searched_ppl) & set(evaluated_ppl)
+    assert searched_docs and evaluated_docs and not searched_docs & evaluated_docs
+    windows = [r for r in table.to_pylist() if r["unit"] == "window"]
+    assert windows and all(r["nll"] > 0 and r["tokens"] == 31 for r in windows)

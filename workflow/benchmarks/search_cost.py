@@ -39,7 +39,8 @@ def main() -> None:
                         help="perplexity (default) is close to monotone in rank; accuracy on a small split is not")
     parser.add_argument("--target", default=None, help="a task or 'average' (accuracy), lambada or coqa (perplexity)")
     parser.add_argument("--eps", type=float, default=0.005)
-    parser.add_argument("--ppl-max-docs", type=int, default=100, help="perplexity: docs (first 20% searched)")
+    parser.add_argument("--ppl-max-docs", type=int, default=100, help="perplexity: docs (the first part searched)")
+    parser.add_argument("--ppl-search-fraction", type=float, default=0.2, help="as splits.search_fraction")
     parser.add_argument("--metric", default="acc_norm")
     parser.add_argument("--delta", type=float, default=0.02)
     parser.add_argument("--first-block", type=int, default=-1, help="negative counts from the top")
@@ -64,7 +65,8 @@ def main() -> None:
                 layers=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                 tasks_dir=str(args.results / "tasks"), splits_file=str(args.results / "splits.json"),
                 tasks=list(TASKS), search_limit=args.search_limit, curve_limit=1, batch_size=args.batch_size,
-                ppl_max_docs=args.ppl_max_docs, calibration_texts=str(args.results / "calibration" / "texts.jsonl"),
+                ppl_max_docs=args.ppl_max_docs, ppl_search_fraction=args.ppl_search_fraction,
+                calibration_texts=str(args.results / "calibration" / "texts.jsonl"),
                 device="cpu", cache=cache, progress=False, with_curve=False)
             seconds = time.perf_counter() - start
             log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

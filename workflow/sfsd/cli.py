@@ -13,6 +13,12 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, SfsdError
+from .tasks import METRIC_CHOICES
+
+
+METRIC_HELP = ("paper (default): per task the metric lm-eval defines and the SFSD paper reports (acc for boolq "
+               "and winogrande, acc_norm for the others); acc or acc_norm: that one (acc_norm only for tasks "
+               "whose lm-eval config defines it)")
 
 
 def _csv(value: str) -> list[str]:
@@ -161,12 +167,15 @@ def cmd_splits(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .compress import load_compressed
     from .calibration import read_texts
-    from .evaluate import common_columns, evaluate_lmeval, perplexity_row, score_multiple_choice, \
-        build_requests, read_split_ids, source_by_name, summarize_scores, write_rows
+    from .compress import WEIGHTS_FILE, load_compressed
+    from .evaluate import build_requests, common_columns, evaluate_lmeval_detailed, perplexity_row, \
+        read_split_ids, score_multiple_choice, summarize_scores, write_rows
+    from .items import item_rows, write_items
+    from .io import model_digest, read_metadata
+    from .lmeval_tasks import source_by_name
     from .models import load_model, load_tokenizer, resolve_device
-    from .perplexity import perplexity, perplexity_texts
+    from .perplexity import perplexity, perplexity_texts, split_texts
     from .plan import count_params, model_shapes, new_plan
 
     device = resolve_device(args.device)
@@ -182,18 +191,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ids, n_docs = read_split_ids(args.splits, tasks, args.split, args.limit, args.task_source)
     source = source_by_name(args.task_source, args.tasks_dir)
     if args.scorer == "lm_eval":
-        rows = evaluate_lmeval(model, tokenizer, source, tasks, ids, batch_size=args.batch_size, n_docs=n_docs)
+        rows, doc_scores = evaluate_lmeval_detailed(model, tokenizer, source, tasks, ids, batch_size=args.batch_size,
+                                                    n_docs=n_docs)
     else:
-        scores = score_multiple_choice(model, tokenizer, build_requests(source, tasks, ids, n_docs=n_docs),
-                                       batch_size=args.batch_size)
-        rows = summarize_scores(scores)
+        doc_scores = score_multiple_choice(model, tokenizer, build_requests(source, tasks, ids, n_docs=n_docs),
+                                           batch_size=args.batch_size)
+        rows = summarize_scores(doc_scores)
+    ppl, ppl_docs = None, []
     if args.ppl_source != "none":
         exclude = [d["doc_id"] for d in read_texts(args.calibration_texts)] if args.calibration_texts else []
         texts = perplexity_texts(args.ppl_source, path=args.ppl_path, text_field=args.ppl_text_field,
                                  exclude_ids=exclude, max_docs=args.ppl_max_docs)
-        rows.append(perplexity_row(perplexity(model, tokenizer, texts, args.ppl_window), args.ppl_source))
-    from .compress import WEIGHTS_FILE
-    from .io import model_digest, read_metadata
+        # the rank search tunes on the "search" part; every variant is scored on the rest
+        if args.ppl_search_fraction is None:
+            raise ConfigError("--ppl-search-fraction is required with a perplexity source (the search part of the "
+                              "text, splits.search_fraction; 0 scores every document)")
+        ppl_docs = split_texts(texts, args.ppl_search_fraction)["test"] if args.ppl_search_fraction else texts
+        ppl = perplexity(model, tokenizer, ppl_docs, args.ppl_window)
+        rows.append(perplexity_row(ppl, args.ppl_source, docs=ppl_docs))
 
     # what the compressed weights were cut from (the factor caches' calibration), recorded per row
     provenance = read_metadata(Path(args.compressed) / WEIGHTS_FILE) if args.compressed else {}
@@ -201,8 +216,44 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                             limit=args.limit, model_digest=model_digest(args.model_dir),
                             calibration_digest=provenance.get("calibration_digest"))
+    if args.items_out:
+        write_items(args.items_out, item_rows(doc_scores, ppl, args.ppl_source, args.split), common,
+                    [d["doc_id"] for d in ppl_docs])
     write_rows(args.out, rows, common)
     logging.info("evaluated %s/%s: %d rows", args.model_name, args.variant, len(rows))
+
+
+def cmd_check_scorer(args: argparse.Namespace) -> None:
+    from .compress import load_compressed
+    from .errors import NumericalError
+    from .evaluate import build_requests, check_against_lmeval, evaluate_lmeval_detailed, read_split_ids, \
+        score_multiple_choice
+    from .io import write_json
+    from .lmeval_tasks import source_by_name
+    from .models import load_model, load_tokenizer, resolve_device
+
+    device = resolve_device(args.device)
+    if args.compressed:
+        model, _ = load_compressed(args.compressed, device=device)
+        tokenizer = load_tokenizer(args.compressed)
+    else:
+        model, tokenizer = load_model(args.model_dir, device=str(device))
+    tasks = _csv(args.tasks)
+    ids, n_docs = read_split_ids(args.splits, tasks, "test", args.limit, args.task_source)
+    source = source_by_name(args.task_source, args.tasks_dir)
+    native = score_multiple_choice(model, tokenizer, build_requests(source, tasks, ids, n_docs=n_docs),
+                                   batch_size=args.batch_size)
+    _, reference = evaluate_lmeval_detailed(model, tokenizer, source, tasks, ids, batch_size=args.batch_size,
+                                            n_docs=n_docs)
+    report = check_against_lmeval(native, reference, args.tolerance)
+    if report["mismatches"]:
+        first = report["mismatches"][0]
+        raise NumericalError(f"the native scorer disagrees with lm-eval on {len(report['mismatches'])} of "
+                             f"{report['docs']} documents (first: {first['task']} doc {first['doc_id']}: "
+                             f"{first['what']}); score with evaluation.scorer lm_eval and report this")
+    write_json(args.out, {**report, "tasks": tasks, "docs_per_task": args.limit, "model": args.compressed or args.model_dir})
+    logging.info("native scorer = lm-eval on %d docs (%d choices) of %s: max |diff| %.2e", report["docs"],
+                 report["choices"], ", ".join(tasks), report["max_abs_diff"])
 
 
 def cmd_combine_results(args: argparse.Namespace) -> None:
@@ -221,6 +272,15 @@ def cmd_paper_table(args: argparse.Namespace) -> None:
     from .tables import paper_table
 
     paper_table(args.results, args.metric, args.out_md, args.out_csv)
+
+
+def cmd_comparisons(args: argparse.Namespace) -> None:
+    from .compare import comparisons_table
+
+    rows = comparisons_table(args.inputs, args.metric, args.out_md, args.out_csv, seed=args.seed,
+                             n_boot=args.n_boot)
+    logging.info("comparisons: %d pairs of %d variants, %d bootstrap resamples (seed %d)", len(rows),
+                 len(args.inputs), args.n_boot, args.seed)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -425,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-tasks", help="the six benchmarks as local lm-eval tasks (offline)")
     p.add_argument("--tasks", required=True)
-    p.add_argument("--metrics", default="acc,acc_norm")
+    p.add_argument("--metrics", default="", help="comma-separated metric_list for every task (acc, acc_norm); "
+                   "default: lm-eval's own (acc for boolq and winogrande, acc and acc_norm for the others)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_tasks)
 
@@ -452,17 +513,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", required=True)
     p.add_argument("--split", choices=["search", "test"], default="test")
     p.add_argument("--limit", type=int, default=None, help="first N docs of the split per task")
-    p.add_argument("--scorer", choices=["lm_eval", "native"], default="lm_eval")
+    p.add_argument("--scorer", choices=["lm_eval", "native"], default="native",
+                   help="native (exact, faster; checked against lm-eval by the check_scorer rule) or lm_eval")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--ppl-source", default="lambada", help="lambada, coqa, wikitext2, text_file, jsonl_file or none")
     p.add_argument("--ppl-window", type=int, default=128)
     p.add_argument("--ppl-max-docs", type=int, default=None, help="first N documents (default: all)")
+    p.add_argument("--ppl-search-fraction", type=float, default=None,
+                   help="leading fraction of the perplexity documents kept for the rank search and never scored "
+                        "here (splits.search_fraction; required with a perplexity source); 0 scores them all")
     p.add_argument("--ppl-path", default=None, help="the file of the text_file / jsonl_file perplexity sources")
     p.add_argument("--ppl-text-field", default="text", help="JSONL field of the jsonl_file perplexity source")
     p.add_argument("--calibration-texts", default=None, help="texts.jsonl whose doc ids perplexity must skip")
     p.add_argument("--out", required=True)
+    p.add_argument("--items-out", default=None, help="per-document / per-window scores (paired comparisons)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("check-scorer", help="re-score the first test docs of every task with lm-eval and fail on "
+                       "any difference from the native scorer")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--compressed", default=None, help="a compressed model folder; omit for the base model")
+    p.add_argument("--task-source", choices=["local", "hub"], default="local")
+    p.add_argument("--tasks-dir", default=None)
+    p.add_argument("--tasks", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--limit", type=int, required=True, help="first N test docs per task")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest |log-likelihood difference| per choice")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_check_scorer)
 
     p = sub.add_parser("combine-results", help="concatenate result Parquet files")
     p.add_argument("--out", required=True)
@@ -471,10 +552,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("paper-table", help="the SFSD paper's Table 1 for one model, as Markdown and CSV")
     p.add_argument("--results", required=True)
-    p.add_argument("--metric", default="acc_norm")
+    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-csv", required=True)
     p.set_defaults(func=cmd_paper_table)
+
+    p = sub.add_parser("comparisons", help="paired bootstrap differences between variants scored on the same "
+                       "documents (MD + CSV)")
+    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of numpy.random.default_rng for the resamples")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per pair")
+    p.add_argument("--out-md", required=True)
+    p.add_argument("--out-csv", required=True)
+    p.add_argument("inputs", nargs="+", help="results/<model>/eval/<variant>.docs.parquet files of one model")
+    p.set_defaults(func=cmd_comparisons)
 
     p = sub.add_parser("search", help="surgical rank search (resumable) -> plan, log, curve, summary")
     p.add_argument("--model-dir", required=True)
@@ -483,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="feature", help="feature | weight | whitened")
     p.add_argument("--mode", default="accuracy", help="accuracy | perplexity")
     p.add_argument("--target", default="average", help="a task, 'average' (accuracy), or a perplexity source")
-    p.add_argument("--metric", default="acc_norm", choices=["acc", "acc_norm"])
+    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
     p.add_argument("--delta", type=float, default=0.0, help="accuracy: accepted drop from the baseline")
     p.add_argument("--eps", type=float, default=0.005, help="perplexity: growth allowed per step")
     p.add_argument("--order", default=",".join(("down_proj", "up_proj", "gate_proj", "o_proj", "v_proj", "k_proj",
@@ -507,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-every", type=int, default=1, help="evaluate the test split every N finished blocks")
     p.add_argument("--ppl-window", type=int, default=128)
     p.add_argument("--ppl-max-docs", type=int, default=None, help="first N perplexity documents (default: all)")
-    p.add_argument("--ppl-search-fraction", type=float, default=0.2)
+    p.add_argument("--ppl-search-fraction", type=float, required=True,
+                   help="leading fraction of the perplexity documents searched on (splits.search_fraction)")
     p.add_argument("--calibration-texts", default=None, help="calibration JSONL whose docs perplexity text excludes")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
@@ -543,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = figure_parser("figure-search-curves", cmd_figure_search_curves,
                       "test metric against parameters along surgical searches (PNG + SVG)")
     p.add_argument("--tasks", default="", help="task panels, in order (then 'average' and perplexity sources)")
-    p.add_argument("--metric", default="acc_norm", help="accuracy metric of the task panels")
+    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
     p.add_argument("--results", default=None, help="results.parquet: uniform-budget models as points")
     p.add_argument("curves", nargs="+", help="search/<search>/curve.parquet files (the folder names the search)")
     p = figure_parser("figure-layer-budgets", cmd_figure_layer_budgets,
@@ -553,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods-table", help="methods x budgets (params, average metric, ppl) as Markdown and CSV")
     p.add_argument("--results", required=True)
-    p.add_argument("--metric", default="acc_norm")
+    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-csv", required=True)
     p.set_defaults(func=cmd_methods_table)
@@ -590,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("laser-choose", help="the best LASER point of one task on the search split (JSON)")
     p.add_argument("--task", required=True)
-    p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc")
+    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("inputs", nargs="+", help="search-split scores.parquet of every point")
     p.set_defaults(func=cmd_laser_choose)
@@ -605,14 +697,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("laser-figure", help="accuracy change against rate, per layer type (PNG + SVG)")
     p.add_argument("--results", required=True)
-    p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc")
+    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
     p.add_argument("--out-png", required=True)
     p.add_argument("--out-svg", required=True)
     p.set_defaults(func=cmd_laser_figure)
 
     p = sub.add_parser("laser-table", help="best LASER intervention per task, validation and test (MD + CSV)")
     p.add_argument("--results", required=True)
-    p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc")
+    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-csv", required=True)
     p.set_defaults(func=cmd_laser_table)

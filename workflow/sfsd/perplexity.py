@@ -96,6 +96,42 @@ def perplexity_texts(
     return docs
 
 
+def split_texts(docs: Sequence[dict], search_fraction: float) -> dict[str, list[dict]]:
+    """{"search": the first max(1, floor(n * search_fraction)) documents, "test": the rest}: the rank
+    search tunes on the first part (as SFSD searches on the first 20% of WikiText-2) and every evaluated
+    variant is scored on the second, so no perplexity in a table was measured on text a search saw."""
+    if not 0 < search_fraction < 1:
+        raise ConfigError(f"the perplexity search fraction must be in (0, 1), got {search_fraction}")
+    cut = max(1, int(len(docs) * search_fraction))
+    if cut >= len(docs):
+        raise ConfigError(f"{len(docs)} perplexity documents are too few to split into search and test text; "
+                          "raise evaluation.perplexity.max_docs")
+    return {"search": list(docs[:cut]), "test": list(docs[cut:])}
+
+
+def doc_ids_digest(docs: Sequence[dict]) -> str:
+    """A short digest of the documents' ids in order: which text a perplexity was measured on."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([d["doc_id"] for d in docs]).encode()).hexdigest()[:16]
+
+
+def log_ppl_interval(window_nll: Sequence[float], window_tokens: Sequence[int], z: float | None = None) -> tuple[float, float]:
+    """95% interval (z) of the perplexity from its windows: log ppl = sum(nll) / sum(tokens) is a ratio
+    estimator over windows, whose standard error is sqrt(sum((nll_w - m tok_w)^2) / (W (W - 1))) / mean(tok)
+    (the windows as the sampled units). Returns (low, high) perplexities; (ppl, ppl) for one window."""
+    from .items import Z95
+
+    z = Z95 if z is None else z
+    nll = torch.tensor(window_nll, dtype=torch.float64)
+    tok = torch.tensor(window_tokens, dtype=torch.float64)
+    m = float(nll.sum() / tok.sum())
+    w = len(nll)
+    se = 0.0 if w < 2 else float(((nll - m * tok).pow(2).sum() / (w * (w - 1))).sqrt() / tok.mean())
+    return math.exp(m - z * se), math.exp(m + z * se)
+
+
 def _texts(texts: Sequence[str | dict]) -> list[str]:
     return [t["text"] if isinstance(t, dict) else str(t) for t in texts]
 
@@ -117,7 +153,8 @@ def perplexity(
 ) -> dict:
     """Perplexity of `model` on `texts` (strings or {text} dicts) over windows of `window` tokens (see the
     module docstring). Returns {ppl, nll (mean per scored token), tokens (scored), windows, window,
-    stride, total_tokens (after tokenization)}. `max_windows` keeps the first N windows."""
+    stride, total_tokens (after tokenization), window_nll and window_tokens (each window's summed NLL and
+    scored tokens, for intervals and paired comparisons)}. `max_windows` keeps the first N windows."""
     if window < 2:
         raise ConfigError(f"perplexity window must be >= 2 tokens, got {window}")
     stride = window if stride is None else stride
@@ -131,8 +168,8 @@ def perplexity(
     if not starts:
         raise DataError(f"the texts give {len(ids)} tokens, fewer than one window of {window}; add text")
     device = next(model.parameters()).device
-    total_nll = 0.0
-    scored = 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
     prev_end = 0
     for b in range(0, len(starts), batch_size):
         chunk = starts[b:b + batch_size]
@@ -144,11 +181,13 @@ def perplexity(
             log_probs = F.log_softmax(logits[row, first - 1:window - 1].float(), dim=-1)
             targets = batch[row, first:window]
             nll = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()
-            total_nll += float(nll)
-            scored += window - first
+            window_nll.append(float(nll))
+            window_tokens.append(window - first)
             prev_end = s + window
-    mean_nll = total_nll / scored
+    scored = sum(window_tokens)
+    mean_nll = sum(window_nll) / scored
     if not math.isfinite(mean_nll):
         raise NumericalError(f"perplexity is not finite (mean NLL {mean_nll}); the model produces NaN/Inf")
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": scored, "windows": len(starts),
-            "window": window, "stride": stride, "total_tokens": len(ids)}
+            "window": window, "stride": stride, "total_tokens": len(ids), "window_nll": window_nll,
+            "window_tokens": window_tokens}

@@ -82,7 +82,7 @@ def run_search(
     curve_every: int = 1,
     ppl_window: int = 128,
     ppl_max_docs: int | None = 300,
-    ppl_search_fraction: float = 0.2,
+    ppl_search_fraction: float,
     calibration_texts: str | None = None,
     batch_size: int = 8,
     device: str = "auto",
@@ -97,8 +97,9 @@ def run_search(
         score_multiple_choice, summarize_scores
     from .lmeval_tasks import source_by_name
     from .models import load_model
-    from .perplexity import perplexity, perplexity_texts
+    from .perplexity import perplexity, perplexity_texts, split_texts
     from .plan import model_shapes
+    from .tasks import task_metrics
 
     model, tokenizer = load_model(model_dir, device=device)
     shapes = model_shapes(model)
@@ -111,14 +112,11 @@ def run_search(
     ppl_docs: tuple[list, list] | None = None
     if settings.mode == "perplexity":
         exclude = [d["doc_id"] for d in read_texts(calibration_texts)] if calibration_texts else []
-        docs = perplexity_texts(settings.target, exclude_ids=exclude, max_docs=ppl_max_docs)
-        cut = max(1, int(len(docs) * ppl_search_fraction))
-        if cut >= len(docs):
-            raise ConfigError(f"perplexity source {settings.target} has {len(docs)} docs: too few to split into search "
-                              "and test text; raise evaluation.perplexity.max_docs")
-        rest = docs[cut:]
-        # search on the first part, as SFSD does on WikiText-2; the curve scores (curve_limit of) the rest
-        ppl_docs = (docs[:cut], rest[:curve_limit] if curve_limit else rest)
+        docs = split_texts(perplexity_texts(settings.target, exclude_ids=exclude, max_docs=ppl_max_docs),
+                           ppl_search_fraction)
+        # search on the first part, as SFSD does on WikiText-2; the curve scores (curve_limit of) the rest,
+        # the text the evaluate stage scores for every variant
+        ppl_docs = (docs["search"], docs["test"][:curve_limit] if curve_limit else docs["test"])
         objective = PerplexityObjective(tokenizer, ppl_docs[0], ppl_window, settings.eps, batch_size)
         inputs = [d["doc_id"] for d in ppl_docs[0]]
     else:
@@ -127,6 +125,10 @@ def run_search(
         if unknown:
             raise ConfigError(f"search target {settings.target!r} is not one of evaluation.tasks {list(tasks)} nor "
                               f"{AVERAGE!r}")
+        try:  # before any scoring: a metric lm-eval does not define for a target task (acc_norm on boolq)
+            task_metrics(target_tasks, settings.metric)
+        except ConfigError as err:
+            raise ConfigError(f"search.metric: {err}") from None
         ids, n_docs = read_split_ids(splits_file, target_tasks, "search", search_limit, task_source)
         enc = encode_requests(tokenizer, build_requests(source, target_tasks, ids, ["search"], n_docs=n_docs),
                               max_length)
@@ -140,7 +142,8 @@ def run_search(
                                    max_length)
 
     def curve(m: torch.nn.Module) -> list[dict]:
-        rows = summarize_scores(score_multiple_choice(m, tokenizer, test_enc, batch_size))
+        # whole inputs, as the objective (the block-forward counters count whole sequences)
+        rows = summarize_scores(score_multiple_choice(m, tokenizer, test_enc, batch_size, share_prefix=False))
         if ppl_docs is not None:
             r = perplexity(m, tokenizer, ppl_docs[1], ppl_window, batch_size=batch_size)
             rows.append({"task": settings.target, "split": "test", "metric": "ppl", "value": r["ppl"],
@@ -161,7 +164,9 @@ def run_search(
     name = Path(out_dir).name
     summary = {**result.summary, "model": model_name, "search": name, "settings": asdict(settings),
                "device": str(next(model.parameters()).device), "search_limit": search_limit,
-               "curve_limit": curve_limit}
+               "curve_limit": curve_limit,
+               # the documents every decision was made on (never scored by the evaluate stage)
+               "search_docs": inputs}
     _write_outputs(out_dir, result, summary, model_name, name, settings)
     state.unlink(missing_ok=True)
     log.info("search %s: %d layers, %d evaluations, %d search block-forwards, params %.4f of the model",
