@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars would bury the table
 
 import torch
 
