@@ -84,8 +84,13 @@ def check_config():
             fail(f"calibration.path {cal['path']!r} is empty; give it some text")
     if cal["source"] == "hub" and not cal["hub_dataset"]:
         fail("calibration.hub_dataset must be set for calibration.source hub")
+    if cal["source"] in ("text_file", "jsonl_file"):
+        try:
+            text = Path(cal["path"]).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            fail(f"calibration.path {cal['path']!r} is not UTF-8 text (byte {err.start}); give a text or JSONL file")
     if cal["source"] == "jsonl_file":
-        first = next((line for line in Path(cal["path"]).read_text(encoding="utf-8").splitlines() if line.strip()), "")
+        first = next((line for line in text.splitlines() if line.strip()), "")
         try:
             row = json.loads(first)
         except json.JSONDecodeError:

@@ -93,6 +93,11 @@ def _jsonl_without_field(tmp: Path, model: Path, calib: Path) -> dict:
     return {"calibration": {"source": "jsonl_file", "path": str(tmp / "calib.jsonl")}}
 
 
+def _binary_jsonl(tmp: Path, model: Path, calib: Path) -> dict:
+    (tmp / "calib.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
+    return {"calibration": {"source": "jsonl_file", "path": str(tmp / "calib.jsonl")}}
+
+
 def _calibration_is_evaluated_task(tmp: Path, model: Path, calib: Path) -> dict:
     # an exported evaluation task file (results/tasks/<task>.jsonl, under the run's own folder)
     task_file = tmp / "run" / "results" / "tasks" / "arc_easy.jsonl"
@@ -103,6 +108,7 @@ def _calibration_is_evaluated_task(tmp: Path, model: Path, calib: Path) -> dict:
 
 CONFIG_CASES = [
     # (id, change to the base config or a function (tmp, model, calibration) -> change, expected text)
+    ("binary calibration file", _binary_jsonl, "is not UTF-8 text"),
     ("unknown embedded model", {"models": {"tiny": {"source": "embedded", "id": "gpt-5"}}},
      "models.tiny.id 'gpt-5' is not an embedded model"),
     ("unsupported architecture", _arch_gpt2, "unsupported architecture 'GPT2LMHeadModel'"),

@@ -274,7 +274,8 @@ def comparison_rows(variants: Mapping[str, Mapping], metric: str, n_boot: int = 
             if n is not None:
                 n_windows[source] = n
             for suffix, attr in (("", "value"), ("_low", "low"), ("_high", "high")):
-                csv_row[f"ppl_ratio_{source}{suffix}"] = None if iv is None else round(getattr(iv, attr), 6)
+                # 6 significant digits: ratios span 1e-8 to 1e10
+                csv_row[f"ppl_ratio_{source}{suffix}"] = None if iv is None else float(f"{getattr(iv, attr):.6g}")
             md_row[f"ppl_ratio_{source}"] = None if iv is None else format_ratio(iv)
         total = sum(result["n"].values())
         csv_row["n_docs"] = md_row["n_docs"] = total

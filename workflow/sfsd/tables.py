@@ -93,7 +93,8 @@ def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test
     metrics: dict[str, str] = {}
     for r in rows:
         key = (r["method"], r["plan"])
-        v = by_variant.setdefault(key, {"method": r["method"], "plan": r["plan"], "scores": {}, "ppl": None})
+        v = by_variant.setdefault(key, {"method": r["method"], "plan": r["plan"], "scores": {}, "ppl": None,
+                                        "notes": defaultdict(set)})
         v.update({k: r.get(k) for k in ("params_model", "params_model_fraction", "params_decoder_linear_fraction",
                                           "macs_per_token")})
         if r["metric"] == "ppl":
@@ -106,13 +107,16 @@ def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test
             metrics[r["task"]] = task_metric(r["task"], metric)
         if r["metric"] == metrics[r["task"]]:
             v["scores"][r["task"]] = (100.0 * r["value"], r.get("stderr"))
-            notes["n"].add(f"{r['task']} {r['n']}")
-            notes["scorer"].add(str(r.get("scorer")))
-            notes["limit"].add(str(r.get("limit")))
-            notes["lm_eval"].add(str(r.get("lm_eval_version")))
+            v["notes"]["n"].add(f"{r['task']} {r['n']}")
+            v["notes"]["scorer"].add(str(r.get("scorer")))
+            v["notes"]["limit"].add(str(r.get("limit")))
+            v["notes"]["lm_eval"].add(str(r.get("lm_eval_version")))
     if not by_variant:
         raise DataError("the results hold no rows; run the evaluation rules first")
     by_variant = complete_variants(by_variant)
+    for v in by_variant.values():  # the caption speaks of the models in the table only
+        for key, values in v["notes"].items():
+            notes[key] |= values
     table = []
     for (method, plan), v in sorted(by_variant.items(), key=lambda kv: (
             kv[0][0] != "baseline", -(kv[1]["params_model"] or 0), METHOD_ORDER.get(kv[0][0], 9), kv[0][1])):
