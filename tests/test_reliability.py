@@ -1,4 +1,4 @@
-"""Reliability (issue 8): bad input fails fast with one line naming the key or file and leaves no output;
+"""Reliability: bad input fails fast with one line naming the key or file and leaves no output;
 numerical faults are named; every artefact records what it was made from and stages refuse mismatched
 inputs; the same config gives bit-identical results; killed jobs resume to the outputs of an
 uninterrupted run."""
