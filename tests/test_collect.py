@@ -1,12 +1,17 @@
 """Stage 1 on a tiny random Llama with grouped-query attention: the collected statistics equal a
 direct computation, padding does not leak into them, and derived output moments match hooked outputs."""
 
+import json
+
 import pytest
 import torch
 
 from sfsd.arch import get_arch, groups_for, linear_of, select_linears
 from sfsd.calibration import tokenize
-from sfsd.collect import collect_input_moments
+from sfsd.cli import main as sfsd_main
+from sfsd.collect import block_file, collect_input_moments, load_block_moments
+from sfsd.errors import DataError
+from sfsd.io import load_tensors, save_tensors
 from sfsd.models import load_model
 from sfsd.stats import output_moments
 
@@ -59,6 +64,8 @@ def test_statistics_equal_direct_computation(model_and_tokens):
             assert acc.count == int(tokens["attention_mask"].sum())
             torch.testing.assert_close(acc.xsum, x.sum(0), rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(acc.xxt, x.T @ x, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(acc.xabs, x.abs().sum(0), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(acc.mean_abs(), x.abs().mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_padding_does_not_change_statistics(tiny_llama, model_and_tokens):
@@ -86,3 +93,36 @@ def test_derived_output_covariance_equals_hooked_outputs(model_and_tokens):
         mu, cov = output_moments(layer.weight, layer.bias, acc.mean(), acc.covariance())
         torch.testing.assert_close(mu, y.mean(0), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cov, torch.cov(y.T, correction=0), rtol=1e-4, atol=1e-5)
+
+
+def test_block_files_hold_sum_abs_and_older_files_still_load(tiny_llama, calibration_text_file, tmp_path):
+    """The collect stage saves <group>.xabs beside .xxt/.xsum/.count; a file of an older collection
+    without it still loads (and the eigen stage still runs on it), only its mean |x| is refused."""
+    texts, tokens, features = tmp_path / "texts.jsonl", tmp_path / "tokens.safetensors", tmp_path / "features"
+    settings = json.dumps({"source": "text_file", "path": str(calibration_text_file), "num_samples": 8})
+    assert sfsd_main(["calibration-texts", "--settings", settings, "--out", str(texts)]) == 0
+    assert sfsd_main(["--threads", "1", "tokenize", "--model-dir", str(tiny_llama), "--texts", str(texts),
+                      "--seq-len", "32", "--out", str(tokens)]) == 0
+    assert sfsd_main(["--threads", "1", "collect", "--model-dir", str(tiny_llama), "--model-name", "tiny",
+                      "--tokens", str(tokens), "--layers", "q_proj,down_proj", "--device", "cpu",
+                      "--batch-size", "4", "--out", str(features)]) == 0
+    model, _ = load_model(tiny_llama, device="cpu")
+    spec = get_arch("LlamaForCausalLM")
+    ids = load_tensors(tokens)[0]
+    direct = collect_input_moments(model, spec, ["attn_in", "mlp_out"], ids["input_ids"], ids["attention_mask"], 4,
+                                   progress=False)
+    path = features / block_file(1)
+    saved, _ = load_block_moments(path)
+    for group in ("attn_in", "mlp_out"):
+        assert saved[group].xabs.dtype == torch.float64
+        torch.testing.assert_close(saved[group].mean_abs(), direct[1][group].mean_abs())
+    tensors, meta = load_tensors(path)
+    old = tmp_path / "old" / block_file(1)
+    save_tensors(old, {k: v for k, v in tensors.items() if not k.endswith(".xabs")}, meta)
+    loaded, _ = load_block_moments(old)
+    assert loaded["attn_in"].xabs is None
+    torch.testing.assert_close(loaded["attn_in"].second_moment(), saved["attn_in"].second_moment())
+    with pytest.raises(DataError, match="rerun collection"):
+        loaded["attn_in"].mean_abs()
+    assert sfsd_main(["--threads", "1", "eigen", "--features", str(old), "--model-dir", str(tiny_llama),
+                      "--layers", "q_proj,down_proj", "--out", str(tmp_path / "eigen.safetensors")]) == 0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sfsd.errors import NumericalError
+from sfsd.errors import DataError, NumericalError
 from sfsd.stats import (
     InputMoments,
     check_finite,
@@ -26,6 +26,28 @@ def test_accumulated_moments_equal_direct_computation():
     torch.testing.assert_close(acc.second_moment(), xf.T @ xf / 1000, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(acc.mean(), xf.mean(0), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(acc.covariance(), torch.cov(xf.T, correction=0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(acc.mean_abs(), xf.abs().mean(0), rtol=1e-9, atol=1e-9)
+
+
+def test_mean_abs_by_hand_over_flushed_and_staged_batches():
+    """Column 0 sees |1|, |-3|, |0|, |-1|, |2| -> 7/5; column 1 sees 2, 4, 0, 2, 2 -> 2; E[x] differs (-1/5, 6/5)."""
+    acc = InputMoments.zeros(2)
+    acc.update(torch.tensor([[1.0, -2.0], [-3.0, 4.0]]), flush_every=2)
+    acc.update(torch.tensor([[0.0, 0.0], [-1.0, 2.0]]), flush_every=2)  # flushed here
+    acc.update(torch.tensor([[2.0, 2.0]]), flush_every=2)  # still staged: mean_abs flushes it
+    assert acc.count == 5
+    torch.testing.assert_close(acc.mean_abs(), torch.tensor([7 / 5, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(acc.mean(), torch.tensor([-1 / 5, 6 / 5], dtype=torch.float64))
+    assert acc.xabs.dtype == torch.float64 and acc.xabs.device.type == "cpu"
+
+
+def test_moments_without_sum_abs_refuse_mean_abs_only():
+    """Statistics loaded from a file collected before sum |x| was saved: every other moment works."""
+    acc = InputMoments(torch.eye(2, dtype=torch.float64) * 4, torch.tensor([2.0, 0.0], dtype=torch.float64), 4)
+    torch.testing.assert_close(acc.mean(), torch.tensor([0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(acc.second_moment(), torch.eye(2, dtype=torch.float64))
+    with pytest.raises(DataError, match="rerun collection"):
+        acc.mean_abs()
 
 
 def test_empty_batch_changes_nothing():

@@ -5,7 +5,8 @@ were NOT used to collect the statistics are compared with those of its rank-r re
     error = ||Y - Y_hat||_F / ||Y||_F
 at several ranks (fractions of kappa = floor(in*out/(in+out))). Methods: feature space (SFSD) with the
 intended bias compensation and without it (the released code's), weight-space SVD, whitened SVD
-(SVD-LLM), and the Vendi row selection (rank r rebuilt from r selected rows).
+(SVD-LLM), ASVD (SVD of W scaled by the mean |x| of each input channel), and the Vendi row selection
+(rank r rebuilt from r selected rows).
 
     snakemake --cores 2      # once, for results/<model>/{features,eigen} and the calibration texts
     python workflow/benchmarks/method_errors.py [--blocks 5,15,25 --held-out 64]
@@ -26,7 +27,15 @@ from sfsd.arch import architecture_of, get_arch, linear_of  # noqa: E402
 from sfsd.calibration import CalibrationSettings, sample_texts, tokenize  # noqa: E402
 from sfsd.collect import block_file, load_block_moments  # noqa: E402
 from sfsd.io import load_tensors  # noqa: E402
-from sfsd.methods import feature_space, max_rank, vendi_rebuild, vendi_select, weight_space, whitened  # noqa: E402
+from sfsd.methods import (  # noqa: E402
+    asvd,
+    feature_space,
+    max_rank,
+    vendi_rebuild,
+    vendi_select,
+    weight_space,
+    whitened,
+)
 from sfsd.models import load_model  # noqa: E402
 
 
@@ -72,7 +81,8 @@ def main() -> None:
     tokens = tokenize(texts, tokenizer, seq_len=128)
     print(f"held-out tokens: {int(tokens['attention_mask'].sum())} from {len(texts)} documents")
     fractions = [float(f) for f in args.fractions.split(",")]
-    header = f"{'block':>5} {'layer':>9} {'rank':>5}  {'feature':>8} {'feat/none':>9} {'weight':>8} {'whitened':>8} {'vendi':>8}"
+    header = (f"{'block':>5} {'layer':>9} {'rank':>5}  {'feature':>8} {'feat/none':>9} {'weight':>8} {'whitened':>8} "
+              f"{'asvd':>8} {'vendi':>8}")
     print(header)
     totals: dict[str, list[float]] = {}
     for block in (int(b) for b in args.blocks.split(",")):
@@ -85,6 +95,7 @@ def main() -> None:
             b = None if layer.bias is None else layer.bias.detach().double()
             x, y = io[linear]
             second = moments[spec.group_of(linear)].second_moment()
+            mean_abs = moments[spec.group_of(linear)].mean_abs()
             vectors, mean = eig[f"{linear}.eigenvectors"].double(), eig[f"{linear}.mean"]
             kappa = max_rank(w.shape[1], w.shape[0])
             for fraction in fractions:
@@ -94,6 +105,7 @@ def main() -> None:
                     "feat/none": feature_space(w, b, vectors, mean, r, bias_compensation="none").dense(),
                     "weight": weight_space(w, b, r).dense(),
                     "whitened": whitened(w, b, second, r)[0].dense(),
+                    "asvd": asvd(w, b, mean_abs, r).dense(),
                     "vendi": (vendi_rebuild(w, vendi_select(w, r)), b),
                 }
                 errors = {}

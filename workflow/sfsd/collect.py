@@ -86,7 +86,7 @@ def collect_input_moments(
     for b, per_block in enumerate(moments):
         for g, acc in per_block.items():
             acc.flush()
-            check_finite({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum}, f"block {b}")
+            check_finite({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum, f"{g}.xabs": acc.xabs}, f"block {b}")
     return moments
 
 
@@ -157,6 +157,7 @@ def run_collect(
             for g, acc in per_block.items():
                 tensors[f"{g}.xxt"] = acc.xxt
                 tensors[f"{g}.xsum"] = acc.xsum
+                tensors[f"{g}.xabs"] = acc.xabs
                 tensors[f"{g}.count"] = torch.tensor(acc.count, dtype=torch.int64)
             save_tensors(Path(tmp) / block_file(b), tensors, {**common, "block": b, "groups": groups})
         manifest = {
@@ -178,9 +179,11 @@ def block_file(block: int) -> str:
 
 
 def load_block_moments(path: str | os.PathLike) -> tuple[dict[str, InputMoments], dict]:
+    """The moments of a block file; `xabs` is None in files collected before it was saved."""
     tensors, meta = load_tensors(path)
     out = {}
     for g in meta.get("groups", []):
-        out[g] = InputMoments(tensors[f"{g}.xxt"], tensors[f"{g}.xsum"], int(tensors[f"{g}.count"]))
-        check_finite({f"{g}.xxt": out[g].xxt, f"{g}.xsum": out[g].xsum}, f"{path}")
+        out[g] = InputMoments(tensors[f"{g}.xxt"], tensors[f"{g}.xsum"], int(tensors[f"{g}.count"]),
+                              tensors.get(f"{g}.xabs"))
+        check_finite({k: tensors[k] for k in (f"{g}.xxt", f"{g}.xsum", f"{g}.xabs") if k in tensors}, f"{path}")
     return out, meta

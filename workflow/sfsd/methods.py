@@ -6,6 +6,7 @@ W1: r x in and W2: out x r (see `Factors`). The methods differ in how they choos
 - `feature_space` (SFSD): project the OUTPUT features onto their top-r principal directions.
 - `weight_space`: truncated SVD of W itself (no data).
 - `whitened` (SVD-LLM): truncated SVD of W S, S the Cholesky factor of the input second moment.
+- `asvd` (ASVD): truncated SVD of W S, S = diag(mean |x_j|)^alpha, the per-channel activation scale.
 - `laser` (LASER): the rank-k SVD approximation of W written back as a dense matrix.
 - `vendi_select` + `vendi_rebuild`: keep k rows of W picked greedily for a high (or low) Vendi
   score, and rebuild W by least squares from them.
@@ -164,6 +165,36 @@ def whitened(
     first = torch.linalg.solve_triangular(s_factor, root[:, None] * vh[:rank], upper=False, left=False)
     second = u[:, :rank] * root
     return Factors(first.to(weight.dtype), second.to(weight.dtype), _cast(bias, weight)), used
+
+
+ASVD_ALPHA = 0.5  # ASVD's exponent of the activation scale (the paper's default)
+ASVD_FLOOR = 1e-8  # mean |x_j| is clamped below at this fraction of the largest channel's
+
+
+def asvd(weight: Tensor, bias: Tensor | None, mean_abs: Tensor, rank: int, alpha: float = ASVD_ALPHA) -> Factors:
+    """ASVD: S = diag(s), s_j = (mean over the calibration tokens of |x_j|)^alpha, SVD W S = U Sigma V^T,
+    then W1 = Sigma_k V_k^T S^-1 (each column j divided by s_j), W2 = U_k; the bias is kept.
+
+    The scale is the per-channel MEAN ABSOLUTE activation (`InputMoments.mean_abs`), not the diagonal
+    of E[x x^T]: channels with large activations weigh more in the SVD, so their columns of W are kept
+    more accurately; alpha = 0 is plain weight-space SVD. W_hat = U_k U_k^T W: the scaling only chooses
+    the kept output directions U_k. A channel whose mean |x| is 0 (never active on the calibration data)
+    has no inverse scale: mean |x| is clamped below at ASVD_FLOOR x the largest channel's (all ones when
+    every channel is 0), so S^-1 exists, W1 stays finite and the channel barely moves U_k."""
+    _check_bias(weight, bias)
+    if mean_abs.shape != (weight.shape[1],):
+        raise ValueError(f"mean |x| shape {tuple(mean_abs.shape)} does not match weight {tuple(weight.shape)}")
+    if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and 0.0 <= alpha < math.inf):
+        raise ConfigError(f"ASVD alpha {alpha!r} is out of range; it must be a finite number >= 0")
+    _check_rank(rank, min(weight.shape), "asvd")
+    m = mean_abs.to(weight.device).double()
+    if not torch.isfinite(m).all() or bool((m < 0).any()):
+        raise NumericalError("mean |x| holds NaN/Inf or negative values; the calibration statistics are corrupt")
+    top = float(m.max())
+    scale = m.clamp_min(ASVD_FLOOR * top).pow(alpha) if top > 0 else torch.ones_like(m)
+    u, sigma, vh = torch.linalg.svd(weight.double() * scale, full_matrices=False)
+    first = (sigma[:rank, None] * vh[:rank]) / scale
+    return Factors(first.to(weight.dtype), u[:, :rank].to(weight.dtype), _cast(bias, weight))
 
 
 def laser_rank(min_dim: int, rate: float) -> int:

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NumericalError
+from .errors import DataError, NumericalError
 
 
 @dataclass
 class InputMoments:
-    """Running sums over tokens of one Linear input: sum x x^T, sum x, and the token count.
+    """Running sums over tokens of one Linear input: sum x x^T, sum x, sum |x| and the token count.
 
     Batches are multiplied in float32 on the compute device into a staging sum, which `flush`
     reduces into the float64 totals on the CPU: fast GEMMs, no precision lost over many batches,
@@ -28,8 +28,10 @@ class InputMoments:
     xxt: torch.Tensor  # (d, d) float64, CPU
     xsum: torch.Tensor  # (d,) float64, CPU
     count: int
+    xabs: torch.Tensor | None = None  # (d,) float64, CPU; None in statistics collected without it
     _staged_xxt: torch.Tensor | None = None
     _staged_xsum: torch.Tensor | None = None
+    _staged_xabs: torch.Tensor | None = None
     _staged_batches: int = 0
 
     @classmethod
@@ -38,6 +40,7 @@ class InputMoments:
             xxt=torch.zeros(dim, dim, dtype=torch.float64),
             xsum=torch.zeros(dim, dtype=torch.float64),
             count=0,
+            xabs=torch.zeros(dim, dtype=torch.float64),
         )
 
     def update(self, x: torch.Tensor, flush_every: int = 1) -> None:
@@ -50,8 +53,10 @@ class InputMoments:
             d = xf.shape[1]
             self._staged_xxt = torch.zeros(d, d, dtype=torch.float32, device=xf.device)
             self._staged_xsum = torch.zeros(d, dtype=torch.float64, device=xf.device)
+            self._staged_xabs = torch.zeros(d, dtype=torch.float64, device=xf.device)
         self._staged_xxt.addmm_(xf.T, xf)
         self._staged_xsum += xf.sum(dim=0, dtype=torch.float64)
+        self._staged_xabs += xf.abs().sum(dim=0, dtype=torch.float64)
         self.count += x.shape[0]
         self._staged_batches += 1
         if self._staged_batches >= flush_every:
@@ -62,13 +67,23 @@ class InputMoments:
             return
         self.xxt += self._staged_xxt.to("cpu", torch.float64)
         self.xsum += self._staged_xsum.cpu()
+        if self.xabs is not None:
+            self.xabs += self._staged_xabs.cpu()
         self._staged_xxt.zero_()
         self._staged_xsum.zero_()
+        self._staged_xabs.zero_()
         self._staged_batches = 0
 
     def mean(self) -> torch.Tensor:
         self.flush()
         return self.xsum / self.count
+
+    def mean_abs(self) -> torch.Tensor:
+        """E|x_j| per input channel (ASVD's activation scale)."""
+        self.flush()
+        if self.xabs is None:
+            raise DataError("these input statistics lack sum |x| (collected by an older version); rerun collection")
+        return self.xabs / self.count
 
     def second_moment(self) -> torch.Tensor:
         self.flush()
