@@ -1,5 +1,6 @@
-# Compressed models: full-rank factors per method (computed once), uniform rank plans at parameter
-# budgets, and the compressed models cut from the factors (safetensors + plan.json).
+# Compressed models: full-rank factors per method (computed once, with each layer's spectrum), rank
+# plans at parameter budgets (uniform, spectral; searched ones in search.smk), and the compressed models
+# cut from the factors (safetensors + plan.json). Variant names: sfsd/variants.py.
 
 
 rule factor_cache:
@@ -55,20 +56,48 @@ rule make_plan:
         "--out {output.plan:q} > {log:q} 2>&1"
 
 
-rule compress_model:
+rule spectral_plan:
     input:
-        plan=rules.make_plan.output.plan,
         factors=rules.factor_cache.output.factors,
         model=model_dir,
     output:
-        model=directory("results/{model}/compressed/{method}-{budget}"),
+        plan="results/{model}/plans/{method}-spectral-{budget}.json",
+    params:
+        layers=",".join(config["layers"]),
+        fraction=lambda wc: config["compression"]["budgets"][wc.budget],
+        first_block=config["compression"]["first_block"],
+        convention=config["compression"]["convention"],
+        bias=config["compression"]["bias_compensation"],
+        factors=lambda wc, input: Path(input.factors).parent,
+        code=command_version("make-plan"),
+    conda:
+        "../envs/cpu-stages.yaml"
+    log:
+        "results/logs/spectral_plan/{model}/{method}-{budget}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m sfsd --threads {threads} make-plan --allocation spectral --factors {params.factors:q} "
+        "--model-dir {input.model:q} --model-name {wildcards.model} --method {wildcards.method} "
+        "--params-fraction {params.fraction} --first-block {params.first_block} --layers {params.layers} "
+        "--convention {params.convention} --bias-compensation {params.bias} --out {output.plan:q} > {log:q} 2>&1"
+
+
+rule compress_model:
+    input:
+        plan="results/{model}/plans/{plan}.json",
+        factors=lambda wc: f"results/{wc.model}/factors/{variant_method(wc.plan)}",
+        model=model_dir,
+    output:
+        model=directory("results/{model}/compressed/{plan}"),
     params:
         factors=lambda wc, input: Path(input.factors).parent,
         code=command_version("compress"),
     conda:
         "../envs/cpu-stages.yaml"
     log:
-        "results/logs/compress_model/{model}/{method}-{budget}.log",
+        "results/logs/compress_model/{model}/{plan}.log",
     resources:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),

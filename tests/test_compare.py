@@ -17,7 +17,9 @@ import pytest
 from sfsd import compare as C
 from sfsd.errors import DataError
 from sfsd.items import DOCS_FORMAT, write_items
+from sfsd.plan import FACTOR_METHODS
 from sfsd.tasks import task_metric
+from sfsd.variants import ALLOCATIONS, METHOD_NAMES, Variant, parse_variant, variant_name
 
 from test_workflow import new_run, planned_jobs, snakemake
 
@@ -160,8 +162,28 @@ def test_pairs_of_a_variant_list():
         ("feature-b80", "weight-b80"), ("feature-b80", "whitened-b80"), ("weight-b80", "whitened-b80")]
     assert C.comparison_pairs(["base"]) == []
     assert C.comparison_pairs(["base", "base", "weight-b80"]) == [("weight-b80", "base")]
-    assert C.parse_variant("search-whitened-accuracy-arc_easy") == ("search", "whitened", "accuracy-arc_easy")
-    assert C.parse_variant("laser-x") == ("other", None, None)
+    assert parse_variant("search-whitened-accuracy-arc_easy") == Variant("search", "whitened", None, "accuracy-arc_easy")
+    assert parse_variant("laser-x") == Variant("other")
+
+
+def test_allocations_at_equal_size_are_paired_with_uniform_and_each_other():
+    variants = ["base", "feature-p54", "asvd-p54", "feature-spectral-p54", "search-feature-kl-average-p54",
+                "search-feature-kl-average", "asvd-spectral-p54"]
+    pairs = C.comparison_pairs(variants)
+    assert pairs[:5] == [
+        ("feature-p54", "asvd-p54"),
+        ("feature-spectral-p54", "feature-p54"), ("search-feature-kl-average-p54", "feature-p54"),
+        ("search-feature-kl-average-p54", "feature-spectral-p54"),
+        ("asvd-spectral-p54", "asvd-p54")]
+    assert ("search-feature-kl-average", "feature-p54") in pairs
+    assert pairs[-6:] == [(v, "base") for v in variants[1:]]
+    assert parse_variant("feature-spectral-p54") == Variant("spectral", "feature", "p54")
+    assert parse_variant("search-asvd-perplexity-text_file-p34") == Variant("searched", "asvd", "p34",
+                                                                            "perplexity-text_file")
+    assert parse_variant("feature-spectral-") == Variant("other")
+    assert {variant_name("asvd", "p54", a, "kl-average") for a in ALLOCATIONS} == {
+        "asvd-p54", "asvd-spectral-p54", "search-asvd-kl-average-p54"}
+    assert METHOD_NAMES == FACTOR_METHODS
 
 
 def test_check_paired_refuses_different_docs():
@@ -185,7 +207,7 @@ def variant_docs(plan: str, fraction: float, right: dict[str, np.ndarray], nll=N
                  model: str = "tiny", items: dict | None = None) -> list[dict]:
     """Rows of a docs file (format sfsd-docs-1): one per doc (acc and acc_norm both `right`, acc_norm null
     where lm-eval defines none) and one per perplexity window."""
-    method = "baseline" if plan == "base" else C.parse_variant(plan)[1]
+    method = "baseline" if plan == "base" else parse_variant(plan).method
     common = {"model": model, "method": method, "plan": plan, "params_model_fraction": fraction, "split": "test"}
     rows = []
     for task, scores in right.items():
@@ -396,12 +418,13 @@ def test_comparisons_rule_in_the_workflow(tmp_path):
         "models": {"tiny": {"source": "local", "path": str(model)}},
         "calibration": {"source": "text_file", "path": str(model / "config.json")},
         "device": "cpu",
-        "compression": {"methods": ["feature", "weight"], "budgets": {"p54": 0.54}, "first_block": 0},
+        "compression": {"methods": ["feature", "weight"], "budgets": {"p54": 0.54}, "first_block": 0,
+                        "allocations": ["uniform"]},
         # synthetic docs files stand in for evaluations: no model to check the native scorer on
         "evaluation": {"tasks": list(TASKS), "metric": "acc", "bootstrap": {"seed": 0, "resamples": 200},
                        "check_docs": 0},
         "search": {"enabled": True, "methods": ["feature"], "modes": ["accuracy"],
-                   "targets": {"accuracy": ["average"]}},
+                   "targets": {"accuracy": ["average"]}, "budgets": False},
         "laser": {"enabled": False},
     }
     for plan, (frac, right, nll, tokens) in synthetic_variants().items():

@@ -62,7 +62,7 @@ def setup(tiny_llama):
     for b, per_block in enumerate(moments):  # what stages 1 and 2 write, computed in memory
         features[b] = {}
         for g, acc in per_block.items():
-            features[b].update({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum,
+            features[b].update({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum, f"{g}.xabs": acc.xabs,
                                 f"{g}.count": torch.tensor(acc.count, dtype=torch.int64)})
         eigen[b] = {}
         for name in LINEARS:
@@ -95,6 +95,7 @@ MIXED = {
     "0.up_proj": {"method": "vendi", "rate": 3.0, "use_quality": True},
     "1.o_proj": {"method": "feature", "rank": 15},
     "1.down_proj": {"method": "whitened", "rank": 1},
+    "1.gate_proj": {"method": "asvd", "rank": 6},
     "1.up_proj": {"method": "feature", "rank": 30},  # >= kappa 19: stays dense
 }
 
@@ -233,7 +234,8 @@ def test_cached_statistics_from_files(setup, tmp_path):
     for b in range(2):
         save_tensors(root / "eigen" / block_file(b), setup["eigen"][b], {"model_digest": setup["digest"], "block": b})
         save_tensors(root / "features" / block_file(b), setup["features"][b], {"model_digest": setup["digest"]})
-    plan = new_plan({"0.q_proj": {"method": "feature", "rank": 5}, "1.v_proj": {"method": "whitened", "rank": 4}})
+    plan = new_plan({"0.q_proj": {"method": "feature", "rank": 5}, "1.v_proj": {"method": "whitened", "rank": 4},
+                     "1.up_proj": {"method": "asvd", "rank": 7}})
     in_memory, from_files = copy.deepcopy(setup["model"]), copy.deepcopy(setup["model"])
     apply_plan(in_memory, SPEC, plan, setup["eigen"], setup["features"])
     apply_plan(from_files, SPEC, plan, *cached_statistics(root, setup["digest"]))
@@ -246,11 +248,12 @@ def test_cached_statistics_from_files(setup, tmp_path):
 
 def test_factor_cache_slices_match_direct_factors(setup, tmp_path):
     model = setup["model"]
-    for method in ("feature", "weight", "whitened"):
+    for method in ("feature", "weight", "whitened", "asvd"):
         save_factor_cache(model, SPEC, method, LINEARS, tmp_path / "factors" / method, setup["eigen"],
                           setup["features"], model_digest=setup["digest"])
     plan = new_plan({"0.q_proj": {"method": "feature", "rank": 5}, "0.down_proj": {"method": "weight", "rank": 7},
-                     "1.k_proj": {"method": "whitened", "rank": 3}, "1.gate_proj": {"method": "feature", "rank": 18}})
+                     "1.k_proj": {"method": "whitened", "rank": 3}, "1.gate_proj": {"method": "feature", "rank": 18},
+                     "0.o_proj": {"method": "asvd", "rank": 6}, "1.up_proj": {"method": "asvd", "rank": 11}})
     direct, cached = copy.deepcopy(model), copy.deepcopy(model)
     apply_plan(direct, SPEC, plan, setup["eigen"], setup["features"])
     apply_cached_plan(cached, SPEC, plan, tmp_path / "factors", model_digest=setup["digest"])
@@ -263,6 +266,46 @@ def test_factor_cache_slices_match_direct_factors(setup, tmp_path):
     ref, _ = factors_for(layer.weight, None, "feature", 4, eigen=setup["eigen"][0], linear="up_proj")
     torch.testing.assert_close(one.dense()[0], ref.dense()[0])
     torch.testing.assert_close(one.bias, ref.bias)
+
+
+@pytest.mark.parametrize("method", ["weight", "whitened", "asvd"])
+def test_cut_factors_equal_factors_computed_at_that_rank(setup, method):
+    """The cached factors at kappa - 1 cut to rank r are the factors computed at rank r, not just close."""
+    layer = linear_of(setup["model"], SPEC, 1, "gate_proj")
+    bias = torch.linspace(-1, 1, layer.out_features)
+    entry = full_rank_factors(layer.weight, bias, method, features=setup["features"][1], linear="gate_proj",
+                              group="mlp_in", block=1)
+    assert entry["first"].shape == (max_rank(32, 48) - 1, 32)
+    for rank in (1, 5, 18):
+        one = cut_factors(entry, method, rank)
+        ref, _ = factors_for(layer.weight, bias, method, rank, features=setup["features"][1], linear="gate_proj",
+                             group="mlp_in", block=1)
+        torch.testing.assert_close(one.first, ref.first)
+        torch.testing.assert_close(one.second, ref.second)
+        torch.testing.assert_close(one.bias, bias)
+
+
+def test_features_without_sum_abs_fail_for_asvd_only(setup, tmp_path):
+    """Feature files collected before sum |x| was saved: asvd stops with one line naming the fix, whitened
+    (and the eigen stage, see test_collect) still read them."""
+    root = tmp_path / "results" / "tiny"
+    for b in range(2):
+        old = {k: v for k, v in setup["features"][b].items() if not k.endswith(".xabs")}
+        save_tensors(root / "features" / block_file(b), old, {"model_digest": setup["digest"]})
+    eigen, features = cached_statistics(root, setup["digest"])
+    plan = new_plan({"1.up_proj": {"method": "asvd", "rank": 7}})
+    with pytest.raises(DataError, match=r"mlp_in\.xabs.*rerun collection \(delete .*results/tiny/features\)") as err:
+        apply_plan(copy.deepcopy(setup["model"]), SPEC, plan, eigen, features)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="rerun collection"):
+        save_factor_cache(setup["model"], SPEC, "asvd", LINEARS, tmp_path / "factors", eigen, features,
+                          model_digest=setup["digest"])
+    with pytest.raises(DataError, match="rerun collection"):  # in-memory statistics: the same message
+        factors_for(linear_of(setup["model"], SPEC, 0, "q_proj").weight, None, "asvd", 3,
+                    features={k: v for k, v in setup["features"][0].items() if not k.endswith(".xabs")},
+                    linear="q_proj", group="attn_in", block=0)
+    apply_plan(copy.deepcopy(setup["model"]), SPEC, new_plan({"1.up_proj": {"method": "whitened", "rank": 7}}),
+               eigen, features)
 
 
 # ---------------------------------------------------------------- validation

@@ -1,6 +1,6 @@
 """Paired comparisons of model variants scored on the same test documents (no model, no GPU).
 
-Every variant of a model (base, <method>-<budget>, search-<method>-<mode>-<target>) is scored on the
+Every variant of a model (base, <method>-<budget>, ...: `sfsd.variants`) is scored on the
 same documents, so two variants are compared pairwise: the per-document differences are resampled (the
 documents with replacement, within each task) and the 2.5/97.5 percentiles of the resampled differences
 give a 95% interval. Perplexity is compared as the ratio ppl_a / ppl_b over the same windows.
@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 from .items import DOCS_COLUMNS, DOCS_FORMAT, PPL_DOC_IDS, VARIANT_COLUMNS
-from .plan import FACTOR_METHODS as METHODS  # the uniform methods, in the order of the pairs
+from .variants import METHOD_NAMES, parse_variant
 
 LEVEL = 0.95
 _CHUNK = 1 << 22  # resampled values held at once (per column), whatever the number of documents
@@ -123,41 +123,35 @@ def paired_ppl_ratio(nll_a: np.ndarray, tokens_a: np.ndarray, nll_b: np.ndarray,
     return Interval(value, *_percentiles(ratios))
 
 
-def parse_variant(name: str) -> tuple[str, str | None, str | None]:
-    """(kind, method, rest) of a variant name: ("base", "baseline", None), ("uniform", method, budget) for
-    <method>-<budget>, ("search", method, "<mode>-<target>") for search-<method>-<mode>-<target>, else
-    ("other", None, None)."""
-    if name == "base":
-        return "base", "baseline", None
-    parts = name.split("-")
-    if parts[0] == "search" and len(parts) >= 4 and parts[1] in METHODS:
-        return "search", parts[1], "-".join(parts[2:])
-    if len(parts) == 2 and parts[0] in METHODS and parts[1]:
-        return "uniform", parts[0], parts[1]
-    return "other", None, None
-
-
 def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
-    """The (a, b) pairs compared, a - b, from the variants present: at each budget (in order of first
-    appearance) every pair of uniform methods (feature, weight, whitened order: feature vs weight, feature
-    vs whitened, weight vs whitened); each searched variant vs the uniform variant of its method at each
-    budget; then every variant vs base."""
+    """The (a, b) pairs compared, a - b, from the variants present (names: `sfsd.variants`): at each budget
+    (in order of first appearance) every pair of uniform methods (in `METHOD_NAMES` order: feature vs
+    weight, feature vs whitened, ...); per method at each budget, the spectral and the searched
+    allocations vs uniform and searched vs spectral (equal sizes); each tolerance search vs the uniform
+    variant of its method at each budget; then every variant vs base."""
     present = list(dict.fromkeys(variants))
-    uniform: dict[tuple[str, str], str] = {}
+    by: dict[tuple[str, str, str], list[str]] = {}  # (kind, method, budget) -> names
     budgets: list[str] = []
     searches: list[tuple[str, str]] = []
     for name in present:
-        kind, method, rest = parse_variant(name)
-        if kind == "uniform":
-            uniform[(method, rest)] = name
-            budgets += [rest] if rest not in budgets else []
-        elif kind == "search":
-            searches.append((name, method))
+        v = parse_variant(name)
+        if v.kind in ("uniform", "spectral", "searched"):
+            by.setdefault((v.kind, v.method, v.budget), []).append(name)
+            budgets += [v.budget] if v.budget not in budgets else []
+        elif v.kind == "search":
+            searches.append((name, v.method))
+    uniform = {(m, b): names[0] for (kind, m, b), names in by.items() if kind == "uniform"}
     pairs: list[tuple[str, str]] = []
     for budget in budgets:
-        methods = [m for m in METHODS if (m, budget) in uniform]
+        methods = [m for m in METHOD_NAMES if (m, budget) in uniform]
         pairs += [(uniform[(m1, budget)], uniform[(m2, budget)]) for i, m1 in enumerate(methods)
                   for m2 in methods[i + 1:]]
+        for m in METHOD_NAMES:
+            spectral = by.get(("spectral", m, budget), [])
+            searched = by.get(("searched", m, budget), [])
+            if (m, budget) in uniform:
+                pairs += [(name, uniform[(m, budget)]) for name in spectral + searched]
+            pairs += [(s, sp) for s in searched for sp in spectral]
     for name, method in searches:
         pairs += [(name, uniform[(method, b)]) for b in budgets if (method, b) in uniform]
     if "base" in present:

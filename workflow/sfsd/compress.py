@@ -15,6 +15,7 @@ half-right; use `load_compressed`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -26,9 +27,10 @@ from torch import nn
 from .arch import ArchSpec, architecture_of, blocks_of, get_arch
 from .collect import block_file
 from .errors import ConfigError, DataError
-from .io import atomic_dir, load_tensors, read_json, read_metadata, save_tensors, write_json
+from .io import atomic_dir, load_tensors, read_json, read_metadata, safetensors_header, save_tensors, write_json
 from .methods import (
     Factors,
+    asvd,
     feature_space,
     laser,
     laser_rank,
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "compressed.safetensors"
 PLAN_FILE = "plan.json"
 FORMAT = "sfsd-compressed-1"
+
+FEATURE_METHODS = ("whitened", "asvd")  # factor methods that read the input statistics (features/)
 
 BlockTensors = Mapping[str, torch.Tensor]
 BlockSource = Callable[[int], BlockTensors] | Mapping[int, BlockTensors]
@@ -116,6 +120,7 @@ def _architecture(model: nn.Module) -> str | None:
 class BlockFile:
     """Lazy read-only view of one block file: tensors are read on first access (memory-mapped), and
     the file's model_digest is checked against the expected one before anything is used."""
+    _names: frozenset[str] | None = None
 
     def __init__(self, path: Path, model_digest: str | None) -> None:
         self.path = path
@@ -133,13 +138,18 @@ class BlockFile:
             self._cache[key] = load_tensors(self.path, [key])[0][key]
         return self._cache[key]
 
+    def __contains__(self, key: str) -> bool:
+        if self._names is None:
+            self._names = frozenset(json.loads(safetensors_header(self.path))) - {"__metadata__"}
+        return key in self._names
+
 
 def cached_statistics(
     model_results: str | os.PathLike, model_digest: str | None = None
 ) -> tuple[Callable[[int], BlockTensors], Callable[[int], BlockTensors]]:
     """Per-block readers of `<model_results>/eigen/block_NNN.safetensors` (`<linear>.eigenvectors`,
     `.eigenvalues`, `.mean`) and `<model_results>/features/block_NNN.safetensors` (`<group>.xxt`,
-    `.xsum`, `.count`), for `apply_plan`. With `model_digest`, a file of another model is a DataError."""
+    `.xsum`, `.xabs`, `.count`), for `apply_plan`. With `model_digest`, a file of another model is a DataError."""
     root = Path(model_results)
 
     def eigen(block: int) -> BlockTensors:
@@ -169,6 +179,16 @@ def _stat(tensors: BlockTensors, key: str, block: int, what: str) -> torch.Tenso
         raise DataError(f"{what} statistics of block {block} lack {key!r}; rerun that stage with this layer") from None
 
 
+def _mean_abs(features: BlockTensors, group: str, block: int, count: int) -> torch.Tensor:
+    """E|x| of an input group for asvd; feature files collected before sum |x| was saved lack it."""
+    key = f"{group}.xabs"
+    if key not in features:
+        where = features.path.parent if isinstance(features, BlockFile) else "the feature statistics"
+        raise DataError(f"asvd needs {key} (sum |x|), which block {block} of {where} lacks: it was collected by an "
+                        f"older version; rerun collection (delete {where})")
+    return features[key] / count
+
+
 # ---------------------------------------------------------------- applying a plan
 
 
@@ -194,11 +214,13 @@ def factors_for(
         return feature_space(weight, bias, vectors, mean, rank, bias_compensation), {}
     if method == "weight":
         return weight_space(weight, bias, rank), {}
-    if method == "whitened":
-        xxt = _stat(features, f"{group}.xxt", block, "feature")
+    if method in FEATURE_METHODS:
         count = int(_stat(features, f"{group}.count", block, "feature"))
         if count <= 0:
             raise DataError(f"feature statistics of block {block} {group} hold no tokens")
+        if method == "asvd":
+            return asvd(weight, bias, _mean_abs(features, group, block, count).to(device), rank), {}
+        xxt = _stat(features, f"{group}.xxt", block, "feature")
         factors, used = whitened(weight, bias, xxt.to(device) / count, rank, jitter)
         if used:
             log.warning("block %d %s: Cholesky of the %s second moment needed jitter %.1e x mean(diag)",
@@ -220,7 +242,8 @@ def apply_plan(
 
     eigen_blocks(b) / feature_blocks(b) (or dicts by block) give the block's cached tensors: feature
     space reads `<linear>.eigenvectors` and `.mean`, whitened reads `<group>.xxt` / `.count`
-    (E[x x^T] = xxt / count of the Linear's input group); weight, laser and vendi need none.
+    (E[x x^T] = xxt / count of the Linear's input group), asvd `<group>.xabs` / `.count` (E|x|);
+    weight, laser and vendi need none.
     Factors are computed in float64 and stored in the layer's dtype and device."""
     blocks = blocks_of(model, spec)
     norm = validate_plan(plan, spec, len(blocks), linear_shapes(model, spec), model_digest=model_digest,
@@ -234,7 +257,7 @@ def apply_plan(
     for block, entries in by_block.items():
         methods = {e["method"] for _, _, e in entries}
         eigen = _block(eigen_blocks, block, "eigen") if "feature" in methods else None
-        features = _block(feature_blocks, block, "feature") if "whitened" in methods else None
+        features = _block(feature_blocks, block, "feature") if methods & set(FEATURE_METHODS) else None
         for key, linear, entry in entries:
             method = entry["method"]
             if method == "dense":
@@ -440,7 +463,10 @@ def save_factor_cache(
     sources: list[tuple[str, dict]] = []  # (file, metadata) of the statistics read, for provenance
     for block in (range(len(all_blocks)) if blocks is None else blocks):
         eigen = _block(eigen_blocks, block, "eigen") if method == "feature" else None
-        features = _block(feature_blocks, block, "feature") if method == "whitened" else None
+        # whitened and asvd factors read the input statistics; weight-space SVD reads them (when given) only
+        # for its layers' spectra (`layer_spectrum`), which the spectral allocation needs
+        features = _block(feature_blocks, block, "feature") if method in FEATURE_METHODS or (
+            method == "weight" and feature_blocks is not None) else None
         stats = eigen if eigen is not None else features
         if isinstance(stats, BlockFile):
             sources.append((str(stats.path), stats.metadata))
@@ -456,6 +482,10 @@ def save_factor_cache(
                                           method, eigen=eigen, features=features, linear=linear,
                                           group=spec.group_of(linear), block=block, jitter=jitter, report=extra)
             tensors.update({f"{linear}.{k}": v for k, v in entry.items()})
+            if eigen is not None or features is not None:
+                tensors.update({f"{linear}.{k}": v for k, v in layer_spectrum(
+                    layer.weight.detach(), method, entry, eigen=eigen, features=features, linear=linear,
+                    group=spec.group_of(linear), block=block).items()})
             if extra:
                 layers[linear] = extra
         path = Path(out_dir) / block_file(block)
@@ -464,6 +494,45 @@ def save_factor_cache(
                                              {"method": method, "layers": list(linears), "jitter": jitter})})
         paths.append(path)
     return paths
+
+
+def layer_spectrum(
+    weight: torch.Tensor,
+    method: str,
+    entry: Mapping[str, torch.Tensor],
+    *,
+    eigen: BlockTensors | None = None,
+    features: BlockTensors | None = None,
+    linear: str = "",
+    group: str = "",
+    block: int = -1,
+) -> dict[str, torch.Tensor]:
+    """`gain` (float64, one per cached rank: the output energy each component adds) and `energy`
+    (E||W x||^2) of one Linear, for the spectral allocation (`sfsd.allocate`). Feature space: the
+    output covariance's eigenvalues and their sum; the other methods: `allocate.captured_energy` of
+    the cached factors under the input second moment E[x x^T]."""
+    from .allocate import captured_energy, output_energy
+
+    if method == "feature":
+        values = _stat(eigen, f"{linear}.eigenvalues", block, "eigen").double()
+        return {"gain": values[: entry["first"].shape[0]].clone(), "energy": values.sum()}
+    xxt = _stat(features, f"{group}.xxt", block, "feature")
+    count = int(_stat(features, f"{group}.count", block, "feature"))
+    if count <= 0:
+        raise DataError(f"feature statistics of block {block} {group} hold no tokens")
+    moment = xxt.double() / count
+    return {"gain": captured_energy(entry["first"], entry["second"], moment),
+            "energy": torch.tensor(output_energy(weight, moment), dtype=torch.float64)}
+
+
+def factor_spectrum(block: Mapping[str, torch.Tensor], linear: str) -> tuple[torch.Tensor, float]:
+    """(gain, energy) of one Linear from a factor-cache block file (`layer_spectrum`); a cache written
+    before spectra were stored is a DataError naming the fix."""
+    try:
+        return block[f"{linear}.gain"], float(block[f"{linear}.energy"])
+    except DataError:
+        raise DataError(f"the factor cache lacks the spectrum of {linear}; delete results/<model>/factors and rerun "
+                        "(an older cache)") from None
 
 
 def factor_entry(block: Mapping[str, torch.Tensor], linear: str) -> dict[str, torch.Tensor]:
@@ -530,9 +599,11 @@ __all__ = [
     "apply_plan",
     "cached_statistics",
     "cut_factors",
+    "factor_spectrum",
     "factors_for",
     "full_rank_factors",
     "layer_key",
+    "layer_spectrum",
     "linear_path",
     "linear_shapes",
     "load_compressed",

@@ -13,10 +13,10 @@ A plan names, for each Linear to change, the method and its rank (or LASER/Vendi
 Layer keys are "<block>.<linear>" with the registry's short names (`ArchSpec.linears`); a Linear the
 plan does not name stays dense. Methods:
 
-- feature / weight / whitened: the Linear becomes two thin ones at `rank` (see `sfsd.methods`);
+- feature / weight / whitened / asvd: the Linear becomes two thin ones at `rank` (see `sfsd.methods`);
   valid ranks are 1 .. kappa-1, kappa = `max_rank(in, out)`. A rank >= kappa would cost at least
   as much as W, so `validate_plan` NORMALISES it to {"method": "dense"} (logged, and recorded in the
-  entry's "note"), up to the method's full rank (out for feature, min(in, out) for weight/whitened);
+  entry's "note"), up to the method's full rank (out for feature, min(in, out) for the others);
   above that the rank is an error.
 - laser / vendi: the weight is replaced by a dense matrix of rank k = floor(min(in, out) * (1 - rate/10))
   (LASER's convention, `methods.laser_rank`); no parameter is saved. Vendi's k must be >= 1; its
@@ -46,7 +46,7 @@ from .methods import laser_rank, max_rank
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
-FACTOR_METHODS = ("feature", "weight", "whitened")  # replace the Linear by two thin ones
+FACTOR_METHODS = ("feature", "weight", "whitened", "asvd")  # replace the Linear by two thin ones
 DENSE_METHODS = ("laser", "vendi")  # write a dense matrix back into the Linear
 METHODS = (*FACTOR_METHODS, *DENSE_METHODS, "dense")
 VENDI_OPTIONS = {"use_quality": False, "min_diversity": False, "bandwidth": None, "exact": False}

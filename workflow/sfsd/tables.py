@@ -15,9 +15,9 @@ from .io import atomic_path
 from .items import Z95
 from .tasks import ACCURACY_METRICS, TASKS, task_metric
 
-METHOD_ORDER = {"baseline": 0, "feature": 1, "weight": 2, "whitened": 3, "laser": 4, "vendi": 5}
+METHOD_ORDER = {"baseline": 0, "feature": 1, "weight": 2, "whitened": 3, "asvd": 4, "laser": 5, "vendi": 6}
 METHOD_LABEL = {"baseline": "Baseline", "feature": "Feature space (SFSD)", "weight": "Weight space (SVD)",
-                "whitened": "Whitened SVD (SVD-LLM)", "laser": "LASER", "vendi": "Vendi"}
+                "whitened": "Whitened SVD (SVD-LLM)", "asvd": "ASVD", "laser": "LASER", "vendi": "Vendi"}
 
 
 def complete_variants(by_variant: dict) -> dict:
