@@ -40,14 +40,21 @@ validate_config()
 MODELS = config["models"]
 
 
+METHODS_RE = "feature|weight|whitened|asvd"  # sfsd.variants.METHOD_NAMES
+MODES_RE = "accuracy|loglik|kl|perplexity"  # sfsd.search.MODES
+BUDGETS_RE = "|".join(sorted(config["compression"]["budgets"])) or "(?!)"
+
+
 wildcard_constraints:
     model="|".join(sorted(MODELS)),
     block=r"\d{3}",
-    method="feature|weight|whitened",
-    budget="|".join(sorted(config["compression"]["budgets"])) or "(?!)",
-    variant=r"base|(feature|weight|whitened)-\w+|search-(feature|weight|whitened)-(accuracy|perplexity)-\w+",
-    mode="accuracy|perplexity",
-    target=r"\w+",
+    method=METHODS_RE,
+    budget=BUDGETS_RE,
+    # variant and plan names: sfsd/variants.py
+    plan=rf"({METHODS_RE})-(spectral-)?({BUDGETS_RE})|search-({METHODS_RE})-({MODES_RE})-[a-zA-Z0-9_]+-({BUDGETS_RE})",
+    variant=rf"base|({METHODS_RE})-(spectral-)?[a-zA-Z0-9_]+|search-({METHODS_RE})-({MODES_RE})-[a-zA-Z0-9_]+(-[a-zA-Z0-9_]+)?",
+    mode=MODES_RE,
+    target=r"[a-zA-Z0-9_]+",
 
 
 def check_config():
@@ -134,14 +141,16 @@ def check_config():
                      f"model {name} (blocks 0..{n_blocks - 1}); negative first_block counts from the top")
     search = config["search"]
     if search["enabled"]:
-        unknown = [t for t in search["targets"]["accuracy"] if t != "average" and t not in config["evaluation"]["tasks"]]
-        if "accuracy" in search["modes"] and unknown:
-            fail(f"search.targets.accuracy {unknown} are not in evaluation.tasks {config['evaluation']['tasks']}; add "
-                 "them there (the search scores their search split) or use average")
+        for mode in ("accuracy", "loglik", "kl"):
+            unknown = [t for t in search["targets"][mode] if t != "average" and t not in config["evaluation"]["tasks"]]
+            if mode in search["modes"] and unknown:
+                fail(f"search.targets.{mode} {unknown} are not in evaluation.tasks {config['evaluation']['tasks']}; "
+                     "add them there (the search scores their search split) or use average")
         empty = [m for m in search["modes"] if not search["targets"][m]]
         if empty:
             fail(f"search.targets.{empty[0]} is empty while search.modes lists {empty[0]}; name a target or drop the mode")
     check_metrics()
+    check_search_text()
 
 
 def check_metrics():
@@ -166,6 +175,22 @@ def check_metrics():
     laser = config["laser"]
     if laser["enabled"]:
         check("laser.metric", laser["tasks"])
+
+
+def check_search_text():
+    """The text of each perplexity search target (sfsd.perplexity.search_text_conflict): a text_file /
+    jsonl_file target is the file of evaluation.perplexity (same source, its path), so the search tunes on
+    its leading splits.search_fraction of documents and the tables report the rest; a wikitext2 target
+    must not be the calibration text."""
+    from sfsd.perplexity import search_text_conflict
+
+    search = config["search"]
+    if not search["enabled"] or "perplexity" not in search["modes"]:
+        return
+    for target in search["targets"]["perplexity"]:
+        conflict = search_text_conflict(target, config["evaluation"]["perplexity"], config["calibration"])
+        if conflict:
+            fail(conflict)
 
 
 check_config()
@@ -230,11 +255,22 @@ def blocks_of_model(model):
     return [f"{b:03d}" for b in range(manifest["n_blocks"])]
 
 
-def compression_targets():
-    """Plans for every (method, budget); the compressed models themselves when save_models is on."""
+def budget_variants():
+    """Every compressed variant at a parameter budget: each method under each allocation of
+    compression.allocations (uniform, spectral), and each configured search landed on or completed to each
+    budget when search.budgets is on (names: sfsd/variants.py)."""
     comp = config["compression"]
-    kind = "compressed/{method}-{budget}" if comp["save_models"] else "plans/{method}-{budget}.json"
-    return expand(f"results/{{model}}/{kind}", model=MODELS, method=comp["methods"], budget=comp["budgets"])
+    names = [f"{m}-{b}" if a == "uniform" else f"{m}-{a}-{b}" for b in comp["budgets"] for m in comp["methods"]
+             for a in comp["allocations"]]
+    if config["search"]["enabled"] and config["search"]["budgets"]:
+        names += [f"search-{s}-{b}" for s in search_names() for b in comp["budgets"]]
+    return names
+
+
+def compression_targets():
+    """Plans of every budget variant; the compressed models themselves when save_models is on."""
+    kind = "compressed/{name}" if config["compression"]["save_models"] else "plans/{name}.json"
+    return expand(f"results/{{model}}/{kind}", model=MODELS, name=budget_variants())
 
 
 def compressed_input(wildcards):
@@ -245,12 +281,11 @@ def compressed_input(wildcards):
 
 
 def evaluated_variants():
-    """`base` and, when evaluation.compressed is on, every <method>-<budget> compressed model and every
+    """`base` and, when evaluation.compressed is on, every budget variant (budget_variants) and every
     searched model (search-<method>-<mode>-<target>, when search.evaluate is on)."""
-    comp = config["compression"]
     variants = ["base"]
     if config["evaluation"]["compressed"]:
-        variants += [f"{m}-{b}" for m in comp["methods"] for b in comp["budgets"]]
+        variants += budget_variants()
         if config["search"]["enabled"] and config["search"]["evaluate"]:
             variants += [f"search-{s}" for s in search_names()]
     return variants
@@ -272,18 +307,24 @@ def search_names():
 
 
 def search_args(wildcards):
-    """The search settings as CLI options; `search.full` switches to the paper's full settings."""
+    """The search settings as CLI options. `search.full` switches to the paper's full settings and the
+    released code's procedure: blocks from compression.first_block, whole splits, strategy released,
+    delta 0 (the released default) and its checkpoints at 91% and 81.5% of the parameters."""
     s = config["search"]
     full = s["full"]
     first_block = config["compression"]["first_block"] if full else s["first_block"]
+    checkpoints = [0.91, 0.815] if full else s["checkpoints"]
     args = [
-        f"--metric {s['metric']}", f"--delta {s['delta']}", f"--eps {s['eps']}", f"--order {','.join(s['order'])}",
+        f"--metric {s['metric']}", f"--delta {0.0 if full else s['delta']}", f"--eps {s['eps']}",
+        f"--loglik-delta {s['loglik_delta']}", f"--kl-max {s['kl_max']}", f"--order {','.join(s['order'])}",
         f"--fractions {','.join(str(f) for f in s['fractions'])}", f"--first-block {first_block}",
-        f"--strategy {s['strategy']}", f"--convention {config['compression']['convention']}",
+        f"--strategy {'released' if full else s['strategy']}", f"--convention {config['compression']['convention']}",
         f"--bias-compensation {config['compression']['bias_compensation']}",
-        f"--checkpoints {','.join(str(c) for c in s['checkpoints']) or 'none'}",
+        f"--checkpoints {','.join(str(c) for c in checkpoints) or 'none'}",
         f"--curve-every {s['curve_every']}", f"--cache-max-mb {s['cache_max_mb']}", f"--batch-size {s['batch_size']}",
     ]
+    if s["budgets"]:
+        args.append("--budgets " + ",".join(f"{k}={v}" for k, v in config["compression"]["budgets"].items()))
     if s["last_block"] is not None and not full:
         args.append(f"--last-block {s['last_block']}")
     if s["stop_at"] is not None:
@@ -317,6 +358,8 @@ def figures_targets():
     targets = expand("results/figures/{model}/spectra.{ext}", model=MODELS, ext=("png", "svg"))
     if config["evaluation"]["enabled"]:
         targets += expand("results/tables/{model}/methods.{ext}", model=MODELS, ext=("md", "csv"))
+        if config["evaluation"]["compressed"] and budget_variants():
+            targets += expand("results/figures/{model}/allocations.{ext}", model=MODELS, ext=("png", "svg"))
     searches = [s.split("-", 2) for s in figure_searches()]
     modes = sorted({mode for _, mode, _ in searches})
     pairs = sorted({f"{method}-{mode}" for method, mode, _ in searches})

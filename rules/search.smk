@@ -22,9 +22,17 @@ rule search:
         settings=search_args,
         layers=",".join(config["layers"]),
         tasks=",".join(config["evaluation"]["tasks"]),
+        # a text_file / jsonl_file target reads evaluation.perplexity's file (check_search_text): the search
+        # tunes on its leading documents, the evaluate stage scores the rest
         ppl=lambda wc: f"--ppl-window {config['evaluation']['perplexity']['window']} "
         f"--ppl-search-fraction {config['splits']['search_fraction']}"
-        + (f" --ppl-max-docs {n}" if (n := config["evaluation"]["perplexity"]["max_docs"]) is not None else ""),
+        + (f" --ppl-max-docs {n}" if (n := config["evaluation"]["perplexity"]["max_docs"]) is not None else "")
+        + (
+            f" --ppl-path {shlex.quote(str(config['evaluation']['perplexity']['path']))}"
+            f" --ppl-text-field {shlex.quote(config['evaluation']['perplexity']['text_field'])}"
+            if wc.mode == "perplexity" and wc.target in ("text_file", "jsonl_file")
+            else ""
+        ),
         device=config["device"],
         out=lambda wc, output: Path(output.summary).parent,
         code=command_version("search"),
@@ -67,3 +75,36 @@ rule compress_searched:
     shell:
         "python -m sfsd --threads {threads} compress --model-dir {input.model:q} "
         "--plan {input.plan:q} --factors {params.factors:q} --out {output.model:q} > {log:q} 2>&1"
+
+
+rule searched_plan:
+    """A search at a parameter budget: its own plan where it landed on the budget, else its decisions with
+    the layers it did not reach allocated spectrally (sfsd make-plan --allocation searched)."""
+    input:
+        summary=rules.search.output.summary,
+        factors="results/{model}/factors/{method}",
+        model=model_dir,
+    output:
+        plan="results/{model}/plans/search-{method}-{mode}-{target}-{budget}.json",
+    params:
+        layers=",".join(config["layers"]),
+        fraction=lambda wc: config["compression"]["budgets"][wc.budget],
+        first_block=config["compression"]["first_block"],
+        convention=config["compression"]["convention"],
+        bias=config["compression"]["bias_compensation"],
+        factors=lambda wc, input: Path(input.factors).parent,
+        search=lambda wc, input: Path(input.summary).parent,
+        code=command_version("make-plan"),
+    conda:
+        "../envs/cpu-stages.yaml"
+    log:
+        "results/logs/searched_plan/{model}/{method}-{mode}-{target}-{budget}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m sfsd --threads {threads} make-plan --allocation searched --factors {params.factors:q} "
+        "--search {params.search:q} --budget-label {wildcards.budget} --model-dir {input.model:q} "
+        "--model-name {wildcards.model} --method {wildcards.method} --params-fraction {params.fraction} "
+        "--first-block {params.first_block} --layers {params.layers} --convention {params.convention} "
+        "--bias-compensation {params.bias} --out {output.plan:q} > {log:q} 2>&1"

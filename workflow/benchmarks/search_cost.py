@@ -1,5 +1,7 @@
 """The published surgical search (linear scan, a full forward per candidate) against ours (bisection with
-the block-input cache), on the embedded model with the same settings.
+the block-input cache), on the embedded model with the same settings; for the multiple-choice modes also
+the released code's procedure (three chunks of the search split, the largest accepted rank, a re-check on
+the whole split: strategy released, full forwards as the released code runs them).
 
 Prints the rank each search chose for every layer (they must agree; every difference is listed with the
 scores that explain it), the work of each in block forwards (sequences x transformer blocks run, a
@@ -9,6 +11,7 @@ left out of both), and the ratio. Target: >= 10x fewer block forwards with ident
     snakemake --cores 2          # once, for results/<model>/factors and results/tasks, results/splits.json
     python workflow/benchmarks/search_cost.py [--mode perplexity --first-block -1 --ppl-max-docs 100]
     python workflow/benchmarks/search_cost.py --mode accuracy --target arc_easy --first-block 28 --search-limit 10
+    python workflow/benchmarks/search_cost.py --mode accuracy --target average --first-block -1 --search-limit 9
 
 The ratio depends on how deep the search goes: the cache runs only the blocks from the current one up,
 so its gain is largest near the top (about n_blocks / (n_blocks - block)) and bisection's is about
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--method", default="feature")
-    parser.add_argument("--mode", default="perplexity", choices=["accuracy", "perplexity"],
+    parser.add_argument("--mode", default="perplexity", choices=["accuracy", "loglik", "kl", "perplexity"],
                         help="perplexity (default) is close to monotone in rank; accuracy on a small split is not")
     parser.add_argument("--target", default=None, help="a task or 'average' (accuracy), lambada or coqa (perplexity)")
     parser.add_argument("--eps", type=float, default=0.005)
@@ -56,7 +59,10 @@ def main() -> None:
                               delta=args.delta, eps=args.eps, first_block=args.first_block, checkpoints=())
     runs = {}
     with tempfile.TemporaryDirectory(prefix="sfsd-search-cost-") as tmp:
-        for name, strategy, cache in (("published", "linear", False), ("ours", "bisect", True)):
+        strategies = [("published", "linear", False), ("ours", "bisect", True)]
+        if args.mode != "perplexity":  # the released perplexity search is the linear scan itself
+            strategies.append(("released", "released", False))
+        for name, strategy, cache in strategies:
             out = Path(tmp) / f"{name}-{args.method}-{args.mode}-{target}"
             start = time.perf_counter()
             summary = run_search(
@@ -100,6 +106,13 @@ def main() -> None:
           f"(includes model loading and the lm_head, which the counter leaves out)")
     print(f"params after search: {our.get('params_model_fraction', 1.0):.4f} of the model; "
           f"cache peak {our['cache_peak_mb']:.1f} MB")
+    if "released" in runs:
+        rel, rel_log, rel_s = runs["released"]
+        agree = sum(a["rank"] == b["rank"] for a, b in zip(rel_log, our_log, strict=True))
+        print(f"released procedure (3 chunks + re-check, full forwards): {rel['evaluations']} evaluations, "
+              f"{rel['search_block_forwards']} block forwards {rel['forwards']}, {rel_s:.1f} s; "
+              f"ratio released/ours {rel['search_block_forwards'] / fwd_our:.2f}; its ranks agree with ours on "
+              f"{agree}/{len(rel_log)} layers; params {rel.get('params_model_fraction', 1.0):.4f}")
 
 
 if __name__ == "__main__":

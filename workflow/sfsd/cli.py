@@ -15,6 +15,9 @@ from pathlib import Path
 from .errors import ConfigError, SfsdError
 from .tasks import METRIC_CHOICES
 
+# plan.FACTOR_METHODS, written out so that parsing options imports no torch (a test keeps the two equal)
+METHOD_CHOICES = ("feature", "weight", "whitened", "asvd")
+
 
 METRIC_HELP = ("paper (default): per task the metric lm-eval defines and the SFSD paper reports (acc for boolq "
                "and winogrande, acc_norm for the others); acc or acc_norm: that one (acc_norm only for tasks "
@@ -111,7 +114,7 @@ def cmd_factor_cache(args: argparse.Namespace) -> None:
 
 def cmd_make_plan(args: argparse.Namespace) -> None:
     from .arch import get_arch, select_linears
-    from .io import model_digest, write_json
+    from .io import model_digest, read_json, write_json
     from .plan import budget_plan, count_params, model_shapes
     from .provenance import stamp
 
@@ -120,18 +123,73 @@ def cmd_make_plan(args: argparse.Namespace) -> None:
     first = args.first_block
     if not 0 <= first < shapes.n_blocks:
         raise ConfigError(f"first_block {first} is out of range: the model has blocks 0..{shapes.n_blocks - 1}")
-    plan = budget_plan(
-        spec, shapes, select_linears(spec, _csv(args.layers)), args.params_fraction, args.method,
-        blocks=range(first, shapes.n_blocks), convention=args.convention, model=args.model_name,
-        model_digest=model_digest(args.model_dir), architecture=shapes.architecture,
-        bias_compensation=args.bias_compensation,
-    )
+    linears = select_linears(spec, _csv(args.layers))
+    digest = model_digest(args.model_dir)
+    header = dict(model=args.model_name, model_digest=digest, architecture=shapes.architecture,
+                  bias_compensation=args.bias_compensation)
+    settings = {"method": args.method, "params_fraction": args.params_fraction, "first_block": first,
+                "layers": _csv(args.layers), "convention": args.convention, "bias_compensation": args.bias_compensation,
+                "allocation": args.allocation}
+    calibration = None  # a uniform plan reads no statistics
+    if args.allocation == "uniform":
+        plan = budget_plan(spec, shapes, linears, args.params_fraction, args.method, blocks=range(first, shapes.n_blocks),
+                           convention=args.convention, **header)
+    else:
+        plan, calibration = _allocated_plan(args, spec, shapes, linears, digest, header)
+        settings["search"] = args.search
     plan["notes"]["counts"] = count_params(shapes, plan)
-    plan["notes"]["provenance"] = stamp(plan["model_digest"], None, {  # a uniform plan reads no statistics
-        "method": args.method, "params_fraction": args.params_fraction, "first_block": first,
-        "layers": _csv(args.layers), "convention": args.convention, "bias_compensation": args.bias_compensation})
+    plan["notes"]["provenance"] = stamp(digest, calibration, settings)
     write_json(args.out, plan)
-    logging.info("plan %s: %.4f of the %s parameters", args.out, plan["notes"]["params_fraction"], args.convention)
+    logging.info("%s plan %s: %.4f of the %s parameters", args.allocation, args.out, plan["notes"]["params_fraction"],
+                 args.convention)
+
+
+def _allocated_plan(args, spec, shapes, linears, digest, header) -> tuple[dict, str | None]:
+    """A spectral plan, or a searched one: the search's own plan where it landed on the budget
+    (checkpoints/<label>.json), else its decisions completed by the spectral allocation of the rest."""
+    from pathlib import Path
+
+    from .allocate import layer_spectra, spectral_plan
+    from .compress import BlockFile, factor_spectrum
+    from .collect import block_file
+    from .io import read_json
+    from .plan import layer_key
+
+    if not args.factors:
+        raise ConfigError(f"make-plan --allocation {args.allocation} needs --factors (the factor cache root)")
+    files: dict[int, BlockFile] = {}
+
+    def read(block: int, linear: str):
+        if block not in files:
+            files[block] = BlockFile(Path(args.factors) / args.method / block_file(block), digest)
+        return factor_spectrum(files[block], linear)
+
+    fixed = {}
+    if args.allocation == "searched":
+        if not args.search or not args.budget_label:
+            raise ConfigError("make-plan --allocation searched needs --search (a search folder) and --budget-label")
+        landed = Path(args.search) / "checkpoints" / f"{args.budget_label}.json"
+        if landed.is_file():
+            plan = read_json(landed)
+            plan.setdefault("notes", {}).update({"builder": "searched", "search": args.search, "completed_layers": 0})
+            plan["notes"]["params_fraction"] = _fraction(shapes, plan, args.convention)
+            return plan, plan["notes"].get("provenance", {}).get("calibration_digest")
+        fixed = {k: v for k, v in read_json(Path(args.search) / "plan.json")["layers"].items()}
+    keys = [layer_key(b, n) for b in range(args.first_block, shapes.n_blocks) for n in linears]
+    spectra = layer_spectra(spec, shapes, [k for k in keys if k not in fixed], read)
+    plan = spectral_plan(spec, shapes, linears, args.params_fraction, args.method, spectra,
+                         blocks=range(args.first_block, shapes.n_blocks), convention=args.convention, fixed=fixed,
+                         **header)
+    if args.allocation == "searched":
+        plan["notes"].update({"builder": "searched", "search": args.search, "completed_layers": len(spectra)})
+    calibration = {f.metadata.get("calibration_digest") for f in files.values()}
+    return plan, (calibration.pop() if len(calibration) == 1 else None)
+
+
+def _fraction(shapes, plan, convention: str) -> float:
+    from .plan import count_params
+
+    return count_params(shapes, plan)[convention]["fraction"]
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -292,15 +350,31 @@ def cmd_search(args: argparse.Namespace) -> None:
         order=tuple(_csv(args.order)), fractions=tuple(float(f) for f in _csv(args.fractions)),
         first_block=args.first_block, last_block=args.last_block, strategy=args.strategy, stop_at=args.stop_at,
         convention=args.convention, bias_compensation=args.bias_compensation,
-        checkpoints=tuple(float(c) for c in _csv(args.checkpoints) if c != "none"))
+        checkpoints=tuple(float(c) for c in _csv(args.checkpoints) if c != "none"),
+        loglik_delta=args.loglik_delta, kl_max=args.kl_max, budgets=_budgets(args.budgets))
     run_search(model_dir=args.model_dir, model_name=args.model_name, factors_dir=args.factors, out_dir=args.out,
                settings=settings, layers=_csv(args.layers), tasks_dir=args.tasks_dir, splits_file=args.splits,
                task_source=args.task_source,
                tasks=_csv(args.tasks), search_limit=args.search_limit, curve_limit=args.curve_limit,
                curve_every=args.curve_every, ppl_window=args.ppl_window, ppl_max_docs=args.ppl_max_docs,
-               ppl_search_fraction=args.ppl_search_fraction, calibration_texts=args.calibration_texts,
+               ppl_search_fraction=args.ppl_search_fraction, ppl_path=args.ppl_path,
+               ppl_text_field=args.ppl_text_field, calibration_texts=args.calibration_texts,
                batch_size=args.batch_size, device=args.device, cache=not args.no_cache,
                cache_max_mb=args.cache_max_mb)
+
+
+def _budgets(text: str | None) -> tuple[tuple[str, float], ...]:
+    """'p54=0.806,p34=0.507' -> (("p54", 0.806), ("p34", 0.507)); a malformed item is a ConfigError."""
+    out = []
+    for item in _csv(text or ""):
+        label, _, value = item.partition("=")
+        try:
+            out.append((label, float(value)))
+        except ValueError:
+            raise ConfigError(f"--budgets item {item!r} is not <label>=<fraction> (e.g. p54=0.806)") from None
+        if not label:
+            raise ConfigError(f"--budgets item {item!r} has no label (e.g. p54=0.806)")
+    return tuple(out)
 
 
 def _search_inputs(paths: list[str], reader) -> dict:
@@ -337,6 +411,14 @@ def cmd_figure_layer_budgets(args: argparse.Namespace) -> None:
 
     plot_layer_budgets(_search_inputs(args.logs, read_search_log), args.out_png, args.out_svg, title=args.title,
                        dpi=args.dpi, annotate=args.annotate)
+
+
+def cmd_figure_allocations(args: argparse.Namespace) -> None:
+    from .allocation_figure import plot_allocations
+    from .figures import methods_table_rows, read_parquet_rows
+
+    table = methods_table_rows(read_parquet_rows(args.results, "combined results"), args.metric)
+    plot_allocations(table, args.out_png, args.out_svg, title=args.title, dpi=args.dpi)
 
 
 def cmd_methods_table(args: argparse.Namespace) -> None:
@@ -458,21 +540,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("factor-cache", help="full-rank factors of one method, from which any plan is cut")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--results", required=True, help="results/<model> (holds eigen/ and features/)")
-    p.add_argument("--method", choices=["feature", "weight", "whitened"], required=True)
+    p.add_argument("--method", choices=METHOD_CHOICES, required=True)
     p.add_argument("--layers", required=True)
     p.add_argument("--jitter", type=float, default=1e-6, help="relative Cholesky jitter (whitened)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_factor_cache)
 
-    p = sub.add_parser("make-plan", help="a uniform rank plan reaching a parameter budget")
+    p = sub.add_parser("make-plan", help="a rank plan reaching a parameter budget: uniform, spectral or searched")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--model-name", required=True)
-    p.add_argument("--method", choices=["feature", "weight", "whitened"], required=True)
+    p.add_argument("--method", choices=METHOD_CHOICES, required=True)
     p.add_argument("--params-fraction", type=float, required=True, help="target fraction of parameters kept")
     p.add_argument("--first-block", type=int, default=0, help="compress blocks first_block..last only")
     p.add_argument("--layers", required=True)
     p.add_argument("--convention", choices=["model", "decoder_linear"], default="model")
     p.add_argument("--bias-compensation", choices=["intended", "none"], default="intended")
+    p.add_argument("--allocation", choices=["uniform", "spectral", "searched"], default="uniform",
+                   help="uniform: one keep ratio; spectral: ranks from the cached spectra (sfsd.allocate); searched: "
+                        "a search's plan at the budget, its unsearched layers allocated spectrally")
+    p.add_argument("--factors", help="factor cache root (results/<model>/factors): spectral and searched")
+    p.add_argument("--search", help="search output folder: searched")
+    p.add_argument("--budget-label", help="the budget's name (e.g. p54): the search's checkpoint of that budget")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_make_plan)
 
@@ -571,8 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--model-name", required=True)
     p.add_argument("--factors", required=True, help="folder holding <method>/block_NNN.safetensors (factor-cache)")
-    p.add_argument("--method", default="feature", help="feature | weight | whitened")
-    p.add_argument("--mode", default="accuracy", help="accuracy | perplexity")
+    p.add_argument("--method", default="feature", choices=METHOD_CHOICES)
+    p.add_argument("--mode", default="accuracy", choices=("accuracy", "loglik", "kl", "perplexity"))
     p.add_argument("--target", default="average", help="a task, 'average' (accuracy), or a perplexity source")
     p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
     p.add_argument("--delta", type=float, default=0.0, help="accuracy: accepted drop from the baseline")
@@ -582,7 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
     p.add_argument("--first-block", type=int, default=0)
     p.add_argument("--last-block", type=int, default=None)
-    p.add_argument("--strategy", default="bisect", help="bisect | linear (the published scan)")
+    p.add_argument("--strategy", default="bisect", choices=("bisect", "linear", "released"),
+                   help="bisect; linear (the published scan); released (the released code's chunks and re-check)")
+    p.add_argument("--loglik-delta", type=float, default=0.05, help="loglik: accepted drop (nats) from the baseline")
+    p.add_argument("--kl-max", type=float, default=0.02, help="kl: accepted mean KL (nats) from the baseline")
+    p.add_argument("--budgets", default=None, help="label=fraction,...: also save plans landed on these budgets "
+                   "(checkpoints/<label>.json)")
     p.add_argument("--stop-at", type=float, default=None, help="stop once params fall to this fraction")
     p.add_argument("--convention", default="model", choices=["model", "decoder_linear"])
     p.add_argument("--bias-compensation", default="intended", choices=["intended", "none"])
@@ -600,6 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-max-docs", type=int, default=None, help="first N perplexity documents (default: all)")
     p.add_argument("--ppl-search-fraction", type=float, required=True,
                    help="leading fraction of the perplexity documents searched on (splits.search_fraction)")
+    p.add_argument("--ppl-path", default=None, help="the file of the text_file / jsonl_file perplexity targets")
+    p.add_argument("--ppl-text-field", default="text", help="JSONL field of the jsonl_file perplexity target")
     p.add_argument("--calibration-texts", default=None, help="calibration JSONL whose docs perplexity text excludes")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
@@ -642,6 +737,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "final parameter budget per layer after surgical searches, heat map (PNG + SVG)")
     p.add_argument("--annotate", action="store_true", help="write the %% into every cell")
     p.add_argument("logs", nargs="+", help="search/<search>/log.jsonl files (the folder names the search)")
+
+    p = figure_parser("figure-allocations", cmd_figure_allocations,
+                      "test average and perplexity against parameters, per method and allocation (PNG + SVG)")
+    p.add_argument("--results", required=True, help="results.parquet of the model")
+    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
 
     p = sub.add_parser("methods-table", help="methods x budgets (params, average metric, ppl) as Markdown and CSV")
     p.add_argument("--results", required=True)

@@ -15,6 +15,11 @@ Text sources (`perplexity_texts`): LAMBADA test passages and CoQA stories as ai2
 split, empty ones included, so the joined text is exactly SVD-LLM's and SFSD's "\n\n".join(rows)), any
 local text file (paragraphs) or JSONL file; `exclude_ids` removes documents by their doc_id, e.g. the
 ones a calibration set drew, so the perplexity text stays disjoint from it.
+
+A perplexity-driven rank search targets any of these sources (`search_text_conflict`): it tunes on the
+leading documents of `split_texts` and the evaluate stage scores the rest. A local file target is the
+file of evaluation.perplexity, so the text a search tunes on and the text the tables report come from
+one file, split the same way.
 """
 
 from __future__ import annotations
@@ -42,25 +47,43 @@ def wikitext2_rows() -> list[dict]:
 
     with hub_download_errors(f"{WIKITEXT2['path']} ({WIKITEXT2['name']}, {WIKITEXT2['split']})",
                              "go online (or fill the Hugging Face cache), or set evaluation.perplexity.source "
-                             "to lambada, coqa or text_file (local text)"):
+                             "(and search.targets.perplexity) to lambada, coqa or text_file (local text)"):
         ds = load_dataset(WIKITEXT2["path"], WIKITEXT2["name"], split=WIKITEXT2["split"])
     if "text" not in ds.column_names:
         raise DataError(f"{WIKITEXT2['path']} has no 'text' column (columns: {ds.column_names})")
     return [{"doc_id": f"wikitext2/{WIKITEXT2['split']}/{i}", "text": t} for i, t in enumerate(ds["text"])]
 
 
-def calibration_conflict(perplexity_source: str, calibration: dict) -> str | None:
+def calibration_conflict(perplexity_source: str, calibration: dict,
+                         key: str = "evaluation.perplexity.source") -> str | None:
     """Why the calibration settings (the config's `calibration` mapping) would draw from the perplexity
     text, or None. Doc ids keep lambada/coqa/file sources apart (`exclude_ids`); a hub calibration set
-    taken from WikiText's own test split has no ids in common with `wikitext2_rows`, so it is caught here."""
+    taken from WikiText's own test split has no ids in common with `wikitext2_rows`, so it is caught here.
+    `key` names the setting that chose the perplexity text, for the message."""
     if perplexity_source != "wikitext2" or calibration.get("source") != "hub":
         return None
     dataset = str(calibration.get("hub_dataset") or "").lower()
     if dataset.split("/")[-1] == "wikitext" and str(calibration.get("hub_config") or "").startswith("wikitext-2") \
             and calibration.get("hub_split", "train") == WIKITEXT2["split"]:
-        return ("calibration.hub_split is 'test' of WikiText-2, the text evaluation.perplexity.source wikitext2 "
+        return (f"calibration.hub_split is 'test' of WikiText-2, the text {key} wikitext2 "
                 "scores; calibrate on hub_split train (as SVD-LLM does)")
     return None
+
+
+def search_text_conflict(target: str, evaluation_perplexity: dict, calibration: dict) -> str | None:
+    """Why a perplexity search target (an entry of search.targets.perplexity) cannot be searched with the
+    config's `evaluation.perplexity` and `calibration` mappings, or None. A local file target (text_file,
+    jsonl_file) reads the file of evaluation.perplexity (its path and text_field), which must then have
+    that source: the search tunes on its leading splits.search_fraction of documents and the evaluate
+    stage scores the rest. WikiText-2 must not be the calibration text (`calibration_conflict`)."""
+    if target in ("text_file", "jsonl_file"):
+        source, path = evaluation_perplexity.get("source"), evaluation_perplexity.get("path")
+        if source != target or not path:
+            return (f"search.targets.perplexity {target} searches on the file of evaluation.perplexity (its leading "
+                    f"documents; the evaluation scores the rest): set evaluation.perplexity.source to {target} and "
+                    f"evaluation.perplexity.path to the file (now source {source!r}, path {path!r})")
+        return None
+    return calibration_conflict(target, calibration, key="search.targets.perplexity")
 
 
 def perplexity_texts(

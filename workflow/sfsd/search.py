@@ -55,8 +55,10 @@ log = logging.getLogger(__name__)
 
 ORDER = ("down_proj", "up_proj", "gate_proj", "o_proj", "v_proj", "k_proj", "q_proj")
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-MODES = ("accuracy", "perplexity")
-STRATEGIES = ("bisect", "linear")
+MODES = ("accuracy", "loglik", "kl", "perplexity")
+CHOICE_MODES = ("accuracy", "loglik", "kl")  # scored on the multiple-choice search split
+STRATEGIES = ("bisect", "linear", "released")
+RELEASED_CHUNKS = 3
 _GUARD = 1e-9  # floor(kappa * 0.3) must not round 0.3 * 10 down to 2
 
 
@@ -95,6 +97,7 @@ class Trial:
     rank: int
     score: float
     accepted: bool
+    split: str = "search"  # the released procedure: chunk0, chunk1, chunk2, then search (the re-check)
 
 
 def choose_rank(candidates: Sequence[int], try_rank: Callable[[int], tuple[float, bool]],
@@ -117,7 +120,7 @@ def choose_rank(candidates: Sequence[int], try_rank: Callable[[int], tuple[float
             seen[i] = bool(accepted)
         return seen[i]
 
-    if strategy == "linear":
+    if strategy in ("linear", "released"):  # released: one chunk's scan (see surgical_search)
         for i in range(len(candidates)):
             if ok(i):
                 return candidates[i], trials
@@ -151,19 +154,98 @@ class AccuracyObjective:
     def __post_init__(self) -> None:
         self.name = self.metric
 
-    def score(self, model: nn.Module) -> float:
-        from .evaluate import mean_metric, score_multiple_choice
+    def _scores(self, model: nn.Module) -> list[dict]:
+        from .evaluate import score_multiple_choice
 
         # one forward per whole input (share_prefix off): the block-input cache records and replays the
         # hidden states of whole inputs, and a KV-cache pass over prefix and suffixes would bypass it
-        return mean_metric(score_multiple_choice(model, self.tokenizer, self.requests, self.batch_size,
-                                                 share_prefix=False), self.metric)
+        return score_multiple_choice(model, self.tokenizer, self.requests, self.batch_size, share_prefix=False)
+
+    def score(self, model: nn.Module) -> float:
+        from .evaluate import mean_metric
+
+        return mean_metric(self._scores(model), self.metric)
 
     def threshold(self, baseline: float, step: int) -> float:
         return baseline - self.delta
 
     def passes(self, score: float, threshold: float) -> bool:
         return score >= threshold - _GUARD
+
+    def chunks(self, n: int = RELEASED_CHUNKS) -> list:
+        """The same objective on n contiguous chunks of every task's documents (floor(n_task / n) each, the
+        remainder left out, as the released code cuts its search split)."""
+        from dataclasses import replace
+
+        from .evaluate import encode_requests
+
+        by_task: dict[str, list] = {}
+        for doc in self.requests.docs:
+            by_task.setdefault(doc.task, []).append(doc)
+        out = []
+        for i in range(n):
+            docs = [d for task_docs in by_task.values()
+                    for d in task_docs[i * (len(task_docs) // n):(i + 1) * (len(task_docs) // n)]]
+            if not docs:
+                raise ConfigError(f"the search split has fewer than {n} documents per task: the released procedure "
+                                  "needs three chunks (raise search.search_limit)")
+            out.append(replace(self, requests=encode_requests(self.tokenizer, docs, self.requests.max_length)))
+        return out
+
+
+def _by_task_mean(scores: Sequence[Mapping], values: Sequence[float]) -> float:
+    """Unweighted mean over tasks of each task's mean value (the "average" of the paper's table)."""
+    by_task: dict[str, list[float]] = {}
+    for s, v in zip(scores, values, strict=True):
+        by_task.setdefault(s["task"], []).append(float(v))
+    if not by_task:
+        raise DataError("no scores to average")
+    return float(sum(sum(v) / len(v) for v in by_task.values()) / len(by_task))
+
+
+def _gold_ll(lls: Sequence[float], gold) -> float:
+    return max(lls[g] for g in gold) if isinstance(gold, (tuple, list)) else lls[gold]
+
+
+@dataclass
+class LoglikObjective(AccuracyObjective):
+    """Mean log-likelihood (nats) of the gold answers on the search split, averaged per task then over
+    tasks: a continuous score that moves with every document, where accuracy moves only when an answer
+    flips. Accepts while score >= baseline - delta (`search.loglik_delta`)."""
+
+    def __post_init__(self) -> None:
+        self.name = "loglik"
+
+    def score(self, model: nn.Module) -> float:
+        scores = self._scores(model)
+        return _by_task_mean(scores, [_gold_ll(s["lls"], d.gold) for s, d in zip(scores, self.requests.docs,
+                                                                                     strict=True)])
+
+
+@dataclass
+class KLObjective(AccuracyObjective):
+    """Mean KL(reference || model) (nats) of the answer distributions, softmax over each document's choice
+    log-likelihoods, per task then over tasks. The reference is the first model scored (the uncompressed
+    one: the baseline pass), so the baseline scores 0. Accepts while score <= delta (`search.kl_max`)."""
+
+    reference: list | None = None
+
+    def __post_init__(self) -> None:
+        self.name = "kl"
+
+    def score(self, model: nn.Module) -> float:
+        scores = self._scores(model)
+        logq = [torch.log_softmax(torch.tensor(s["lls"], dtype=torch.float64), 0) for s in scores]
+        if self.reference is None:
+            self.reference = logq
+        kls = [float((p.exp() * (p - q)).sum()) for p, q in zip(self.reference, logq, strict=True)]
+        return _by_task_mean(scores, kls)
+
+    def threshold(self, baseline: float, step: int) -> float:
+        return baseline + self.delta
+
+    def passes(self, score: float, threshold: float) -> bool:
+        return math.isfinite(score) and score <= threshold + _GUARD
 
 
 @dataclass
@@ -333,6 +415,8 @@ class SearchSettings:
     metric: str = "paper"  # METRIC_CHOICES: paper = each task's lm-eval/paper metric (see sfsd.tasks)
     delta: float = 0.0
     eps: float = 0.005
+    loglik_delta: float = 0.05
+    kl_max: float = 0.02
     order: tuple[str, ...] = ORDER
     fractions: tuple[float, ...] = FRACTIONS
     first_block: int = 0
@@ -342,6 +426,7 @@ class SearchSettings:
     convention: str = "model"
     bias_compensation: str = "intended"
     checkpoints: tuple[float, ...] = (0.9, 0.8)
+    budgets: tuple[tuple[str, float], ...] = ()  # (label, fraction): plans landed exactly on each budget
     inputs: str = ""  # digest of the search data (docs, texts, model), set by the caller
 
     def check(self) -> None:
@@ -365,6 +450,14 @@ class SearchSettings:
             raise ConfigError(f"search.stop_at {self.stop_at} must be in (0, 1) or null")
         if any(not 0 < c < 1 for c in self.checkpoints):
             raise ConfigError(f"search.checkpoints {list(self.checkpoints)} must be fractions in (0, 1)")
+        if any(not 0 < f < 1 for _, f in self.budgets):
+            raise ConfigError(f"search budgets {list(self.budgets)} must be fractions in (0, 1)")
+        if self.loglik_delta < 0 or self.kl_max < 0:
+            raise ConfigError(f"search.loglik_delta {self.loglik_delta} and search.kl_max {self.kl_max} must be >= 0")
+
+    def tolerance(self) -> float:
+        """The tolerance of this mode's objective, in its own units."""
+        return {"accuracy": self.delta, "loglik": self.loglik_delta, "kl": self.kl_max}.get(self.mode, self.eps)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -493,6 +586,7 @@ def surgical_search(
     fraction_key = "params_model_fraction" if settings.convention == "model" else "params_decoder_linear_fraction"
     try:
         recorded = None  # block whose inputs the cache holds
+        resuming = state.baseline is not None
         if state.baseline is None:
             if cache and not state.layers:  # the baseline pass also records the top block's inputs
                 state.add_baseline(runner.record(order[0][0], lambda: objective.score(model), complete=True,
@@ -503,6 +597,16 @@ def surgical_search(
                     state.add_baseline(objective.score(model))
         baseline = state.baseline
         log.info("baseline %s on the search split: %.6g", objective.name, baseline)
+        # scored on the still uncompressed model, before a resumed run replays its decisions: the reference
+        # answer distributions of a kl search, and the released procedure's per-chunk baselines
+        released = settings.strategy == "released" and settings.mode in CHOICE_MODES
+        chunks = objective.chunks() if released else []
+        with runner.counting("baseline"), torch.no_grad():
+            if resuming and isinstance(objective, KLObjective):
+                objective.score(model)
+            chunk_baselines = [c.score(model) for c in chunks]
+        if chunks:
+            recorded = None  # the baseline pass recorded the whole split's batches only
 
         def plan_now() -> dict:
             return new_plan(decisions, bias_compensation=settings.bias_compensation, **header)
@@ -562,8 +666,8 @@ def surgical_search(
                 break
             if block != current_block:
                 current_block = block
-                if cache and recorded != block:
-                    runner.record(block, lambda: objective.score(model))
+                if cache and recorded != block:  # every batch any scorer of this search will run
+                    runner.record(block, lambda: [o.score(model) for o in (objective, *chunks)])
                     recorded = block
             out_f, in_f = shapes.linears[linear]
             kappa = max_rank(in_f, out_f)
@@ -572,23 +676,32 @@ def surgical_search(
             entry = factors(block, linear)
             path = linear_path(spec, block, linear)
 
-            def try_rank(rank: int) -> tuple[float, bool]:
-                replace_module(model, path, _low_rank(entry, settings.method, rank, settings.bias_compensation, dense))
-                try:
-                    with runner.cached(), runner.counting("search"), torch.no_grad():
-                        score = objective.score(model)
-                finally:
-                    replace_module(model, path, dense)
-                return score, objective.passes(score, threshold)
+            def trier(obj, limit: float) -> Callable[[int], tuple[float, bool]]:
+                def try_rank(rank: int) -> tuple[float, bool]:
+                    replace_module(model, path, _low_rank(entry, settings.method, rank, settings.bias_compensation,
+                                                          dense))
+                    try:
+                        with runner.cached(), runner.counting("search"), torch.no_grad():
+                            score = obj.score(model)
+                    finally:
+                        replace_module(model, path, dense)
+                    return score, obj.passes(score, limit)
+                return try_rank
 
-            rank, trials = choose_rank(candidate_ranks(kappa, settings.fractions), try_rank, settings.strategy)
+            candidates = candidate_ranks(kappa, settings.fractions)
+            if released:
+                rank, trials = released_rank(candidates, [trier(c, c.threshold(b, step))
+                                                          for c, b in zip(chunks, chunk_baselines)],
+                                             trier(objective, threshold))
+            else:
+                rank, trials = choose_rank(candidates, trier(objective, threshold), settings.strategy)
             apply_decision(block, linear, rank)
             p = params()
             record = {
                 "step": step, "layer": layer_key(block, linear), "block": block, "linear": linear,
                 "in_features": in_f, "out_features": out_f, "kappa": kappa, "threshold": threshold,
                 "tried": [asdict(t) for t in trials], "rank": rank,
-                "score": next((t.score for t in trials if t.rank == rank), None),
+                "score": next((t.score for t in reversed(trials) if t.rank == rank), None),
                 "layer_params_fraction": 1.0 if rank is None else rank * (in_f + out_f) / (in_f * out_f),
                 **p, "forwards": dict(runner.forwards), "seconds": time.perf_counter() - t0,
             }
@@ -613,12 +726,26 @@ def surgical_search(
                 checkpoints[f"p{round(c * 100):02d}"] = new_plan(
                     layers, bias_compensation=settings.bias_compensation,
                     notes={"builder": "search-checkpoint", "params_fraction_at_most": c}, **header)
+        for label, fraction in settings.budgets:  # plans landed exactly on each budget
+            hit = next((i for i, r in enumerate(state.layers) if r[fraction_key] <= fraction), None)
+            if hit is not None:
+                layers = {r["layer"]: entry_of(r["rank"]) for r in state.layers[:hit]}
+                crossing = state.layers[hit]
+                landed = _land(shapes, layers, crossing, settings, fraction, entry_of, header)
+                layers[crossing["layer"]] = entry_of(landed)
+                budget_plan = new_plan(layers, bias_compensation=settings.bias_compensation, **header)
+                budget_plan["notes"] = {"builder": "search-budget", "target_params_fraction": fraction,
+                                        "params_fraction": count_params(shapes, budget_plan)[settings.convention][
+                                            "fraction"], "crossing_layer": crossing["layer"],
+                                        "accepted_rank": crossing["rank"], "landed_rank": landed}
+                checkpoints[label] = budget_plan
         plan = plan_now()
         plan["notes"] = {"builder": "surgical-search", "settings": asdict(settings), "baseline": baseline}
         search_forwards = sum(runner.forwards[k] for k in ("baseline", "inputs", "search"))
         summary = {
             "baseline": baseline, "objective": objective.name, "layers_searched": len(state.layers),
             "layers_in_order": len(order), "stopped_at_budget": stopped,
+            "budgets_reached": {label: label in checkpoints for label, _ in settings.budgets},
             "forwards": dict(runner.forwards), "search_block_forwards": search_forwards,
             "evaluations": sum(len(r["tried"]) for r in state.layers),
             "cache_peak_mb": runner.peak_bytes / 2**20, "cache": cache,
@@ -629,6 +756,46 @@ def surgical_search(
         return SearchResult(plan, list(state.layers), list(state.curve), checkpoints, summary)
     finally:
         runner.close()
+
+
+def released_rank(candidates: Sequence[int], chunk_tries: Sequence[Callable[[int], tuple[float, bool]]],
+                  whole_try: Callable[[int], tuple[float, bool]]) -> tuple[int | None, list[Trial]]:
+    """The released code's decision for one layer: on each chunk in turn the smallest accepted candidate
+    (a linear scan; none = dense), stopping early once a chunk needs the dense layer; the largest of those
+    ranks; then one re-check on the whole split, which keeps the layer dense when it fails (no larger
+    rank is tried). Returns (rank or None, trials tagged chunk0.. and search)."""
+    trials: list[Trial] = []
+    picks: list[int | None] = []
+    for i, try_chunk in enumerate(chunk_tries):
+        if picks and None in picks:
+            break
+        pick, tried = choose_rank(candidates, try_chunk, "linear")
+        trials += [Trial(t.rank, t.score, t.accepted, f"chunk{i}") for t in tried]
+        picks.append(pick)
+    if not picks or None in picks:
+        return None, trials
+    rank = max(picks)
+    score, accepted = whole_try(rank)
+    trials.append(Trial(rank, float(score), bool(accepted), "search"))
+    return (rank if accepted else None), trials
+
+
+def _land(shapes: ModelShapes, layers: Mapping[str, dict], crossing: Mapping, settings: SearchSettings,
+          fraction: float, entry_of: Callable, header: Mapping) -> int | None:
+    """The rank (None = dense) of the layer whose decision took the model under `fraction`: the largest
+    one, from the accepted rank up, that keeps the parameters at or under it."""
+    def fits(rank: int | None) -> bool:
+        plan = new_plan({**layers, crossing["layer"]: entry_of(rank)}, bias_compensation=settings.bias_compensation,
+                        **header)
+        return count_params(shapes, plan)[settings.convention]["fraction"] <= fraction
+
+    if crossing["rank"] is None or fits(None):
+        return None
+    lo, hi = crossing["rank"], crossing["kappa"] - 1  # fits(lo) holds: the accepted rank crossed the budget
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -644,6 +811,8 @@ __all__ = [
     "FRACTIONS",
     "MODES",
     "ORDER",
+    "KLObjective",
+    "LoglikObjective",
     "PerplexityObjective",
     "SearchResult",
     "SearchSettings",
@@ -651,6 +820,7 @@ __all__ = [
     "Trial",
     "candidate_ranks",
     "choose_rank",
+    "released_rank",
     "search_order",
     "surgical_search",
 ]

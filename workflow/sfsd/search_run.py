@@ -29,7 +29,8 @@ from .collect import block_file
 from .errors import ConfigError, DataError
 from .io import atomic_dir, atomic_path, model_digest, write_json
 from .provenance import stamp
-from .search import AccuracyObjective, PerplexityObjective, SearchSettings, search_order, surgical_search
+from .search import AccuracyObjective, KLObjective, LoglikObjective, PerplexityObjective, SearchSettings, \
+    search_order, surgical_search
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def run_search(
     ppl_window: int = 128,
     ppl_max_docs: int | None = 300,
     ppl_search_fraction: float,
+    ppl_path: str | None = None,
+    ppl_text_field: str = "text",
     calibration_texts: str | None = None,
     batch_size: int = 8,
     device: str = "auto",
@@ -91,7 +94,9 @@ def run_search(
     progress: bool = True,
     with_curve: bool = True,
 ) -> dict:
-    """Run the search of `settings` and write its outputs into `out_dir` (atomically); return the summary."""
+    """Run the search of `settings` and write its outputs into `out_dir` (atomically); return the summary.
+    A perplexity search reads the text of `sfsd.perplexity.perplexity_texts(settings.target)`; the
+    text_file / jsonl_file targets read `ppl_path` (its `ppl_text_field`), the file of evaluation.perplexity."""
     from .calibration import read_texts
     from .evaluate import build_requests, encode_requests, lmeval_max_length, read_split_ids, \
         score_multiple_choice, summarize_scores
@@ -112,8 +117,10 @@ def run_search(
     ppl_docs: tuple[list, list] | None = None
     if settings.mode == "perplexity":
         exclude = [d["doc_id"] for d in read_texts(calibration_texts)] if calibration_texts else []
-        docs = split_texts(perplexity_texts(settings.target, exclude_ids=exclude, max_docs=ppl_max_docs),
-                           ppl_search_fraction)
+        # the same documents, exclusions and cut as the evaluate stage's (`perplexity_args`), so its test part
+        # is exactly what every variant is scored on
+        docs = split_texts(perplexity_texts(settings.target, path=ppl_path, text_field=ppl_text_field,
+                                            exclude_ids=exclude, max_docs=ppl_max_docs), ppl_search_fraction)
         # search on the first part, as SFSD does on WikiText-2; the curve scores (curve_limit of) the rest,
         # the text the evaluate stage scores for every variant
         ppl_docs = (docs["search"], docs["test"][:curve_limit] if curve_limit else docs["test"])
@@ -132,7 +139,8 @@ def run_search(
         ids, n_docs = read_split_ids(splits_file, target_tasks, "search", search_limit, task_source)
         enc = encode_requests(tokenizer, build_requests(source, target_tasks, ids, ["search"], n_docs=n_docs),
                               max_length)
-        objective = AccuracyObjective(tokenizer, enc, settings.metric, settings.delta, batch_size)
+        kind = {"accuracy": AccuracyObjective, "loglik": LoglikObjective, "kl": KLObjective}[settings.mode]
+        objective = kind(tokenizer, enc, settings.metric, settings.tolerance(), batch_size)
         inputs = ids
     settings = SearchSettings(**{**asdict(settings), "inputs": _digest([digest, inputs, search_limit])})
 
