@@ -70,7 +70,7 @@ rule figure_search_curves:
         ),
         svg="results/figures/{model}/search_{mode}.svg",
     wildcard_constraints:
-        mode="accuracy|perplexity|budget",
+        mode=MODES_RE + "|budget",
     params:
         tasks=",".join(config["figures"]["tasks"] or config["evaluation"]["tasks"]),
         metric=config["evaluation"]["metric"],
@@ -103,7 +103,7 @@ rule figure_layer_budgets:
         ),
         svg="results/figures/{model}/layer_budgets_{method}-{mode}.svg",
     wildcard_constraints:
-        mode="accuracy|perplexity|budget",
+        mode=MODES_RE + "|budget",
     params:
         dpi=config["figures"]["dpi"],
         annotate="--annotate" if config["figures"]["annotate_heatmap"] else "",
@@ -119,6 +119,34 @@ rule figure_layer_budgets:
         "python -m sfsd --threads {threads} figure-layer-budgets {params.annotate} --dpi {params.dpi} "
         "--title '{wildcards.model}: final parameter budget per layer, {wildcards.method} {wildcards.mode}-driven search' "
         "--out-png {output.png:q} --out-svg {output.svg:q} {input.logs:q} > {log:q} 2>&1"
+
+
+rule figure_allocations:
+    input:
+        results="results/{model}/results.parquet",
+    output:
+        png=report(
+            "results/figures/{model}/allocations.png",
+            caption="../workflow/report/allocations.rst",
+            category="Figures",
+            subcategory="{model}",
+        ),
+        svg="results/figures/{model}/allocations.svg",
+    params:
+        metric=config["evaluation"]["metric"],
+        dpi=config["figures"]["dpi"],
+        code=command_version("figure-allocations"),
+    conda:
+        "../envs/cpu-stages.yaml"
+    log:
+        "results/logs/figure_allocations/{model}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m sfsd --threads {threads} figure-allocations --results {input.results:q} --metric {params.metric} "
+        "--title '{wildcards.model}: allocations of the ranks at equal parameters' --dpi {params.dpi} "
+        "--out-png {output.png:q} --out-svg {output.svg:q} > {log:q} 2>&1"
 
 
 rule methods_table:

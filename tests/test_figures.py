@@ -213,9 +213,9 @@ def test_methods_table(tmp_path):
     assert table[1]["avg_acc_norm"] == pytest.approx(50.0) and table[1]["delta_vs_baseline"] == pytest.approx(-5.0)
     assert table[4]["ppl"] == 2.5e6
     md = (tmp_path / "m.md").read_text()
-    assert "| b50 | Weight space (SVD) | 0.5 | 50.0 | 30.0 | -25.0 | 2.5e+06 |" in md
+    assert "| b50 | Weight space (SVD) | uniform | weight-b50 | 0.5 | 50.0 | 30.0 | -25.0 | 2.5e+06 |" in md
     assert (tmp_path / "m.csv").read_text().splitlines()[0] == \
-        "budget,method,params_M,params_%,avg_acc_norm,avg_acc_norm_ci95,delta_vs_baseline,ppl"
+        "budget,method,allocation,variant,params_M,params_%,avg_acc_norm,avg_acc_norm_ci95,delta_vs_baseline,ppl"
     assert table[1]["avg_acc_norm_ci95"] is None  # rows without a stderr: no interval, the value alone
 
 
@@ -248,10 +248,10 @@ def test_methods_table_resolves_the_paper_metric_per_task(tmp_path):
     assert feat["delta_vs_baseline"] == pytest.approx(-10.0)
     assert (base["ppl_ci_low"], base["ppl_ci_high"]) == (38.5, 41.7) and "ppl_ci_low" not in feat
     assert (tmp_path / "m.csv").read_text().splitlines()[0] == \
-        "budget,method,params_M,params_%,avg_paper,avg_paper_ci95,delta_vs_baseline,ppl,ppl_ci_low,ppl_ci_high"
+        "budget,method,allocation,variant,params_M,params_%,avg_paper,avg_paper_ci95,delta_vs_baseline,ppl,ppl_ci_low,ppl_ci_high"
     md = (tmp_path / "m.md").read_text()
-    assert "| dense | Baseline | 1.0 | 100.0 | 65.0 ± 4.9 | 0.0 | 40.0 [38.5, 41.7] |" in md
-    assert "| b80 | Feature space (SFSD) | 0.8 | 80.0 | 55.0 ± 4.9 | -10.0 | 60.0 |" in md
+    assert "| dense | Baseline |  | base | 1.0 | 100.0 | 65.0 ± 4.9 | 0.0 | 40.0 [38.5, 41.7] |" in md
+    assert "| b80 | Feature space (SFSD) | uniform | feature-b80 | 0.8 | 80.0 | 55.0 ± 4.9 | -10.0 | 60.0 |" in md
     assert "boolq acc, piqa acc_norm" in md.splitlines()[0]  # the caption says which metric each task used
     acc = F.methods_table_rows(paper_rows(), "acc")
     assert acc[0]["avg_acc"] == pytest.approx(35.0)
@@ -472,3 +472,31 @@ def test_search_figure_rules_in_the_workflow(figure_run, tmp_path):
     shutil.copy(tmp_path / names[0] / "log.jsonl", workdir / "results" / "tiny" / "search" / names[0] / "log.jsonl")
     assert planned_jobs(snakemake(snakefile, workdir, searched, "--dry-run", *targets, *only)) == {
         "figure_layer_budgets": 1}
+
+
+def test_allocations_group_by_budget_and_figure(tmp_path):
+    """Uniform, spectral and searched variants of one method share a budget group in the methods table and
+    become one line each in the allocations figure; the tolerance search stays its own group, off the
+    figure."""
+    from sfsd.allocation_figure import allocation_lines, plot_allocations
+
+    rows = []
+    for method, plan, frac, score in (("baseline", "base", 1.0, 0.7), ("feature", "feature-b80", 0.80, 0.6),
+                                      ("feature", "feature-spectral-b80", 0.80, 0.62),
+                                      ("feature", "search-feature-kl-average-b80", 0.79, 0.61),
+                                      ("feature", "feature-b50", 0.5, 0.4), ("feature", "feature-spectral-b50", 0.5, 0.45),
+                                      ("feature", "search-feature-kl-average", 0.97, 0.66)):
+        common = {"model": "tiny", "method": method, "plan": plan, "split": "test", "n": 100,
+                  "params_model": int(frac * 1e6), "params_model_fraction": frac}
+        rows += [{**common, "task": "piqa", "metric": "acc_norm", "value": score, "stderr": 0.03},
+                 {**common, "task": "lambada", "metric": "ppl", "value": 10 / score, "window": 128, "n": 3000}]
+    table = F.methods_table_rows(rows, "acc_norm")
+    assert [(r["budget"], r["allocation"]) for r in table] == [
+        ("dense", ""), ("search-feature-kl-average", "searched"), ("b80", "uniform"), ("b80", "spectral"),
+        ("b80", "searched"), ("b50", "uniform"), ("b50", "spectral")]
+    lines = allocation_lines(table)
+    assert {k[1:]: [r["variant"] for r in v] for k, v in lines.items()} == {
+        ("uniform", ""): ["feature-b50", "feature-b80"], ("spectral", ""): ["feature-spectral-b50", "feature-spectral-b80"],
+        ("searched", "kl-average"): ["search-feature-kl-average-b80"]}
+    plot_allocations(table, tmp_path / "a.png", tmp_path / "a.svg", title="t")
+    assert (tmp_path / "a.png").stat().st_size > 0 and b"<svg" in (tmp_path / "a.svg").read_bytes()[:400]

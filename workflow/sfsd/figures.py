@@ -30,9 +30,10 @@ from .tasks import METRIC_CHOICES
 
 # One colour per method in every figure, so a reader learns it once.
 METHOD_COLOR = {"baseline": "0.35", "feature": "#1f77b4", "weight": "#ff7f0e", "whitened": "#2ca02c",
-                "laser": "#d62728", "vendi": "#9467bd"}
-MODES = ("accuracy", "perplexity", "budget")
-MODE_TITLE = {"accuracy": "accuracy-driven", "perplexity": "perplexity-driven", "budget": "budget-driven"}
+                "asvd": "#8c564b", "laser": "#d62728", "vendi": "#9467bd"}
+MODES = ("accuracy", "loglik", "kl", "perplexity", "budget")  # sfsd.search.MODES, and budget
+MODE_TITLE = {"accuracy": "accuracy-driven", "loglik": "gold-log-likelihood-driven", "kl": "answer-KL-driven",
+              "perplexity": "perplexity-driven", "budget": "budget-driven"}
 # Canonical order of the Linear layers in the heat map (the registry's forward order for Llama-like models).
 LINEAR_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CURVE_COLUMNS = ("method", "search", "mode", "target", "layers_done", "block", "params_model",
@@ -559,20 +560,27 @@ def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: st
     def average(v):
         return sum(v["scores"][t][0] for t in common) / len(common)
 
-    def budget(v):  # plan names are <method>-<budget>; anything else is its own group
-        return v["plan"].split("-", 1)[1] if v["plan"].startswith(f"{v['method']}-") else v["plan"]
+    from .variants import parse_variant
+
+    def budget(v):  # variants at a budget group by it (sfsd.variants); anything else is its own group
+        return parse_variant(v["plan"]).budget or v["plan"]
 
     # budgets from the largest (by their models' largest fraction), methods in the usual order inside one
     group_size: dict[str, float] = defaultdict(float)
     for v in variants.values():
         group_size[budget(v)] = max(group_size[budget(v)], v["fraction"] or 0)
     out = []
+    allocation_order = {"uniform": 0, "spectral": 1, "searched": 2}
     for v in sorted(variants.values(), key=lambda v: (v["method"] != "baseline", -group_size[budget(v)], budget(v),
-                                                       METHOD_ORDER.get(v["method"], 9))):
+                                                       METHOD_ORDER.get(v["method"], 9),
+                                                       allocation_order.get(parse_variant(v["plan"]).allocation, 3),
+                                                       v["plan"])):
         avg = average(v)
         row = {
             "budget": "dense" if v["method"] == "baseline" else budget(v),
             "method": METHOD_LABEL.get(v["method"], v["method"]),
+            "allocation": parse_variant(v["plan"]).allocation or "",
+            "variant": v["plan"],
             "params_M": round((v["params_model"] or 0) / 1e6, 2),
             "params_%": round(100 * (v["fraction"] or 0), 1),
             f"avg_{label}": round(avg, 2),

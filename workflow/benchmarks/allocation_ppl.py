@@ -1,0 +1,82 @@
+"""Rank allocations of one method at one budget, compared on held-out perplexity (no benchmark scoring).
+
+Builds, from the workflow's factor cache, the uniform plan (`compression.budgets`), the spectral plans
+with groups `type` (the default: rank moves across depth within each Linear type) and `global` (one
+greedy over every layer), and optionally the searched plans under results/<model>/plans/, applies each
+to the embedded model and prints, per plan, the parameters kept, the summed normalised output error the
+spectral allocation minimises, and LAMBADA perplexity (128-token windows) on the first N of the test
+passages (those no search scored), with the ratio to the uniform plan's.
+
+    snakemake --cores 2      # once, for results/<model>/factors (with spectra), plans and calibration texts
+    python workflow/benchmarks/allocation_ppl.py [--method feature --budget 0.806 --docs 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from sfsd.allocate import layer_spectra, spectral_plan
+from sfsd.arch import architecture_of, get_arch
+from sfsd.calibration import read_texts
+from sfsd.collect import block_file
+from sfsd.compress import BlockFile, apply_cached_plan, factor_spectrum
+from sfsd.io import model_digest
+from sfsd.models import load_model
+from sfsd.perplexity import perplexity, perplexity_texts, split_texts
+from sfsd.plan import budget_plan, count_params, model_shapes
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--method", default="feature")
+    parser.add_argument("--budget", type=float, default=0.806, help="fraction of the parameters kept")
+    parser.add_argument("--first-block", type=int, default=4, help="as compression.first_block")
+    parser.add_argument("--docs", type=int, default=100, help="test passages scored (LAMBADA, after the searched 20%)")
+    parser.add_argument("--plans", nargs="*", default=[], help="more plan files to score (e.g. searched plans)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model_dir = args.results / "models" / args.model
+    factors = args.results / args.model / "factors"
+    shapes = model_shapes(model_dir)
+    spec = get_arch(shapes.architecture)
+    digest = model_digest(model_dir)
+    blocks = range(args.first_block, shapes.n_blocks)
+    keys = [f"{b}.{n}" for b in blocks for n in LINEARS]
+    spectra = layer_spectra(spec, shapes, keys, lambda b, n: factor_spectrum(
+        BlockFile(factors / args.method / block_file(b), digest), n))
+    plans = {"uniform": budget_plan(spec, shapes, LINEARS, args.budget, args.method, blocks=blocks)}
+    for groups in ("type", "global"):
+        plans[f"spectral ({groups})"] = spectral_plan(spec, shapes, LINEARS, args.budget, args.method, spectra,
+                                                      blocks=blocks, groups=groups)
+    for path in args.plans:
+        plans[Path(path).stem] = json.loads(Path(path).read_text())
+
+    calibration = [d["doc_id"] for d in read_texts(args.results / "calibration" / "texts.jsonl")]
+    docs = split_texts(perplexity_texts("lambada", exclude_ids=calibration, max_docs=300), 0.2)["test"][:args.docs]
+    print(f"{args.model}, {args.method}, budget {args.budget}, blocks {args.first_block}-{shapes.n_blocks - 1}; "
+          f"LAMBADA perplexity on {len(docs)} test passages, 128-token windows")
+    print(f"{'plan':<34}{'params %':>9}{'norm. error':>13}{'ppl':>10}{'vs uniform':>12}")
+    reference = None
+    for name, plan in plans.items():
+        model, tokenizer = load_model(model_dir, device="cpu")
+        apply_cached_plan(model, get_arch(architecture_of(model.config)), plan, factors, model_digest=digest)
+        ppl = perplexity(model, tokenizer, docs, 128, batch_size=8)["ppl"]
+        reference = reference or ppl
+        ranks = {k: e.get("rank") for k, e in plan["layers"].items()}
+        error = sum(spectra[k].error(r) for k, r in ranks.items() if k in spectra)
+        fraction = count_params(shapes, plan)["model"]["fraction"]
+        print(f"{name:<34}{100 * fraction:>9.2f}{error:>13.3f}{ppl:>10.1f}{ppl / reference:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
