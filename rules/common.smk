@@ -323,7 +323,7 @@ def search_args(wildcards):
         f"--checkpoints {','.join(str(c) for c in checkpoints) or 'none'}",
         f"--curve-every {s['curve_every']}", f"--cache-max-mb {s['cache_max_mb']}", f"--batch-size {s['batch_size']}",
     ]
-    if s["budgets"]:
+    if s["budgets"] and config["compression"]["budgets"]:
         args.append("--budgets " + ",".join(f"{k}={v}" for k, v in config["compression"]["budgets"].items()))
     if s["last_block"] is not None and not full:
         args.append(f"--last-block {s['last_block']}")

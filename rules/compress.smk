@@ -69,6 +69,7 @@ rule spectral_plan:
         convention=config["compression"]["convention"],
         bias=config["compression"]["bias_compensation"],
         factors=lambda wc, input: Path(input.factors).parent,
+        groups=config["compression"]["spectral_groups"],
         code=command_version("make-plan"),
     conda:
         "../envs/cpu-stages.yaml"
@@ -79,6 +80,7 @@ rule spectral_plan:
         runtime=10,
     shell:
         "python -m sfsd --threads {threads} make-plan --allocation spectral --factors {params.factors:q} "
+        "--spectral-groups {params.groups} "
         "--model-dir {input.model:q} --model-name {wildcards.model} --method {wildcards.method} "
         "--params-fraction {params.fraction} --first-block {params.first_block} --layers {params.layers} "
         "--convention {params.convention} --bias-compensation {params.bias} --out {output.plan:q} > {log:q} 2>&1"

@@ -10,6 +10,9 @@ rule search:
         tasks=eval_tasks_input,
         splits=rules.eval_splits.output.splits,
         calibration=rules.calibration_texts.output.texts,
+        # a local perplexity text: editing it reruns the search
+        text=lambda wc: [config["evaluation"]["perplexity"]["path"]]
+        if wc.mode == "perplexity" and wc.target in ("text_file", "jsonl_file") else [],
     output:
         plan="results/{model}/search/{method}-{mode}-{target}/plan.json",
         log_jsonl="results/{model}/search/{method}-{mode}-{target}/log.jsonl",
@@ -94,6 +97,7 @@ rule searched_plan:
         bias=config["compression"]["bias_compensation"],
         factors=lambda wc, input: Path(input.factors).parent,
         search=lambda wc, input: Path(input.summary).parent,
+        groups=config["compression"]["spectral_groups"],
         code=command_version("make-plan"),
     conda:
         "../envs/cpu-stages.yaml"
@@ -104,6 +108,7 @@ rule searched_plan:
         runtime=10,
     shell:
         "python -m sfsd --threads {threads} make-plan --allocation searched --factors {params.factors:q} "
+        "--spectral-groups {params.groups} "
         "--search {params.search:q} --budget-label {wildcards.budget} --model-dir {input.model:q} "
         "--model-name {wildcards.model} --method {wildcards.method} --params-fraction {params.fraction} "
         "--first-block {params.first_block} --layers {params.layers} --convention {params.convention} "

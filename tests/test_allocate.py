@@ -13,7 +13,7 @@ import torch
 
 from sfsd.allocate import LayerSpectrum, captured_energy, greedy_ranks, layer_spectra, output_energy, spectral_plan
 from sfsd.arch import get_arch
-from sfsd.compress import factors_for, layer_spectrum, save_factor_cache
+from sfsd.compress import factor_spectrum, factors_for, layer_spectrum, save_factor_cache
 from sfsd.errors import ConfigError
 from sfsd.io import model_digest
 from sfsd.methods import max_rank
@@ -46,10 +46,11 @@ def _statistics(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return eigen, features
 
 
-@pytest.mark.parametrize("method", FACTOR_METHODS)
-def test_spectrum_gives_the_measured_error_at_every_rank(method):
+@pytest.mark.parametrize("method,compensation", [(m, "intended") for m in FACTOR_METHODS] + [("feature", "none")])
+def test_spectrum_gives_the_measured_error_at_every_rank(method, compensation):
     """E||y_r - y||^2 measured on the calibration samples equals energy - cumsum(gain) at every rank, for
-    every factor method (feature space with its intended bias: the dropped variance)."""
+    every factor method (feature space with its intended bias: the dropped variance; without compensation
+    also the dropped part of the output mean, as `factor_spectrum` adds it)."""
     torch.manual_seed(0)
     n, d_in, d_out = 400, 12, 9
     x = torch.randn(n, d_in, dtype=torch.float64) * torch.logspace(-1, 1, d_in, dtype=torch.float64) + 0.3
@@ -61,15 +62,19 @@ def test_spectrum_gives_the_measured_error_at_every_rank(method):
     entry = {"first": full.first, "second": full.second}
     spectrum = layer_spectrum(weight, method, entry, eigen=eigen, features=features, linear="q_proj", group="attn_in")
     assert spectrum["gain"].shape == (top,)
+    block = {f"q_proj.{k}": v for k, v in {**spectrum, **entry, "mean": eigen["q_proj.mean"]}.items()}
+    if method != "feature":
+        del block["q_proj.mean"]  # stored for feature space only
+    gain, energy = factor_spectrum(block, "q_proj", compensation)
     y = x @ weight.T + bias
     for rank in range(1, top + 1):
         f = factors_for(weight, bias, method, rank, eigen=eigen, features=features, linear="q_proj",
-                        group="attn_in")[0]
+                        group="attn_in", bias_compensation=compensation)[0]
         w_hat, b_hat = f.dense()
         y_hat = x @ w_hat.T + (b_hat if b_hat is not None else 0)
         measured = float((y_hat - y).square().sum(1).mean())
-        predicted = float(spectrum["energy"]) - float(spectrum["gain"][:rank].sum())
-        assert measured == pytest.approx(predicted, rel=1e-6, abs=1e-9 * float(spectrum["energy"])), rank
+        predicted = energy - float(gain[:rank].sum())
+        assert measured == pytest.approx(predicted, rel=1e-6, abs=1e-9 * energy), rank
 
 
 def _brute_force(spectra, slack, costs):
@@ -252,6 +257,37 @@ def test_make_plan_cli_spectral_and_searched(cached, tmp_path):
                     str(out)], check=True, capture_output=True)
     plan = json.loads(out.read_text())
     assert plan["layers"] == landed["layers"] and plan["notes"]["completed_layers"] == 0
+    # a landed plan above the uniform plan's size is lowered to it at its crossing layer (never below the
+    # rank the search accepted); a checkpoint that is not a budget plan is not taken for one
+    uniform_size = count_params(cached["shapes"], budget_plan(SPEC, cached["shapes"], cached["linears"], 0.8,
+                                                             "feature"))["model"]["compressed"]
+    uniform = budget_plan(SPEC, cached["shapes"], cached["linears"], 0.8, "feature")
+    accepted = uniform["layers"]["1.down_proj"]["rank"]
+    o, i = cached["shapes"].linears["down_proj"]
+    big = {"layers": {**uniform["layers"], "1.down_proj": {"method": "feature", "rank": max_rank(i, o) - 1}},
+           "notes": {"builder": "search-budget", "crossing_layer": "1.down_proj", "accepted_rank": accepted}}
+    assert count_params(cached["shapes"], big)["model"]["compressed"] > uniform_size
+    (search / "checkpoints" / "p80.json").write_text(json.dumps(big))
+    subprocess.run([*base, "--allocation", "searched", "--search", str(search), "--budget-label", "p80", "--out",
+                    str(out)], check=True, capture_output=True)
+    plan = json.loads(out.read_text())
+    assert accepted <= plan["layers"]["1.down_proj"]["rank"] < max_rank(i, o) - 1
+    assert count_params(cached["shapes"], plan)["model"]["compressed"] <= uniform_size
+    (search / "checkpoints" / "p80.json").write_text(json.dumps({**landed, "notes": {"builder": "search-checkpoint"}}))
+    subprocess.run([*base, "--allocation", "searched", "--search", str(search), "--budget-label", "p80", "--out",
+                    str(out)], check=True, capture_output=True)
+    assert json.loads(out.read_text())["notes"]["completed_layers"] == 2 * 7 - 2
+    # a search that decided every layer yet stayed above the budget keeps its leading decisions only
+    everything = {f"{b}.{n}": {"method": "dense"} for b in (1, 0) for n in cached["linears"]}
+    (search / "plan.json").write_text(json.dumps({"layers": everything}))
+    (search / "log.jsonl").write_text("".join(json.dumps({"layer": k}) + "\n" for k in everything))
+    (search / "checkpoints" / "p80.json").unlink()
+    subprocess.run([*base, "--allocation", "searched", "--search", str(search), "--budget-label", "p80", "--out",
+                    str(out)], check=True, capture_output=True)
+    plan = json.loads(out.read_text())
+    kept = [k for k in everything if plan["layers"][k] == {"method": "dense"}]
+    assert kept == list(everything)[:len(kept)] and 0 < len(kept) < 14
+    assert count_params(cached["shapes"], plan)["model"]["compressed"] <= uniform_size
     bad = subprocess.run([*base, "--allocation", "searched", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "needs --search" in bad.stderr
     assert math.isfinite(plan["notes"]["params_fraction"])

@@ -185,3 +185,17 @@ def test_kl_search_resumes_with_the_dense_reference(tiny4, arc_requests, tmp_pat
     assert resumed.plan["layers"] == full.plan["layers"]
     assert [r["tried"] for r in resumed.layers] == [r["tried"] for r in full.layers]
     assert len({e.get("rank") for e in full.plan["layers"].values()}) > 1  # not one decision everywhere
+
+
+def test_released_chunks_need_three_documents_of_every_task(tiny4, arc_requests):
+    """Every task is cut in three: a task with fewer search documents is a one-line error, not a task that
+    silently drops out of the chunks; a kl chunk starts without the whole split's reference."""
+    from sfsd.errors import ConfigError
+
+    _, _, tok, _ = tiny4
+    _, _, enc = arc_requests
+    few = encode_requests(tok, enc.docs[:2], enc.max_length)
+    with pytest.raises(ConfigError, match="arc_easy has fewer than 3 documents"):
+        AccuracyObjective(tok, few).chunks()
+    kl = KLObjective(tok, enc, reference=["stale"])
+    assert all(c.reference is None and len(c.requests.docs) == len(enc.docs) // 3 for c in kl.chunks())

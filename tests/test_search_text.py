@@ -215,3 +215,38 @@ def test_text_file_target_without_that_evaluation_source_is_a_config_error(tmp_p
                       "evaluation.perplexity.source to text_file and evaluation.perplexity.path to the file "
                       "(now source 'lambada', path None)"], out[-2000:]
     assert not (workdir / "results").exists()
+
+
+@pytest.mark.slow
+def test_workflow_runs_a_perplexity_search_on_a_text_file(tmp_path, tiny_llama, calibration_text_file):
+    """The search rule itself, run by Snakemake on a text file (and what it needs: calibration, collection,
+    eigen, the factor cache): its summary names the leading documents of the file, the plan cut at the
+    budget is made from it, and editing the text file reruns the search."""
+    import json
+
+    from test_workflow import copy_workflow, planned_jobs, snakemake
+
+    snakefile = copy_workflow(tmp_path / "repo")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    text = ppl_text(tmp_path / "my text.txt")
+    config = {
+        "models": {"tiny": {"source": "local", "path": str(tiny_llama)}},
+        "calibration": {"source": "text_file", "path": str(calibration_text_file), "num_samples": 8, "seq_len": 32},
+        "device": "cpu",
+        "compression": {"budgets": {"b80": 0.8}, "first_block": 0, "methods": ["feature"]},
+        "evaluation": {"tasks": ["arc_easy"], "perplexity": {"source": "text_file", "path": str(text), "window": 16,
+                                                             "max_docs": 40}},
+        "search": {"enabled": True, "modes": ["perplexity"], "targets": {"perplexity": ["text_file"]},
+                   "search_limit": 4, "curve_limit": 2},
+        "figures": {"enabled": False},
+        "laser": {"enabled": False},
+    }
+    search = "results/tiny/search/feature-perplexity-text_file/summary.json"
+    plan = "results/tiny/plans/search-feature-perplexity-text_file-b80.json"
+    snakemake(snakefile, workdir, config, search, plan)
+    summary = json.loads((workdir / search).read_text())
+    assert summary["search_docs"] and all(d.startswith("my text.txt/") for d in summary["search_docs"])
+    assert json.loads((workdir / plan).read_text())["notes"]["builder"] == "searched"
+    text.write_text(text.read_text() + "\n\nOne more paragraph of the text, added after the search.\n")
+    assert planned_jobs(snakemake(snakefile, workdir, config, "--dry-run", search)).get("search") == 1

@@ -84,7 +84,7 @@ def test_stage_outputs(finished_run):
     assert manifest["n_blocks"] == 2
     assert list(manifest["groups"]) == ["attn_in", "attn_out", "mlp_in", "mlp_out"]
     stats, meta = load_tensors(results / "features" / "block_001.safetensors")
-    assert set(stats) == {f"{g}.{k}" for g in manifest["groups"] for k in ("xxt", "xsum", "count")}
+    assert set(stats) == {f"{g}.{k}" for g in manifest["groups"] for k in ("xxt", "xsum", "xabs", "count")}
     assert stats["attn_in.xxt"].shape == (32, 32) and stats["mlp_out.xxt"].shape == (48, 48)
     assert stats["attn_in.xxt"].dtype.is_floating_point and stats["attn_in.xxt"].dtype.itemsize == 8
     assert int(stats["attn_in.count"]) == manifest["tokens"] > 0
@@ -118,8 +118,11 @@ def test_results_and_table_from_cached_results(finished_run):
     snakefile, workdir, config = finished_run
     results = pq.read_table(workdir / "results" / "tiny" / "results.parquet").to_pylist()
     variants = {(r["method"], r["plan"]) for r in results}
-    assert variants == {("baseline", "base"), ("feature", "feature-b80"), ("weight", "weight-b80"),
-                        ("whitened", "whitened-b80")}
+    # every method of the schema's default, under each allocation, at the same size
+    assert variants == {("baseline", "base")} | {(m, f"{m}{a}-b80") for m in ("feature", "weight", "whitened", "asvd")
+                                                 for a in ("", "-spectral")}
+    sizes = {r["plan"]: r["params_model"] for r in results}
+    assert all(sizes[f"{m}-spectral-b80"] <= sizes[f"{m}-b80"] for m in ("feature", "weight", "whitened", "asvd"))
     test_rows = [r for r in results if r["metric"] == "acc"]
     assert {r["task"] for r in test_rows} == {"arc_easy", "winogrande"}
     # lm-eval's own metrics: acc_norm for ARC-Easy, none for WinoGrande (its config defines acc only)
@@ -159,9 +162,11 @@ def test_eigen_setting_reruns_eigen_only(finished_run):
     jobs = planned_jobs(snakemake(snakefile, workdir, changed, "--dry-run"))
     # and what is made from the eigenvectors: factor caches and compressed models, never plans; the
     # spectra and the tables/figures made from the new results
-    assert jobs == {"eigendecompose": 2, "eigen_summary": 1, "factor_cache": 3, "compress_model": 3,
-                    "evaluate_model": 3, "check_scorer": 1, "combine_results": 1, "paper_table": 1,
-                    "comparisons_table": 1, "spectra": 1, "figure_spectra": 1, "methods_table": 1, "all": 1}
+    # (four methods, each uniform and spectral: the spectral plans read the factor caches' spectra)
+    assert jobs == {"eigendecompose": 2, "eigen_summary": 1, "factor_cache": 4, "spectral_plan": 4,
+                    "compress_model": 8, "evaluate_model": 8, "check_scorer": 1, "combine_results": 1,
+                    "paper_table": 1, "comparisons_table": 1, "spectra": 1, "figure_spectra": 1, "methods_table": 1,
+                    "figure_allocations": 1, "all": 1}
 
 
 def test_calibration_setting_reruns_collection(finished_run):
@@ -289,4 +294,6 @@ def test_search_outputs_and_what_a_tolerance_change_reruns(finished_run):
     changed = {**config, "search": {**config["search"], "delta": 0.5}}
     jobs = planned_jobs(snakemake(snakefile, workdir, changed, "--dry-run"))
     assert jobs.get("search") == 1
-    assert not {"collect_features", "eigendecompose", "factor_cache", "compress_model"} & set(jobs)
+    assert not {"collect_features", "eigendecompose", "factor_cache", "make_plan", "spectral_plan"} & set(jobs)
+    # of the compressed models, only the search's own cut at the budget (search.budgets) is remade
+    assert jobs.get("searched_plan") == 1 and jobs.get("compress_model") == 1

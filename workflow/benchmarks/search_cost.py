@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.005)
     parser.add_argument("--ppl-max-docs", type=int, default=100, help="perplexity: docs (the first part searched)")
     parser.add_argument("--ppl-search-fraction", type=float, default=0.2, help="as splits.search_fraction")
-    parser.add_argument("--metric", default="acc_norm")
+    parser.add_argument("--metric", default="paper", help="as search.metric")
     parser.add_argument("--delta", type=float, default=0.02)
     parser.add_argument("--first-block", type=int, default=-1, help="negative counts from the top")
     parser.add_argument("--search-limit", type=int, default=20)

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from .errors import DataError
 
 ALLOCATION_STYLE = {"uniform": ("-", "o"), "spectral": ("--", "s"), "searched": (":", "^")}
+SEARCH_MARKERS = ("^", "v", "<", ">", "P", "X")  # one per search of a method, in name order
 
 
 def allocation_lines(table: Sequence[Mapping]) -> dict[tuple[str, str, str], list[Mapping]]:
@@ -30,7 +31,8 @@ def allocation_lines(table: Sequence[Mapping]) -> dict[tuple[str, str, str], lis
 def plot_allocations(table: Sequence[Mapping], out_png: str | os.PathLike, out_svg: str | os.PathLike, *,
                      title: str = "", dpi: int = 150) -> None:
     """Two panels: the average test metric (± its 95% interval) and perplexity (log scale) against the
-    parameters kept; colour = method, line style = allocation; the uncompressed model as a grey line."""
+    parameters kept; colour = method, line style = allocation (a marker per search), each line shifted a
+    little along x so that intervals at one budget stay apart; the uncompressed model as a grey line."""
     from .figures import METHOD_COLOR, _pyplot, save_figure
     from .tables import METHOD_LABEL
 
@@ -42,10 +44,14 @@ def plot_allocations(table: Sequence[Mapping], out_png: str | os.PathLike, out_s
     colour = {label: METHOD_COLOR.get(key, "0.5") for key, label in METHOD_LABEL.items()}
     plt = _pyplot()
     fig, (ax_avg, ax_ppl) = plt.subplots(1, 2, figsize=(9.0, 3.6))
-    for (method, allocation, search), rows in lines.items():
+    searches = sorted({search for _, _, search in lines if search})
+    for i, ((method, allocation, search), rows) in enumerate(lines.items()):
         style, marker = ALLOCATION_STYLE[allocation]
+        if search:
+            marker = SEARCH_MARKERS[searches.index(search) % len(SEARCH_MARKERS)]
         label = f"{method}, {allocation}" + (f" ({search})" if search else "")
-        x = [r["params_%"] for r in rows]
+        # lines at one budget share x: a small offset per line keeps their intervals apart
+        x = [r["params_%"] + 0.25 * (i - (len(lines) - 1) / 2) for r in rows]
         ax_avg.errorbar(x, [r[avg_col] for r in rows], yerr=[r.get(f"{avg_col}_ci95") or 0 for r in rows],
                         color=colour.get(method, "0.5"), linestyle=style, marker=marker, capsize=2, label=label)
         if all(r.get("ppl") for r in rows):
@@ -59,7 +65,8 @@ def plot_allocations(table: Sequence[Mapping], out_png: str | os.PathLike, out_s
     ax_ppl.set_xlabel("parameters kept (%)")
     ax_ppl.set_ylabel("perplexity (log scale)")
     ax_ppl.set_yscale("log")
-    ax_avg.legend(loc="lower right", fontsize=6)
+    handles, labels = ax_avg.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7, frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

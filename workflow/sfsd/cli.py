@@ -153,7 +153,7 @@ def _allocated_plan(args, spec, shapes, linears, digest, header) -> tuple[dict, 
     from .compress import BlockFile, factor_spectrum
     from .collect import block_file
     from .io import read_json
-    from .plan import layer_key
+    from .plan import budget_plan, count_params, layer_key
 
     if not args.factors:
         raise ConfigError(f"make-plan --allocation {args.allocation} needs --factors (the factor cache root)")
@@ -162,28 +162,74 @@ def _allocated_plan(args, spec, shapes, linears, digest, header) -> tuple[dict, 
     def read(block: int, linear: str):
         if block not in files:
             files[block] = BlockFile(Path(args.factors) / args.method / block_file(block), digest)
-        return factor_spectrum(files[block], linear)
+        return factor_spectrum(files[block], linear, args.bias_compensation)
 
     fixed = {}
+    keys = [layer_key(b, n) for b in range(args.first_block, shapes.n_blocks) for n in linears]
     if args.allocation == "searched":
         if not args.search or not args.budget_label:
             raise ConfigError("make-plan --allocation searched needs --search (a search folder) and --budget-label")
+        uniform = budget_plan(spec, shapes, linears, args.params_fraction, args.method,
+                              blocks=range(args.first_block, shapes.n_blocks), convention=args.convention, **header)
+        size = count_params(shapes, uniform)[args.convention]["compressed"]
         landed = Path(args.search) / "checkpoints" / f"{args.budget_label}.json"
-        if landed.is_file():
-            plan = read_json(landed)
-            plan.setdefault("notes", {}).update({"builder": "searched", "search": args.search, "completed_layers": 0})
-            plan["notes"]["params_fraction"] = _fraction(shapes, plan, args.convention)
-            return plan, plan["notes"].get("provenance", {}).get("calibration_digest")
-        fixed = {k: v for k, v in read_json(Path(args.search) / "plan.json")["layers"].items()}
-    keys = [layer_key(b, n) for b in range(args.first_block, shapes.n_blocks) for n in linears]
-    spectra = layer_spectra(spec, shapes, [k for k in keys if k not in fixed], read)
+        plan = read_json(landed) if landed.is_file() else None
+        if plan is not None and plan.get("notes", {}).get("builder") == "search-budget":
+            plan = _to_size(shapes, plan, size, args.convention)
+            plan["notes"].update({"builder": "searched", "search": args.search, "completed_layers": 0,
+                                  "params_fraction": _fraction(shapes, plan, args.convention)})
+            searched = read_json(Path(args.search) / "plan.json").get("notes", {}).get("provenance", {})
+            return plan, searched.get("calibration_digest")
+        fixed = _feasible_prefix(Path(args.search), shapes, keys, args.method, size, args.convention, header)
+    keys = [k for k in keys if k not in fixed]
+    spectra = layer_spectra(spec, shapes, keys, read)
     plan = spectral_plan(spec, shapes, linears, args.params_fraction, args.method, spectra,
                          blocks=range(args.first_block, shapes.n_blocks), convention=args.convention, fixed=fixed,
-                         **header)
+                         groups=args.spectral_groups, **header)
     if args.allocation == "searched":
         plan["notes"].update({"builder": "searched", "search": args.search, "completed_layers": len(spectra)})
     calibration = {f.metadata.get("calibration_digest") for f in files.values()}
     return plan, (calibration.pop() if len(calibration) == 1 else None)
+
+
+def _to_size(shapes, plan: dict, size: int, convention: str) -> dict:
+    """A search's plan landed on a budget, its crossing layer's rank lowered (never below the rank the
+    search accepted) until the plan keeps at most `size` parameters: the uniform plan's count, which lies
+    under the budget by up to a rank step per layer, so every allocation compares at the same size."""
+    from .plan import count_params
+
+    notes = plan.get("notes", {})
+    key, accepted = notes.get("crossing_layer"), notes.get("accepted_rank")
+    entry = plan["layers"].get(key, {})
+    rank = entry.get("rank")
+    while rank is not None and accepted is not None and rank > accepted and \
+            count_params(shapes, plan)[convention]["compressed"] > size:
+        rank -= 1
+        plan["layers"][key] = {**entry, "rank": rank}
+    return plan
+
+
+def _feasible_prefix(search, shapes, keys, method: str, size: int, convention: str, header) -> dict:
+    """The search's decisions, in its order, up to the last one that still lets the layers it did not
+    decide reach `size` parameters at rank 1 (a search that ends above the budget after covering every
+    targeted layer keeps only its top decisions; the spectral allocation takes the rest)."""
+    from .io import read_json
+    from .plan import count_params, new_plan
+
+    decided = read_json(search / "plan.json")["layers"]
+    log_path = search / "log.jsonl"
+    order = [json.loads(line)["layer"] for line in log_path.read_text().splitlines()] if log_path.is_file() \
+        else list(decided)
+    order = [k for k in order if k in decided]
+    for n in range(len(order), -1, -1):
+        fixed = {k: decided[k] for k in order[:n]}
+        trial = new_plan({**{k: {"method": method, "rank": 1} for k in keys if k not in fixed}, **fixed}, **header)
+        if count_params(shapes, trial)[convention]["compressed"] <= size:
+            if n < len(order):
+                logging.info("the search's first %d of %d decisions fit the budget; the rest is allocated spectrally",
+                             n, len(order))
+            return fixed
+    return {}
 
 
 def _fraction(shapes, plan, convention: str) -> float:
@@ -561,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factors", help="factor cache root (results/<model>/factors): spectral and searched")
     p.add_argument("--search", help="search output folder: searched")
     p.add_argument("--budget-label", help="the budget's name (e.g. p54): the search's checkpoint of that budget")
+    p.add_argument("--spectral-groups", choices=("type", "global"), default="type",
+                   help="spectral: move rank across depth within each Linear type, or anywhere")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_make_plan)
 

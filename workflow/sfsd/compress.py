@@ -525,14 +525,25 @@ def layer_spectrum(
             "energy": torch.tensor(output_energy(weight, moment), dtype=torch.float64)}
 
 
-def factor_spectrum(block: Mapping[str, torch.Tensor], linear: str) -> tuple[torch.Tensor, float]:
+def factor_spectrum(block: Mapping[str, torch.Tensor], linear: str,
+                    bias_compensation: str = "intended") -> tuple[torch.Tensor, float]:
     """(gain, energy) of one Linear from a factor-cache block file (`layer_spectrum`); a cache written
-    before spectra were stored is a DataError naming the fix."""
+    before spectra were stored is a DataError naming the fix. Feature space without bias compensation
+    ("none": y ~ P (W x + b)) also loses the output mean's dropped part: E||(I - P) y||^2 =
+    sum_{i>r} (lambda_i + (v_i^T mu)^2), so each gain gains (v_i^T mu)^2 and the energy ||mu||^2."""
     try:
-        return block[f"{linear}.gain"], float(block[f"{linear}.energy"])
+        gain, energy = block[f"{linear}.gain"].double(), float(block[f"{linear}.energy"])
     except DataError:
         raise DataError(f"the factor cache lacks the spectrum of {linear}; delete results/<model>/factors and rerun "
                         "(an older cache)") from None
+    if bias_compensation == "none":
+        try:
+            mean = block[f"{linear}.mean"].double()  # stored for feature space only
+        except DataError:
+            return gain, energy
+        along = (block[f"{linear}.second"].double().T @ mean).square()
+        gain, energy = gain + along[:gain.numel()], energy + float(mean.square().sum())
+    return gain, energy
 
 
 def factor_entry(block: Mapping[str, torch.Tensor], linear: str) -> dict[str, torch.Tensor]:

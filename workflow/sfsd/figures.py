@@ -239,7 +239,10 @@ def curve_panels(curves: Mapping[str, list[dict]], tasks: Sequence[str] = (), me
 def uniform_points(results: Iterable[Mapping], panels: Sequence[dict]) -> dict[str, list[dict]]:
     """Uniform-budget models of the evaluation (Table 1) as points on the search-curve panels, only where
     they were scored on as many documents as the curve (else the two would not be comparable)."""
-    rows = [r for r in results if r.get("split") == "test" and r.get("method") not in (None, "baseline")]
+    from .variants import parse_variant
+
+    rows = [r for r in results if r.get("split") == "test" and r.get("method") not in (None, "baseline")
+            and parse_variant(str(r.get("plan"))).kind == "uniform"]
     out: dict[str, list[dict]] = {}
     for panel in panels:
         task, metric = panel["task"], panel["metric"]

@@ -182,14 +182,17 @@ class AccuracyObjective:
         by_task: dict[str, list] = {}
         for doc in self.requests.docs:
             by_task.setdefault(doc.task, []).append(doc)
+        short = sorted(task for task, docs in by_task.items() if len(docs) < n)
+        if short:
+            raise ConfigError(f"the search split of {', '.join(short)} has fewer than {n} documents: the released "
+                              f"procedure scores {n} chunks of every task (raise search.search_limit)")
         out = []
         for i in range(n):
             docs = [d for task_docs in by_task.values()
                     for d in task_docs[i * (len(task_docs) // n):(i + 1) * (len(task_docs) // n)]]
-            if not docs:
-                raise ConfigError(f"the search split has fewer than {n} documents per task: the released procedure "
-                                  "needs three chunks (raise search.search_limit)")
-            out.append(replace(self, requests=encode_requests(self.tokenizer, docs, self.requests.max_length)))
+            # a chunk scores its own documents: nothing of the whole split's state (kl's reference) carries over
+            fresh = {"reference": None} if hasattr(self, "reference") else {}
+            out.append(replace(self, requests=encode_requests(self.tokenizer, docs, self.requests.max_length), **fresh))
         return out
 
 
@@ -450,8 +453,8 @@ class SearchSettings:
             raise ConfigError(f"search.stop_at {self.stop_at} must be in (0, 1) or null")
         if any(not 0 < c < 1 for c in self.checkpoints):
             raise ConfigError(f"search.checkpoints {list(self.checkpoints)} must be fractions in (0, 1)")
-        if any(not 0 < f < 1 for _, f in self.budgets):
-            raise ConfigError(f"search budgets {list(self.budgets)} must be fractions in (0, 1)")
+        if any(not 0 < f <= 1 for _, f in self.budgets):
+            raise ConfigError(f"search budgets {list(self.budgets)} must be fractions in (0, 1]")
         if self.loglik_delta < 0 or self.kl_max < 0:
             raise ConfigError(f"search.loglik_delta {self.loglik_delta} and search.kl_max {self.kl_max} must be >= 0")
 
