@@ -13,7 +13,7 @@ from test_workflow import new_run, planned_jobs, snakemake
 def test_embedded_model_stages_1_and_2(tmp_path):
     snakefile, workdir = new_run(tmp_path)
     config = {"calibration": {"num_samples": 24}, "device": "cpu",
-              "compression": {"methods": ["feature"], "budgets": {"p54": 0.806}},
+              "compression": {"methods": ["feature"], "budgets": {"p54": 0.806}, "allocations": ["uniform"]},
               "evaluation": {"tasks": ["arc_easy", "piqa"], "limit": 10, "perplexity": {"max_docs": 30}}}
     snakemake(snakefile, workdir, config)
     results = workdir / "results" / "smollm2-135m"
