@@ -15,10 +15,11 @@ from sfsd.allocate import LayerSpectrum, captured_energy, greedy_ranks, layer_sp
 from sfsd.arch import get_arch
 from sfsd.compress import factor_spectrum, factors_for, layer_spectrum, save_factor_cache
 from sfsd.errors import ConfigError
-from sfsd.io import model_digest
 from sfsd.methods import max_rank
 from sfsd.plan import FACTOR_METHODS, budget_plan, count_params, model_shapes
 from sfsd.stats import eigh_descending, output_moments
+
+from test_compress import setup  # noqa: F401  (the tiny model's statistics, computed once)
 
 SPEC = get_arch("LlamaForCausalLM")
 
@@ -125,38 +126,15 @@ def test_greedy_is_optimal_for_what_it_spends():
 
 
 @pytest.fixture(scope="module")
-def cached(tiny_llama, tmp_path_factory):
-    """A factor cache (with spectra) of every method for the tiny model, from in-memory statistics."""
-    from test_compress import TEXTS
-    from sfsd.collect import collect_input_moments, groups_for
-    from sfsd.calibration import tokenize
-    from sfsd.models import load_model
-
-    model, tokenizer = load_model(tiny_llama, device="cpu")
-    tokens = tokenize(TEXTS, tokenizer, seq_len=40)
+def cached(setup, tmp_path_factory):
+    """A factor cache (with spectra) of every method for the tiny model, from the in-memory statistics of
+    test_compress's `setup`."""
     linears = list(SPEC.linears)
-    moments = collect_input_moments(model, SPEC, groups_for(SPEC, linears), tokens["input_ids"],
-                                    tokens["attention_mask"], batch_size=5, progress=False)
-    eigen, features = {}, {}
-    for b, per_block in enumerate(moments):
-        features[b] = {}
-        for g, acc in per_block.items():
-            features[b].update({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum, f"{g}.xabs": acc.xabs,
-                                f"{g}.count": torch.tensor(acc.count)})
-        eigen[b] = {}
-        for name in linears:
-            layer = model.get_submodule(f"{SPEC.blocks}.{b}.{SPEC.linears[name]}")
-            acc = per_block[SPEC.group_of(name)]
-            with torch.no_grad():
-                mu, cov = output_moments(layer.weight, layer.bias, acc.mean(), acc.covariance())
-            eig = eigh_descending(cov)
-            eigen[b].update({f"{name}.eigenvalues": eig.values, f"{name}.eigenvectors": eig.vectors.float(),
-                             f"{name}.mean": mu})
     root = tmp_path_factory.mktemp("factors")
     for method in FACTOR_METHODS:
-        save_factor_cache(model, SPEC, method, linears, root / method, eigen, features,
-                          model_digest=model_digest(tiny_llama))
-    return {"root": root, "shapes": model_shapes(model), "linears": linears, "dir": tiny_llama}
+        save_factor_cache(setup["model"], SPEC, method, linears, root / method, setup["eigen"], setup["features"],
+                          model_digest=setup["digest"])
+    return {"root": root, "shapes": setup["shapes"], "linears": linears, "dir": setup["dir"]}
 
 
 def _spectra(cached, method, keys):
