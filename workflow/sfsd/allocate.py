@@ -72,6 +72,12 @@ class LayerSpectrum:
         return 0.0 if rank is None else max(0.0, 1.0 - sum(self.gains[:rank]))
 
 
+def _layer_params(in_features: int, out_features: int, rank: int | None, bias: tuple[int, int]) -> int:
+    """Parameters of one layer at `rank` (None = dense), bias = (its size when factored, when dense)."""
+    factored, dense = bias
+    return in_features * out_features + dense if rank is None else rank * (in_features + out_features) + factored
+
+
 def _hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, float, int | None]]:
     """The lower convex hull of (cost, error, rank) points sorted by cost, from the first point: the
     steps a greedy can take whole with non-increasing error saved per parameter."""
@@ -110,10 +116,7 @@ def greedy_ranks(
 
     def cost(key: str, rank: int | None) -> int:
         s = spectra[key]
-        factored, dense = bias_cost.get(key, (0, 0))
-        if rank is None:
-            return s.in_features * s.out_features + dense
-        return rank * (s.in_features + s.out_features) + factored
+        return _layer_params(s.in_features, s.out_features, rank, bias_cost.get(key, (0, 0)))
 
     def segments(key: str) -> list[tuple[int, float, int | None]]:
         s, r = spectra[key], ranks[key]
@@ -128,35 +131,39 @@ def greedy_ranks(
         c, e, q = nxt
         heapq.heappush(heap, (-(e0 - e) / max(c - c0, 1), order[key], key, c - c0, q))
 
-    pending = {key: segments(key) for key in spectra}
-    heap: list = []
-    for key, segs in pending.items():
-        if segs:
-            push(heap, key, segs[0])
-    while heap:
-        _, _, key, extra, rank = heapq.heappop(heap)
-        if extra > slack:
-            continue  # the layer's later segments save less per parameter: it stops here
-        slack -= extra
-        ranks[key] = rank
-        pending[key].pop(0)
-        if pending[key]:
-            push(heap, key, pending[key][0])
-    if fill and slack > 0:  # single rank steps with what is left
-        heap = []
+    def spend(next_step) -> None:
+        """Take each layer's next step (next_step(key): (cost, error, rank) or None), best ratio first,
+        while it fits; a layer whose step does not fit stops (its later steps save less per parameter)."""
+        nonlocal slack
+        heap: list = []
         for key in spectra:
-            s, r = spectra[key], ranks[key]
-            if r is not None and r < max_rank(s.in_features, s.out_features) - 1:
-                push(heap, key, (cost(key, r + 1), s.error(r + 1), r + 1))
+            if (nxt := next_step(key)) is not None:
+                push(heap, key, nxt)
         while heap:
             _, _, key, extra, rank = heapq.heappop(heap)
             if extra > slack:
                 continue
             slack -= extra
             ranks[key] = rank
-            s = spectra[key]
-            if rank < max_rank(s.in_features, s.out_features) - 1:
-                push(heap, key, (cost(key, rank + 1), s.error(rank + 1), rank + 1))
+            if (nxt := next_step(key)) is not None:
+                push(heap, key, nxt)
+
+    pending = {key: segments(key) for key in spectra}
+
+    def next_segment(key: str):  # the hull's next segment; the front one once taken is done
+        if pending[key] and pending[key][0][2] == ranks[key]:
+            pending[key].pop(0)
+        return pending[key][0] if pending[key] else None
+
+    def next_rank(key: str):  # single rank steps, below kappa - 1 only
+        s, r = spectra[key], ranks[key]
+        if r is None or r >= max_rank(s.in_features, s.out_features) - 1:
+            return None
+        return cost(key, r + 1), s.error(r + 1), r + 1
+
+    spend(next_segment)
+    if fill and slack > 0:  # single rank steps with what is left
+        spend(next_rank)
     return ranks
 
 
@@ -172,6 +179,7 @@ def spectral_plan(
     fixed: Mapping[str, Mapping] | None = None,
     bias_compensation: str = "intended",
     groups: str = "type",
+    uniform: Mapping | None = None,
     **header,
 ) -> dict:
     """A plan of `method` whose parameter count is at most that of the uniform plan at
@@ -183,7 +191,7 @@ def spectral_plan(
     keeps the parameters the uniform plan (`plan.budget_plan`) gives it, minus its fixed layers', and the
     greedy moves rank across depth only (as SVD-LLM V2 allocates within a layer type), then what is left
     of the budget goes to the best steps of any layer; when fixed layers take more than a type's share,
-    the allocation is global.
+    the allocation is global. `uniform`: that uniform plan when the caller has it already.
     ConfigError when even rank 1 on every free layer exceeds the target."""
     if method not in FACTOR_METHODS:
         raise ConfigError(f"spectral allocation needs a factor method ({', '.join(FACTOR_METHODS)}), not {method!r}")
@@ -203,32 +211,27 @@ def spectral_plan(
                           f"every free layer already keeps {counts['compressed'] / counts['dense']:.4f}")
     # the uniform plan's own count (at most the target, below it by less than a rank step per layer): the
     # allocations of one method then compare at equal size
-    from .plan import budget_plan
+    if uniform is None:
+        from .plan import budget_plan
 
-    uniform = budget_plan(spec, shapes, linears, target_params_fraction, method, blocks=blocks, convention=convention,
-                          bias_compensation=bias_compensation)
+        uniform = budget_plan(spec, shapes, linears, target_params_fraction, method, blocks=blocks,
+                              convention=convention, bias_compensation=bias_compensation)
     target = min(count_params(shapes, uniform)[convention]["compressed"], int(target_params_fraction * counts["dense"]))
     if counts["compressed"] > target:
         target = int(target_params_fraction * counts["dense"])  # fixed layers take more than the uniform plan's
-    bias_cost = {}
-    for key in free:
-        linear = key.split(".", 1)[1]
-        out_f = shapes.linears[linear][0]
-        had = shapes.biases[linear]
-        factored = had or (method == "feature" and bias_compensation == "intended")
-        bias_cost[key] = (out_f if factored else 0, out_f if had else 0)
+    bias_cost = {key: _bias_of(shapes, key, method, bias_compensation) for key in free}
     if groups not in ("type", "global"):
         raise ConfigError(f"spectral groups {groups!r} is unknown; use 'type' or 'global'")
     slack = target - counts["compressed"]
     ranks: dict[str, int | None] = {k: 1 for k in free}
     if groups == "type":
-        shares = _type_slack(spec, shapes, linears, blocks, target_params_fraction, method, convention, fixed,
-                             free, bias_cost, bias_compensation)
+        shares = _type_slack(shapes, uniform["layers"], method, fixed, free, bias_cost, bias_compensation)
         if shares is not None:
             for linear, share in shares.items():
                 group = [k for k in free if k.split(".", 1)[1] == linear]
                 ranks.update(greedy_ranks({k: spectra[k] for k in group}, share, bias_cost))
-            slack -= sum(_cost(shapes, k, r, bias_cost) - _cost(shapes, k, 1, bias_cost) for k, r in ranks.items())
+            slack -= sum(_cost(shapes, k, r, bias_cost[k]) - _cost(shapes, k, 1, bias_cost[k])
+                         for k, r in ranks.items())
     ranks = greedy_ranks({k: spectra[k] for k in free}, slack, bias_cost, start=ranks)
     layers = {**fixed, **{k: ({"method": "dense"} if r is None else {"method": method, "rank": r})
                           for k, r in ranks.items()}}
@@ -241,31 +244,23 @@ def spectral_plan(
     return plan
 
 
-
-
-def _cost(shapes: ModelShapes, key: str, rank: int | None, bias_cost: Mapping[str, tuple[int, int]]) -> int:
-    """Parameters of one layer at `rank` (None = dense), bias included."""
+def _cost(shapes: ModelShapes, key: str, rank: int | None, bias: tuple[int, int]) -> int:
+    """Parameters of the layer `key` at `rank` (None = dense), bias = `_bias_of` it."""
     out_f, in_f = shapes.linears[key.split(".", 1)[1]]
-    factored, dense = bias_cost.get(key, (0, 0))
-    return out_f * in_f + dense if rank is None else rank * (in_f + out_f) + factored
+    return _layer_params(in_f, out_f, rank, bias)
 
 
-def _type_slack(spec, shapes, linears, blocks, fraction, method, convention, fixed, free, bias_cost,
-                bias_compensation) -> dict[str, int] | None:
-    """Per Linear type, the parameters the uniform plan gives its layers beyond rank 1 on the free ones
-    and what the fixed ones take; None when some type has nothing left (then allocate globally)."""
-    from .plan import budget_plan
-
-    uniform = budget_plan(spec, shapes, linears, fraction, method, blocks=blocks, convention=convention,
-                          bias_compensation=bias_compensation)["layers"]
-    entry_rank = {k: e.get("rank") for k, e in uniform.items()}
+def _type_slack(shapes, uniform_layers, method, fixed, free, bias_cost, bias_compensation) -> dict[str, int] | None:
+    """Per Linear type, the parameters the uniform plan (its `layers`) gives its layers beyond rank 1 on
+    the free ones and what the fixed ones take; None when some type has nothing left (then allocate
+    globally)."""
     shares: dict[str, int] = {}
-    for key in uniform:
+    for key, entry in uniform_layers.items():
         linear = key.split(".", 1)[1]
-        own = _cost(shapes, key, entry_rank[key], bias_cost if key in bias_cost else _bias_of(shapes, key, method,
-                                                                                             bias_compensation))
+        own = _cost(shapes, key, entry.get("rank"), bias_cost.get(key) or _bias_of(shapes, key, method,
+                                                                                   bias_compensation))
         if key in free:
-            taken = _cost(shapes, key, 1, bias_cost)
+            taken = _cost(shapes, key, 1, bias_cost[key])
         else:
             e = fixed[key]
             taken = _cost(shapes, key, e.get("rank") if e["method"] != "dense" else None,
@@ -274,11 +269,12 @@ def _type_slack(spec, shapes, linears, blocks, fraction, method, convention, fix
     return shares if all(v >= 0 for v in shares.values()) else None
 
 
-def _bias_of(shapes, key, method, bias_compensation) -> dict[str, tuple[int, int]]:
+def _bias_of(shapes, key, method, bias_compensation) -> tuple[int, int]:
+    """(bias parameters of the layer `key` when factored by `method`, when dense)."""
     linear = key.split(".", 1)[1]
     out_f, had = shapes.linears[linear][0], shapes.biases[linear]
     factored = had or (method == "feature" and bias_compensation == "intended")
-    return {key: (out_f if factored else 0, out_f if had else 0)}
+    return (out_f if factored else 0, out_f if had else 0)
 
 
 def layer_spectra(

@@ -164,7 +164,7 @@ def _allocated_plan(args, spec, shapes, linears, digest, header) -> tuple[dict, 
             files[block] = BlockFile(Path(args.factors) / args.method / block_file(block), digest)
         return factor_spectrum(files[block], linear, args.bias_compensation)
 
-    fixed = {}
+    fixed, uniform = {}, None
     keys = [layer_key(b, n) for b in range(args.first_block, shapes.n_blocks) for n in linears]
     if args.allocation == "searched":
         if not args.search or not args.budget_label:
@@ -185,7 +185,7 @@ def _allocated_plan(args, spec, shapes, linears, digest, header) -> tuple[dict, 
     spectra = layer_spectra(spec, shapes, keys, read)
     plan = spectral_plan(spec, shapes, linears, args.params_fraction, args.method, spectra,
                          blocks=range(args.first_block, shapes.n_blocks), convention=args.convention, fixed=fixed,
-                         groups=args.spectral_groups, **header)
+                         groups=args.spectral_groups, uniform=uniform, **header)
     if args.allocation == "searched":
         plan["notes"].update({"builder": "searched", "search": args.search, "completed_layers": len(spectra)})
     calibration = {f.metadata.get("calibration_digest") for f in files.values()}
@@ -196,16 +196,19 @@ def _to_size(shapes, plan: dict, size: int, convention: str) -> dict:
     """A search's plan landed on a budget, its crossing layer's rank lowered (never below the rank the
     search accepted) until the plan keeps at most `size` parameters: the uniform plan's count, which lies
     under the budget by up to a rank step per layer, so every allocation compares at the same size."""
-    from .plan import count_params
+    from .plan import count_params, largest_fitting
 
     notes = plan.get("notes", {})
     key, accepted = notes.get("crossing_layer"), notes.get("accepted_rank")
     entry = plan["layers"].get(key, {})
-    rank = entry.get("rank")
-    while rank is not None and accepted is not None and rank > accepted and \
-            count_params(shapes, plan)[convention]["compressed"] > size:
-        rank -= 1
-        plan["layers"][key] = {**entry, "rank": rank}
+    if entry.get("rank") is None or accepted is None:
+        return plan
+
+    def fits(rank: int) -> bool:
+        return count_params(shapes, {**plan, "layers": {**plan["layers"], key: {**entry, "rank": rank}}})[convention][
+            "compressed"] <= size
+
+    plan["layers"][key] = {**entry, "rank": largest_fitting(fits, min(accepted, entry["rank"]), entry["rank"])}
     return plan
 
 

@@ -192,6 +192,14 @@ def _mean_abs(features: BlockTensors, group: str, block: int, count: int) -> tor
 # ---------------------------------------------------------------- applying a plan
 
 
+def _token_count(features: BlockTensors, group: str, block: int) -> int:
+    """Tokens behind a group's feature statistics; none is a DataError."""
+    count = int(_stat(features, f"{group}.count", block, "feature"))
+    if count <= 0:
+        raise DataError(f"feature statistics of block {block} {group} hold no tokens")
+    return count
+
+
 def factors_for(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -215,9 +223,7 @@ def factors_for(
     if method == "weight":
         return weight_space(weight, bias, rank), {}
     if method in FEATURE_METHODS:
-        count = int(_stat(features, f"{group}.count", block, "feature"))
-        if count <= 0:
-            raise DataError(f"feature statistics of block {block} {group} hold no tokens")
+        count = _token_count(features, group, block)
         if method == "asvd":
             return asvd(weight, bias, _mean_abs(features, group, block, count).to(device), rank), {}
         xxt = _stat(features, f"{group}.xxt", block, "feature")
@@ -516,11 +522,7 @@ def layer_spectrum(
     if method == "feature":
         values = _stat(eigen, f"{linear}.eigenvalues", block, "eigen").double()
         return {"gain": values[: entry["first"].shape[0]].clone(), "energy": values.sum()}
-    xxt = _stat(features, f"{group}.xxt", block, "feature")
-    count = int(_stat(features, f"{group}.count", block, "feature"))
-    if count <= 0:
-        raise DataError(f"feature statistics of block {block} {group} hold no tokens")
-    moment = xxt.double() / count
+    moment = _stat(features, f"{group}.xxt", block, "feature").double() / _token_count(features, group, block)
     return {"gain": captured_energy(entry["first"], entry["second"], moment),
             "energy": torch.tensor(output_energy(weight, moment), dtype=torch.float64)}
 

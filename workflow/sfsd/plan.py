@@ -252,6 +252,15 @@ def _targets(spec: ArchSpec, n_blocks: int, linears: Iterable[str], blocks: Iter
     return [(b, n) for b in chosen for n in spec.linears if n in linears]
 
 
+def largest_fitting(fits, lo: int, hi: int) -> int:
+    """The largest r in [lo, hi] with fits(r), for a `fits` that holds up to some rank and not above it
+    (a parameter count rising with r under a limit); lo is returned when nothing above it fits, unchecked."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
 def ratio_rank(keep_ratio: float, kappa: int) -> int:
     """Rank at a keep ratio: floor(keep_ratio * kappa), at least 1 (kappa itself means dense)."""
     return max(1, math.floor(keep_ratio * kappa + _ROUND_GUARD))

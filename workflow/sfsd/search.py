@@ -49,7 +49,7 @@ from .arch import ArchSpec, blocks_of
 from .compress import LowRankLinear, cut_factors, linear_path, replace_module
 from .errors import ConfigError, DataError
 from .methods import Factors, max_rank
-from .plan import FACTOR_METHODS, ModelShapes, count_params, layer_key, new_plan
+from .plan import FACTOR_METHODS, ModelShapes, count_params, largest_fitting, layer_key, new_plan
 
 log = logging.getLogger(__name__)
 
@@ -721,34 +721,39 @@ def surgical_search(
         final = state.layers[-1] if state.layers else {"step": 0, "block": -1}
         if not state.curve or state.curve[-1]["layers_done"] != final["step"]:
             curve_point(final["step"], final["block"])
+        def first_under(fraction: float) -> int | None:  # the layer whose decision took the model under it
+            return next((i for i, r in enumerate(state.layers) if r[fraction_key] <= fraction), None)
+
         # checkpoint plans: the plan when the model first fell under each budget
         for c in settings.checkpoints:
-            hit = next((i for i, r in enumerate(state.layers) if r[fraction_key] <= c), None)
+            hit = first_under(c)
             if hit is not None:
                 layers = {r["layer"]: entry_of(r["rank"]) for r in state.layers[:hit + 1]}
                 checkpoints[f"p{round(c * 100):02d}"] = new_plan(
                     layers, bias_compensation=settings.bias_compensation,
                     notes={"builder": "search-checkpoint", "params_fraction_at_most": c}, **header)
+        landed_labels = set()
         for label, fraction in settings.budgets:  # plans landed exactly on each budget
-            hit = next((i for i, r in enumerate(state.layers) if r[fraction_key] <= fraction), None)
+            hit = first_under(fraction)
             if hit is not None:
                 layers = {r["layer"]: entry_of(r["rank"]) for r in state.layers[:hit]}
                 crossing = state.layers[hit]
                 landed = _land(shapes, layers, crossing, settings, fraction, entry_of, header)
                 layers[crossing["layer"]] = entry_of(landed)
-                budget_plan = new_plan(layers, bias_compensation=settings.bias_compensation, **header)
-                budget_plan["notes"] = {"builder": "search-budget", "target_params_fraction": fraction,
-                                        "params_fraction": count_params(shapes, budget_plan)[settings.convention][
+                landed_plan = new_plan(layers, bias_compensation=settings.bias_compensation, **header)
+                landed_plan["notes"] = {"builder": "search-budget", "target_params_fraction": fraction,
+                                        "params_fraction": count_params(shapes, landed_plan)[settings.convention][
                                             "fraction"], "crossing_layer": crossing["layer"],
                                         "accepted_rank": crossing["rank"], "landed_rank": landed}
-                checkpoints[label] = budget_plan
+                checkpoints[label] = landed_plan
+                landed_labels.add(label)
         plan = plan_now()
         plan["notes"] = {"builder": "surgical-search", "settings": asdict(settings), "baseline": baseline}
         search_forwards = sum(runner.forwards[k] for k in ("baseline", "inputs", "search"))
         summary = {
             "baseline": baseline, "objective": objective.name, "layers_searched": len(state.layers),
             "layers_in_order": len(order), "stopped_at_budget": stopped,
-            "budgets_reached": {label: label in checkpoints for label, _ in settings.budgets},
+            "budgets_reached": {label: label in landed_labels for label, _ in settings.budgets},
             "forwards": dict(runner.forwards), "search_block_forwards": search_forwards,
             "evaluations": sum(len(r["tried"]) for r in state.layers),
             "cache_peak_mb": runner.peak_bytes / 2**20, "cache": cache,
@@ -794,11 +799,8 @@ def _land(shapes: ModelShapes, layers: Mapping[str, dict], crossing: Mapping, se
 
     if crossing["rank"] is None or fits(None):
         return None
-    lo, hi = crossing["rank"], crossing["kappa"] - 1  # fits(lo) holds: the accepted rank crossed the budget
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
+    # fits(accepted rank) holds: that rank took the parameters under the budget
+    return largest_fitting(fits, crossing["rank"], crossing["kappa"] - 1)
 
 
 def _progress(total: int, initial: int, enabled: bool):
