@@ -17,6 +17,8 @@ import torch
 import yaml
 
 from sfsd import figures as F
+from sfsd import spectra as S
+from sfsd import tables as T
 from sfsd.errors import DataError
 from sfsd.io import save_tensors
 
@@ -174,7 +176,7 @@ def test_layer_budget_heatmap(searches, tmp_path):
 
 
 def test_energy_curve_and_spectra_rows(tiny_llama, tmp_path):
-    curve = F.energy_curve(torch.tensor([1.0, 3.0, 0.0, 4.0, -1e-12]), full_rank=4, points=10)
+    curve = S.energy_curve(torch.tensor([1.0, 3.0, 0.0, 4.0, -1e-12]), full_rank=4, points=10)
     assert curve == [(1, 0.5), (2, 0.875), (3, 1.0), (4, 1.0)]
     # an eigen block file (stage 2's format) with made-up feature eigenvalues, the tiny model's real weights
     from sfsd.io import read_parameters
@@ -185,7 +187,7 @@ def test_energy_curve_and_spectra_rows(tiny_llama, tmp_path):
     path = tmp_path / "block_001.safetensors"
     save_tensors(path, {f"{k}.eigenvalues": v.double() for k, v in values.items()},
                  {"model": "tiny", "block": 1, "architecture": "LlamaForCausalLM", "linears": list(values)})
-    rows = F.spectra_rows([path], tiny_llama, points=50)
+    rows = S.spectra_rows([path], tiny_llama, points=50)
     gate = [r for r in rows if r["linear"] == "gate_proj"]
     assert {r["full_rank"] for r in gate} == {32} and {r["kappa"] for r in gate} == {32 * 48 // 80}
     w = read_parameters(tiny_llama, ["model.layers.1.mlp.gate_proj.weight"])["model.layers.1.mlp.gate_proj.weight"]
@@ -196,8 +198,8 @@ def test_energy_curve_and_spectra_rows(tiny_llama, tmp_path):
     v = values["gate_proj"].double()
     assert feature[8] == pytest.approx(float(v[:8].sum() / v.sum()))
     assert max(feature) == 32 and sorted(feature.values()) == [feature[r] for r in sorted(feature)]
-    F.write_spectra(rows, tmp_path / "spectra.parquet")
-    F.plot_spectra(F.read_parquet_rows(tmp_path / "spectra.parquet", "spectra"), tmp_path / "s.png",
+    S.write_spectra(rows, tmp_path / "spectra.parquet")
+    S.plot_spectra(F.read_parquet_rows(tmp_path / "spectra.parquet", "spectra"), tmp_path / "s.png",
                    tmp_path / "s.svg", title="tiny")
     assert_images(tmp_path / "s.png", tmp_path / "s.svg")
 
@@ -206,7 +208,7 @@ def test_methods_table(tmp_path):
     from sfsd.evaluate import write_rows
 
     write_rows(tmp_path / "results.parquet", result_rows())
-    table = F.methods_table(tmp_path / "results.parquet", "acc_norm", tmp_path / "m.md", tmp_path / "m.csv")
+    table = T.methods_table(tmp_path / "results.parquet", "acc_norm", tmp_path / "m.md", tmp_path / "m.csv")
     assert [(r["budget"], r["method"]) for r in table] == [
         ("dense", "Baseline"), ("b80", "Feature space (SFSD)"), ("b80", "Weight space (SVD)"),
         ("b50", "Feature space (SFSD)"), ("b50", "Weight space (SVD)")]
@@ -240,7 +242,7 @@ def test_methods_table_resolves_the_paper_metric_per_task(tmp_path):
     from sfsd.evaluate import write_rows
 
     write_rows(tmp_path / "results.parquet", paper_rows())
-    table = F.methods_table(tmp_path / "results.parquet", "paper", tmp_path / "m.md", tmp_path / "m.csv")
+    table = T.methods_table(tmp_path / "results.parquet", "paper", tmp_path / "m.md", tmp_path / "m.csv")
     base, feat = table
     # boolq acc and piqa acc_norm, averaged
     assert base["avg_paper"] == pytest.approx(65.0) and feat["avg_paper"] == pytest.approx(55.0)
@@ -253,10 +255,10 @@ def test_methods_table_resolves_the_paper_metric_per_task(tmp_path):
     assert "| dense | Baseline |  | base | 1.0 | 100.0 | 65.0 ± 4.9 | 0.0 | 40.0 [38.5, 41.7] |" in md
     assert "| b80 | Feature space (SFSD) | uniform | feature-b80 | 0.8 | 80.0 | 55.0 ± 4.9 | -10.0 | 60.0 |" in md
     assert "boolq acc, piqa acc_norm" in md.splitlines()[0]  # the caption says which metric each task used
-    acc = F.methods_table_rows(paper_rows(), "acc")
+    acc = T.methods_table_rows(paper_rows(), "acc")
     assert acc[0]["avg_acc"] == pytest.approx(35.0)
     with pytest.raises(ConfigError, match="no acc_norm for boolq"):
-        F.methods_table_rows(paper_rows(), "acc_norm")
+        T.methods_table_rows(paper_rows(), "acc_norm")
 
 
 def test_search_curves_resolve_the_paper_metric_per_task(tmp_path):
@@ -364,7 +366,7 @@ def test_bad_search_name_and_missing_inputs():
     with pytest.raises(DataError, match="missing file"):
         F.read_curve("/nonexistent/curve.parquet")
     with pytest.raises(DataError, match="spectra rows lack"):
-        F.plot_spectra([{"block": 0}], "x.png", "x.svg")
+        S.plot_spectra([{"block": 0}], "x.png", "x.svg")
 
 
 # ------------------------------------------------------------------------ the figure rules in the workflow
@@ -490,7 +492,7 @@ def test_allocations_group_by_budget_and_figure(tmp_path):
                   "params_model": int(frac * 1e6), "params_model_fraction": frac}
         rows += [{**common, "task": "piqa", "metric": "acc_norm", "value": score, "stderr": 0.03},
                  {**common, "task": "lambada", "metric": "ppl", "value": 10 / score, "window": 128, "n": 3000}]
-    table = F.methods_table_rows(rows, "acc_norm")
+    table = T.methods_table_rows(rows, "acc_norm")
     assert [(r["budget"], r["allocation"]) for r in table] == [
         ("dense", ""), ("search-feature-kl-average", "searched"), ("b80", "uniform"), ("b80", "spectral"),
         ("b80", "searched"), ("b50", "uniform"), ("b50", "spectral")]

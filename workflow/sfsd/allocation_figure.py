@@ -16,7 +16,7 @@ SEARCH_MARKERS = ("^", "v", "<", ">", "P", "X")  # one per search of a method, i
 
 def allocation_lines(table: Sequence[Mapping]) -> dict[tuple[str, str, str], list[Mapping]]:
     """{(method label, allocation, search): rows sorted by parameters} of the methods-table rows at a
-    budget (`figures.methods_table_rows`); the tolerance searches (no budget) and the baseline are left
+    budget (`tables.methods_table_rows`); the tolerance searches (no budget) and the baseline are left
     out (the baseline is drawn as a reference line)."""
     from .variants import parse_variant
 
@@ -33,7 +33,7 @@ def plot_allocations(table: Sequence[Mapping], out_png: str | os.PathLike, out_s
     """Two panels: the average test metric (± its 95% interval) and perplexity (log scale) against the
     parameters kept; colour = method, line style = allocation (a marker per search), each line shifted a
     little along x so that intervals at one budget stay apart; the uncompressed model as a grey line."""
-    from .figures import METHOD_COLOR, _pyplot, save_figure
+    from .plotting import METHOD_COLOR, _pyplot, save_figure
     from .tables import METHOD_LABEL
 
     lines = allocation_lines(table)

@@ -432,7 +432,7 @@ def _search_inputs(paths: list[str], reader) -> dict:
 
 
 def cmd_spectra(args: argparse.Namespace) -> None:
-    from .figures import spectra_rows, write_spectra
+    from .spectra import spectra_rows, write_spectra
 
     rows = spectra_rows(args.eigen, args.model_dir, args.points)
     write_spectra(rows, args.out)
@@ -440,7 +440,8 @@ def cmd_spectra(args: argparse.Namespace) -> None:
 
 
 def cmd_figure_spectra(args: argparse.Namespace) -> None:
-    from .figures import plot_spectra, read_parquet_rows
+    from .figures import read_parquet_rows
+    from .spectra import plot_spectra
 
     plot_spectra(read_parquet_rows(args.spectra, "spectra"), args.out_png, args.out_svg, title=args.title, dpi=args.dpi)
 
@@ -464,14 +465,15 @@ def cmd_figure_layer_budgets(args: argparse.Namespace) -> None:
 
 def cmd_figure_allocations(args: argparse.Namespace) -> None:
     from .allocation_figure import plot_allocations
-    from .figures import methods_table_rows, read_parquet_rows
+    from .figures import read_parquet_rows
+    from .tables import methods_table_rows
 
     table = methods_table_rows(read_parquet_rows(args.results, "combined results"), args.metric)
     plot_allocations(table, args.out_png, args.out_svg, title=args.title, dpi=args.dpi)
 
 
 def cmd_methods_table(args: argparse.Namespace) -> None:
-    from .figures import methods_table
+    from .tables import methods_table
 
     methods_table(args.results, args.metric, args.out_md, args.out_csv)
 

@@ -1,17 +1,13 @@
-"""Figures and the methods-comparison table, made from cached results alone (Parquet/JSON/JSONL).
-
-Nothing here loads a model or touches a GPU, except `spectra_rows`, which reads the weights of a few
-Linear layers from the checkpoint on the CPU to compare weight-space singular values with the cached
-feature-space eigenvalues (its output, spectra.parquet, is what the spectra figure reads).
+"""The search figures (metric against parameters kept, per-layer budgets), made from cached results alone
+(Parquet/JSON/JSONL); nothing here loads a model or touches a GPU. The spectra figure is in
+`sfsd.spectra`, the methods-comparison table in `sfsd.tables`, the shared plotting set-up in
+`sfsd.plotting`.
 
 Inputs, per model and search `{method}-{mode}-{target}` (the surgical search's outputs):
 
 - `search/{search}/curve.parquet`: the test metric along the search (one row per evaluation point and
   task; layers_done 0 is the uncompressed model);
 - `search/{search}/log.jsonl`: one object per finished layer with its final `layer_params_fraction`.
-
-Every writer saves PNG and SVG atomically; SVGs carry no date and a fixed id salt, so remaking a
-figure from the same data gives the same file.
 """
 
 from __future__ import annotations
@@ -24,13 +20,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from .errors import DataError
-from .io import atomic_path
+from .plotting import METHOD_COLOR, _grid, _pyplot, save_figure
 from .tables import METHOD_LABEL, METHOD_ORDER
 from .tasks import METRIC_CHOICES
 
-# One colour per method in every figure, so a reader learns it once.
-METHOD_COLOR = {"baseline": "0.35", "feature": "#1f77b4", "weight": "#ff7f0e", "whitened": "#2ca02c",
-                "asvd": "#8c564b", "laser": "#d62728", "vendi": "#9467bd"}
 MODES = ("accuracy", "loglik", "kl", "perplexity", "budget")  # sfsd.search.MODES, and budget
 MODE_TITLE = {"accuracy": "accuracy-driven", "loglik": "gold-log-likelihood-driven", "kl": "answer-KL-driven",
               "perplexity": "perplexity-driven", "budget": "budget-driven"}
@@ -40,7 +33,6 @@ CURVE_COLUMNS = ("method", "search", "mode", "target", "layers_done", "block", "
                  "params_model_fraction", "task", "split", "metric", "value", "n")
 LOG_KEYS = ("step", "layer", "block", "linear", "in_features", "out_features", "rank", "layer_params_fraction",
             "params_model_fraction")
-SPECTRA_COLUMNS = ("block", "linear", "space", "rank", "rank_fraction", "energy", "full_rank", "kappa")
 # in [0, 1], plotted as %; "paper" names an average of each task's own metric (sfsd.tasks.task_metric)
 RATE_METRICS = METRIC_CHOICES  # in [0, 1], plotted as %
 
@@ -113,35 +105,6 @@ def read_parquet_rows(path: str | os.PathLike, what: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- plotting
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display, no GPU
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"svg.hashsalt": "sfsd", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
-                         "legend.fontsize": 8, "figure.dpi": 100})
-    return plt
-
-
-def save_figure(fig, out_png: str | os.PathLike, out_svg: str | os.PathLike, dpi: int = 150) -> None:
-    """Write a figure as PNG and SVG, each atomically; closes it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-        with atomic_path(out_svg) as tmp:
-            fig.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
-    finally:
-        plt.close(fig)
-
-
-def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
-    cols = min(n, max_cols)
-    return math.ceil(n / cols), cols
-
 
 def _is_rate(metric: str) -> bool:
     return metric in RATE_METRICS
@@ -408,220 +371,3 @@ def plot_layer_budgets(logs: Mapping[str, Sequence[Mapping]], out_png: str | os.
     save_figure(fig, out_png, out_svg, dpi)
     return dict(panels)
 
-
-# ------------------------------------------------------------------------------ eigenvalue spectra
-
-def energy_curve(values, full_rank: int, points: int = 200) -> list[tuple[int, float]]:
-    """(rank, fraction of the total energy in the top `rank` values) at up to `points` ranks from 1 to
-    `full_rank`; `values` are eigenvalues or squared singular values (any order, clamped at 0)."""
-    import torch
-
-    v = torch.as_tensor(values, dtype=torch.float64).clamp_min(0).sort(descending=True).values
-    if v.numel() == 0 or full_rank < 1:
-        raise DataError("an empty spectrum has no energy curve")
-    total = float(v.sum())
-    cum = (v.cumsum(0) / total).tolist() if total > 0 else [1.0] * v.numel()
-    ranks = sorted({max(1, min(full_rank, round(1 + (full_rank - 1) * i / max(1, points - 1)))) for i in range(points)})
-    return [(r, min(1.0, cum[min(r, len(cum)) - 1])) for r in ranks]
-
-
-def spectra_rows(eigen_paths: Sequence[str | os.PathLike], model_dir: str | os.PathLike,
-                 points: int = 200) -> list[dict]:
-    """Energy kept against rank for each Linear of the given eigen blocks, in feature space (eigenvalues of
-    the output covariance, from stage 2) and weight space (squared singular values of W, read from the
-    checkpoint on the CPU). Both are indexed by rank up to min(in, out), the largest rank either
-    factorization can use; kappa (where the two factors cost as much as W) comes along for the figure."""
-    import torch
-
-    from .arch import get_arch
-    from .io import checkpoint_index, load_tensors, read_parameters
-    from .methods import max_rank
-
-    rows: list[dict] = []
-    index = checkpoint_index(model_dir)
-    for path in eigen_paths:
-        tensors, meta = load_tensors(path)
-        block, spec = int(meta["block"]), get_arch(meta["architecture"])
-        names = {lin: spec.param_name(block, lin, "weight") for lin in meta["linears"]}
-        weights = read_parameters(model_dir, list(names.values()), index=index)
-        for linear in meta["linears"]:
-            w = weights[names[linear]]
-            out_f, in_f = w.shape
-            full = min(out_f, in_f)
-            key = f"{linear}.eigenvalues"
-            if key not in tensors:
-                raise DataError(f"{path} lacks {key}; rerun the eigendecomposition of block {block}")
-            sigma = torch.linalg.svdvals(w.float())  # float32 is ample for energy fractions
-            for space, values in (("feature", tensors[key]), ("weight", sigma.double().square())):
-                for rank, energy in energy_curve(values, full, points):
-                    rows.append({"model": meta.get("model"), "block": block, "linear": linear, "space": space,
-                                 "rank": rank, "rank_fraction": rank / full, "energy": energy,
-                                 "full_rank": full, "kappa": max_rank(in_f, out_f),
-                                 "in_features": in_f, "out_features": out_f})
-    if not rows:
-        raise DataError("no eigen blocks given for the spectra")
-    return rows
-
-
-def write_spectra(rows: Sequence[Mapping], out: str | os.PathLike) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with atomic_path(out) as tmp:
-        pq.write_table(pa.Table.from_pylist(list(rows)), tmp)
-
-
-def plot_spectra(rows: Sequence[Mapping], out_png: str | os.PathLike, out_svg: str | os.PathLike, *,
-                 title: str = "", dpi: int = 150) -> None:
-    """Energy kept against rank (% of full rank) per layer type, one colour per block; solid lines are the
-    feature space (output covariance eigenvalues), dashed the weight space (singular values of W)."""
-    missing = [c for c in SPECTRA_COLUMNS if rows and c not in rows[0]]
-    if not rows or missing:
-        raise DataError(f"spectra rows lack column(s) {missing or list(SPECTRA_COLUMNS)}; rerun the spectra rule")
-    curves: dict[tuple[str, int, str], list[tuple[float, float]]] = defaultdict(list)
-    kappa_frac: dict[str, float] = {}
-    for r in rows:
-        curves[(r["linear"], int(r["block"]), r["space"])].append((100.0 * r["rank_fraction"], 100.0 * r["energy"]))
-        kappa_frac[r["linear"]] = 100.0 * r["kappa"] / r["full_rank"]
-    linears = [lin for lin in LINEAR_ORDER if lin in kappa_frac] + sorted(set(kappa_frac) - set(LINEAR_ORDER))
-    blocks = sorted({b for _, b, _ in curves})
-    plt = _pyplot()
-    cmap = plt.get_cmap("plasma")
-    colors = {b: cmap(0.85 * i / max(1, len(blocks) - 1)) for i, b in enumerate(blocks)}
-    n_panels = len(linears) + 1  # the last cell holds the legend
-    rows_, cols = _grid(n_panels)
-    fig, axes = plt.subplots(rows_, cols, figsize=(3.3 * cols, 2.9 * rows_), squeeze=False)
-    for ax, linear in zip(axes.flat, linears):
-        for b in blocks:
-            for space, ls in (("feature", "-"), ("weight", "--")):
-                pts = sorted(curves.get((linear, b, space), []))
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[b], ls=ls, lw=1.4)
-        ax.axvline(kappa_frac[linear], color="0.5", lw=0.8, ls=":")
-        ax.set_title(linear)
-        ax.set_xlim(0, 100)
-        ax.set_ylim(0, 101)
-        ax.set_xlabel("rank (% of min(in, out))")
-        ax.set_ylabel("energy kept (%)")
-        ax.grid(alpha=0.3)
-    legend_ax = list(axes.flat)[len(linears)]
-    legend_ax.axis("off")
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=colors[b], lw=2, label=f"block {b}") for b in blocks]
-    handles += [Line2D([], [], color="k", ls="-", label="feature space (eigenvalues of Cov[y])"),
-                Line2D([], [], color="k", ls="--", label="weight space (singular values² of W)"),
-                Line2D([], [], color="0.5", ls=":", label="break-even rank κ (factors cost as much as W)")]
-    legend_ax.legend(handles=handles, loc="center", frameon=False, fontsize=8)
-    for ax in list(axes.flat)[len(linears) + 1:]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, out_png, out_svg, dpi)
-
-
-# ------------------------------------------------------------------------- methods at equal budgets
-
-def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: str = "test") -> list[dict]:
-    """Methods x budgets from the combined results: one row per evaluated model (baseline first, then by
-    budget from the largest and by method), with parameters, the average test metric over the tasks
-    every model was scored on (`avg_<m>`, x100; m the one metric all those tasks resolve to, else the
-    setting: `tables.metric_column`) and its 95% interval half-width (`avg_<m>_ci95`:
-    1.96 x sqrt(sum of the task stderr^2) / n_tasks x 100; None when a stderr is unknown), its change from
-    the baseline, and perplexity (with `ppl_ci_low` / `ppl_ci_high` where its row carries an interval).
-    metric: a setting of `sfsd.tasks.METRIC_CHOICES`, resolved per task by `task_metric` ("paper": acc for
-    boolq and winogrande, acc_norm for the others)."""
-    from .tables import average_ci95, finite_number, metric_column
-    from .tasks import TASKS, task_metric
-
-    variants: dict[str, dict] = {}
-    resolved: dict[str, str] = {}
-    for r in rows:
-        v = variants.setdefault(r["plan"], {"method": r["method"], "plan": r["plan"], "scores": {}, "ppl": None,
-                                            "params_model": r.get("params_model"),
-                                            "fraction": r.get("params_model_fraction")})
-        if r["metric"] == "ppl":
-            v["ppl"] = (r["value"], finite_number(r.get("ci_low")), finite_number(r.get("ci_high")))
-        elif r["split"] == split and r["task"] in TASKS:
-            if r["task"] not in resolved:
-                resolved[r["task"]] = task_metric(r["task"], metric)
-            if r["metric"] == resolved[r["task"]]:
-                v["scores"][r["task"]] = (100.0 * r["value"], r.get("stderr"))
-    if not variants:
-        raise DataError("the results hold no rows; run the evaluation rules first")
-    from .tables import complete_variants
-
-    variants = {plan: v for (_, plan), v in complete_variants(
-        {(v["method"], plan): v for plan, v in variants.items()}).items()}
-    common = set.intersection(*(set(v["scores"]) for v in variants.values()))
-    if not common:
-        raise DataError(f"no task was scored ({metric}, {split} split) for every model; rerun the evaluation")
-    base = next((v for v in variants.values() if v["method"] == "baseline"), None)
-    label = metric_column(metric, {t: resolved[t] for t in common})
-
-    def average(v):
-        return sum(v["scores"][t][0] for t in common) / len(common)
-
-    from .variants import parse_variant
-
-    def budget(v):  # variants at a budget group by it (sfsd.variants); anything else is its own group
-        return parse_variant(v["plan"]).budget or v["plan"]
-
-    # budgets from the largest (by their models' largest fraction), methods in the usual order inside one
-    group_size: dict[str, float] = defaultdict(float)
-    for v in variants.values():
-        group_size[budget(v)] = max(group_size[budget(v)], v["fraction"] or 0)
-    out = []
-    allocation_order = {"uniform": 0, "spectral": 1, "searched": 2}
-    for v in sorted(variants.values(), key=lambda v: (v["method"] != "baseline", -group_size[budget(v)], budget(v),
-                                                       METHOD_ORDER.get(v["method"], 9),
-                                                       allocation_order.get(parse_variant(v["plan"]).allocation, 3),
-                                                       v["plan"])):
-        avg = average(v)
-        row = {
-            "budget": "dense" if v["method"] == "baseline" else budget(v),
-            "method": METHOD_LABEL.get(v["method"], v["method"]),
-            "allocation": parse_variant(v["plan"]).allocation or "",
-            "variant": v["plan"],
-            "params_M": round((v["params_model"] or 0) / 1e6, 2),
-            "params_%": round(100 * (v["fraction"] or 0), 1),
-            f"avg_{label}": round(avg, 2),
-            f"avg_{label}_ci95": average_ci95(v["scores"][t][1] for t in sorted(common)),
-            "delta_vs_baseline": None if base is None else round(avg - average(base), 2),
-            "ppl": None if v["ppl"] is None else round(v["ppl"][0], 2),
-        }
-        if v["ppl"] is not None and v["ppl"][1] is not None and v["ppl"][2] is not None:
-            row["ppl_ci_low"], row["ppl_ci_high"] = round(v["ppl"][1], 2), round(v["ppl"][2], 2)
-        out.append(row)
-    return out
-
-
-def _cell(value) -> str:
-    """Markdown cell: blank for missing, 4 significant digits for huge values (a broken model's perplexity)."""
-    if value is None:
-        return ""
-    if isinstance(value, float) and abs(value) >= 1e5:
-        return f"{value:.4g}"
-    return str(value)
-
-
-def methods_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLike,
-                  out_csv: str | os.PathLike) -> list[dict]:
-    """Write the methods-comparison table (Markdown with a caption line, and CSV); `metric` as in
-    `methods_table_rows`. The Markdown shows the average as `50.0 ± 3.1` (95% interval) and perplexity
-    with its interval in brackets where known; the CSV keeps them in separate columns."""
-    from .tables import metric_caption, write_table
-    from .tasks import TASKS, task_metric
-
-    rows = read_parquet_rows(results, "combined results")
-    table = methods_table_rows(rows, metric)
-    tasks = sorted({r["task"] for r in rows if r["task"] in TASKS and r["metric"] == task_metric(r["task"], metric)})
-    ppl = sorted({f"{r['task']}, {r.get('window')}-token windows" for r in rows if r["metric"] == "ppl"})
-    what = metric_caption(metric, {t: task_metric(t, metric) for t in tasks})
-    write_table(table, out_md, out_csv, cell=_cell,
-                caption=f"Methods at equal parameter budgets: average zero-shot {what} (x100, test split) over "
-                f"{', '.join(tasks)}, ± its 95% interval (1.96 x sqrt(sum of the task standard errors^2) / "
-                f"n_tasks); change from the uncompressed model in points; perplexity on {'; '.join(ppl) or 'none'}"
-                " (95% interval in brackets where known). Parameters over the whole model.")
-    return table

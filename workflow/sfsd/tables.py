@@ -6,7 +6,7 @@ import csv
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import pyarrow.parquet as pq
 
@@ -218,3 +218,103 @@ def write_table(rows: list[dict], out_md: str | os.PathLike, out_csv: str | os.P
         lines += ["", footer]
     with atomic_path(out_md) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------- methods at equal budgets
+
+def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: str = "test") -> list[dict]:
+    """Methods x budgets from the combined results: one row per evaluated model (baseline first, then by
+    budget from the largest and by method), with parameters, the average test metric over the tasks
+    every model was scored on (`avg_<m>`, x100; m the one metric all those tasks resolve to, else the
+    setting: `tables.metric_column`) and its 95% interval half-width (`avg_<m>_ci95`:
+    1.96 x sqrt(sum of the task stderr^2) / n_tasks x 100; None when a stderr is unknown), its change from
+    the baseline, and perplexity (with `ppl_ci_low` / `ppl_ci_high` where its row carries an interval).
+    metric: a setting of `sfsd.tasks.METRIC_CHOICES`, resolved per task by `task_metric` ("paper": acc for
+    boolq and winogrande, acc_norm for the others)."""
+    variants: dict[str, dict] = {}
+    resolved: dict[str, str] = {}
+    for r in rows:
+        v = variants.setdefault(r["plan"], {"method": r["method"], "plan": r["plan"], "scores": {}, "ppl": None,
+                                            "params_model": r.get("params_model"),
+                                            "fraction": r.get("params_model_fraction")})
+        if r["metric"] == "ppl":
+            v["ppl"] = (r["value"], finite_number(r.get("ci_low")), finite_number(r.get("ci_high")))
+        elif r["split"] == split and r["task"] in TASKS:
+            if r["task"] not in resolved:
+                resolved[r["task"]] = task_metric(r["task"], metric)
+            if r["metric"] == resolved[r["task"]]:
+                v["scores"][r["task"]] = (100.0 * r["value"], r.get("stderr"))
+    if not variants:
+        raise DataError("the results hold no rows; run the evaluation rules first")
+    variants = {plan: v for (_, plan), v in complete_variants(
+        {(v["method"], plan): v for plan, v in variants.items()}).items()}
+    common = set.intersection(*(set(v["scores"]) for v in variants.values()))
+    if not common:
+        raise DataError(f"no task was scored ({metric}, {split} split) for every model; rerun the evaluation")
+    base = next((v for v in variants.values() if v["method"] == "baseline"), None)
+    label = metric_column(metric, {t: resolved[t] for t in common})
+
+    def average(v):
+        return sum(v["scores"][t][0] for t in common) / len(common)
+
+    from .variants import parse_variant
+
+    def budget(v):  # variants at a budget group by it (sfsd.variants); anything else is its own group
+        return parse_variant(v["plan"]).budget or v["plan"]
+
+    # budgets from the largest (by their models' largest fraction), methods in the usual order inside one
+    group_size: dict[str, float] = defaultdict(float)
+    for v in variants.values():
+        group_size[budget(v)] = max(group_size[budget(v)], v["fraction"] or 0)
+    out = []
+    allocation_order = {"uniform": 0, "spectral": 1, "searched": 2}
+    for v in sorted(variants.values(), key=lambda v: (v["method"] != "baseline", -group_size[budget(v)], budget(v),
+                                                       METHOD_ORDER.get(v["method"], 9),
+                                                       allocation_order.get(parse_variant(v["plan"]).allocation, 3),
+                                                       v["plan"])):
+        avg = average(v)
+        row = {
+            "budget": "dense" if v["method"] == "baseline" else budget(v),
+            "method": METHOD_LABEL.get(v["method"], v["method"]),
+            "allocation": parse_variant(v["plan"]).allocation or "",
+            "variant": v["plan"],
+            "params_M": round((v["params_model"] or 0) / 1e6, 2),
+            "params_%": round(100 * (v["fraction"] or 0), 1),
+            f"avg_{label}": round(avg, 2),
+            f"avg_{label}_ci95": average_ci95(v["scores"][t][1] for t in sorted(common)),
+            "delta_vs_baseline": None if base is None else round(avg - average(base), 2),
+            "ppl": None if v["ppl"] is None else round(v["ppl"][0], 2),
+        }
+        if v["ppl"] is not None and v["ppl"][1] is not None and v["ppl"][2] is not None:
+            row["ppl_ci_low"], row["ppl_ci_high"] = round(v["ppl"][1], 2), round(v["ppl"][2], 2)
+        out.append(row)
+    return out
+
+
+def _methods_cell(value) -> str:
+    """Markdown cell: blank for missing, 4 significant digits for huge values (a broken model's perplexity)."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and abs(value) >= 1e5:
+        return f"{value:.4g}"
+    return str(value)
+
+
+def methods_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLike,
+                  out_csv: str | os.PathLike) -> list[dict]:
+    """Write the methods-comparison table (Markdown with a caption line, and CSV); `metric` as in
+    `methods_table_rows`. The Markdown shows the average as `50.0 ± 3.1` (95% interval) and perplexity
+    with its interval in brackets where known; the CSV keeps them in separate columns."""
+    from .figures import read_parquet_rows
+
+    rows = read_parquet_rows(results, "combined results")
+    table = methods_table_rows(rows, metric)
+    tasks = sorted({r["task"] for r in rows if r["task"] in TASKS and r["metric"] == task_metric(r["task"], metric)})
+    ppl = sorted({f"{r['task']}, {r.get('window')}-token windows" for r in rows if r["metric"] == "ppl"})
+    what = metric_caption(metric, {t: task_metric(t, metric) for t in tasks})
+    write_table(table, out_md, out_csv, cell=_methods_cell,
+                caption=f"Methods at equal parameter budgets: average zero-shot {what} (x100, test split) over "
+                f"{', '.join(tasks)}, ± its 95% interval (1.96 x sqrt(sum of the task standard errors^2) / "
+                f"n_tasks); change from the uncompressed model in points; perplexity on {'; '.join(ppl) or 'none'}"
+                " (95% interval in brackets where known). Parameters over the whole model.")
+    return table
