@@ -144,7 +144,8 @@ def test_grid_and_choice():
 def test_paper_metric_is_resolved_per_task(tmp_path):
     """laser.metric paper: BoolQ is chosen and reported by acc, ARC-Easy by acc_norm (lm-eval's own metric of
     each); acc_norm for BoolQ is a config error naming the key."""
-    from sfsd.laser_study import BASELINE, GridPoint, best_table_rows, choose, sweep_figure
+    from sfsd.laser_report import best_table_rows, sweep_figure
+    from sfsd.laser_study import BASELINE, GridPoint, choose
     from sfsd.evaluate import write_rows
 
     a = GridPoint("laser", "fc_in", 1, 5.0)

@@ -528,13 +528,13 @@ def cmd_laser_results(args: argparse.Namespace) -> None:
 
 
 def cmd_laser_figure(args: argparse.Namespace) -> None:
-    from .laser_study import sweep_figure
+    from .laser_report import sweep_figure
 
     sweep_figure(args.results, args.metric, args.out_png, args.out_svg)
 
 
 def cmd_laser_table(args: argparse.Namespace) -> None:
-    from .laser_study import best_table
+    from .laser_report import best_table
 
     best_table(args.results, args.metric, args.out_md, args.out_csv)
 
