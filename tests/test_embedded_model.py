@@ -49,8 +49,10 @@ def test_embedded_model_stages_1_and_2(tmp_path):
 def test_native_scorer_equals_lmeval_on_the_embedded_model_on_all_six_tasks(tmp_path):
     """acc and acc_norm identical to lm-eval's on every document, every choice's log-likelihood within
     1e-4, on SmolLM2-135M (the real vocabulary, tokenizer and BOS handling) for each of the six tasks."""
-    from sfsd.evaluate import build_requests, check_against_lmeval, evaluate_lmeval_detailed, \
-        export_local_tasks, score_multiple_choice, split_doc_ids
+    from sfsd.evaluate import evaluate_lmeval_detailed
+    from sfsd.lmeval_tasks import export_local_tasks
+    from sfsd.scoring import build_requests, check_against_lmeval, score_multiple_choice
+    from sfsd.splits import split_doc_ids
     from sfsd.models import convert_embedded, load_model
     from sfsd.tasks import TASKS
 

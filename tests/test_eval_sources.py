@@ -16,23 +16,20 @@ import yaml
 from conftest import REPO
 from sfsd import lmeval_tasks
 from sfsd.errors import ConfigError, DataError
-from sfsd.evaluate import (
-    EVAL_SPLITS,
+from sfsd.lmeval_tasks import (
+    BUILTIN_YAML,
     HubTasks,
-    build_requests,
+    builtin_config,
     doc_key,
-    eval_splits,
     export_local_tasks,
+    hub_task_manager,
+    lm_eval_tasks_root,
     lmeval_docs,
-    local_calibration_keys,
-    perplexity,
-    perplexity_row,
-    perplexity_texts,
-    split_doc_ids,
 )
-from sfsd.lmeval_tasks import BUILTIN_YAML, builtin_config, hub_task_manager, lm_eval_tasks_root
-from sfsd.perplexity import WIKITEXT2, calibration_conflict
-from sfsd.splits import partition
+from sfsd.perplexity import WIKITEXT2, calibration_conflict, perplexity, perplexity_texts
+from sfsd.rows import perplexity_row
+from sfsd.scoring import build_requests
+from sfsd.splits import EVAL_SPLITS, eval_splits, local_calibration_keys, partition, split_doc_ids
 from sfsd.tasks import TASKS
 
 SPLIT = dict(seed=1234, calibration_fraction=0.1, search_fraction=0.2)
@@ -155,7 +152,7 @@ def test_hub_splits_seeded_disjoint_stable_and_never_calibration(monkeypatch, ca
     # a hub copy whose text differs from the shipped one cannot be matched: said, not silently trusted
     monkeypatch.setattr(lmeval_tasks, "hub_eval_docs", lambda tasks: {
         t: ("validation", [dict(d, goal=d["goal"] + " (edited)") for d in lmeval_docs(t)]) for t in tasks})
-    with caplog.at_level("WARNING", logger="sfsd.evaluate"):
+    with caplog.at_level("WARNING", logger="sfsd.splits"):
         edited = eval_splits(["piqa"], source="hub", **SPLIT)
     assert edited["local_overlap"]["piqa"] == 0.0 and "match the shipped copies" in caplog.text
     with pytest.raises(ConfigError):
@@ -203,7 +200,9 @@ def test_local_hub_and_native_rows_have_the_same_metric_columns(tmp_path, monkey
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sfsd.evaluate import encode_requests, evaluate_lmeval, score_multiple_choice, summarize_scores
+    from sfsd.evaluate import evaluate_lmeval
+    from sfsd.rows import summarize_scores
+    from sfsd.scoring import encode_requests, score_multiple_choice
 
     tasks = ["winogrande", "piqa"]
     export_local_tasks(tmp_path / "tasks", tasks)

@@ -11,29 +11,12 @@ import pytest
 import torch
 
 from sfsd.errors import ConfigError
-from sfsd.evaluate import (
-    check_against_lmeval,
-    EVAL_SPLITS,
-    build_requests,
-    combine,
-    common_columns,
-    encode_pair,
-    encode_requests,
-    evaluate_lmeval_detailed,
-    export_local_tasks,
-    load_tasks,
-    mean_metric,
-    perplexity,
-    perplexity_row,
-    perplexity_texts,
-    read_rows,
-    score_multiple_choice,
-    split_doc_ids,
-    summarize_scores,
-    write_rows,
-)
-from sfsd.lmeval_tasks import builtin_config, lmeval_name
-from sfsd.splits import partition
+from sfsd.evaluate import evaluate_lmeval_detailed
+from sfsd.lmeval_tasks import builtin_config, export_local_tasks, lmeval_name, load_tasks
+from sfsd.perplexity import perplexity, perplexity_texts
+from sfsd.rows import combine, common_columns, mean_metric, perplexity_row, read_rows, summarize_scores, write_rows
+from sfsd.scoring import build_requests, check_against_lmeval, encode_pair, encode_requests, score_multiple_choice
+from sfsd.splits import EVAL_SPLITS, partition, split_doc_ids
 from sfsd.tasks import TASKS, load_local_docs
 
 SIX = list(TASKS)
@@ -245,7 +228,7 @@ def test_native_scorer_equals_lmeval(task, share_prefix, lmeval_run, native_run)
 def test_shared_prefix_path_runs_and_does_less_work(model_tok, native_run, monkeypatch):
     """The default scorer really takes the KV-cache path (a silent fall-back to the plain path would still
     pass the equality tests) on every document of the six tasks, and computes less than lm-eval."""
-    import sfsd.evaluate as E
+    import sfsd.scoring as E
 
     model, tok = model_tok
     requests, scores = native_run

@@ -86,7 +86,7 @@ def write_search(root: Path, name: str, *, first_block: int = 2, seed: int = 0, 
 
 
 def result_rows(n: int = 40) -> list[dict]:
-    """Combined evaluation rows (evaluate.ROW_SCHEMA subset) of a baseline and two methods at two budgets."""
+    """Combined evaluation rows (rows.ROW_SCHEMA subset) of a baseline and two methods at two budgets."""
     rows = []
     for method, plan, frac, acc, ppl in (("baseline", "base", 1.0, 0.55, 40.0),
                                          ("feature", "feature-b80", 0.80, 0.50, 60.0),
@@ -205,7 +205,7 @@ def test_energy_curve_and_spectra_rows(tiny_llama, tmp_path):
 
 
 def test_methods_table(tmp_path):
-    from sfsd.evaluate import write_rows
+    from sfsd.rows import write_rows
 
     write_rows(tmp_path / "results.parquet", result_rows())
     table = T.methods_table(tmp_path / "results.parquet", "acc_norm", tmp_path / "m.md", tmp_path / "m.csv")
@@ -239,7 +239,7 @@ def paper_rows(n: int = 100) -> list[dict]:
 
 def test_methods_table_resolves_the_paper_metric_per_task(tmp_path):
     from sfsd.errors import ConfigError
-    from sfsd.evaluate import write_rows
+    from sfsd.rows import write_rows
 
     write_rows(tmp_path / "results.parquet", paper_rows())
     table = T.methods_table(tmp_path / "results.parquet", "paper", tmp_path / "m.md", tmp_path / "m.csv")

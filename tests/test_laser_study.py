@@ -22,7 +22,9 @@ def tiny(tiny_llama):
 @pytest.fixture(scope="module")
 def requests(tmp_path_factory, tiny):
     """Encoded search-split requests of ARC-Easy (8 docs, 4 choices each) for the tiny model."""
-    from sfsd.evaluate import build_requests, encode_requests, export_local_tasks, lmeval_max_length, split_doc_ids
+    from sfsd.lmeval_tasks import export_local_tasks
+    from sfsd.scoring import build_requests, encode_requests, lmeval_max_length
+    from sfsd.splits import split_doc_ids
 
     task_dir = tmp_path_factory.mktemp("tasks")
     export_local_tasks(task_dir, ["arc_easy"])
@@ -42,7 +44,8 @@ def run(tiny, requests, point, **kw):
 
 
 def test_dont_point_equals_baseline(tiny, requests):
-    from sfsd.evaluate import evaluate_lmeval_detailed, score_multiple_choice
+    from sfsd.evaluate import evaluate_lmeval_detailed
+    from sfsd.scoring import score_multiple_choice
     from sfsd.laser_study import BASELINE
 
     model, tokenizer = tiny
@@ -146,7 +149,7 @@ def test_paper_metric_is_resolved_per_task(tmp_path):
     each); acc_norm for BoolQ is a config error naming the key."""
     from sfsd.laser_report import best_table_rows, sweep_figure
     from sfsd.laser_study import BASELINE, GridPoint, choose
-    from sfsd.evaluate import write_rows
+    from sfsd.rows import write_rows
 
     a = GridPoint("laser", "fc_in", 1, 5.0)
     rows = []

@@ -19,8 +19,10 @@ from sfsd.arch import get_arch, select_linears
 from sfsd.compress import LowRankLinear, save_factor_cache
 from sfsd.errors import ConfigError
 from sfsd.io import model_digest
-from sfsd.evaluate import build_requests, encode_requests, export_local_tasks, mean_metric, score_multiple_choice, \
-    split_doc_ids
+from sfsd.lmeval_tasks import export_local_tasks
+from sfsd.rows import mean_metric
+from sfsd.scoring import build_requests, encode_requests, score_multiple_choice
+from sfsd.splits import split_doc_ids
 from sfsd.methods import max_rank
 from sfsd.plan import model_shapes
 from sfsd.search import (

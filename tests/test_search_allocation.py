@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sfsd.compress import LowRankLinear, cut_factors, linear_path, replace_module
-from sfsd.evaluate import encode_requests, mean_metric, score_multiple_choice
+from sfsd.rows import mean_metric
+from sfsd.scoring import encode_requests, score_multiple_choice
 from sfsd.io import model_digest
 from sfsd.methods import Factors, max_rank
 from sfsd.plan import count_params, layer_key, model_shapes

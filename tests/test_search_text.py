@@ -16,7 +16,8 @@ from sfsd.arch import get_arch, groups_for
 from sfsd.calibration import CalibrationSettings, sample_texts, tokenize
 from sfsd.collect import collect_input_moments
 from sfsd.compress import save_factor_cache
-from sfsd.evaluate import export_local_tasks, split_doc_ids
+from sfsd.lmeval_tasks import export_local_tasks
+from sfsd.splits import split_doc_ids
 from sfsd.io import model_digest
 from sfsd.items import PPL_DOC_IDS
 from sfsd.perplexity import search_text_conflict

@@ -256,15 +256,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_export_tasks(args: argparse.Namespace) -> None:
-    from .evaluate import export_local_tasks
+    from .lmeval_tasks import export_local_tasks
 
     manifest = export_local_tasks(args.out, _csv(args.tasks), metrics=_csv(args.metrics) or None)
     logging.info("exported %s", ", ".join(f"{t} ({v['n_docs']} docs)" for t, v in manifest["tasks"].items()))
 
 
 def cmd_splits(args: argparse.Namespace) -> None:
-    from .evaluate import eval_splits
     from .io import write_json
+    from .splits import eval_splits
 
     out = eval_splits(_csv(args.tasks), args.seed, args.calibration_fraction, args.search_fraction, source=args.source)
     write_json(args.out, out)
@@ -276,14 +276,16 @@ def cmd_splits(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .calibration import read_texts
     from .compress import WEIGHTS_FILE, load_compressed
-    from .evaluate import build_requests, common_columns, evaluate_lmeval_detailed, perplexity_row, \
-        read_split_ids, score_multiple_choice, summarize_scores, write_rows
+    from .evaluate import evaluate_lmeval_detailed
     from .items import item_rows, write_items
     from .io import model_digest, read_metadata
     from .lmeval_tasks import source_by_name
     from .models import load_model, load_tokenizer, resolve_device
     from .perplexity import perplexity, perplexity_texts, split_texts
     from .plan import count_params, model_shapes, new_plan
+    from .rows import common_columns, perplexity_row, summarize_scores, write_rows
+    from .scoring import build_requests, score_multiple_choice
+    from .splits import read_split_ids
 
     device = resolve_device(args.device)
     if args.compressed:
@@ -333,11 +335,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_check_scorer(args: argparse.Namespace) -> None:
     from .compress import load_compressed
     from .errors import NumericalError
-    from .evaluate import build_requests, check_against_lmeval, evaluate_lmeval_detailed, read_split_ids, \
-        score_multiple_choice
+    from .evaluate import evaluate_lmeval_detailed
     from .io import write_json
     from .lmeval_tasks import source_by_name
     from .models import load_model, load_tokenizer, resolve_device
+    from .scoring import build_requests, check_against_lmeval, score_multiple_choice
+    from .splits import read_split_ids
 
     device = resolve_device(args.device)
     if args.compressed:
@@ -366,8 +369,8 @@ def cmd_check_scorer(args: argparse.Namespace) -> None:
 def cmd_combine_results(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
-    from .evaluate import combine
     from .io import atomic_path
+    from .rows import combine
 
     table = combine(args.inputs)
     with atomic_path(args.out) as tmp:
@@ -495,11 +498,13 @@ def cmd_laser_grid(args: argparse.Namespace) -> None:
 
 
 def cmd_laser_point(args: argparse.Namespace) -> None:
-    from .evaluate import build_requests, encode_requests, lmeval_max_length, read_split_ids, source_by_name, \
-        write_rows
     from .io import model_digest
     from .laser_study import GridPoint, run_point
+    from .lmeval_tasks import source_by_name
     from .models import load_model
+    from .rows import write_rows
+    from .scoring import build_requests, encode_requests, lmeval_max_length
+    from .splits import read_split_ids
 
     point = GridPoint.parse(args.intervention, args.lname, args.lnum, args.rate)
     ids, n_docs = read_split_ids(args.splits, [args.task], args.split, args.limit, args.task_source)

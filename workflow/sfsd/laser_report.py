@@ -13,7 +13,7 @@ from .laser_study import INTERVENTIONS, LNAME_ORDER, _task_metric, format_rate, 
 
 
 def _read(results: str | os.PathLike) -> list[dict]:
-    from .evaluate import read_rows
+    from .rows import read_rows
 
     rows = [r for r in read_rows(results).to_pylist() if r.get("laser_lname") is not None]
     if not rows:

@@ -14,7 +14,7 @@ Pieces, each usable on its own:
 - `run_point`: apply one point's plan to a model, score one split with the native multiple-choice scorer
   and return the summary rows (acc, acc_norm, mean log-prob, top-2 accuracy) and per-item records.
 - `choose`: the best point on the search split (overall, and per intervention).
-- `combine_study`: every point's rows in one results Parquet (`sfsd.evaluate` row format) with the chosen
+- `combine_study`: every point's rows in one results Parquet (`sfsd.rows` format) with the chosen
   points flagged, and the per-item records of the chosen points and the baseline.
 
 The figure and the table, from that Parquet alone, are in `sfsd.laser_report`.
@@ -297,11 +297,12 @@ def run_point(
     model_digest: str | None = None,
 ) -> tuple[list[dict], list[dict], dict]:
     """Apply `point` to `model` IN PLACE (pass a fresh copy), score the requests `enc`
-    (`sfsd.evaluate.encode_requests` of `build_requests`) and return (summary rows, per-item records,
+    (`sfsd.scoring.encode_requests` of `build_requests`) and return (summary rows, per-item records,
     common columns: names, parameter counts, versions, the point's columns, k per changed matrix)."""
     from .compress import apply_plan
-    from .evaluate import common_columns, score_multiple_choice
     from .plan import count_params, model_shapes
+    from .rows import common_columns
+    from .scoring import score_multiple_choice
 
     spec = get_arch(architecture_of(model.config))
     shapes = model_shapes(model)  # of the dense model, before the plan changes it
@@ -396,7 +397,7 @@ def reported_points(chosen: Mapping) -> list[GridPoint]:
 
 def choose_file(score_paths: Sequence[str | os.PathLike], task: str, metric: str, out: str | os.PathLike) -> dict:
     """`choose` over the search-split score files of one task, written as JSON."""
-    from .evaluate import combine
+    from .rows import combine
 
     result = choose(combine(score_paths).to_pylist(), task, metric)
     write_json(out, result)
@@ -411,11 +412,11 @@ def choose_file(score_paths: Sequence[str | os.PathLike], task: str, metric: str
 def combine_study(score_paths: Sequence[str | os.PathLike], item_paths: Sequence[str | os.PathLike],
                   chosen_paths: Sequence[str | os.PathLike], out_results: str | os.PathLike,
                   out_items: str | os.PathLike) -> tuple[int, int]:
-    """Every point's summary rows in one results Parquet (`sfsd.evaluate.write_rows` format) with two
+    """Every point's summary rows in one results Parquet (`sfsd.rows.write_rows` format) with two
     flags per row, laser_chosen (the task's chosen point) and laser_best_of_intervention; and the per-item
     records of the baseline and of the reported points (`reported_points`) in a second Parquet.
     Returns (summary rows, item rows)."""
-    from .evaluate import combine, write_rows
+    from .rows import combine, write_rows
 
     chosen, best, keep = {}, defaultdict(set), set()
     for path in chosen_paths:

@@ -141,11 +141,11 @@ def choose_rank(candidates: Sequence[int], try_rank: Callable[[int], tuple[float
 @dataclass
 class AccuracyObjective:
     """Mean over tasks of a multiple-choice metric on the search split (native scorer, pre-tokenized).
-    metric: a setting of `sfsd.tasks.METRIC_CHOICES` resolved per task (`evaluate.mean_metric`); "paper"
+    metric: a setting of `sfsd.tasks.METRIC_CHOICES` resolved per task (`rows.mean_metric`); "paper"
     = acc for boolq and winogrande, acc_norm for the others, as lm-eval defines and the paper reports."""
 
     tokenizer: object
-    requests: object  # evaluate.EncodedRequests
+    requests: object  # scoring.EncodedRequests
     metric: str = "paper"
     delta: float = 0.0
     batch_size: int = 8
@@ -155,14 +155,14 @@ class AccuracyObjective:
         self.name = self.metric
 
     def _scores(self, model: nn.Module) -> list[dict]:
-        from .evaluate import score_multiple_choice
+        from .scoring import score_multiple_choice
 
         # one forward per whole input (share_prefix off): the block-input cache records and replays the
         # hidden states of whole inputs, and a KV-cache pass over prefix and suffixes would bypass it
         return score_multiple_choice(model, self.tokenizer, self.requests, self.batch_size, share_prefix=False)
 
     def score(self, model: nn.Module) -> float:
-        from .evaluate import mean_metric
+        from .rows import mean_metric
 
         return mean_metric(self._scores(model), self.metric)
 
@@ -177,7 +177,7 @@ class AccuracyObjective:
         remainder left out, as the released code cuts its search split)."""
         from dataclasses import replace
 
-        from .evaluate import encode_requests
+        from .scoring import encode_requests
 
         by_task: dict[str, list] = {}
         for doc in self.requests.docs:

@@ -98,12 +98,13 @@ def run_search(
     A perplexity search reads the text of `sfsd.perplexity.perplexity_texts(settings.target)`; the
     text_file / jsonl_file targets read `ppl_path` (its `ppl_text_field`), the file of evaluation.perplexity."""
     from .calibration import read_texts
-    from .evaluate import build_requests, encode_requests, lmeval_max_length, read_split_ids, \
-        score_multiple_choice, summarize_scores
     from .lmeval_tasks import source_by_name
     from .models import load_model
     from .perplexity import perplexity, perplexity_texts, split_texts
     from .plan import model_shapes
+    from .rows import summarize_scores
+    from .scoring import build_requests, encode_requests, lmeval_max_length, score_multiple_choice
+    from .splits import read_split_ids
     from .tasks import task_metrics
 
     model, tokenizer = load_model(model_dir, device=device)
