@@ -13,7 +13,8 @@ import torch
 
 from sfsd.allocate import LayerSpectrum, captured_energy, greedy_ranks, layer_spectra, output_energy, spectral_plan
 from sfsd.arch import get_arch
-from sfsd.compress import factor_spectrum, factors_for, layer_spectrum, save_factor_cache
+from sfsd.compress import factors_for
+from sfsd.factor_cache import factor_spectrum, layer_spectrum, save_factor_cache
 from sfsd.errors import ConfigError
 from sfsd.methods import max_rank
 from sfsd.plan import FACTOR_METHODS, budget_plan, count_params, model_shapes
@@ -139,7 +140,8 @@ def cached(setup, tmp_path_factory):
 
 def _spectra(cached, method, keys):
     from sfsd.collect import block_file
-    from sfsd.compress import BlockFile, factor_spectrum
+    from sfsd.compress import BlockFile
+    from sfsd.factor_cache import factor_spectrum
 
     def read(block, linear):
         return factor_spectrum(BlockFile(cached["root"] / method / block_file(block), None), linear)

@@ -12,20 +12,11 @@ import torch
 from sfsd.arch import get_arch, groups_for, linear_of
 from sfsd.calibration import tokenize
 from sfsd.collect import block_file, collect_input_moments
-from sfsd.compress import (
-    LowRankLinear,
-    apply_cached_plan,
-    apply_plan,
-    cached_statistics,
-    cut_factors,
-    factors_for,
-    full_rank_factors,
-    load_compressed,
-    save_compressed,
-    save_factor_cache,
-)
+from sfsd.compress import apply_plan, cached_statistics, factors_for, load_compressed, save_compressed
 from sfsd.errors import ConfigError, DataError
+from sfsd.factor_cache import apply_cached_plan, full_rank_factors, save_factor_cache
 from sfsd.io import model_digest, save_tensors
+from sfsd.lowrank import LowRankLinear, cut_factors
 from sfsd.methods import feature_space, max_rank
 from sfsd.models import load_model
 from sfsd.plan import (

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from sfsd.arch import get_arch, select_linears
-from sfsd.compress import LowRankLinear, save_factor_cache
 from sfsd.errors import ConfigError
+from sfsd.factor_cache import save_factor_cache
 from sfsd.io import model_digest
+from sfsd.lowrank import LowRankLinear
 from sfsd.lmeval_tasks import export_local_tasks
 from sfsd.rows import mean_metric
 from sfsd.scoring import build_requests, encode_requests, score_multiple_choice

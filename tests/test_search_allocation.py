@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sfsd.compress import LowRankLinear, cut_factors, linear_path, replace_module
+from sfsd.lowrank import LowRankLinear, cut_factors, linear_path, replace_module
 from sfsd.rows import mean_metric
 from sfsd.scoring import encode_requests, score_multiple_choice
 from sfsd.io import model_digest

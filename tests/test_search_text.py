@@ -15,7 +15,7 @@ from conftest import CORPUS, build_tiny_model
 from sfsd.arch import get_arch, groups_for
 from sfsd.calibration import CalibrationSettings, sample_texts, tokenize
 from sfsd.collect import collect_input_moments
-from sfsd.compress import save_factor_cache
+from sfsd.factor_cache import save_factor_cache
 from sfsd.lmeval_tasks import export_local_tasks
 from sfsd.splits import split_doc_ids
 from sfsd.io import model_digest

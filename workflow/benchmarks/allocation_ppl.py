@@ -23,7 +23,8 @@ from sfsd.allocate import layer_spectra, spectral_plan
 from sfsd.arch import architecture_of, get_arch
 from sfsd.calibration import read_texts
 from sfsd.collect import block_file
-from sfsd.compress import BlockFile, apply_cached_plan, factor_spectrum
+from sfsd.compress import BlockFile
+from sfsd.factor_cache import apply_cached_plan, factor_spectrum
 from sfsd.io import model_digest
 from sfsd.models import load_model
 from sfsd.perplexity import perplexity, perplexity_texts, split_texts

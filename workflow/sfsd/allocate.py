@@ -284,7 +284,7 @@ def layer_spectra(
     read,
 ) -> dict[str, LayerSpectrum]:
     """{plan key: LayerSpectrum} of `keys`, `read(block, linear)` giving (gain, energy) of one layer
-    (e.g. `compress.factor_spectrum` of a factor-cache block file)."""
+    (e.g. `factor_cache.factor_spectrum` of a factor-cache block file)."""
     from .plan import parse_layer_key
 
     out = {}

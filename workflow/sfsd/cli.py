@@ -98,7 +98,8 @@ def cmd_eigen_summary(args: argparse.Namespace) -> None:
 
 def cmd_factor_cache(args: argparse.Namespace) -> None:
     from .arch import architecture_of, get_arch, select_linears
-    from .compress import cached_statistics, save_factor_cache
+    from .compress import cached_statistics
+    from .factor_cache import save_factor_cache
     from .io import atomic_dir, model_digest
     from .models import load_model
 
@@ -150,7 +151,8 @@ def _allocated_plan(args, spec, shapes, linears, digest, header) -> tuple[dict, 
     from pathlib import Path
 
     from .allocate import layer_spectra, spectral_plan
-    from .compress import BlockFile, factor_spectrum
+    from .compress import BlockFile
+    from .factor_cache import factor_spectrum
     from .collect import block_file
     from .io import read_json
     from .plan import budget_plan, count_params, layer_key
@@ -243,7 +245,8 @@ def _fraction(shapes, plan, convention: str) -> float:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     from .arch import architecture_of, get_arch
-    from .compress import apply_cached_plan, save_compressed
+    from .compress import save_compressed
+    from .factor_cache import apply_cached_plan
     from .io import model_digest, read_json
     from .models import load_model
 

@@ -1,8 +1,9 @@
-"""Applying a rank plan (`sfsd.plan`) to a model, and saving / loading the compressed model.
+"""Applying a rank plan (`sfsd.plan`) to a model from the cached statistics, and saving / loading the
+compressed model. (Cutting a plan from the full-rank factor cache instead: `sfsd.factor_cache`.)
 
-A factored Linear becomes a `LowRankLinear` (two nn.Linear, `first`: in -> r without bias, `second`:
-r -> out) registered at the same attribute path, so the model stays an ordinary transformers model:
-`generate()` and lm-eval's HFLM work unchanged. LASER and Vendi write a dense matrix back into the
+A factored Linear becomes a `sfsd.lowrank.LowRankLinear` (two nn.Linear, `first`: in -> r without bias,
+`second`: r -> out) registered at the same attribute path, so the model stays an ordinary transformers
+model: `generate()` and lm-eval's HFLM work unchanged. LASER and Vendi write a dense matrix back into the
 original Linear.
 
 All reads of cached statistics go through `cached_statistics` (eigen/ and features/ block files);
@@ -34,14 +35,14 @@ from .methods import (
     feature_space,
     laser,
     laser_rank,
-    max_rank,
     vendi_rebuild,
     vendi_select,
     weight_space,
     whitened,
 )
-from .plan import FACTOR_METHODS, Shapes, layer_key, parse_layer_key, validate_plan
-from .provenance import common_value, stamp
+from .lowrank import LowRankLinear, linear_path, linear_shapes, replace_module
+from .plan import FACTOR_METHODS, parse_layer_key, validate_plan
+from .provenance import stamp
 
 log = logging.getLogger(__name__)
 
@@ -55,60 +56,7 @@ BlockTensors = Mapping[str, torch.Tensor]
 BlockSource = Callable[[int], BlockTensors] | Mapping[int, BlockTensors]
 
 
-class LowRankLinear(nn.Module):
-    """y = second(first(x)): first = nn.Linear(in, rank, bias=False), second = nn.Linear(rank, out, bias)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-
-    @classmethod
-    def from_factors(cls, factors: Factors) -> LowRankLinear:
-        """A module holding exactly the given factors (their dtype and device)."""
-        first, second = factors.first, factors.second
-        module = cls(first.shape[1], second.shape[0], first.shape[0], factors.bias is not None,
-                     device=first.device, dtype=first.dtype)
-        with torch.no_grad():
-            module.first.weight.copy_(first)
-            module.second.weight.copy_(second)
-            if factors.bias is not None:
-                module.second.bias.copy_(factors.bias)
-        return module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
-
-
-def linear_path(spec: ArchSpec, block: int, linear: str) -> str:
-    """Module path of a Linear inside the CausalLM, e.g. model.layers.3.self_attn.q_proj."""
-    return f"{spec.blocks}.{block}.{spec.linears[linear]}"
-
-
-def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Register `module` at the dotted attribute `path` (setattr on its parent)."""
-    parent_path, _, attr = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
-
-
-def linear_shapes(model: nn.Module, spec: ArchSpec) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each short Linear name, read from block 0 (dense or factored)."""
-    block = blocks_of(model, spec)[0]
-    out = {}
-    for name, path in spec.linears.items():
-        mod = block.get_submodule(path)
-        out[name] = (mod.out_features, mod.in_features)
-    return out
-
-
-def _architecture(model: nn.Module) -> str | None:
+def declared_architecture(model: nn.Module) -> str | None:
     """The model's HF architecture name, or None when its config names none."""
     archs = getattr(getattr(model, "config", None), "architectures", None)
     return archs[0] if archs else None
@@ -161,7 +109,8 @@ def cached_statistics(
     return eigen, features
 
 
-def _block(source: BlockSource | None, block: int, what: str) -> BlockTensors:
+def block_statistics(source: BlockSource | None, block: int, what: str) -> BlockTensors:
+    """One block's tensors from a callable or a dict by block; a missing source or block is an error."""
     if source is None:
         raise ConfigError(f"the plan needs {what} statistics; pass them (see compress.cached_statistics)")
     if callable(source):
@@ -172,7 +121,8 @@ def _block(source: BlockSource | None, block: int, what: str) -> BlockTensors:
         raise DataError(f"no {what} statistics for block {block}") from None
 
 
-def _stat(tensors: BlockTensors, key: str, block: int, what: str) -> torch.Tensor:
+def statistic(tensors: BlockTensors, key: str, block: int, what: str) -> torch.Tensor:
+    """tensors[key]; a missing key is a DataError naming the block and the stage to rerun."""
     try:
         return tensors[key]
     except KeyError:
@@ -192,9 +142,9 @@ def _mean_abs(features: BlockTensors, group: str, block: int, count: int) -> tor
 # ---------------------------------------------------------------- applying a plan
 
 
-def _token_count(features: BlockTensors, group: str, block: int) -> int:
+def token_count(features: BlockTensors, group: str, block: int) -> int:
     """Tokens behind a group's feature statistics; none is a DataError."""
-    count = int(_stat(features, f"{group}.count", block, "feature"))
+    count = int(statistic(features, f"{group}.count", block, "feature"))
     if count <= 0:
         raise DataError(f"feature statistics of block {block} {group} hold no tokens")
     return count
@@ -217,16 +167,16 @@ def factors_for(
     """Factors of one Linear by a factor method, reading the statistics it needs; and a report."""
     device = weight.device
     if method == "feature":
-        vectors = _stat(eigen, f"{linear}.eigenvectors", block, "eigen").to(device)
-        mean = _stat(eigen, f"{linear}.mean", block, "eigen").to(device)
+        vectors = statistic(eigen, f"{linear}.eigenvectors", block, "eigen").to(device)
+        mean = statistic(eigen, f"{linear}.mean", block, "eigen").to(device)
         return feature_space(weight, bias, vectors, mean, rank, bias_compensation), {}
     if method == "weight":
         return weight_space(weight, bias, rank), {}
     if method in FEATURE_METHODS:
-        count = _token_count(features, group, block)
+        count = token_count(features, group, block)
         if method == "asvd":
             return asvd(weight, bias, _mean_abs(features, group, block, count).to(device), rank), {}
-        xxt = _stat(features, f"{group}.xxt", block, "feature")
+        xxt = statistic(features, f"{group}.xxt", block, "feature")
         factors, used = whitened(weight, bias, xxt.to(device) / count, rank, jitter)
         if used:
             log.warning("block %d %s: Cholesky of the %s second moment needed jitter %.1e x mean(diag)",
@@ -253,7 +203,7 @@ def apply_plan(
     Factors are computed in float64 and stored in the layer's dtype and device."""
     blocks = blocks_of(model, spec)
     norm = validate_plan(plan, spec, len(blocks), linear_shapes(model, spec), model_digest=model_digest,
-                         architecture=_architecture(model))
+                         architecture=declared_architecture(model))
     options = norm["options"]
     report: dict[str, dict] = {}
     by_block: dict[int, list[tuple[str, str, dict]]] = {}
@@ -262,8 +212,8 @@ def apply_plan(
         by_block.setdefault(block, []).append((key, linear, entry))
     for block, entries in by_block.items():
         methods = {e["method"] for _, _, e in entries}
-        eigen = _block(eigen_blocks, block, "eigen") if "feature" in methods else None
-        features = _block(feature_blocks, block, "feature") if methods & set(FEATURE_METHODS) else None
+        eigen = block_statistics(eigen_blocks, block, "eigen") if "feature" in methods else None
+        features = block_statistics(feature_blocks, block, "feature") if methods & set(FEATURE_METHODS) else None
         for key, linear, entry in entries:
             method = entry["method"]
             if method == "dense":
@@ -390,237 +340,15 @@ def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cp
     return model.to(device).eval(), norm
 
 
-# ---------------------------------------------------------------- full-rank factor cache
-
-
-def full_rank_factors(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    method: str,
-    *,
-    eigen: BlockTensors | None = None,
-    features: BlockTensors | None = None,
-    linear: str = "",
-    group: str = "",
-    block: int = -1,
-    jitter: float = 1e-6,
-    report: dict | None = None,
-) -> dict[str, torch.Tensor]:
-    """The factors of one Linear at rank kappa - 1, the largest rank a plan can keep factored, as
-    tensors for `save_factor_cache`: `first` (rows in rank order), `second` (columns in rank order),
-    and for feature space the output `mean` (and the layer's `bias`) its rank-dependent bias needs.
-    Any rank r < kappa is then `cut_factors(cache, r)`: the same factors as computing at rank r.
-    `report`, when given, receives what the method reports (the Cholesky jitter of whitened)."""
-    kappa = max_rank(weight.shape[1], weight.shape[0])
-    top = max(1, kappa - 1)
-    # The feature-space bias depends on r: store factors without it and rebuild it in cut_factors.
-    factors, extra = factors_for(weight, bias, method, top, eigen=eigen, features=features, linear=linear,
-                                 group=group, block=block, bias_compensation="none", jitter=jitter)
-    if report is not None:
-        report.update(extra)
-    out = {"first": factors.first, "second": factors.second}
-    if method == "feature":
-        out["mean"] = _stat(eigen, f"{linear}.mean", block, "eigen").to(weight.dtype)
-        if bias is not None:
-            out["bias"] = bias
-    elif factors.bias is not None:
-        out["bias"] = factors.bias
-    return out
-
-
-def cut_factors(cache: Mapping[str, torch.Tensor], method: str, rank: int,
-                bias_compensation: str = "intended") -> Factors:
-    """Factors at `rank` from a full-rank cache entry (`full_rank_factors`) by slicing."""
-    if not 1 <= rank <= cache["first"].shape[0]:
-        raise ConfigError(f"rank {rank} is not in the cache (1..{cache['first'].shape[0]})")
-    first, second = cache["first"][:rank], cache["second"][:, :rank]
-    bias = cache.get("bias")
-    if method == "feature":
-        v = second.double()
-        b = None if bias is None else bias.double()
-        if bias_compensation == "none":
-            new = None if b is None else v @ (v.T @ b)
-        else:
-            mu = cache["mean"].double()
-            new = mu - v @ (v.T @ (mu if b is None else mu - b))
-        bias = None if new is None else new.to(first.dtype)
-    return Factors(first, second, bias)
-
-
-def save_factor_cache(
-    model: nn.Module,
-    spec: ArchSpec,
-    method: str,
-    linears: list[str],
-    out_dir: str | os.PathLike,
-    eigen_blocks: BlockSource | None = None,
-    feature_blocks: BlockSource | None = None,
-    blocks: list[int] | None = None,
-    *,
-    model_digest: str | None = None,
-    jitter: float = 1e-6,
-) -> list[Path]:
-    """Write `<out_dir>/block_NNN.safetensors` with `<linear>.first/.second(/.mean/.bias)` at rank
-    kappa - 1 for a factor method, so any plan of that method is cut by slicing (`cached_factor_blocks`)."""
-    if method not in FACTOR_METHODS:
-        raise ConfigError(f"save_factor_cache: {method!r} is not a factor method ({', '.join(FACTOR_METHODS)})")
-    all_blocks = blocks_of(model, spec)
-    paths = []
-    sources: list[tuple[str, dict]] = []  # (file, metadata) of the statistics read, for provenance
-    for block in (range(len(all_blocks)) if blocks is None else blocks):
-        eigen = _block(eigen_blocks, block, "eigen") if method == "feature" else None
-        # whitened and asvd factors read the input statistics; weight-space SVD reads them (when given) only
-        # for its layers' spectra (`layer_spectrum`), which the spectral allocation needs
-        features = _block(feature_blocks, block, "feature") if method in FEATURE_METHODS or (
-            method == "weight" and feature_blocks is not None) else None
-        stats = eigen if eigen is not None else features
-        if isinstance(stats, BlockFile):
-            sources.append((str(stats.path), stats.metadata))
-        # every block's statistics from one calibration run (a stale block of an older run is refused)
-        calibration = common_value(sources, "calibration_digest", f"{method} statistics")
-        tensors = {}
-        layers: dict[str, dict] = {}
-        for linear in linears:
-            layer = model.get_submodule(linear_path(spec, block, linear))
-            extra: dict = {}
-            with torch.no_grad():
-                entry = full_rank_factors(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
-                                          method, eigen=eigen, features=features, linear=linear,
-                                          group=spec.group_of(linear), block=block, jitter=jitter, report=extra)
-            tensors.update({f"{linear}.{k}": v for k, v in entry.items()})
-            if eigen is not None or features is not None:
-                tensors.update({f"{linear}.{k}": v for k, v in layer_spectrum(
-                    layer.weight.detach(), method, entry, eigen=eigen, features=features, linear=linear,
-                    group=spec.group_of(linear), block=block).items()})
-            if extra:
-                layers[linear] = extra
-        path = Path(out_dir) / block_file(block)
-        save_tensors(path, tensors, {"method": method, "block": block, "linears": list(linears), "layers": layers,
-                                     **stamp(model_digest, calibration,
-                                             {"method": method, "layers": list(linears), "jitter": jitter})})
-        paths.append(path)
-    return paths
-
-
-def layer_spectrum(
-    weight: torch.Tensor,
-    method: str,
-    entry: Mapping[str, torch.Tensor],
-    *,
-    eigen: BlockTensors | None = None,
-    features: BlockTensors | None = None,
-    linear: str = "",
-    group: str = "",
-    block: int = -1,
-) -> dict[str, torch.Tensor]:
-    """`gain` (float64, one per cached rank: the output energy each component adds) and `energy`
-    (E||W x||^2) of one Linear, for the spectral allocation (`sfsd.allocate`). Feature space: the
-    output covariance's eigenvalues and their sum; the other methods: `allocate.captured_energy` of
-    the cached factors under the input second moment E[x x^T]."""
-    from .allocate import captured_energy, output_energy
-
-    if method == "feature":
-        values = _stat(eigen, f"{linear}.eigenvalues", block, "eigen").double()
-        return {"gain": values[: entry["first"].shape[0]].clone(), "energy": values.sum()}
-    moment = _stat(features, f"{group}.xxt", block, "feature").double() / _token_count(features, group, block)
-    return {"gain": captured_energy(entry["first"], entry["second"], moment),
-            "energy": torch.tensor(output_energy(weight, moment), dtype=torch.float64)}
-
-
-def factor_spectrum(block: Mapping[str, torch.Tensor], linear: str,
-                    bias_compensation: str = "intended") -> tuple[torch.Tensor, float]:
-    """(gain, energy) of one Linear from a factor-cache block file (`layer_spectrum`); a cache written
-    before spectra were stored is a DataError naming the fix. Feature space without bias compensation
-    ("none": y ~ P (W x + b)) also loses the output mean's dropped part: E||(I - P) y||^2 =
-    sum_{i>r} (lambda_i + (v_i^T mu)^2), so each gain gains (v_i^T mu)^2 and the energy ||mu||^2."""
-    try:
-        gain, energy = block[f"{linear}.gain"].double(), float(block[f"{linear}.energy"])
-    except DataError:
-        raise DataError(f"the factor cache lacks the spectrum of {linear}; delete results/<model>/factors and rerun "
-                        "(an older cache)") from None
-    if bias_compensation == "none":
-        try:
-            mean = block[f"{linear}.mean"].double()  # stored for feature space only
-        except DataError:
-            return gain, energy
-        along = (block[f"{linear}.second"].double().T @ mean).square()
-        gain, energy = gain + along[:gain.numel()], energy + float(mean.square().sum())
-    return gain, energy
-
-
-def factor_entry(block: Mapping[str, torch.Tensor], linear: str) -> dict[str, torch.Tensor]:
-    """One Linear's entry of a factor-cache block file (`save_factor_cache`): first, second and, where
-    stored, the output mean and the bias, for `cut_factors`."""
-    entry = {k: block[f"{linear}.{k}"] for k in ("first", "second")}
-    for k in ("mean", "bias"):
-        try:
-            entry[k] = block[f"{linear}.{k}"]
-        except DataError:  # not stored for this method
-            pass
-    return entry
-
-
-def apply_cached_plan(
-    model: nn.Module,
-    spec: ArchSpec,
-    plan: Mapping,
-    cache_dir: str | os.PathLike,
-    *,
-    model_digest: str | None = None,
-) -> dict:
-    """Like `apply_plan` for a plan of factor methods (and dense entries), cutting every factored
-    layer from the factor cache of its method (`<cache_dir>/<method>/block_NNN.safetensors`)."""
-    blocks = blocks_of(model, spec)
-    norm = validate_plan(plan, spec, len(blocks), linear_shapes(model, spec), model_digest=model_digest,
-                         architecture=_architecture(model))
-    files: dict[tuple[str, int], BlockFile] = {}  # the current block's files only
-    sources: dict[str, list[tuple[str, dict]]] = {}  # method -> (file, metadata) of the cache blocks used
-    report = {}
-    for key, entry in norm["layers"].items():
-        method = entry["method"]
-        if method == "dense":
-            continue
-        if method not in FACTOR_METHODS:
-            raise ConfigError(f"layer {key}: {method} is not cached; use apply_plan for laser/vendi")
-        block, linear = parse_layer_key(key, spec, len(blocks))
-        if (method, block) not in files:
-            if any(b != block for _, b in files):
-                files.clear()
-            files[(method, block)] = BlockFile(Path(cache_dir) / method / block_file(block), model_digest)
-            sources.setdefault(method, []).append((str(files[(method, block)].path), files[(method, block)].metadata))
-        cache = factor_entry(files[(method, block)], linear)
-        layer = model.get_submodule(linear_path(spec, block, linear))
-        factors = cut_factors(cache, method, entry["rank"], norm["options"]["bias_compensation"])
-        factors = Factors(*(None if t is None else t.to(layer.weight.device, layer.weight.dtype)
-                            for t in (factors.first, factors.second, factors.bias)))
-        replace_module(model, linear_path(spec, block, linear), LowRankLinear.from_factors(factors))
-        report[key] = {"method": method, "rank": entry["rank"]}
-    # what the compressed model is made of: one calibration run per method's cache, never a mix
-    provenance = {m: {"calibration_digest": common_value(items, "calibration_digest", f"{m} factor cache"),
-                      "code_version": items[0][1].get("code_version")} for m, items in sources.items()}
-    digests = {m: p["calibration_digest"] for m, p in provenance.items() if p["calibration_digest"] is not None}
-    if len(set(digests.values())) > 1:
-        raise DataError(f"the factor caches under {cache_dir} come from different calibration data {digests}; "
-                        "rerun factor_cache for every method")
-    return {"plan": norm, "layers": report, "provenance": provenance}
-
-
 __all__ = [
-    "LowRankLinear",
-    "Shapes",
-    "apply_cached_plan",
+    "BlockFile",
     "apply_plan",
+    "block_statistics",
     "cached_statistics",
-    "cut_factors",
-    "factor_spectrum",
+    "declared_architecture",
     "factors_for",
-    "full_rank_factors",
-    "layer_key",
-    "layer_spectrum",
-    "linear_path",
-    "linear_shapes",
     "load_compressed",
-    "replace_module",
     "save_compressed",
-    "save_factor_cache",
+    "statistic",
+    "token_count",
 ]

@@ -94,16 +94,23 @@ def feature_space(
         raise ConfigError(f"bias_compensation {bias_compensation!r} is unknown; use 'intended' or 'none'")
     v = eigenvectors[:, :rank].double()
     first = v.T @ weight.double()
+    new_bias = feature_bias(v, mean, bias, bias_compensation)
+    return Factors(first.to(weight.dtype), v.to(weight.dtype), _cast(new_bias, weight))
+
+
+def feature_bias(v: Tensor, mean: Tensor | None, bias: Tensor | None,
+                 bias_compensation: str = "intended") -> Tensor | None:
+    """The feature-space bias (float64) for the kept directions `v` (float64, out x r), P = v v^T:
+    "none" P b (None without a bias), otherwise ("intended") (I - P) mu + P b, mu the output mean.
+    `feature_space` and the factor cut (`lowrank.cut_factors`) both take their bias from here."""
     b = None if bias is None else bias.double()
     if bias_compensation == "none":
-        new_bias = None if b is None else v @ (v.T @ b)
-    else:
-        if mean is None:
-            raise ValueError("feature_space with bias_compensation='intended' needs the output mean")
-        mu = mean.double()
-        resid = mu if b is None else mu - b  # (I - P) mu + P b = mu - P (mu - b)
-        new_bias = mu - v @ (v.T @ resid)
-    return Factors(first.to(weight.dtype), v.to(weight.dtype), _cast(new_bias, weight))
+        return None if b is None else v @ (v.T @ b)
+    if mean is None:
+        raise ValueError("feature_space with bias_compensation='intended' needs the output mean")
+    mu = mean.double()
+    resid = mu if b is None else mu - b  # (I - P) mu + P b = mu - P (mu - b)
+    return mu - v @ (v.T @ resid)
 
 
 def weight_space(weight: Tensor, bias: Tensor | None, rank: int) -> Factors:

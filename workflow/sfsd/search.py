@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, blocks_of
-from .compress import LowRankLinear, cut_factors, linear_path, replace_module
 from .errors import ConfigError, DataError
-from .methods import Factors, max_rank
+from .lowrank import cut_module, linear_path, replace_module
+from .methods import max_rank
 from .plan import FACTOR_METHODS, ModelShapes, count_params, largest_fitting, layer_key, new_plan
 
 log = logging.getLogger(__name__)
@@ -549,13 +549,6 @@ FactorSource = Callable[[int, str], Mapping[str, torch.Tensor]]  # (block, linea
 CurveFn = Callable[[nn.Module], list[dict]]  # test-split rows {task, split, metric, value, n}
 
 
-def _low_rank(entry: Mapping[str, torch.Tensor], method: str, rank: int, bias_compensation: str,
-              like: nn.Linear) -> LowRankLinear:
-    f = cut_factors(entry, method, rank, bias_compensation)
-    f = Factors(*(None if t is None else t.to(like.weight.device, like.weight.dtype) for t in (f.first, f.second, f.bias)))
-    return LowRankLinear.from_factors(f)
-
-
 def surgical_search(
     model: nn.Module,
     spec: ArchSpec,
@@ -575,7 +568,7 @@ def surgical_search(
 ) -> SearchResult:
     """Run (or resume) the surgical search on `model` IN PLACE; the model ends compressed as the plan says.
 
-    `factors(block, linear)` gives the layer's full-rank factor cache entry (`compress.full_rank_factors`);
+    `factors(block, linear)` gives the layer's full-rank factor cache entry (`factor_cache.full_rank_factors`);
     `curve(model)` evaluates the test split (called at the start, every `curve_every` finished blocks and
     at the end); `header` goes into the plan (model, model_digest, architecture)."""
     settings.check()
@@ -627,7 +620,7 @@ def surgical_search(
             decisions[layer_key(block, linear)] = entry_of(rank)
             if rank is not None:
                 dense = runner.originals[block].get_submodule(spec.linears[linear])
-                replace_module(model, linear_path(spec, block, linear), _low_rank(
+                replace_module(model, linear_path(spec, block, linear), cut_module(
                     factors(block, linear), settings.method, rank, settings.bias_compensation, dense))
 
         def curve_point(layers_done: int, block: int) -> None:
@@ -681,8 +674,8 @@ def surgical_search(
 
             def trier(obj, limit: float) -> Callable[[int], tuple[float, bool]]:
                 def try_rank(rank: int) -> tuple[float, bool]:
-                    replace_module(model, path, _low_rank(entry, settings.method, rank, settings.bias_compensation,
-                                                          dense))
+                    replace_module(model, path, cut_module(entry, settings.method, rank, settings.bias_compensation,
+                                                           dense))
                     try:
                         with runner.cached(), runner.counting("search"), torch.no_grad():
                             score = obj.score(model)

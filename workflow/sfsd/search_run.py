@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from .arch import architecture_of, get_arch, select_linears
-from .compress import BlockFile, factor_entry
 from .collect import block_file
+from .compress import BlockFile
 from .errors import ConfigError, DataError
+from .factor_cache import factor_entry
 from .io import atomic_dir, atomic_path, model_digest, write_json
 from .provenance import stamp
 from .search import AccuracyObjective, KLObjective, LoglikObjective, PerplexityObjective, SearchSettings, \
