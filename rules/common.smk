@@ -41,7 +41,7 @@ MODELS = config["models"]
 
 
 METHODS_RE = "feature|weight|whitened|asvd"  # sfsd.variants.METHOD_NAMES
-MODES_RE = "accuracy|loglik|kl|perplexity"  # sfsd.search.MODES
+MODES_RE = "accuracy|loglik|kl|perplexity"  # sfsd.search_settings.MODES
 BUDGETS_RE = "|".join(sorted(config["compression"]["budgets"])) or "(?!)"
 
 

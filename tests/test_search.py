@@ -15,27 +15,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfsd.arch import get_arch, select_linears
+from sfsd.arch import LINEAR_ORDER, SEARCH_ORDER, get_arch, linear_order, select_linears
+from sfsd.block_cache import BlockCache
 from sfsd.errors import ConfigError
 from sfsd.factor_cache import save_factor_cache
 from sfsd.io import model_digest
-from sfsd.lowrank import LowRankLinear
 from sfsd.lmeval_tasks import export_local_tasks
+from sfsd.lowrank import LowRankLinear
 from sfsd.rows import mean_metric
 from sfsd.scoring import build_requests, encode_requests, score_multiple_choice
 from sfsd.splits import split_doc_ids
 from sfsd.methods import max_rank
 from sfsd.plan import model_shapes
-from sfsd.search import (
-    AccuracyObjective,
-    BlockCache,
-    SearchSettings,
-    candidate_ranks,
-    choose_rank,
-    search_order,
-    surgical_search,
-)
+from sfsd.objectives import AccuracyObjective
+from sfsd.search import SearchRecord, candidate_ranks, choose_rank, search_order, surgical_search
 from sfsd.search_run import FactorCache
+from sfsd.search_settings import SearchSettings
 
 from conftest import REPO, build_tiny_model
 
@@ -63,6 +58,17 @@ def test_search_order_is_reverse_with_the_paper_order_inside_a_block():
         search_order(LLAMA, 3, LINEARS, first_block=3)
     with pytest.raises(ConfigError, match="lacks"):
         search_order(LLAMA, 3, LINEARS, 0, order=("down_proj",))
+
+
+def test_default_order_is_the_registry_forward_order_reversed():
+    """The order inside a block comes from the architecture registry; the config schema's search.order
+    default (and so the CLI's --order) spells the same."""
+    import yaml
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert SearchSettings().order == SEARCH_ORDER == linear_order(LLAMA, reverse=True) == LINEAR_ORDER[::-1]
+    assert tuple(schema["properties"]["search"]["properties"]["order"]["default"]) == SEARCH_ORDER
+    assert search_order(LLAMA, 1, LINEARS, 0) == [(0, n) for n in SEARCH_ORDER]
 
 
 @pytest.mark.parametrize("threshold", [0, 1, 5, 9, 10, 17, 30, 99, 100, 101])
@@ -209,7 +215,7 @@ def test_bisection_with_cache_picks_the_linear_scan_ranks(tiny4, tmp_path):
         objective.threshold = lambda baseline, step: -10.0 * (step // 2)  # step 1 allows none: dense
         objective.passes = lambda s, t: s >= t
         res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)),
-                              objective, _settings(strategy=strategy), tmp_path / f"{strategy}.jsonl",
+                              objective, _settings(strategy=strategy), SearchRecord(),
                               cache=cache, progress=False)
         results[strategy] = res
     lin, bis = results["linear"], results["bisect"]
@@ -226,7 +232,7 @@ def test_real_logits_objective_same_plan_with_and_without_cache(tiny4, tmp_path)
     for cache in (False, True):
         model = _fresh(folder)
         res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)),
-                              LogitAgreement(model, 2e-4, _batches(1)), _settings(), tmp_path / f"{cache}.jsonl",
+                              LogitAgreement(model, 2e-4, _batches(1)), _settings(), SearchRecord(),
                               cache=cache, progress=False)
         plans.append((res.plan["layers"], [t for r in res.layers for t in r["tried"]]))
     assert plans[0] == plans[1]  # identical scores, bit for bit: the cache is exact
@@ -238,7 +244,7 @@ def test_delta_zero_never_lowers_the_search_score(tiny4, arc_requests, tmp_path)
     model = _fresh(folder)
     objective = AccuracyObjective(tok, enc, "acc_norm", delta=0.0, batch_size=8)
     res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)), objective,
-                          _settings(first_block=3), tmp_path / "state.jsonl", progress=False)
+                          _settings(first_block=3), SearchRecord(), progress=False)
     baseline = res.summary["baseline"]
     for r in res.layers:
         for t in r["tried"]:
@@ -254,7 +260,7 @@ def test_budget_stop_and_checkpoints(tiny4, tmp_path):
     objective = RankBudget(model, 0.0, _batches())
     objective.passes = lambda s, t: True  # accept rank 1 everywhere: parameters fall fastest
     res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)), objective,
-                          _settings(first_block=0, stop_at=0.97, checkpoints=(0.99, 0.98)), tmp_path / "s.jsonl",
+                          _settings(first_block=0, stop_at=0.97, checkpoints=(0.99, 0.98)), SearchRecord(),
                           progress=False)
     assert res.summary["stopped_at_budget"]
     assert res.layers[-1]["params_model_fraction"] <= 0.97 < res.layers[-2]["params_model_fraction"]

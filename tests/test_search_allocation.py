@@ -14,16 +14,9 @@ from sfsd.scoring import encode_requests, score_multiple_choice
 from sfsd.io import model_digest
 from sfsd.methods import Factors, max_rank
 from sfsd.plan import count_params, layer_key, model_shapes
-from sfsd.search import (
-    AccuracyObjective,
-    KLObjective,
-    LoglikObjective,
-    candidate_ranks,
-    released_rank,
-    search_order,
-    surgical_search,
-)
-from sfsd.search_run import FactorCache
+from sfsd.objectives import AccuracyObjective, KLObjective, LoglikObjective
+from sfsd.search import SearchRecord, candidate_ranks, released_rank, search_order, surgical_search
+from sfsd.search_run import FactorCache, SearchState
 
 from test_search import LINEARS, LLAMA, RankBudget, _batches, _fresh, _settings, arc_requests, tiny4  # noqa: F401
 
@@ -66,7 +59,7 @@ def test_plans_land_exactly_on_each_budget(tiny4, tmp_path):
     objective.passes = lambda s, t: True  # rank 1 everywhere: parameters fall fastest
     budgets = (("b97", 0.97), ("b95", 0.95), ("b10", 0.10))
     res = surgical_search(model, LLAMA, shapes, LINEARS, FactorCache(factors, "weight", model_digest(folder)), objective,
-                          _settings(first_block=0, budgets=budgets), tmp_path / "s.jsonl", progress=False)
+                          _settings(first_block=0, budgets=budgets), SearchRecord(), progress=False)
     assert res.summary["budgets_reached"] == {"b97": True, "b95": True, "b10": False}
     total = count_params(shapes, {"layers": {}})["model"]["dense"]
     for label, fraction in budgets[:2]:
@@ -139,7 +132,7 @@ def test_released_procedure_matches_a_transcription_of_the_released_loop(tiny4, 
     objective = AccuracyObjective(tok, enc, "paper", delta=delta)
     settings = _settings(first_block=2, strategy="released", delta=delta)
     res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, cache, objective, settings,
-                          tmp_path / "s.jsonl", progress=False)
+                          SearchState(tmp_path / "s.jsonl", settings), progress=False)
     order = search_order(LLAMA, 4, LINEARS, 2)
     expected = _released_transcription(_fresh(folder), tok, enc, cache, order, delta)
     assert res.plan["layers"] == expected
@@ -175,13 +168,14 @@ def test_kl_search_resumes_with_the_dense_reference(tiny4, arc_requests, tmp_pat
     settings = _settings(first_block=3, mode="kl", kl_max=1e-5)
     state = tmp_path / "s.jsonl"
     full = surgical_search(_fresh(folder), LLAMA, model_shapes(_fresh(folder)), LINEARS, cache,
-                           KLObjective(tok, enc, delta=1e-5), settings, state, progress=False)
+                           KLObjective(tok, enc, delta=1e-5), settings, SearchState(state, settings), progress=False)
     lines = state.read_text().splitlines()
     kept = [line for line in lines if json.loads(line)["type"] in ("header", "baseline")]
     layers = [line for line in lines if json.loads(line)["type"] == "layer"][:2]
     state.write_text("\n".join(kept + layers) + "\n")
     resumed = surgical_search(_fresh(folder), LLAMA, model_shapes(_fresh(folder)), LINEARS, cache,
-                              KLObjective(tok, enc, delta=1e-5), settings, state, progress=False)
+                              KLObjective(tok, enc, delta=1e-5), settings, SearchState(state, settings),
+                              progress=False)
     assert resumed.summary["resumed_after_layers"] == 2
     assert resumed.plan["layers"] == full.plan["layers"]
     assert [r["tried"] for r in resumed.layers] == [r["tried"] for r in full.layers]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from sfsd.search import SearchSettings
+from sfsd.search_settings import SearchSettings
 from sfsd.search_run import run_search
 from sfsd.tasks import TASKS
 

@@ -86,6 +86,19 @@ REGISTRY: dict[str, ArchSpec] = {
 }
 
 
+def linear_order(spec: ArchSpec, *, reverse: bool = False) -> tuple[str, ...]:
+    """The spec's Linear short names in forward order; reverse=True: the top of a block first (the rank
+    search's order inside a block)."""
+    names = tuple(spec.linears)
+    return names[::-1] if reverse else names
+
+
+# Every Linear short name the registry knows, in forward order: the order figures list layers in.
+LINEAR_ORDER = tuple(dict.fromkeys(name for spec in REGISTRY.values() for name in linear_order(spec)))
+# The rank search's default order inside a block (search.order, whose schema default equals it).
+SEARCH_ORDER = LINEAR_ORDER[::-1]
+
+
 def get_arch(architecture: str) -> ArchSpec:
     try:
         return REGISTRY[architecture]

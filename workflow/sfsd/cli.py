@@ -397,7 +397,7 @@ def cmd_comparisons(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .search import SearchSettings
+    from .search_settings import SearchSettings
     from .search_run import run_search
 
     settings = SearchSettings(

@@ -1,6 +1,6 @@
 """The search stage: load the model, the factor cache and the search data, run `surgical_search`, and
-write its outputs. All file access of the search lives here; `sfsd.search` only sees tensors and
-callables.
+write its outputs. All file access of the search lives here, the resumable state file included
+(`SearchState`); `sfsd.search` only sees tensors, callables and that state object.
 
 Outputs (a folder per search, `results/<model>/search/<method>-<mode>-<target>/`):
 - plan.json: the final rank plan (`sfsd.plan` format; layers the search kept dense appear as "dense");
@@ -29,9 +29,10 @@ from .compress import BlockFile
 from .errors import ConfigError, DataError
 from .factor_cache import factor_entry
 from .io import atomic_dir, atomic_path, model_digest, write_json
+from .objectives import AccuracyObjective, KLObjective, LoglikObjective, PerplexityObjective
 from .provenance import stamp
-from .search import AccuracyObjective, KLObjective, LoglikObjective, PerplexityObjective, SearchSettings, \
-    search_order, surgical_search
+from .search import SearchRecord, search_order, surgical_search
+from .search_settings import SearchSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,74 @@ AVERAGE = "average"
 def state_path(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     return out.with_name(out.name + ".state.jsonl")
+
+
+class SearchState(SearchRecord):
+    """The append-only JSON-lines file a search resumes from: a header (settings digest), the baseline,
+    then one record per finished layer and per curve point, each flushed and fsync'd."""
+
+    def __init__(self, path: str | os.PathLike, settings: SearchSettings) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.digest = _digest(asdict(settings))
+        records = self._read()
+        if records and records[0].get("type") == "header" and records[0].get("digest") == self.digest:
+            for r in records[1:]:
+                if r["type"] == "baseline":
+                    self.baseline = r["score"]
+                elif r["type"] == "layer":
+                    self.layers.append(r["record"])
+                elif r["type"] == "curve":
+                    self.curve.extend(r["rows"])
+            self._rewrite(records)  # drops a torn last line
+            if self.layers or self.baseline is not None:
+                log.info("resuming the search from %s: %d layers done", self.path, len(self.layers))
+        else:
+            if records:
+                log.info("%s holds another search's state (settings changed): starting over", self.path)
+            self._rewrite([{"type": "header", "digest": self.digest, "settings": asdict(settings)}])
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def _read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line torn by a kill: everything after it is lost, and redone
+        return out
+
+    def _rewrite(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def add_baseline(self, score: float) -> None:
+        super().add_baseline(score)
+        self.append({"type": "baseline", "score": score})
+
+    def add_layer(self, record: dict) -> None:
+        super().add_layer(record)
+        self.append({"type": "layer", "record": record})
+
+    def add_curve(self, rows: list[dict]) -> None:
+        super().add_curve(rows)
+        self.append({"type": "curve", "rows": rows})
 
 
 class FactorCache:
@@ -160,10 +229,11 @@ def run_search(
                          "stderr": None, "n": r["tokens"], "scorer": "native"})
         return [{k: r[k] for k in ("task", "split", "metric", "value", "n")} for r in rows]
 
-    state = state_path(out_dir)
     factors = FactorCache(factors_dir, settings.method, digest)
     factors.check(b for b, _ in search_order(spec, shapes.n_blocks, linears, settings.first_block,
                                              settings.last_block, settings.order))
+    settings.check()  # before the state file is touched
+    state = SearchState(state_path(out_dir), settings)
     result = surgical_search(
         model, spec, shapes, linears, factors, objective, settings, state,
         curve=curve if with_curve else None, curve_every=curve_every, cache=cache, cache_max_bytes=cache_max_mb * 2**20,
@@ -178,7 +248,7 @@ def run_search(
                # the documents every decision was made on (never scored by the evaluate stage)
                "search_docs": inputs}
     _write_outputs(out_dir, result, summary, model_name, name, settings)
-    state.unlink(missing_ok=True)
+    state.path.unlink(missing_ok=True)
     log.info("search %s: %d layers, %d evaluations, %d search block-forwards, params %.4f of the model",
              name, summary["layers_searched"], summary["evaluations"], summary["search_block_forwards"],
              summary.get("params_model_fraction", 1.0))
@@ -219,4 +289,4 @@ def _write_outputs(out_dir, result, summary: dict, model_name: str, name: str, s
     write_json(out / "summary.json", summary)
 
 
-__all__ = ["AVERAGE", "FactorCache", "run_search", "state_path"]
+__all__ = ["AVERAGE", "FactorCache", "SearchState", "run_search", "state_path"]
