@@ -19,6 +19,7 @@ import yaml
 from sfsd import figures as F
 from sfsd import spectra as S
 from sfsd import tables as T
+from sfsd.arch import LINEAR_ORDER, SEARCH_ORDER
 from sfsd.errors import DataError
 from sfsd.io import save_tensors
 
@@ -27,7 +28,6 @@ from test_workflow import new_run, planned_jobs, snakemake
 # (out, in) of a small Llama-like block: hidden 64, grouped-query k/v of 32, MLP 96
 SHAPES = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
           "gate_proj": (96, 64), "up_proj": (96, 64), "down_proj": (64, 96)}
-SEARCH_ORDER = ("down_proj", "up_proj", "gate_proj", "o_proj", "v_proj", "k_proj", "q_proj")
 TASKS = ("piqa", "arc_easy")
 N_BLOCKS, OTHER_PARAMS = 6, 2 * 320 * 64  # embeddings + lm_head
 
@@ -159,7 +159,7 @@ def test_layer_budget_heatmap(searches, tmp_path):
     names = ["feature-accuracy-piqa", "feature-accuracy-arc_easy"]
     logs = {n: F.read_search_log(root / n / "log.jsonl") for n in names}
     blocks, linears, matrix = F.layer_budget_matrix(logs[names[0]])
-    assert blocks == list(range(N_BLOCKS)) and linears == list(F.LINEAR_ORDER)
+    assert blocks == list(range(N_BLOCKS)) and linears == list(LINEAR_ORDER)
     ranks = made[names[0]]["ranks"]
     for b in blocks:
         for j, lin in enumerate(linears):

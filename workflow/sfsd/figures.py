@@ -19,16 +19,15 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from .arch import LINEAR_ORDER
 from .errors import DataError
 from .plotting import METHOD_COLOR, _grid, _pyplot, save_figure
 from .tables import METHOD_LABEL, METHOD_ORDER
 from .tasks import METRIC_CHOICES
 
-MODES = ("accuracy", "loglik", "kl", "perplexity", "budget")  # sfsd.search.MODES, and budget
+MODES = ("accuracy", "loglik", "kl", "perplexity", "budget")  # sfsd.search_settings.MODES, and budget
 MODE_TITLE = {"accuracy": "accuracy-driven", "loglik": "gold-log-likelihood-driven", "kl": "answer-KL-driven",
               "perplexity": "perplexity-driven", "budget": "budget-driven"}
-# Canonical order of the Linear layers in the heat map (the registry's forward order for Llama-like models).
-LINEAR_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CURVE_COLUMNS = ("method", "search", "mode", "target", "layers_done", "block", "params_model",
                  "params_model_fraction", "task", "split", "metric", "value", "n")
 LOG_KEYS = ("step", "layer", "block", "linear", "in_features", "out_features", "rank", "layer_params_fraction",

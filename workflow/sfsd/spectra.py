@@ -11,8 +11,8 @@ import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
+from .arch import LINEAR_ORDER
 from .errors import DataError
-from .figures import LINEAR_ORDER
 from .io import atomic_path
 from .plotting import _grid, _pyplot, save_figure
 
