@@ -6,11 +6,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import jsonschema
-import yaml
-from snakemake.utils import validate
-
-SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 PACKAGE_DIR = Path(workflow.basedir) / "workflow" / "sfsd"
 # Jobs run `python -m sfsd` from whatever environment is active (the venv of workflow/setup.sh, or
 # a conda env of envs/ with --sdm conda): put this checkout's package first on their path, so the
@@ -25,18 +20,21 @@ def fail(message):
     sys.exit(1)
 
 
-def validate_config():
-    """One line for the first schema violation (key path and reason), then Snakemake's own
-    validation, which also fills in the schema's defaults."""
-    schema = yaml.safe_load(SCHEMA.read_text())
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
-    if error is not None:
-        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        fail(f"{key}: {error.message} (see {SCHEMA.relative_to(workflow.basedir)})")
-    validate(config, str(SCHEMA))
+def check_config():
+    """The schema (one line for its first violation; fills in its defaults), then every check the schema
+    cannot make alone (sfsd.config.check_config): both before any job starts."""
+    sys.path.insert(0, str(PACKAGE_DIR.parent))  # the package, also when not pip-installed
+    from sfsd import config as sfsd_config
+    from sfsd.errors import ConfigError
+
+    try:
+        sfsd_config.validate(config)
+        sfsd_config.check_config(config, root=".")
+    except ConfigError as err:
+        fail(str(err))
 
 
-validate_config()
+check_config()
 MODELS = config["models"]
 
 
@@ -55,145 +53,6 @@ wildcard_constraints:
     variant=rf"base|({METHODS_RE})-(spectral-)?[a-zA-Z0-9_]+|search-({METHODS_RE})-({MODES_RE})-[a-zA-Z0-9_]+(-[a-zA-Z0-9_]+)?",
     mode=MODES_RE,
     target=r"[a-zA-Z0-9_]+",
-
-
-def check_config():
-    sys.path.insert(0, str(PACKAGE_DIR.parent))  # the package, also when not pip-installed
-    from sfsd.arch import REGISTRY, select_linears
-    from sfsd.errors import SfsdError
-    from sfsd.models import EMBEDDED
-
-    for name, m in MODELS.items():
-        arch = None
-        if m["source"] == "embedded":
-            if m.get("id") not in EMBEDDED:
-                fail(f"models.{name}.id {m.get('id')!r} is not an embedded model; choose one of {sorted(EMBEDDED)}")
-            arch = EMBEDDED[m["id"]].architecture
-        if m["source"] == "hub" and not m.get("id"):
-            fail(f"models.{name}.id must name a hub repo (e.g. huggyllama/llama-7b) for source hub")
-        if m["source"] == "local":
-            folder = Path(m.get("path") or "")
-            if not m.get("path") or not (folder / "config.json").is_file():
-                fail(f"models.{name}.path {m.get('path')!r} is not a model folder with config.json")
-            arch = (json.loads((folder / "config.json").read_text()).get("architectures") or ["?"])[0]
-            if arch not in REGISTRY:
-                fail(f"models.{name}: unsupported architecture {arch!r}; supported: {', '.join(sorted(REGISTRY))}")
-        if arch is not None:  # hub models are checked once downloaded, by the stages themselves
-            try:
-                select_linears(REGISTRY[arch], config["layers"])
-            except SfsdError as err:
-                fail(f"models.{name}: {err}")
-    cal = config["calibration"]
-    if cal["source"] in ("text_file", "jsonl_file"):
-        if not cal["path"] or not Path(cal["path"]).is_file():
-            fail(f"calibration.path {cal['path']!r} is not a file (needed by source {cal['source']})")
-        if Path(cal["path"]).stat().st_size == 0:
-            fail(f"calibration.path {cal['path']!r} is empty; give it some text")
-    if cal["source"] == "hub" and not cal["hub_dataset"]:
-        fail("calibration.hub_dataset must be set for calibration.source hub")
-    if cal["source"] in ("text_file", "jsonl_file"):
-        try:
-            text = Path(cal["path"]).read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            fail(f"calibration.path {cal['path']!r} is not UTF-8 text (byte {err.start}); give a text or JSONL file")
-    if cal["source"] == "jsonl_file":
-        first = next((line for line in text.splitlines() if line.strip()), "")
-        try:
-            row = json.loads(first)
-        except json.JSONDecodeError:
-            fail(f"calibration.path {cal['path']!r} is not JSONL (its first line is not JSON); use source text_file")
-        if not isinstance(row, dict) or cal["text_field"] not in row:
-            fail(f"calibration.text_field {cal['text_field']!r} is not a field of {cal['path']!r}; "
-                 f"its first row has {sorted(row) if isinstance(row, dict) else type(row).__name__}")
-    # calibration text must never come from an evaluated split
-    if cal["source"] == "combination" and cal["task_source"] == "local" and config["splits"]["calibration_fraction"] == 0:
-        fail("splits.calibration_fraction is 0, so every task document is in an evaluated split and calibration.source "
-             "combination would calibrate on them; set it above 0 (default 0.1) or choose another calibration.source")
-    exported_tasks = Path("results/tasks").resolve()  # evaluate.smk's export_tasks output
-    if cal["source"] in ("text_file", "jsonl_file") and Path(cal["path"]).resolve().is_relative_to(exported_tasks):
-        fail(f"calibration.path {cal['path']!r} is an exported evaluation task file: calibration would overlap the "
-             "evaluated splits; use calibration.source combination (it draws from the held-out calibration part)")
-    # the model's own limits, wherever its config.json is readable before any job starts (local models, or
-    # an embedded/hub model already prepared under results/models/); the stages check the rest
-    ppl = config["evaluation"]["perplexity"]
-    for name, m in MODELS.items():
-        model_config = (Path(m["path"]) if m["source"] == "local" else Path("results/models") / name) / "config.json"
-        if not model_config.is_file():
-            continue
-        mc = json.loads(model_config.read_text())
-        context = mc.get("max_position_embeddings")
-        if context and cal["seq_len"] > context:
-            fail(f"calibration.seq_len {cal['seq_len']} exceeds the context of model {name} ({context} tokens); "
-                 f"set it to {context} or less")
-        if context and config["evaluation"]["enabled"] and ppl["source"] != "none" and ppl["window"] > context:
-            fail(f"evaluation.perplexity.window {ppl['window']} exceeds the context of model {name} ({context} "
-                 f"tokens); set it to {context} or less")
-        n_blocks = mc.get("num_hidden_layers")
-        if n_blocks and config["compression"]["first_block"] >= n_blocks:
-            fail(f"compression.first_block {config['compression']['first_block']} is out of range: model {name} "
-                 f"has blocks 0..{n_blocks - 1}")
-        search = config["search"]
-        if n_blocks and search["enabled"] and not search["full"]:
-            first = search["first_block"] + n_blocks if search["first_block"] < 0 else search["first_block"]
-            last = n_blocks - 1 if search["last_block"] is None else search["last_block"]
-            if not 0 <= first <= last < n_blocks:
-                fail(f"search.first_block {search['first_block']} / last_block {search['last_block']} give no block of "
-                     f"model {name} (blocks 0..{n_blocks - 1}); negative first_block counts from the top")
-    search = config["search"]
-    if search["enabled"]:
-        for mode in ("accuracy", "loglik", "kl"):
-            unknown = [t for t in search["targets"][mode] if t != "average" and t not in config["evaluation"]["tasks"]]
-            if mode in search["modes"] and unknown:
-                fail(f"search.targets.{mode} {unknown} are not in evaluation.tasks {config['evaluation']['tasks']}; "
-                     "add them there (the search scores their search split) or use average")
-        empty = [m for m in search["modes"] if not search["targets"][m]]
-        if empty:
-            fail(f"search.targets.{empty[0]} is empty while search.modes lists {empty[0]}; name a target or drop the mode")
-    check_metrics()
-    check_search_text()
-
-
-def check_metrics():
-    """evaluation.metric, search.metric and laser.metric against the tasks they score: a metric lm-eval's
-    config does not define for a task (acc_norm for boolq or winogrande) is one line naming the key; the
-    mapping itself is sfsd.tasks.task_metric's."""
-    from sfsd.errors import ConfigError
-    from sfsd.tasks import task_metric
-
-    def check(key, tasks):
-        for task in tasks:
-            try:
-                task_metric(task, config[key.split(".")[0]]["metric"])
-            except ConfigError as err:
-                fail(f"{key}: {err}")
-
-    check("evaluation.metric", config["evaluation"]["tasks"])
-    search = config["search"]
-    if search["enabled"] and "accuracy" in search["modes"]:
-        targets = search["targets"]["accuracy"]
-        check("search.metric", config["evaluation"]["tasks"] if "average" in targets else targets)
-    laser = config["laser"]
-    if laser["enabled"]:
-        check("laser.metric", laser["tasks"])
-
-
-def check_search_text():
-    """The text of each perplexity search target (sfsd.perplexity.search_text_conflict): a text_file /
-    jsonl_file target is the file of evaluation.perplexity (same source, its path), so the search tunes on
-    its leading splits.search_fraction of documents and the tables report the rest; a wikitext2 target
-    must not be the calibration text."""
-    from sfsd.perplexity import search_text_conflict
-
-    search = config["search"]
-    if not search["enabled"] or "perplexity" not in search["modes"]:
-        return
-    for target in search["targets"]["perplexity"]:
-        conflict = search_text_conflict(target, config["evaluation"]["perplexity"], config["calibration"])
-        if conflict:
-            fail(conflict)
-
-
-check_config()
 
 
 def command_version(command):
@@ -325,14 +184,9 @@ def search_args(wildcards):
     ]
     if s["budgets"] and config["compression"]["budgets"]:
         args.append("--budgets " + ",".join(f"{k}={v}" for k, v in config["compression"]["budgets"].items()))
-    if s["last_block"] is not None and not full:
-        args.append(f"--last-block {s['last_block']}")
-    if s["stop_at"] is not None:
-        args.append(f"--stop-at {s['stop_at']}")
-    if s["search_limit"] is not None and not full:
-        args.append(f"--search-limit {s['search_limit']}")
-    if s["curve_limit"] is not None and not full:
-        args.append(f"--curve-limit {s['curve_limit']}")
+    # whole splits and every block up to the top for search.full; None is passed as `none`
+    args += [f"--last-block {None if full else s['last_block']}", f"--stop-at {s['stop_at']}",
+             f"--search-limit {None if full else s['search_limit']}", f"--curve-limit {None if full else s['curve_limit']}"]
     if not s["cache"]:
         args.append("--no-cache")
     return " ".join(args)

@@ -59,7 +59,7 @@ rule evaluate_model:
         else "",
         tasks=",".join(config["evaluation"]["tasks"]),
         split=config["evaluation"]["split"],
-        limit=lambda wc: f"--limit {config['evaluation']['limit']}" if config["evaluation"]["limit"] else "",
+        limit=f"--limit {config['evaluation']['limit'] or 'none'}",
         scorer=config["evaluation"]["scorer"],
         batch_size=config["evaluation"]["batch_size"],
         device=config["device"],

@@ -1,25 +1,8 @@
 # Helpers of rules/evaluate.smk and of other stages that score the benchmarks (the task source of
-# evaluation.source), perplexity arguments, and config checks the schema cannot make alone.
+# evaluation.source) and perplexity arguments.
 import shlex
 
 EVAL = config["evaluation"]
-
-
-def check_evaluation_config():
-    """One line before any job starts for evaluation settings the schema cannot judge alone."""
-    sys.path.insert(0, str(PACKAGE_DIR.parent))
-    from sfsd.perplexity import calibration_conflict
-
-    ppl = EVAL["perplexity"]
-    if ppl["source"] in ("text_file", "jsonl_file"):
-        if not ppl["path"] or not Path(ppl["path"]).is_file():
-            fail(f"evaluation.perplexity.path {ppl['path']!r} is not a file (needed by source {ppl['source']})")
-    conflict = calibration_conflict(ppl["source"], config["calibration"])
-    if conflict:
-        fail(conflict)
-
-
-check_evaluation_config()
 
 
 def eval_tasks_input(wildcards):
@@ -41,9 +24,7 @@ def perplexity_args(wildcards, input):
         return "--ppl-source none"
     # the leading search_fraction of the documents belongs to the rank search: never scored here
     args = (f"--ppl-source {ppl['source']} --ppl-window {ppl['window']} "
-            f"--ppl-search-fraction {config['splits']['search_fraction']}")
-    if ppl["max_docs"] is not None:
-        args += f" --ppl-max-docs {ppl['max_docs']}"
+            f"--ppl-search-fraction {config['splits']['search_fraction']} --ppl-max-docs {ppl['max_docs']}")
     if ppl["source"] in ("text_file", "jsonl_file"):
         args += f" --ppl-path {shlex.quote(str(input.ppl_text))} --ppl-text-field {shlex.quote(ppl['text_field'])}"
     return args

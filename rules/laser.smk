@@ -46,11 +46,11 @@ rule laser_point:
         rate=r"\d+(\.\d+)?",
     params:
         task_args=eval_task_args,
-        limit=f"--limit {LASER['limit']}" if LASER["limit"] else "",
+        limit=f"--limit {LASER['limit'] or 'none'}",
         batch_size=LASER["batch_size"],
         device=config["device"],
         vendi=" ".join(
-            ([f"--vendi-bandwidth {LASER['vendi']['bandwidth']}"] if LASER["vendi"]["bandwidth"] else [])
+            [f"--vendi-bandwidth {LASER['vendi']['bandwidth'] or 'none'}"]
             + (["--vendi-exact"] if LASER["vendi"]["exact"] else [])
         ),
         code=command_version("laser-point"),

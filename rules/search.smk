@@ -29,7 +29,7 @@ rule search:
         # tunes on its leading documents, the evaluate stage scores the rest
         ppl=lambda wc: f"--ppl-window {config['evaluation']['perplexity']['window']} "
         f"--ppl-search-fraction {config['splits']['search_fraction']}"
-        + (f" --ppl-max-docs {n}" if (n := config["evaluation"]["perplexity"]["max_docs"]) is not None else "")
+        + f" --ppl-max-docs {config['evaluation']['perplexity']['max_docs']}"
         + (
             f" --ppl-path {shlex.quote(str(config['evaluation']['perplexity']['path']))}"
             f" --ppl-text-field {shlex.quote(config['evaluation']['perplexity']['text_field'])}"

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .defaults import block_range, default
 from .errors import ConfigError, SfsdError
 from .tasks import METRIC_CHOICES
 
@@ -22,6 +23,16 @@ METHOD_CHOICES = ("feature", "weight", "whitened", "asvd")
 METRIC_HELP = ("paper (default): per task the metric lm-eval defines and the SFSD paper reports (acc for boolq "
                "and winogrande, acc_norm for the others); acc or acc_norm: that one (acc_norm only for tasks "
                "whose lm-eval config defines it)")
+
+
+def _optional(kind: type):
+    """An option type for a nullable setting: `none` (or `null`) is None, anything else `kind`."""
+
+    def parse(value: str):
+        return None if value.lower() in ("none", "null") else kind(value)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error line
+    return parse
 
 
 def _csv(value: str) -> list[str]:
@@ -115,15 +126,13 @@ def cmd_factor_cache(args: argparse.Namespace) -> None:
 
 def cmd_make_plan(args: argparse.Namespace) -> None:
     from .arch import get_arch, select_linears
-    from .io import model_digest, read_json, write_json
+    from .io import model_digest, write_json
     from .plan import budget_plan, count_params, model_shapes
     from .provenance import stamp
 
     shapes = model_shapes(args.model_dir)
     spec = get_arch(shapes.architecture)
-    first = args.first_block
-    if not 0 <= first < shapes.n_blocks:
-        raise ConfigError(f"first_block {first} is out of range: the model has blocks 0..{shapes.n_blocks - 1}")
+    first = block_range(args.first_block, None, shapes.n_blocks, "--first-block").start
     linears = select_linears(spec, _csv(args.layers))
     digest = model_digest(args.model_dir)
     header = dict(model=args.model_name, model_digest=digest, architecture=shapes.architecture,
@@ -136,7 +145,7 @@ def cmd_make_plan(args: argparse.Namespace) -> None:
         plan = budget_plan(spec, shapes, linears, args.params_fraction, args.method, blocks=range(first, shapes.n_blocks),
                            convention=args.convention, **header)
     else:
-        plan, calibration = _allocated_plan(args, spec, shapes, linears, digest, header)
+        plan, calibration = _allocated_plan(args, spec, shapes, linears, range(first, shapes.n_blocks), digest, header)
         settings["search"] = args.search
     plan["notes"]["counts"] = count_params(shapes, plan)
     plan["notes"]["provenance"] = stamp(digest, calibration, settings)
@@ -145,7 +154,7 @@ def cmd_make_plan(args: argparse.Namespace) -> None:
                  args.convention)
 
 
-def _allocated_plan(args, spec, shapes, linears, digest, header) -> tuple[dict, str | None]:
+def _allocated_plan(args, spec, shapes, linears, blocks: range, digest, header) -> tuple[dict, str | None]:
     """A spectral plan, or a searched one: the search's own plan where it landed on the budget
     (checkpoints/<label>.json), else its decisions completed by the spectral allocation of the rest."""
     from pathlib import Path
@@ -167,12 +176,12 @@ def _allocated_plan(args, spec, shapes, linears, digest, header) -> tuple[dict, 
         return factor_spectrum(files[block], linear, args.bias_compensation)
 
     fixed, uniform = {}, None
-    keys = [layer_key(b, n) for b in range(args.first_block, shapes.n_blocks) for n in linears]
+    keys = [layer_key(b, n) for b in blocks for n in linears]
     if args.allocation == "searched":
         if not args.search or not args.budget_label:
             raise ConfigError("make-plan --allocation searched needs --search (a search folder) and --budget-label")
         uniform = budget_plan(spec, shapes, linears, args.params_fraction, args.method,
-                              blocks=range(args.first_block, shapes.n_blocks), convention=args.convention, **header)
+                              blocks=blocks, convention=args.convention, **header)
         size = count_params(shapes, uniform)[args.convention]["compressed"]
         landed = Path(args.search) / "checkpoints" / f"{args.budget_label}.json"
         plan = read_json(landed) if landed.is_file() else None
@@ -186,7 +195,7 @@ def _allocated_plan(args, spec, shapes, linears, digest, header) -> tuple[dict, 
     keys = [k for k in keys if k not in fixed]
     spectra = layer_spectra(spec, shapes, keys, read)
     plan = spectral_plan(spec, shapes, linears, args.params_fraction, args.method, spectra,
-                         blocks=range(args.first_block, shapes.n_blocks), convention=args.convention, fixed=fixed,
+                         blocks=blocks, convention=args.convention, fixed=fixed,
                          groups=args.spectral_groups, uniform=uniform, **header)
     if args.allocation == "searched":
         plan["notes"].update({"builder": "searched", "search": args.search, "completed_layers": len(spectra)})
@@ -581,10 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", required=True)
     p.add_argument("--tokens", required=True)
     p.add_argument("--layers", required=True, help="comma-separated layer keywords")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--flush-every", type=int, default=1, help="batches summed in float32 before the float64 reduce")
+    p.add_argument("--dtype", default=default("collection.dtype"))
+    p.add_argument("--device", default=default("device"))
+    p.add_argument("--batch-size", type=int, default=default("collection.batch_size"))
+    p.add_argument("--flush-every", type=int, default=default("collection.flush_every"),
+                   help="batches summed in float32 before the float64 reduce")
     p.add_argument("--out", required=True, help="output folder (block_XXX.safetensors + manifest.json)")
     p.set_defaults(func=cmd_collect)
 
@@ -592,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True)
     p.add_argument("--model-dir", required=True)
     p.add_argument("--layers", required=True, help="comma-separated short Linear names")
-    p.add_argument("--save-dtype", default="float32")
+    p.add_argument("--save-dtype", default=default("eigen.save_dtype"))
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_eigen)
 
@@ -610,17 +620,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", required=True)
     p.add_argument("--method", choices=METHOD_CHOICES, required=True)
     p.add_argument("--params-fraction", type=float, required=True, help="target fraction of parameters kept")
-    p.add_argument("--first-block", type=int, default=0, help="compress blocks first_block..last only")
+    p.add_argument("--first-block", type=int, default=default("compression.first_block"),
+                   help="compress blocks first_block..last only")
     p.add_argument("--layers", required=True)
-    p.add_argument("--convention", choices=["model", "decoder_linear"], default="model")
-    p.add_argument("--bias-compensation", choices=["intended", "none"], default="intended")
+    p.add_argument("--convention", choices=["model", "decoder_linear"], default=default("compression.convention"))
+    p.add_argument("--bias-compensation", choices=["intended", "none"],
+                   default=default("compression.bias_compensation"))
     p.add_argument("--allocation", choices=["uniform", "spectral", "searched"], default="uniform",
                    help="uniform: one keep ratio; spectral: ranks from the cached spectra (sfsd.allocate); searched: "
                         "a search's plan at the budget, its unsearched layers allocated spectrally")
     p.add_argument("--factors", help="factor cache root (results/<model>/factors): spectral and searched")
     p.add_argument("--search", help="search output folder: searched")
     p.add_argument("--budget-label", help="the budget's name (e.g. p54): the search's checkpoint of that budget")
-    p.add_argument("--spectral-groups", choices=("type", "global"), default="type",
+    p.add_argument("--spectral-groups", choices=("type", "global"), default=default("compression.spectral_groups"),
                    help="spectral: move rank across depth within each Linear type, or anywhere")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_make_plan)
@@ -644,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--calibration-fraction", type=float, required=True)
     p.add_argument("--search-fraction", type=float, required=True)
-    p.add_argument("--source", choices=["local", "hub"], default="local",
+    p.add_argument("--source", choices=["local", "hub"], default=default("evaluation.source"),
                    help="local: the shipped validation docs; hub: lm-eval's own eval_docs (downloads them)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_splits)
@@ -655,25 +667,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", required=True)
     p.add_argument("--method", default="baseline")
     p.add_argument("--variant", required=True, help="plan name written to the rows (base, feature-p54, ...)")
-    p.add_argument("--task-source", choices=["local", "hub"], default="local",
+    p.add_argument("--task-source", choices=["local", "hub"], default=default("evaluation.source"),
                    help="local: the exported tasks of --tasks-dir; hub: lm-eval's built-in tasks (downloads data)")
     p.add_argument("--tasks-dir", default=None, help="export-tasks folder (task source local)")
     p.add_argument("--tasks", required=True)
     p.add_argument("--splits", required=True)
-    p.add_argument("--split", choices=["search", "test"], default="test")
-    p.add_argument("--limit", type=int, default=None, help="first N docs of the split per task")
-    p.add_argument("--scorer", choices=["lm_eval", "native"], default="native",
+    p.add_argument("--split", choices=["search", "test"], default=default("evaluation.split"))
+    p.add_argument("--limit", type=_optional(int), default=default("evaluation.limit"),
+                   help="first N docs of the split per task (none: all)")
+    p.add_argument("--scorer", choices=["lm_eval", "native"], default=default("evaluation.scorer"),
                    help="native (exact, faster; checked against lm-eval by the check_scorer rule) or lm_eval")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--ppl-source", default="lambada", help="lambada, coqa, wikitext2, text_file, jsonl_file or none")
-    p.add_argument("--ppl-window", type=int, default=128)
-    p.add_argument("--ppl-max-docs", type=int, default=None, help="first N documents (default: all)")
+    p.add_argument("--batch-size", type=int, default=default("evaluation.batch_size"))
+    p.add_argument("--device", default=default("device"))
+    p.add_argument("--ppl-source", default=default("evaluation.perplexity.source"),
+                   help="lambada, coqa, wikitext2, text_file, jsonl_file or none")
+    p.add_argument("--ppl-window", type=int, default=default("evaluation.perplexity.window"))
+    p.add_argument("--ppl-max-docs", type=_optional(int), default=default("evaluation.perplexity.max_docs"),
+                   help="first N documents (none: all)")
     p.add_argument("--ppl-search-fraction", type=float, default=None,
                    help="leading fraction of the perplexity documents kept for the rank search and never scored "
                         "here (splits.search_fraction; required with a perplexity source); 0 scores them all")
     p.add_argument("--ppl-path", default=None, help="the file of the text_file / jsonl_file perplexity sources")
-    p.add_argument("--ppl-text-field", default="text", help="JSONL field of the jsonl_file perplexity source")
+    p.add_argument("--ppl-text-field", default=default("evaluation.perplexity.text_field"),
+                   help="JSONL field of the jsonl_file perplexity source")
     p.add_argument("--calibration-texts", default=None, help="texts.jsonl whose doc ids perplexity must skip")
     p.add_argument("--out", required=True)
     p.add_argument("--items-out", default=None, help="per-document / per-window scores (paired comparisons)")
@@ -683,14 +699,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "any difference from the native scorer")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--compressed", default=None, help="a compressed model folder; omit for the base model")
-    p.add_argument("--task-source", choices=["local", "hub"], default="local")
+    p.add_argument("--task-source", choices=["local", "hub"], default=default("evaluation.source"))
     p.add_argument("--tasks-dir", default=None)
     p.add_argument("--tasks", required=True)
     p.add_argument("--splits", required=True)
     p.add_argument("--limit", type=int, required=True, help="first N test docs per task")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest |log-likelihood difference| per choice")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=default("evaluation.batch_size"))
+    p.add_argument("--device", default=default("device"))
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_check_scorer)
 
@@ -701,16 +717,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("paper-table", help="the SFSD paper's Table 1 for one model, as Markdown and CSV")
     p.add_argument("--results", required=True)
-    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
+    p.add_argument("--metric", choices=METRIC_CHOICES, default=default("evaluation.metric"), help=METRIC_HELP)
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-csv", required=True)
     p.set_defaults(func=cmd_paper_table)
 
     p = sub.add_parser("comparisons", help="paired bootstrap differences between variants scored on the same "
                        "documents (MD + CSV)")
-    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
-    p.add_argument("--seed", type=int, default=0, help="seed of numpy.random.default_rng for the resamples")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per pair")
+    p.add_argument("--metric", choices=METRIC_CHOICES, default=default("evaluation.metric"), help=METRIC_HELP)
+    p.add_argument("--seed", type=int, default=default("evaluation.bootstrap.seed"),
+                   help="seed of numpy.random.default_rng for the resamples")
+    p.add_argument("--n-boot", type=int, default=default("evaluation.bootstrap.resamples"),
+                   help="bootstrap resamples per pair")
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-csv", required=True)
     p.add_argument("inputs", nargs="+", help="results/<model>/eval/<variant>.docs.parquet files of one model")
@@ -720,47 +738,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--model-name", required=True)
     p.add_argument("--factors", required=True, help="folder holding <method>/block_NNN.safetensors (factor-cache)")
-    p.add_argument("--method", default="feature", choices=METHOD_CHOICES)
-    p.add_argument("--mode", default="accuracy", choices=("accuracy", "loglik", "kl", "perplexity"))
-    p.add_argument("--target", default="average", help="a task, 'average' (accuracy), or a perplexity source")
-    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
-    p.add_argument("--delta", type=float, default=0.0, help="accuracy: accepted drop from the baseline")
-    p.add_argument("--eps", type=float, default=0.005, help="perplexity: growth allowed per step")
-    p.add_argument("--order", default=",".join(("down_proj", "up_proj", "gate_proj", "o_proj", "v_proj", "k_proj",
-                                                  "q_proj")))
-    p.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
-    p.add_argument("--first-block", type=int, default=0)
-    p.add_argument("--last-block", type=int, default=None)
-    p.add_argument("--strategy", default="bisect", choices=("bisect", "linear", "released"),
+    p.add_argument("--method", required=True, choices=METHOD_CHOICES)
+    p.add_argument("--mode", required=True, choices=("accuracy", "loglik", "kl", "perplexity"))
+    p.add_argument("--target", required=True, help="a task, 'average' (accuracy), or a perplexity source")
+    p.add_argument("--metric", choices=METRIC_CHOICES, default=default("search.metric"), help=METRIC_HELP)
+    p.add_argument("--delta", type=float, default=default("search.delta"),
+                   help="accuracy: accepted drop from the baseline")
+    p.add_argument("--eps", type=float, default=default("search.eps"), help="perplexity: growth allowed per step")
+    p.add_argument("--order", default=",".join(default("search.order")))
+    p.add_argument("--fractions", default=",".join(str(f) for f in default("search.fractions")))
+    p.add_argument("--first-block", type=int, default=default("search.first_block"),
+                   help="lowest block searched; negative counts from the top")
+    p.add_argument("--last-block", type=_optional(int), default=default("search.last_block"),
+                   help="highest block searched (none: the top)")
+    p.add_argument("--strategy", default=default("search.strategy"), choices=("bisect", "linear", "released"),
                    help="bisect; linear (the published scan); released (the released code's chunks and re-check)")
-    p.add_argument("--loglik-delta", type=float, default=0.05, help="loglik: accepted drop (nats) from the baseline")
-    p.add_argument("--kl-max", type=float, default=0.02, help="kl: accepted mean KL (nats) from the baseline")
+    p.add_argument("--loglik-delta", type=float, default=default("search.loglik_delta"),
+                   help="loglik: accepted drop (nats) from the baseline")
+    p.add_argument("--kl-max", type=float, default=default("search.kl_max"),
+                   help="kl: accepted mean KL (nats) from the baseline")
     p.add_argument("--budgets", default=None, help="label=fraction,...: also save plans landed on these budgets "
                    "(checkpoints/<label>.json)")
-    p.add_argument("--stop-at", type=float, default=None, help="stop once params fall to this fraction")
-    p.add_argument("--convention", default="model", choices=["model", "decoder_linear"])
-    p.add_argument("--bias-compensation", default="intended", choices=["intended", "none"])
-    p.add_argument("--checkpoints", default="0.9,0.8", help="save the plan when params first fall under these")
+    p.add_argument("--stop-at", type=_optional(float), default=default("search.stop_at"),
+                   help="stop once params fall to this fraction")
+    p.add_argument("--convention", default=default("compression.convention"), choices=["model", "decoder_linear"])
+    p.add_argument("--bias-compensation", default=default("compression.bias_compensation"),
+                   choices=["intended", "none"])
+    p.add_argument("--checkpoints", default=",".join(str(c) for c in default("search.checkpoints")) or "none",
+                   help="save the plan when params first fall under these")
     p.add_argument("--layers", required=True)
-    p.add_argument("--task-source", choices=["local", "hub"], default="local",
+    p.add_argument("--task-source", choices=["local", "hub"], default=default("evaluation.source"),
                    help="local = exported tasks in --tasks-dir; hub = lm-eval's own tasks (online)")
     p.add_argument("--tasks-dir", default=None)
     p.add_argument("--splits", required=True)
     p.add_argument("--tasks", required=True, help="tasks of the test-split curve (and of the 'average' target)")
-    p.add_argument("--search-limit", type=int, default=None, help="search-split docs per task (none: all)")
-    p.add_argument("--curve-limit", type=int, default=None, help="test-split docs per task for the curve")
-    p.add_argument("--curve-every", type=int, default=1, help="evaluate the test split every N finished blocks")
-    p.add_argument("--ppl-window", type=int, default=128)
-    p.add_argument("--ppl-max-docs", type=int, default=None, help="first N perplexity documents (default: all)")
+    p.add_argument("--search-limit", type=_optional(int), default=default("search.search_limit"),
+                   help="search-split docs per task (none: all)")
+    p.add_argument("--curve-limit", type=_optional(int), default=default("search.curve_limit"),
+                   help="test-split docs per task for the curve (none: all)")
+    p.add_argument("--curve-every", type=int, default=default("search.curve_every"),
+                   help="evaluate the test split every N finished blocks")
+    p.add_argument("--ppl-window", type=int, default=default("evaluation.perplexity.window"))
+    p.add_argument("--ppl-max-docs", type=_optional(int), default=default("evaluation.perplexity.max_docs"),
+                   help="first N perplexity documents (none: all)")
     p.add_argument("--ppl-search-fraction", type=float, required=True,
                    help="leading fraction of the perplexity documents searched on (splits.search_fraction)")
     p.add_argument("--ppl-path", default=None, help="the file of the text_file / jsonl_file perplexity targets")
-    p.add_argument("--ppl-text-field", default="text", help="JSONL field of the jsonl_file perplexity target")
+    p.add_argument("--ppl-text-field", default=default("evaluation.perplexity.text_field"),
+                   help="JSONL field of the jsonl_file perplexity target")
     p.add_argument("--calibration-texts", default=None, help="calibration JSONL whose docs perplexity text excludes")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=default("search.batch_size"))
+    p.add_argument("--device", default=default("device"))
     p.add_argument("--no-cache", action="store_true", help="full forwards for every candidate (the published cost)")
-    p.add_argument("--cache-max-mb", type=float, default=4096, help="bound on the cached block inputs")
+    p.add_argument("--cache-max-mb", type=float, default=default("search.cache_max_mb"),
+                   help="bound on the cached block inputs")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_search)
 
@@ -772,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     # figures and tables from cached results (no model, no GPU; `spectra` reads a few weights on the CPU)
     p = sub.add_parser("spectra", help="energy kept vs rank, feature space and weight space, of some eigen blocks")
     p.add_argument("--model-dir", required=True, help="the dense model (weights for the singular values of W)")
-    p.add_argument("--points", type=int, default=200, help="ranks sampled per curve")
+    p.add_argument("--points", type=int, default=default("figures.spectra_points"), help="ranks sampled per curve")
     p.add_argument("--out", required=True, help="spectra.parquet")
     p.add_argument("eigen", nargs="+", help="results/<model>/eigen/block_NNN.safetensors files")
     p.set_defaults(func=cmd_spectra)
@@ -781,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--out-png", required=True)
         p.add_argument("--out-svg", required=True)
-        p.add_argument("--dpi", type=int, default=150, help="PNG resolution")
+        p.add_argument("--dpi", type=int, default=default("figures.dpi"), help="PNG resolution")
         p.add_argument("--title", default="")
         p.set_defaults(func=func)
         return p
@@ -791,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = figure_parser("figure-search-curves", cmd_figure_search_curves,
                       "test metric against parameters along surgical searches (PNG + SVG)")
     p.add_argument("--tasks", default="", help="task panels, in order (then 'average' and perplexity sources)")
-    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
+    p.add_argument("--metric", choices=METRIC_CHOICES, default=default("evaluation.metric"), help=METRIC_HELP)
     p.add_argument("--results", default=None, help="results.parquet: uniform-budget models as points")
     p.add_argument("curves", nargs="+", help="search/<search>/curve.parquet files (the folder names the search)")
     p = figure_parser("figure-layer-budgets", cmd_figure_layer_budgets,
@@ -802,11 +833,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = figure_parser("figure-allocations", cmd_figure_allocations,
                       "test average and perplexity against parameters, per method and allocation (PNG + SVG)")
     p.add_argument("--results", required=True, help="results.parquet of the model")
-    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
+    p.add_argument("--metric", choices=METRIC_CHOICES, default=default("evaluation.metric"), help=METRIC_HELP)
 
     p = sub.add_parser("methods-table", help="methods x budgets (params, average metric, ppl) as Markdown and CSV")
     p.add_argument("--results", required=True)
-    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
+    p.add_argument("--metric", choices=METRIC_CHOICES, default=default("evaluation.metric"), help=METRIC_HELP)
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-csv", required=True)
     p.set_defaults(func=cmd_methods_table)
@@ -822,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("laser-point", help="one LASER/Vendi intervention scored on one split (rows + per-item)")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--model-name", required=True)
-    p.add_argument("--task-source", choices=["local", "hub"], default="local",
+    p.add_argument("--task-source", choices=["local", "hub"], default=default("evaluation.source"),
                    help="evaluation.source: exported local tasks or lm-eval's hub tasks")
     p.add_argument("--tasks-dir", default=None, help="export-tasks folder (task source local)")
     p.add_argument("--splits", required=True, help="splits.json of the splits subcommand")
@@ -832,10 +863,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lname", required=True, help="LASER layer type: fc_in, fc_up, fc_out, q_proj, ..., dont")
     p.add_argument("--lnum", required=True, help="block number, or all / -1 for every block")
     p.add_argument("--rate", required=True, help="rho = 1 - 0.1 rate, rate in [0, 10]")
-    p.add_argument("--limit", type=int, default=None, help="first N docs of the split")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--vendi-bandwidth", type=float, default=None, help="RBF bandwidth (default: median distance)")
+    p.add_argument("--limit", type=_optional(int), default=default("laser.limit"), help="first N docs of the split (none: all)")
+    p.add_argument("--batch-size", type=int, default=default("laser.batch_size"))
+    p.add_argument("--device", default=default("device"))
+    p.add_argument("--vendi-bandwidth", type=_optional(float), default=default("laser.vendi.bandwidth"),
+                   help="RBF bandwidth (none: median distance)")
     p.add_argument("--vendi-exact", action="store_true", help="greedy on the exact order-1 Vendi score (small matrices)")
     p.add_argument("--out-scores", required=True)
     p.add_argument("--out-items", required=True)
@@ -843,7 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("laser-choose", help="the best LASER point of one task on the search split (JSON)")
     p.add_argument("--task", required=True)
-    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
+    p.add_argument("--metric", choices=METRIC_CHOICES, default=default("laser.metric"), help=METRIC_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("inputs", nargs="+", help="search-split scores.parquet of every point")
     p.set_defaults(func=cmd_laser_choose)
@@ -858,14 +890,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("laser-figure", help="accuracy change against rate, per layer type (PNG + SVG)")
     p.add_argument("--results", required=True)
-    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
+    p.add_argument("--metric", choices=METRIC_CHOICES, default=default("laser.metric"), help=METRIC_HELP)
     p.add_argument("--out-png", required=True)
     p.add_argument("--out-svg", required=True)
     p.set_defaults(func=cmd_laser_figure)
 
     p = sub.add_parser("laser-table", help="best LASER intervention per task, validation and test (MD + CSV)")
     p.add_argument("--results", required=True)
-    p.add_argument("--metric", choices=METRIC_CHOICES, default="paper", help=METRIC_HELP)
+    p.add_argument("--metric", choices=METRIC_CHOICES, default=default("laser.metric"), help=METRIC_HELP)
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-csv", required=True)
     p.set_defaults(func=cmd_laser_table)

@@ -44,6 +44,7 @@ from torch import nn
 
 from .arch import ArchSpec, linear_order
 from .block_cache import BlockCache
+from .defaults import block_range
 from .errors import ConfigError, DataError
 from .lowrank import cut_module, linear_path, replace_module
 from .methods import max_rank
@@ -74,19 +75,14 @@ def search_order(spec: ArchSpec, n_blocks: int, linears: Iterable[str], first_bl
     if order is None:
         order = linear_order(spec, reverse=True)
     linears = set(linears)
-    if first_block < 0:
-        first_block = max(0, n_blocks + first_block)
     unknown = [n for n in order if n not in spec.linears]
     if unknown:
         raise ConfigError(f"search.order names {unknown}, not Linear layers of this model; use {', '.join(spec.linears)}")
     missing = [n for n in linears if n not in order]
     if missing:
         raise ConfigError(f"search.order lacks {missing} of the compressed layers; list every one of them")
-    last = n_blocks - 1 if last_block is None else last_block
-    if not 0 <= first_block <= last < n_blocks:
-        raise ConfigError(f"search blocks {first_block}..{last} are out of range: the model has blocks 0..{n_blocks - 1}; "
-                          "set search.first_block (and last_block) inside it")
-    return [(b, n) for b in range(last, first_block - 1, -1) for n in order if n in linears]
+    blocks = block_range(first_block, last_block, n_blocks, "search.first_block")
+    return [(b, n) for b in reversed(blocks) for n in order if n in linears]
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .arch import SEARCH_ORDER
+from .defaults import default
 from .errors import ConfigError
 from .plan import FACTOR_METHODS
 
-FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+FRACTIONS = tuple(default("search.fractions"))
 MODES = ("accuracy", "loglik", "kl", "perplexity")
 CHOICE_MODES = ("accuracy", "loglik", "kl")  # scored on the multiple-choice search split
 STRATEGIES = ("bisect", "linear", "released")
@@ -23,23 +24,25 @@ class SearchSettings:
     """What decides the plan (its digest keys the resumable state, `search_run.SearchState`); see the
     `search:` config section."""
 
-    method: str = "feature"
-    mode: str = "accuracy"
-    target: str = "average"
-    metric: str = "paper"  # METRIC_CHOICES: paper = each task's lm-eval/paper metric (see sfsd.tasks)
-    delta: float = 0.0
-    eps: float = 0.005
-    loglik_delta: float = 0.05
-    kl_max: float = 0.02
+    method: str  # one search of the config's methods x modes x targets
+    mode: str
+    target: str
+    # the rest default to the config schema's defaults (sfsd.defaults; the schema's search.order is the
+    # registry's order, a test keeps the two equal)
+    metric: str = default("search.metric")  # METRIC_CHOICES: paper = each task's lm-eval/paper metric
+    delta: float = default("search.delta")
+    eps: float = default("search.eps")
+    loglik_delta: float = default("search.loglik_delta")
+    kl_max: float = default("search.kl_max")
     order: tuple[str, ...] = SEARCH_ORDER
     fractions: tuple[float, ...] = FRACTIONS
-    first_block: int = 0
-    last_block: int | None = None
-    strategy: str = "bisect"
-    stop_at: float | None = None
-    convention: str = "model"
-    bias_compensation: str = "intended"
-    checkpoints: tuple[float, ...] = (0.9, 0.8)
+    first_block: int = default("search.first_block")
+    last_block: int | None = default("search.last_block")
+    strategy: str = default("search.strategy")
+    stop_at: float | None = default("search.stop_at")
+    convention: str = default("compression.convention")
+    bias_compensation: str = default("compression.bias_compensation")
+    checkpoints: tuple[float, ...] = tuple(default("search.checkpoints"))
     budgets: tuple[tuple[str, float], ...] = ()  # (label, fraction): plans landed exactly on each budget
     inputs: str = ""  # digest of the search data (docs, texts, model), set by the caller
 
