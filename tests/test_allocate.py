@@ -17,10 +17,9 @@ from sfsd.compress import factors_for
 from sfsd.factor_cache import factor_spectrum, layer_spectrum, save_factor_cache
 from sfsd.errors import ConfigError
 from sfsd.methods import max_rank
-from sfsd.plan import FACTOR_METHODS, budget_plan, count_params, model_shapes
+from sfsd.plan import FACTOR_METHODS, budget_plan, count_params
 from sfsd.stats import eigh_descending, output_moments
 
-from test_compress import setup  # noqa: F401  (the tiny model's statistics, computed once)
 
 SPEC = get_arch("LlamaForCausalLM")
 
@@ -127,15 +126,15 @@ def test_greedy_is_optimal_for_what_it_spends():
 
 
 @pytest.fixture(scope="module")
-def cached(setup, tmp_path_factory):
+def cached(tiny_stats, tmp_path_factory):
     """A factor cache (with spectra) of every method for the tiny model, from the in-memory statistics of
-    test_compress's `setup`."""
+    the `tiny_stats` fixture."""
     linears = list(SPEC.linears)
     root = tmp_path_factory.mktemp("factors")
     for method in FACTOR_METHODS:
-        save_factor_cache(setup["model"], SPEC, method, linears, root / method, setup["eigen"], setup["features"],
-                          model_digest=setup["digest"])
-    return {"root": root, "shapes": setup["shapes"], "linears": linears, "dir": setup["dir"]}
+        save_factor_cache(tiny_stats["model"], SPEC, method, linears, root / method, tiny_stats["eigen"], tiny_stats["features"],
+                          model_digest=tiny_stats["digest"])
+    return {"root": root, "shapes": tiny_stats["shapes"], "linears": linears, "dir": tiny_stats["dir"]}
 
 
 def _spectra(cached, method, keys):
@@ -210,7 +209,7 @@ def test_make_plan_cli_spectral_and_searched(cached, tmp_path):
     """make-plan --allocation spectral from a factor cache; --allocation searched takes a search's landed
     checkpoint as it is, and otherwise completes the search's plan spectrally to the budget."""
     base = [sys.executable, "-m", "sfsd", "make-plan", "--model-dir", str(cached["dir"]), "--model-name", "tiny",
-            "--method", "feature", "--params-fraction", "0.8", "--layers", ",".join(cached["linears"]),
+            "--method", "feature", "--params-fraction", "0.8", "--first-block", "0", "--layers", ",".join(cached["linears"]),
             "--factors", str(cached["root"].parent / cached["root"].name)]
     # the factor cache root holds <method>/ folders
     out = tmp_path / "spectral.json"

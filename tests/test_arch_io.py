@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 from sfsd.arch import REGISTRY, get_arch, select_linears
 from sfsd.errors import ConfigError, DataError
 from sfsd.io import atomic_path, checkpoint_index, load_tensors, save_tensors

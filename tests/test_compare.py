@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from sfsd.plan import FACTOR_METHODS
 from sfsd.tasks import task_metric
 from sfsd.variants import ALLOCATIONS, METHOD_NAMES, Variant, parse_variant, variant_name
 
-from test_workflow import new_run, planned_jobs, snakemake
+from helpers import new_run, planned_jobs, run_cli, snakemake
 
 LOG2 = float(np.log(2.0))
 
@@ -376,11 +374,6 @@ def test_malformed_docs_files(tmp_path, docs_files):
 
     with pytest.raises(ConfigError, match="no acc_norm for boolq"):
         C.comparisons_table(docs_files, "acc_norm", tmp_path / "y.md", tmp_path / "y.csv", n_boot=10)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sfsd", "--threads", "1", *args], capture_output=True, text=True,
-                          timeout=120)
 
 
 def test_cli(docs_files, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sfsd.io import load_tensors, read_json
-from test_workflow import new_run, planned_jobs, snakemake
+from helpers import new_run, planned_jobs, snakemake
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import tomllib
 
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 
 def pins() -> dict[str, str]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from helpers import REPO, copy_workflow, planned_jobs, snakemake
 from sfsd import lmeval_tasks
 from sfsd.errors import ConfigError, DataError
 from sfsd.lmeval_tasks import (
@@ -346,7 +346,6 @@ def test_schema_documents_the_new_keys():
 
 @pytest.fixture(scope="module")
 def workflow_copy(tmp_path_factory, tiny_llama, calibration_text_file):
-    from test_workflow import copy_workflow
 
     root = tmp_path_factory.mktemp("wf_sources")
     snakefile = copy_workflow(root)
@@ -360,7 +359,6 @@ def workflow_copy(tmp_path_factory, tiny_llama, calibration_text_file):
 
 
 def _dry_run(workflow_copy, tmp_path, evaluation: dict, **extra):
-    from test_workflow import snakemake
 
     snakefile, config = workflow_copy
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -370,7 +368,6 @@ def _dry_run(workflow_copy, tmp_path, evaluation: dict, **extra):
 
 
 def test_rules_hub_source_needs_no_export_and_local_keeps_it(workflow_copy, tmp_path):
-    from test_workflow import planned_jobs
 
     proc, out = _dry_run(workflow_copy, tmp_path / "hub", {
         "source": "hub", "perplexity": {"source": "wikitext2", "window": 256, "max_docs": None}})
@@ -378,7 +375,7 @@ def test_rules_hub_source_needs_no_export_and_local_keeps_it(workflow_copy, tmp_
     jobs = planned_jobs(proc)
     assert "export_tasks" not in jobs and jobs["eval_splits"] == 1 and jobs["evaluate_model"] == 1
     assert "--source hub" in out and "--task-source hub" in out and "--tasks-dir" not in out
-    assert "--ppl-source wikitext2 --ppl-window 256" in out and "--ppl-max-docs" not in out
+    assert "--ppl-source wikitext2 --ppl-window 256" in out and "--ppl-max-docs None" in out
     proc, out = _dry_run(workflow_copy, tmp_path / "local", {"perplexity": {"source": "lambada", "max_docs": 30}})
     assert proc.returncode == 0, out[-3000:]
     assert planned_jobs(proc)["export_tasks"] == 1

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import REPO
 from sfsd.errors import ConfigError
 from sfsd.evaluate import evaluate_lmeval_detailed
 from sfsd.lmeval_tasks import builtin_config, export_local_tasks, lmeval_name, load_tasks
@@ -445,7 +446,6 @@ def test_evaluation_killed_mid_run_leaves_no_output_and_reruns_to_the_same_rows(
     import sys
     import time
 
-    from conftest import REPO
 
     ids = {t: split_doc_ids(t, None, limit=8, **SPLIT) for t in ("arc_easy", "hellaswag")}
     splits = tmp_path / "splits.json"

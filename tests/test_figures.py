@@ -8,8 +8,6 @@ import json
 import math
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from sfsd.arch import LINEAR_ORDER, SEARCH_ORDER
 from sfsd.errors import DataError
 from sfsd.io import save_tensors
 
-from test_workflow import new_run, planned_jobs, snakemake
+from helpers import new_run, planned_jobs, run_cli, snakemake
 
 # (out, in) of a small Llama-like block: hidden 64, grouped-query k/v of 32, MLP 96
 SHAPES = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
@@ -294,11 +292,6 @@ def test_figures_are_reproducible(searches, tmp_path):
     F.plot_layer_budgets(logs, tmp_path / "b.png", tmp_path / "b.svg")
     assert (tmp_path / "a.svg").read_bytes() == (tmp_path / "b.svg").read_bytes()
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sfsd", "--threads", "1", *args], capture_output=True, text=True,
-                          timeout=120)
 
 
 def test_cli_figures_from_search_outputs(searches, tmp_path):

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from helpers import copy_workflow, new_run, planned_jobs, snakemake
 from sfsd.errors import ConfigError
 
 
@@ -179,12 +180,12 @@ def test_paper_metric_is_resolved_per_task(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # two real runs of the Snakefile
 def test_sweep_extended_by_one_rate_reruns_only_new_points(tmp_path, tiny_llama):
     """The real Snakefile on the tiny model: a sweep, then the same sweep with one more rate. Points already
     scored are not rerun (their files are untouched); the new rate's points are; a finished run has nothing
     left to do; results, figure and table come out of it."""
     import pyarrow.parquet as pq
-    from test_workflow import new_run, planned_jobs, snakemake
 
     snakefile, workdir = new_run(tmp_path)
     laser = {"enabled": True, "tasks": ["arc_easy"], "lnums": [1], "lnames": ["fc_in"], "rates": [5],
@@ -230,7 +231,6 @@ def test_sweep_extended_by_one_rate_reruns_only_new_points(tmp_path, tiny_llama)
     ({"rates": [11]}, "config error: laser.rates.0: 11 is greater than the maximum of 10"),
 ])
 def test_bad_laser_config_fails_before_any_job(tmp_path, tiny_llama, laser, message):
-    from test_workflow import copy_workflow, snakemake
 
     snakefile = copy_workflow(tmp_path / "repo")
     config = {"models": {"tiny": {"source": "local", "path": str(tiny_llama)}}, "device": "cpu",

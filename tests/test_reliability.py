@@ -20,10 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import CORPUS, build_tiny_model
 from sfsd.cli import main as sfsd_main
 from sfsd.io import load_tensors, read_json, read_metadata, save_tensors
-from test_workflow import copy_workflow, planned_jobs, snakemake
+from helpers import CORPUS, bad_config, build_tiny_model, copy_workflow, one_error_line, planned_jobs, snakemake
 
 ALL_LAYERS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -37,162 +36,33 @@ def snakefile(tmp_path_factory) -> Path:
     return copy_workflow(repo)
 
 
-def deep_merge(base: dict, change: dict) -> dict:
-    out = dict(base)
-    for key, value in change.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "models":
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def base_config(model: Path, calibration: Path) -> dict:
-    return {
-        "models": {"tiny": {"source": "local", "path": str(model)}},
-        "calibration": {"source": "text_file", "path": str(calibration), "num_samples": 24, "seq_len": 32},
-        "collection": {"batch_size": 4},
-        "device": "cpu",
-        "compression": {"budgets": {"b80": 0.8}, "first_block": 0},
-        "evaluation": {"tasks": ["arc_easy"], "limit": 4, "perplexity": {"source": "lambada", "window": 32}},
-    }
-
-
-def one_error_line(output: str, prefix: str) -> str:
-    """The single line carrying the error; fails on none, several, or a traceback."""
-    assert "Traceback" not in output, output[-3000:]
-    lines = [line for line in output.splitlines() if "error:" in line.lower()]
-    assert len(lines) == 1, f"expected exactly one error line, got {lines}\n{output[-2000:]}"
-    assert lines[0].startswith(prefix), lines[0]
-    return lines[0]
-
-
-# ---------------------------------------------------------------- bad config: caught before any job
-
-
-def _arch_gpt2(tmp: Path, model: Path, calib: Path) -> dict:
-    folder = tmp / "gpt2-like"
-    shutil.copytree(model, folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
-    return {"models": {"tiny": {"source": "local", "path": str(folder)}}}
-
-
-def _no_config_json(tmp: Path, model: Path, calib: Path) -> dict:
-    (tmp / "empty-model").mkdir()
-    return {"models": {"tiny": {"source": "local", "path": str(tmp / "empty-model")}}}
-
-
-def _empty_calibration(tmp: Path, model: Path, calib: Path) -> dict:
-    (tmp / "empty.txt").write_text("")
-    return {"calibration": {"path": str(tmp / "empty.txt")}}
-
-
-def _jsonl_without_field(tmp: Path, model: Path, calib: Path) -> dict:
-    (tmp / "calib.jsonl").write_text(json.dumps({"body": "some text"}) + "\n")
-    return {"calibration": {"source": "jsonl_file", "path": str(tmp / "calib.jsonl")}}
-
-
-def _binary_jsonl(tmp: Path, model: Path, calib: Path) -> dict:
-    (tmp / "calib.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
-    return {"calibration": {"source": "jsonl_file", "path": str(tmp / "calib.jsonl")}}
-
-
-def _calibration_is_evaluated_task(tmp: Path, model: Path, calib: Path) -> dict:
-    # an exported evaluation task file (results/tasks/<task>.jsonl, under the run's own folder)
-    task_file = tmp / "run" / "results" / "tasks" / "arc_easy.jsonl"
-    task_file.parent.mkdir(parents=True)
-    task_file.write_text(json.dumps({"text": "Question: what is 2+2?\nAnswer: 4"}) + "\n")
-    return {"calibration": {"source": "jsonl_file", "path": "results/tasks/arc_easy.jsonl"}}
-
-
-CONFIG_CASES = [
-    # (id, change to the base config or a function (tmp, model, calibration) -> change, expected text)
-    ("binary calibration file", _binary_jsonl, "is not UTF-8 text"),
-    ("unknown embedded model", {"models": {"tiny": {"source": "embedded", "id": "gpt-5"}}},
-     "models.tiny.id 'gpt-5' is not an embedded model"),
-    ("unsupported architecture", _arch_gpt2, "unsupported architecture 'GPT2LMHeadModel'"),
-    ("model folder without config.json", _no_config_json, "is not a model folder with config.json"),
-    ("unknown model source", {"models": {"tiny": {"source": "s3", "path": "x"}}}, "models.tiny.source: 's3' is not one of"),
-    ("layer keywords match nothing", {"layers": ["qq_proj"]}, "keyword(s) ['qq_proj'] match no Linear layer"),
-    ("no layers", {"layers": []}, "layers: [] should be non-empty"),
-    ("unknown calibration source", {"calibration": {"source": "wiki"}}, "calibration.source: 'wiki' is not one of"),
-    ("missing calibration file", {"calibration": {"path": "/nonexistent/calib.txt"}},
-     "calibration.path '/nonexistent/calib.txt' is not a file"),
-    ("empty calibration file", _empty_calibration, "is empty; give it some text"),
-    ("calibration jsonl without the text field", _jsonl_without_field, "calibration.text_field 'text' is not a field"),
-    ("hub calibration without a dataset", {"calibration": {"source": "hub"}}, "calibration.hub_dataset must be set"),
-    ("no calibration samples", {"calibration": {"num_samples": 0}},
-     "calibration.num_samples: 0 is less than the minimum of 1"),
-    ("seq_len above the model's context", {"calibration": {"seq_len": 1024}},
-     "calibration.seq_len 1024 exceeds the context of model tiny (512 tokens)"),
-    ("calibration overlapping the evaluated splits", {"calibration": {"source": "combination"},
-                                                     "splits": {"calibration_fraction": 0}},
-     "splits.calibration_fraction is 0"),
-    ("calibration file is an evaluated task", _calibration_is_evaluated_task, "is an exported evaluation task file"),
-    ("budget above 1", {"compression": {"budgets": {"b150": 1.5}}},
-     "compression.budgets.b150: 1.5 is greater than the maximum of 1"),
-    ("budget of 0", {"compression": {"budgets": {"b0": 0}}},
-     "compression.budgets.b0: 0 is less than or equal to the minimum of 0"),
-    ("unknown compression method", {"compression": {"methods": ["magic"]}},
-     "compression.methods.0: 'magic' is not one of"),
-    ("first block out of range", {"compression": {"first_block": 2}},
-     "compression.first_block 2 is out of range: model tiny has blocks 0..1"),
-    ("unknown evaluation task", {"evaluation": {"tasks": ["mmlu"]}}, "evaluation.tasks.0: 'mmlu' is not one of"),
-    ("unknown calibration task", {"calibration": {"tasks": ["mmlu"]}}, "calibration.tasks.0: 'mmlu' is not one of"),
-    ("perplexity window above the context", {"evaluation": {"perplexity": {"window": 1024}}},
-     "evaluation.perplexity.window 1024 exceeds the context of model tiny"),
-    ("unknown table metric", {"evaluation": {"metric": "f1"}}, "evaluation.metric: 'f1' is not one of"),
-    ("device typo", {"device": "gpu"}, "device: 'gpu' does not match"),
-    ("collection dtype typo", {"collection": {"dtype": "float8"}}, "collection.dtype: 'float8' is not one of"),
-    ("misspelt key", {"calibraton": {"seq_len": 64}}, "'calibraton' was unexpected"),
-    ("search delta out of range", {"search": {"delta": -0.5}}, "search.delta: -0.5 is less than the minimum of 0"),
-    ("search blocks out of range", {"search": {"enabled": True, "first_block": 5}},
-     "search.first_block 5 / last_block None give no block of model tiny (blocks 0..1)"),
-    ("search target not evaluated", {"search": {"enabled": True, "first_block": -1, "targets": {"accuracy": ["piqa"]}},
-                                     "evaluation": {"tasks": ["arc_easy"]}},
-     "search.targets.accuracy ['piqa'] are not in evaluation.tasks ['arc_easy']"),
-    ("unknown search method", {"search": {"methods": ["laser"]}}, "search.methods.0: 'laser' is not one of"),
-    ("unknown search metric", {"search": {"metric": "f1"}}, "search.metric: 'f1' is not one of"),
-    # a metric lm-eval's task config does not define (BoolQ and WinoGrande have acc only)
-    ("table metric undefined for a task", {"evaluation": {"tasks": ["arc_easy", "boolq"], "metric": "acc_norm"}},
-     "evaluation.metric: lm-eval defines no acc_norm for boolq"),
-    ("search metric undefined for an averaged task", {"evaluation": {"tasks": ["arc_easy", "winogrande"]},
-                                                      "search": {"enabled": True, "metric": "acc_norm"}},
-     "search.metric: lm-eval defines no acc_norm for winogrande"),
-    ("search metric undefined for a target", {"evaluation": {"tasks": ["arc_easy", "boolq"]},
-                                              "search": {"enabled": True, "metric": "acc_norm",
-                                                         "targets": {"accuracy": ["boolq"]}}},
-     "search.metric: lm-eval defines no acc_norm for boolq"),
-    ("laser metric undefined for its task", {"evaluation": {"tasks": ["arc_easy", "winogrande"]},
-                                             "laser": {"enabled": True, "tasks": ["winogrande"], "metric": "acc_norm"}},
-     "laser.metric: lm-eval defines no acc_norm for winogrande"),
-]
+# The bad-config cases (helpers.CONFIG_CASES) are each called directly in test_config.py; these run a few
+# of them through Snakemake: the schema's error, a check of sfsd.config for each part of the config it
+# reads (files, the model, several keys, the LASER study), each one line before any job, no file written.
+WIRED_CASES = ["binary calibration file", "misspelt key", "batch size as a string", "first block out of range",
+               "search target not evaluated", "laser metric undefined for its task"]
 
 
 @pytest.fixture(scope="module")
 def config_case_runs(snakefile, tiny_llama, calibration_text_file, tmp_path_factory) -> dict:
-    """Every CONFIG_CASES dry run, three at a time (each is mostly interpreter start-up):
+    """The WIRED_CASES dry runs, three at a time (each is mostly interpreter start-up):
     id -> (process, files the run left in its folder, expected text)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def run(case):
-        name, change, expected = case
         tmp = tmp_path_factory.mktemp("bad-config")
         workdir = tmp / "run"
         workdir.mkdir()
-        if callable(change):
-            change = change(tmp, tiny_llama, calibration_text_file)
+        config, expected = bad_config(case, tmp, tiny_llama, calibration_text_file)
         before = set(workdir.rglob("*"))
-        proc = snakemake(snakefile, workdir, deep_merge(base_config(tiny_llama, calibration_text_file), change),
-                         "--dry-run", check=False)
-        return name, (proc, set(workdir.rglob("*")) - before - {workdir / "test-config.yaml"}, expected)
+        proc = snakemake(snakefile, workdir, config, "--dry-run", check=False)
+        return case, (proc, set(workdir.rglob("*")) - before - {workdir / "test-config.yaml"}, expected)
 
     with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(pool.map(run, CONFIG_CASES))
+        return dict(pool.map(run, WIRED_CASES))
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CONFIG_CASES])
+@pytest.mark.parametrize("case", WIRED_CASES)
 def test_bad_config_fails_before_any_job(config_case_runs, case):
     proc, written, expected = config_case_runs[case]
     assert proc.returncode != 0
@@ -204,7 +74,7 @@ def test_bad_config_fails_before_any_job(config_case_runs, case):
 # ---------------------------------------------------------------- bad files and numerical faults: the stages
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
+def run_main(capsys, *argv: str) -> tuple[int, str]:
     """`python -m sfsd` in this process (no 5 s interpreter start per case): exit code, stderr."""
     capsys.readouterr()
     rc = sfsd_main(["--threads", "1", *argv])
@@ -246,7 +116,7 @@ def stage_inputs(tmp_path_factory, tiny_llama, calibration_text_file):
         assert sfsd_main(["--threads", "1", "factor-cache", "--model-dir", str(model), "--results", str(res),
                           "--method", "feature", "--layers", ALL_LAYERS, "--out", str(res / "factors" / "feature")]) == 0
         assert sfsd_main(["--threads", "1", "make-plan", "--model-dir", str(model), "--model-name", name,
-                          "--method", "feature", "--params-fraction", "0.8", "--layers", ALL_LAYERS,
+                          "--method", "feature", "--params-fraction", "0.8", "--first-block", "0", "--layers", ALL_LAYERS,
                           "--out", str(res / "plans" / "feature-b80.json")]) == 0
         paths[f"{name}_results"] = res
     return paths
@@ -376,7 +246,7 @@ def _rank_out_of_range(s: dict, tmp: Path) -> list[str]:
 
 def _budget_unreachable(s: dict, tmp: Path) -> list[str]:
     return ["make-plan", "--model-dir", str(s["model"]), "--model-name", "tiny", "--method", "feature",
-            "--params-fraction", "0.01", "--layers", ALL_LAYERS, "--out", str(tmp / "out")]
+            "--params-fraction", "0.01", "--first-block", "0", "--layers", ALL_LAYERS, "--out", str(tmp / "out")]
 
 
 def _mixed_eigen_blocks(s: dict, tmp: Path) -> list[str]:
@@ -433,7 +303,7 @@ STAGE_CASES = [
 @pytest.mark.parametrize("build, expected", [c[1:] for c in STAGE_CASES], ids=[c[0] for c in STAGE_CASES])
 def test_bad_stage_input_is_one_line_and_no_output(stage_inputs, tmp_path, capsys, build, expected):
     argv = build(stage_inputs, tmp_path)
-    rc, err = run_cli(capsys, *argv)
+    rc, err = run_main(capsys, *argv)
     assert rc == 2
     assert expected in one_error_line(err, "error: ")
     assert not (tmp_path / "out").exists()
@@ -442,9 +312,9 @@ def test_bad_stage_input_is_one_line_and_no_output(stage_inputs, tmp_path, capsy
 
 def test_float16_overflow_names_the_dtype_and_float32_passes(stage_inputs, tmp_path, capsys):
     argv = _fp16_overflow(stage_inputs, tmp_path)
-    rc, err = run_cli(capsys, *argv)
+    rc, err = run_main(capsys, *argv)
     assert rc == 2 and "collection.dtype float16 overflowed" in err and "bfloat16 or float32" in err
-    rc, _ = run_cli(capsys, *[a if a != "float16" else "float32" for a in argv])
+    rc, _ = run_main(capsys, *[a if a != "float16" else "float32" for a in argv])
     assert rc == 0 and (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -474,12 +344,12 @@ def test_cholesky_fallbacks_are_logged_with_their_jitter(stage_inputs, tmp_path,
     tensors["attn_in.xsum"][0] = 0
     save_tensors(block, tensors, meta)
     caplog.set_level("INFO")
-    rc, _ = run_cli(capsys, *_eigen_of(block, stage_inputs["model"], res))
+    rc, _ = run_main(capsys, *_eigen_of(block, stage_inputs["model"], res))
     assert rc == 0
     assert "block 0 attn_in: input covariance is not positive definite" in caplog.text
     shutil.copytree(stage_inputs["tiny_results"] / "eigen", res / "eigen")
     caplog.clear()
-    rc, _ = run_cli(capsys, "factor-cache", "--model-dir", str(stage_inputs["model"]), "--results", str(res),
+    rc, _ = run_main(capsys, "factor-cache", "--model-dir", str(stage_inputs["model"]), "--results", str(res),
                     "--method", "whitened", "--layers", ALL_LAYERS, "--out", str(res / "factors"))
     assert rc == 0
     assert "block 0 q_proj: Cholesky of the attn_in second moment needed jitter" in caplog.text
@@ -604,6 +474,7 @@ def reference_run(snakefile, run_config, tmp_path_factory) -> dict:
     return run_outputs(workdir)
 
 
+@pytest.mark.slow  # two real runs of the workflow
 def test_same_config_gives_bit_identical_results(snakefile, run_config, reference_run, tmp_path):
     rc, output, _ = workflow_run(snakefile, tmp_path, run_config)
     assert rc == 0, output[-4000:]

@@ -10,32 +10,33 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from sfsd.arch import LINEAR_ORDER, SEARCH_ORDER, get_arch, linear_order, select_linears
+from sfsd.arch import LINEAR_ORDER, SEARCH_ORDER, linear_order
 from sfsd.block_cache import BlockCache
+from sfsd.defaults import default
 from sfsd.errors import ConfigError
-from sfsd.factor_cache import save_factor_cache
 from sfsd.io import model_digest
-from sfsd.lmeval_tasks import export_local_tasks
-from sfsd.lowrank import LowRankLinear
 from sfsd.rows import mean_metric
-from sfsd.scoring import build_requests, encode_requests, score_multiple_choice
-from sfsd.splits import split_doc_ids
-from sfsd.methods import max_rank
+from sfsd.scoring import score_multiple_choice
 from sfsd.plan import model_shapes
 from sfsd.objectives import AccuracyObjective
 from sfsd.search import SearchRecord, candidate_ranks, choose_rank, search_order, surgical_search
 from sfsd.search_run import FactorCache
-from sfsd.search_settings import SearchSettings
 
-from conftest import REPO, build_tiny_model
+from helpers import (
+    LINEARS,
+    LLAMA,
+    REPO,
+    LogitAgreement,
+    RankBudget,
+    fresh_model,
+    random_batches,
+    search_settings,
+)
 
-LLAMA = get_arch("LlamaForCausalLM")
-LINEARS = list(LLAMA.linears)
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -66,7 +67,7 @@ def test_default_order_is_the_registry_forward_order_reversed():
     import yaml
 
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    assert SearchSettings().order == SEARCH_ORDER == linear_order(LLAMA, reverse=True) == LINEAR_ORDER[::-1]
+    assert search_settings().order == SEARCH_ORDER == linear_order(LLAMA, reverse=True) == LINEAR_ORDER[::-1]
     assert tuple(schema["properties"]["search"]["properties"]["order"]["default"]) == SEARCH_ORDER
     assert search_order(LLAMA, 1, LINEARS, 0) == [(0, n) for n in SEARCH_ORDER]
 
@@ -101,78 +102,10 @@ def test_bisection_can_differ_only_where_acceptance_is_not_monotone():
 # ---------------------------------------------------------------- on the tiny model
 
 
-@pytest.fixture(scope="module")
-def tiny4(tmp_path_factory):
-    """A 4-block tiny Llama, its tokenizer, and a weight-space factor cache (no statistics needed)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("tiny4"), n_layers=4, seed=3)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    factors = folder / "factors"
-    save_factor_cache(model, LLAMA, "weight", LINEARS, factors / "weight", model_digest=model_digest(folder))
-    return folder, model, AutoTokenizer.from_pretrained(folder), factors
-
-
-@pytest.fixture(scope="module")
-def arc_requests(tiny4, tmp_path_factory):
-    _, model, tok, _ = tiny4
-    task_dir = tmp_path_factory.mktemp("tasks")
-    export_local_tasks(task_dir, ["arc_easy"], metrics=("acc", "acc_norm"))
-    ids = {"arc_easy": split_doc_ids("arc_easy", None, 1234, 0.1, 0.2, limit=12)}
-    enc = encode_requests(tok, build_requests(task_dir, ["arc_easy"], ids, ["search"]), 512)
-    return task_dir, ids, enc
-
-
-class LogitAgreement:
-    """A hand-made objective that depends on the whole forward pass: minus the mean squared difference
-    of the logits from the dense model's on fixed batches (the scorer runs the same batches each call)."""
-
-    name = "agreement"
-
-    def __init__(self, model, tol: float, batches):
-        self.batches = batches
-        with torch.no_grad():
-            self.reference = [model(b, use_cache=False).logits for b in batches]
-        self.tol = tol
-
-    def score(self, model) -> float:
-        with torch.no_grad():
-            return -float(sum(((model(b, use_cache=False).logits - r) ** 2).mean()
-                              for b, r in zip(self.batches, self.reference)))
-
-    def threshold(self, baseline, step):
-        return baseline - self.tol
-
-    def passes(self, score, threshold):
-        return score >= threshold
-
-
-class RankBudget(LogitAgreement):
-    """Monotone in every rank by construction (fewer removed ranks = higher score), still running the
-    model so the cache and the counter are exercised."""
-
-    def score(self, model) -> float:
-        super().score(model)
-        removed = sum(max_rank(m.in_features, m.out_features) - m.first.out_features
-                      for m in model.modules() if isinstance(m, LowRankLinear))
-        return -float(removed)
-
-
-def _fresh(folder):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def _batches(seed=0, n=3):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 300, (4, 12), generator=g) for _ in range(n)]
-
-
 def test_cached_block_inputs_equal_a_full_forward(tiny4):
     folder, _, _, _ = tiny4
-    model = _fresh(folder)
-    batches = _batches()
+    model = fresh_model(folder)
+    batches = random_batches()
     captured = {}
     def capture(module, args, kwargs):
         captured[len(captured)] = (args[0] if args else kwargs["hidden_states"]).clone()
@@ -202,20 +135,16 @@ def test_cached_block_inputs_equal_a_full_forward(tiny4):
         cache.close()
 
 
-def _settings(**kw):
-    return SearchSettings(**{"method": "weight", "first_block": 2, "checkpoints": (), **kw})
-
-
 def test_bisection_with_cache_picks_the_linear_scan_ranks(tiny4, tmp_path):
     folder, _, _, factors = tiny4
     results = {}
     for strategy, cache in (("linear", False), ("bisect", True)):
-        model = _fresh(folder)
-        objective = RankBudget(model, 0.0, _batches())
+        model = fresh_model(folder)
+        objective = RankBudget(model, 0.0, random_batches())
         objective.threshold = lambda baseline, step: -10.0 * (step // 2)  # step 1 allows none: dense
         objective.passes = lambda s, t: s >= t
         res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)),
-                              objective, _settings(strategy=strategy), SearchRecord(),
+                              objective, search_settings(strategy=strategy), SearchRecord(),
                               cache=cache, progress=False)
         results[strategy] = res
     lin, bis = results["linear"], results["bisect"]
@@ -230,9 +159,9 @@ def test_real_logits_objective_same_plan_with_and_without_cache(tiny4, tmp_path)
     folder, _, _, factors = tiny4
     plans = []
     for cache in (False, True):
-        model = _fresh(folder)
+        model = fresh_model(folder)
         res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)),
-                              LogitAgreement(model, 2e-4, _batches(1)), _settings(), SearchRecord(),
+                              LogitAgreement(model, 2e-4, random_batches(1)), search_settings(), SearchRecord(),
                               cache=cache, progress=False)
         plans.append((res.plan["layers"], [t for r in res.layers for t in r["tried"]]))
     assert plans[0] == plans[1]  # identical scores, bit for bit: the cache is exact
@@ -241,10 +170,10 @@ def test_real_logits_objective_same_plan_with_and_without_cache(tiny4, tmp_path)
 def test_delta_zero_never_lowers_the_search_score(tiny4, arc_requests, tmp_path):
     folder, _, tok, factors = tiny4
     _, _, enc = arc_requests
-    model = _fresh(folder)
+    model = fresh_model(folder)
     objective = AccuracyObjective(tok, enc, "acc_norm", delta=0.0, batch_size=8)
     res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)), objective,
-                          _settings(first_block=3), SearchRecord(), progress=False)
+                          search_settings(first_block=3), SearchRecord(), progress=False)
     baseline = res.summary["baseline"]
     for r in res.layers:
         for t in r["tried"]:
@@ -256,11 +185,11 @@ def test_delta_zero_never_lowers_the_search_score(tiny4, arc_requests, tmp_path)
 
 def test_budget_stop_and_checkpoints(tiny4, tmp_path):
     folder, _, _, factors = tiny4
-    model = _fresh(folder)
-    objective = RankBudget(model, 0.0, _batches())
+    model = fresh_model(folder)
+    objective = RankBudget(model, 0.0, random_batches())
     objective.passes = lambda s, t: True  # accept rank 1 everywhere: parameters fall fastest
     res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, FactorCache(factors, "weight", model_digest(folder)), objective,
-                          _settings(first_block=0, stop_at=0.97, checkpoints=(0.99, 0.98)), SearchRecord(),
+                          search_settings(first_block=0, stop_at=0.97, checkpoints=(0.99, 0.98)), SearchRecord(),
                           progress=False)
     assert res.summary["stopped_at_budget"]
     assert res.layers[-1]["params_model_fraction"] <= 0.97 < res.layers[-2]["params_model_fraction"]
@@ -270,14 +199,14 @@ def test_budget_stop_and_checkpoints(tiny4, tmp_path):
 
 def test_settings_are_checked():
     with pytest.raises(ConfigError, match="search.delta"):
-        _settings(delta=1.5).check()
+        search_settings(delta=1.5).check()
     with pytest.raises(ConfigError, match="search.methods"):
-        _settings(method="laser").check()
+        search_settings(method="laser").check()
     with pytest.raises(ConfigError, match="search.stop_at"):
-        _settings(stop_at=1.0).check()
+        search_settings(stop_at=1.0).check()
     with pytest.raises(ConfigError, match="search.metric 'f1' is unknown"):
-        _settings(metric="f1").check()
-    assert SearchSettings().metric == "paper"
+        search_settings(metric="f1").check()
+    assert search_settings().metric == default("search.metric") == "paper"
 
 
 def test_accuracy_objective_uses_each_tasks_paper_metric(tiny4, arc_requests):
@@ -313,7 +242,7 @@ def _cli(tiny4, arc_requests, out, extra=()):
         splits.parent.mkdir(parents=True, exist_ok=True)
         splits.write_text(json.dumps({"tasks": ids}))
     return [sys.executable, "-m", "sfsd", "--threads", "1", "search", "--model-dir", str(folder),
-            "--model-name", "tiny", "--factors", str(factors), "--method", "weight", "--target", "arc_easy",
+            "--model-name", "tiny", "--factors", str(factors), "--method", "weight", "--mode", "accuracy", "--target", "arc_easy",
             "--first-block", "0", "--layers", ",".join(LINEARS), "--tasks-dir", str(task_dir), "--splits", str(splits),
             "--tasks", "arc_easy", "--search-limit", "12", "--curve-limit", "4", "--device", "cpu",
             "--delta", "0.05", "--ppl-search-fraction", "0.2", "--out", str(out), *extra]

@@ -18,7 +18,7 @@ from sfsd.objectives import AccuracyObjective, KLObjective, LoglikObjective
 from sfsd.search import SearchRecord, candidate_ranks, released_rank, search_order, surgical_search
 from sfsd.search_run import FactorCache, SearchState
 
-from test_search import LINEARS, LLAMA, RankBudget, _batches, _fresh, _settings, arc_requests, tiny4  # noqa: F401
+from helpers import LINEARS, LLAMA, RankBudget, fresh_model, random_batches, search_settings
 
 
 def test_loglik_and_kl_objectives_known_values(tiny4, arc_requests):
@@ -26,7 +26,7 @@ def test_loglik_and_kl_objectives_known_values(tiny4, arc_requests):
     softmax over the choices' log-likelihoods for another model, both computed here by hand."""
     folder, _, tok, factors = tiny4
     _, _, enc = arc_requests
-    model = _fresh(folder)
+    model = fresh_model(folder)
     scores = score_multiple_choice(model, tok, enc, 8, share_prefix=False)
     golds = [d.gold for d in enc.docs]
     expected = sum(s["lls"][g] for s, g in zip(scores, golds)) / len(scores)  # one task: the mean over docs
@@ -53,13 +53,13 @@ def test_plans_land_exactly_on_each_budget(tiny4, tmp_path):
     layer's rank raised as far as the budget allows: at most the budget, above it by less than one rank
     step of that layer."""
     folder, _, _, factors = tiny4
-    model = _fresh(folder)
+    model = fresh_model(folder)
     shapes = model_shapes(model)
-    objective = RankBudget(model, 0.0, _batches())
+    objective = RankBudget(model, 0.0, random_batches())
     objective.passes = lambda s, t: True  # rank 1 everywhere: parameters fall fastest
     budgets = (("b97", 0.97), ("b95", 0.95), ("b10", 0.10))
     res = surgical_search(model, LLAMA, shapes, LINEARS, FactorCache(factors, "weight", model_digest(folder)), objective,
-                          _settings(first_block=0, budgets=budgets), SearchRecord(), progress=False)
+                          search_settings(first_block=0, budgets=budgets), SearchRecord(), progress=False)
     assert res.summary["budgets_reached"] == {"b97": True, "b95": True, "b10": False}
     total = count_params(shapes, {"layers": {}})["model"]["dense"]
     for label, fraction in budgets[:2]:
@@ -127,14 +127,14 @@ def _released_transcription(model, tok, enc, entry_of, order, delta):
 def test_released_procedure_matches_a_transcription_of_the_released_loop(tiny4, arc_requests, tmp_path, delta):
     folder, _, tok, factors = tiny4
     _, _, enc = arc_requests
-    model = _fresh(folder)
+    model = fresh_model(folder)
     cache = FactorCache(factors, "weight", model_digest(folder))
     objective = AccuracyObjective(tok, enc, "paper", delta=delta)
-    settings = _settings(first_block=2, strategy="released", delta=delta)
+    settings = search_settings(first_block=2, strategy="released", delta=delta)
     res = surgical_search(model, LLAMA, model_shapes(model), LINEARS, cache, objective, settings,
                           SearchState(tmp_path / "s.jsonl", settings), progress=False)
     order = search_order(LLAMA, 4, LINEARS, 2)
-    expected = _released_transcription(_fresh(folder), tok, enc, cache, order, delta)
+    expected = _released_transcription(fresh_model(folder), tok, enc, cache, order, delta)
     assert res.plan["layers"] == expected
     methods = {e["method"] for e in expected.values()}
     tried = [t for r in res.layers for t in r["tried"]]
@@ -165,15 +165,15 @@ def test_kl_search_resumes_with_the_dense_reference(tiny4, arc_requests, tmp_pat
     folder, _, tok, factors = tiny4
     _, _, enc = arc_requests
     cache = FactorCache(factors, "weight", model_digest(folder))
-    settings = _settings(first_block=3, mode="kl", kl_max=1e-5)
+    settings = search_settings(first_block=3, mode="kl", kl_max=1e-5)
     state = tmp_path / "s.jsonl"
-    full = surgical_search(_fresh(folder), LLAMA, model_shapes(_fresh(folder)), LINEARS, cache,
+    full = surgical_search(fresh_model(folder), LLAMA, model_shapes(fresh_model(folder)), LINEARS, cache,
                            KLObjective(tok, enc, delta=1e-5), settings, SearchState(state, settings), progress=False)
     lines = state.read_text().splitlines()
     kept = [line for line in lines if json.loads(line)["type"] in ("header", "baseline")]
     layers = [line for line in lines if json.loads(line)["type"] == "layer"][:2]
     state.write_text("\n".join(kept + layers) + "\n")
-    resumed = surgical_search(_fresh(folder), LLAMA, model_shapes(_fresh(folder)), LINEARS, cache,
+    resumed = surgical_search(fresh_model(folder), LLAMA, model_shapes(fresh_model(folder)), LINEARS, cache,
                               KLObjective(tok, enc, delta=1e-5), settings, SearchState(state, settings),
                               progress=False)
     assert resumed.summary["resumed_after_layers"] == 2

@@ -11,7 +11,7 @@ import shlex
 import pytest
 import torch
 
-from conftest import CORPUS, build_tiny_model
+from helpers import CORPUS, build_tiny_model, copy_workflow, planned_jobs, snakemake
 from sfsd.arch import get_arch, groups_for
 from sfsd.calibration import CalibrationSettings, sample_texts, tokenize
 from sfsd.collect import collect_input_moments
@@ -152,7 +152,6 @@ def test_search_text_conflicts():
 
 
 def _workflow(tmp_path, tiny_llama, calibration_text_file, evaluation_ppl: dict, target="text_file"):
-    from test_workflow import copy_workflow, snakemake
 
     snakefile = copy_workflow(tmp_path / "repo")
     workdir = tmp_path / "run"
@@ -188,7 +187,6 @@ def test_workflow_searches_and_evaluates_one_text_file(tmp_path, tiny_llama, cal
     """With search.targets.perplexity [text_file] and evaluation.perplexity {source: text_file, path}, the
     workflow plans the search on that file and the evaluation of the searched model on the same file, with
     the same fraction, max_docs and calibration texts: the split of the first test is the one they make."""
-    from test_workflow import planned_jobs
 
     text = ppl_text(tmp_path / "my text.txt")  # a space: the path is quoted in both commands
     proc, out, _ = _workflow(tmp_path, tiny_llama, calibration_text_file,
@@ -225,7 +223,6 @@ def test_workflow_runs_a_perplexity_search_on_a_text_file(tmp_path, tiny_llama, 
     budget is made from it, and editing the text file reruns the search."""
     import json
 
-    from test_workflow import copy_workflow, planned_jobs, snakemake
 
     snakefile = copy_workflow(tmp_path / "repo")
     workdir = tmp_path / "run"

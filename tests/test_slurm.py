@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO, new_run
 from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
-from test_workflow import new_run
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 TARGET = "results/tiny/eigen/summary.json"

@@ -5,54 +5,17 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO
+from helpers import new_run, planned_jobs, snakemake
 from sfsd.io import load_tensors, read_json
 
 
-def copy_workflow(dest: Path) -> Path:
-    """A private copy of the workflow, so a test may edit its code without touching the repo."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for item in ("Snakefile", "config.yaml", "rules", "profiles", "envs"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
-    shutil.copytree(REPO / "workflow", dest / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
-    return dest / "Snakefile"
-
-
-def new_run(root: Path) -> tuple[Path, Path]:
-    """(Snakefile of a private workflow copy in root/repo, an empty working folder root/run)."""
-    snakefile = copy_workflow(root / "repo")
-    workdir = root / "run"
-    workdir.mkdir()
-    return snakefile, workdir
-
-
-def snakemake(snakefile: Path, workdir: Path, config: dict, *args: str, check: bool = True, env=None):
-    cfg = workdir / "test-config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
-           "--configfile", str(cfg), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def planned_jobs(proc) -> dict[str, int]:
-    """Rule -> job count from a dry run's 'Job stats' table; empty when there is nothing to do."""
-    out = proc.stdout + proc.stderr
-    if "Nothing to be done" in out:
-        return {}
-    table = out.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+# Every test here reads one real run of the tiny model's workflow (about 2 minutes on 2 cores, the reruns
+# checked after it several more): `slow`, so `pytest -m "not slow"` is the quick suite; plain `pytest` runs them.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -243,26 +206,6 @@ def test_editing_a_module_reruns_exactly_the_rules_whose_commands_import_it(fini
         assert "collect_features" not in planned and "eigendecompose" in own_change
     if module == "calibration":  # evaluation and the search read the calibration texts' ids
         assert {"calibration_texts", "evaluate_model"} <= planned
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        ({"layers": ["qq_proj"]}, "match no Linear layer"),
-        ({"calibration": {"source": "text_file", "path": "/nonexistent.txt"}}, "calibration.path"),
-        ({"eigen": {"threads": 0}}, "config error: eigen.threads: 0 is less than the minimum of 1"),
-        ({"collection": {"batch_size": "8"}}, "config error: collection.batch_size: '8' is not of type 'integer'"),
-        ({"calibration": {"source": "wiki"}}, "config error: calibration.source: 'wiki' is not one of"),
-        ({"typo_key": 1}, "'typo_key' was unexpected"),
-        ({"models": {"tiny": {"source": "embedded", "id": "gpt-5"}}}, "not an embedded model"),
-    ],
-)
-def test_bad_config_fails_before_any_job(finished_run, tmp_path, change, message):
-    snakefile, _, config = finished_run
-    proc = snakemake(snakefile, tmp_path, {**config, **change}, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stdout + proc.stderr
-    assert not (tmp_path / "results").exists()
 
 
 def test_search_outputs_and_what_a_tolerance_change_reruns(finished_run):
