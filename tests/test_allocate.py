@@ -273,6 +273,6 @@ def test_make_plan_cli_spectral_and_searched(cached, tmp_path):
 
 
 def test_cli_method_choices_are_the_factor_methods():
-    from sfsd.cli import METHOD_CHOICES
+    from sfsd.cli_options import METHOD_CHOICES
 
     assert METHOD_CHOICES == FACTOR_METHODS

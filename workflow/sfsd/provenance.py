@@ -52,32 +52,39 @@ def _relative_imports(tree) -> set[str]:
 
 
 def command_modules(command: str, package_dir: str | os.PathLike = PACKAGE_DIR) -> list[str]:
-    """The package modules that `python -m sfsd <command>` can run: cli.py and the entry points, the
-    modules its `cmd_<command>` function (and the cli.py helpers it calls) imports, and every package
-    module those import, transitively. A rule puts their digest (`command_digest`) into its params, so an
-    edit of any of them reruns it and an edit of any other module does not."""
+    """The package modules that `python -m sfsd <command>` can run: the entry points (cli.py and the
+    cli_*.py command modules, whose module-level imports every command runs), the modules its
+    `cmd_<command>` function (and the helpers of its own module it calls) imports, and every package module
+    those import, transitively. A rule puts their digest (`command_digest`) into its params, so an edit of
+    any of them reruns it and an edit of any other module does not."""
     import ast
 
     package_dir = Path(package_dir)
-    cli = ast.parse((package_dir / "cli.py").read_text())
-    functions = {n.name: n for n in cli.body if isinstance(n, ast.FunctionDef)}
+    cli_names = ["cli", *sorted(p.stem for p in package_dir.glob("cli_*.py"))]
+    trees = {m: ast.parse((package_dir / f"{m}.py").read_text()) for m in cli_names}
     name = "cmd_" + command.replace("-", "_")
-    if name not in functions:
-        raise KeyError(f"sfsd has no command {command!r} (no {name} in cli.py)")
-    seen_functions, todo, modules = set(), [name], {"__init__", "__main__", "cli"}
-    modules |= _relative_imports(ast.Module(body=[n for n in cli.body if not isinstance(n, ast.FunctionDef)],
-                                            type_ignores=[]))
-    while todo:  # the command function and the cli.py helpers it calls
+    owner = next((m for m in cli_names for n in trees[m].body if isinstance(n, ast.FunctionDef) and n.name == name),
+                 None)
+    if owner is None:
+        raise KeyError(f"sfsd has no command {command!r} (no {name} in {', '.join(f'{m}.py' for m in cli_names)})")
+    modules = {"__init__", "__main__", *cli_names}
+    for tree in trees.values():  # what every command imports before it runs
+        modules |= _relative_imports(ast.Module(body=[n for n in tree.body if not isinstance(n, ast.FunctionDef)],
+                                                type_ignores=[]))
+    functions = {n.name: n for n in trees[owner].body if isinstance(n, ast.FunctionDef)}
+    seen_functions, todo = set(), [name]
+    while todo:  # the command function and the helpers of its module it calls
         fn = functions[todo.pop()]
         seen_functions.add(fn.name)
         modules |= _relative_imports(fn)
         todo += [n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id in functions
                  and n.id not in seen_functions and n.id != fn.name]
+
     def is_module(name: str) -> bool:  # `from . import __version__` names an attribute, not a module
         return (package_dir / f"{name}.py").is_file()
 
     modules = {m for m in modules if is_module(m)}
-    pending = sorted(modules - {"__init__", "__main__", "cli"})
+    pending = sorted(modules - {"__init__", "__main__", *cli_names})
     while pending:  # transitively through the package
         module = pending.pop()
         for dep in _relative_imports(ast.parse((package_dir / f"{module}.py").read_text())):
