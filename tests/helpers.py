@@ -8,13 +8,14 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 import yaml
 
 from sfsd.arch import get_arch
-from sfsd.lowrank import LowRankLinear
+from sfsd.hf_modeling import LowRankLinear
 from sfsd.methods import max_rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,21 +44,36 @@ def build_tokenizer(folder: Path):
     return fast
 
 
+# config class and size keywords of each architecture's tiny model (hidden 32, 4 query heads, 2 key/value
+# heads where the family has grouped-query attention)
+_LLAMA_SIZES = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 512}
+TINY_CONFIGS = {
+    "LlamaForCausalLM": ("LlamaConfig", _LLAMA_SIZES),
+    "MistralForCausalLM": ("MistralConfig", _LLAMA_SIZES),
+    "Qwen2ForCausalLM": ("Qwen2Config", _LLAMA_SIZES),
+    "Qwen3ForCausalLM": ("Qwen3Config", {**_LLAMA_SIZES, "head_dim": 8}),
+    "Gemma2ForCausalLM": ("Gemma2Config", {**_LLAMA_SIZES, "head_dim": 8, "query_pre_attn_scalar": 8}),
+    "Phi3ForCausalLM": ("Phi3Config", _LLAMA_SIZES),
+    "Olmo2ForCausalLM": ("Olmo2Config", _LLAMA_SIZES),
+    "GPTNeoXForCausalLM": ("GPTNeoXConfig", {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
+                                             "max_position_embeddings": 512}),
+    "GPTJForCausalLM": ("GPTJConfig", {"n_embd": 32, "n_inner": 48, "n_head": 4, "rotary_dim": 4,
+                                       "n_positions": 512}),
+}
+
+
 def build_tiny_model(folder: Path, architecture: str = "LlamaForCausalLM", seed: int = 0,
                      n_layers: int = 2) -> Path:
-    """A random decoder with 4 query heads and 2 key/value heads, saved as safetensors + tokenizer."""
+    """A random decoder of `architecture` (TINY_CONFIGS: hidden 32, 4 query heads and 2 key/value heads
+    where the family has them), saved as safetensors + tokenizer."""
     import transformers
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(folder)
-    config_cls = {
-        "LlamaForCausalLM": transformers.LlamaConfig,
-        "MistralForCausalLM": transformers.MistralConfig,
-        "Qwen2ForCausalLM": transformers.Qwen2Config,
-    }[architecture]
-    config = config_cls(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    config_name, sizes = TINY_CONFIGS[architecture]
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), num_hidden_layers=n_layers, **sizes, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, architectures=[architecture],
     )
     model = getattr(transformers, architecture)(config)
@@ -65,6 +81,12 @@ def build_tiny_model(folder: Path, architecture: str = "LlamaForCausalLM", seed:
     with torch.no_grad():
         model.get_input_embeddings().weight.add_(0.3)
     model.save_pretrained(folder, safe_serialization=True)
+    from transformers import AutoTokenizer
+
+    loaded = len(AutoTokenizer.from_pretrained(folder))  # Qwen2's tokenizer class adds <|endoftext|>
+    if loaded > config.vocab_size:
+        model.resize_token_embeddings(loaded)
+        model.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -112,6 +134,24 @@ def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+# run first by python_without_sfsd: `import sfsd` (and any submodule) fails there
+NO_SFSD = textwrap.dedent("""
+    import importlib.abc, sys
+    class _NoSfsd(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "sfsd" or name.startswith("sfsd."):
+                raise ImportError("sfsd is not importable here")
+            return None
+    sys.meta_path.insert(0, _NoSfsd())
+""")
+
+
+def python_without_sfsd(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter in which `import sfsd` fails (what a user without the package has)."""
+    return subprocess.run([sys.executable, "-c", NO_SFSD + textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def deep_merge(base: dict, change: dict) -> dict:
     out = dict(base)
     for key, value in change.items():
@@ -153,6 +193,11 @@ def _arch_gpt2(tmp: Path, model: Path, calib: Path) -> dict:
     return {"models": {"tiny": {"source": "local", "path": str(folder)}}}
 
 
+def _gptj_default_layers(tmp: Path, model: Path, calib: Path) -> dict:
+    folder = build_tiny_model(tmp / "gptj", "GPTJForCausalLM")  # inspected; the default layers are Llama's
+    return {"models": {"tiny": {"source": "local", "path": str(folder)}}}
+
+
 def _no_config_json(tmp: Path, model: Path, calib: Path) -> dict:
     (tmp / "empty-model").mkdir()
     return {"models": {"tiny": {"source": "local", "path": str(tmp / "empty-model")}}}
@@ -186,7 +231,11 @@ CONFIG_CASES = [
     ("binary calibration file", _binary_jsonl, "is not UTF-8 text"),
     ("unknown embedded model", {"models": {"tiny": {"source": "embedded", "id": "gpt-5"}}},
      "models.tiny.id 'gpt-5' is not an embedded model"),
-    ("unsupported architecture", _arch_gpt2, "unsupported architecture 'GPT2LMHeadModel'"),
+    ("unsupported architecture", _arch_gpt2,
+     "unsupported architecture 'GPT2LMHeadModel': inspection found no torch.nn.Linear projections"),
+    ("inspected model with Llama's layer names", _gptj_default_layers,
+     "models.tiny: config 'layers' keyword(s) ['o_proj', 'gate_proj', 'up_proj', 'down_proj'] match no Linear "
+     "layer; available: q_proj, k_proj, v_proj, out_proj, fc_in, fc_out"),
     ("model folder without config.json", _no_config_json, "is not a model folder with config.json"),
     ("unknown model source", {"models": {"tiny": {"source": "s3", "path": "x"}}}, "models.tiny.source: 's3' is not one of"),
     ("layer keywords match nothing", {"layers": ["qq_proj"]}, "keyword(s) ['qq_proj'] match no Linear layer"),

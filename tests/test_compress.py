@@ -15,7 +15,8 @@ from sfsd.compress import apply_plan, cached_statistics, factors_for, load_compr
 from sfsd.errors import ConfigError, DataError
 from sfsd.factor_cache import apply_cached_plan, full_rank_factors, save_factor_cache
 from sfsd.io import save_tensors
-from sfsd.lowrank import LowRankLinear, cut_factors
+from sfsd.hf_modeling import LowRankLinear
+from sfsd.lowrank import cut_factors, from_factors
 from sfsd.methods import feature_space, max_rank
 from sfsd.plan import (
     ModelShapes,
@@ -118,7 +119,7 @@ def test_full_rank_math_reproduces_the_layer(tiny_stats):
     layer = linear_of(tiny_stats["model"], SPEC, 0, "k_proj")
     eig = tiny_stats["eigen"][0]
     f = feature_space(layer.weight, None, eig["k_proj.eigenvectors"], eig["k_proj.mean"], 16)
-    low = LowRankLinear.from_factors(f)
+    low = from_factors(f)
     x = torch.randn(5, 32)
     torch.testing.assert_close(low(x), layer(x), rtol=1e-4, atol=1e-4)
 
@@ -154,7 +155,7 @@ def test_save_load_gives_identical_logits(tiny_stats, tmp_path):
     apply_plan(model, SPEC, plan, tiny_stats["eigen"], tiny_stats["features"], model_digest=tiny_stats["digest"])
     before = _logits(model, tiny_stats["tokens"])
     out = save_compressed(model, plan, tmp_path / "compressed", tokenizer=tiny_stats["tokenizer"])
-    assert not (out / "model.safetensors").exists()  # from_pretrained must not half-load it
+    assert {"model.safetensors", "config.json", "modeling_sfsd.py", "plan.json"} <= {f.name for f in out.iterdir()}
     loaded, saved_plan = load_compressed(out)
     assert torch.equal(_logits(loaded, tiny_stats["tokens"]), before)
     assert saved_plan["layers"]["1.up_proj"]["method"] == "dense"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sfsd.io import load_tensors, read_json
-from helpers import new_run, planned_jobs, snakemake
+from helpers import new_run, planned_jobs, python_without_sfsd, snakemake
 
 
 @pytest.mark.slow
@@ -36,6 +36,25 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     assert 0.79 < plan["notes"]["params_fraction"] <= 0.806
     assert all(key.split(".")[0] not in {"0", "1", "2", "3"} for key in plan["layers"])  # first_block 4
     assert (results / "compressed" / "feature-p54" / "plan.json").exists()
+    # the compressed folder loads with transformers alone (no sfsd importable), the same model bit for bit
+    from sfsd.compress import load_compressed
+
+    folder = results / "compressed" / "feature-p54"
+    model, _ = load_compressed(folder)
+    ids = torch.randint(3, 40000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
+    proc = python_without_sfsd(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        ref = torch.load({str(tmp_path / "ref.pt")!r})
+        with torch.no_grad():
+            print("identical:", torch.equal(model(input_ids=ref["ids"]).logits, ref["logits"]))
+        print("tied:", model.lm_head.weight is model.model.embed_tokens.weight)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "identical: True" in proc.stdout and "tied: True" in proc.stdout, proc.stdout
     table = (workdir / "results" / "tables" / "smollm2-135m" / "table1.csv").read_text().splitlines()
     assert len(table) == 3 and table[1].startswith("Baseline") and table[2].startswith("Feature space")
     assert planned_jobs(snakemake(snakefile, workdir, config, "--dry-run")) == {}

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sfsd.lowrank import LowRankLinear, cut_factors, linear_path, replace_module
+from sfsd.lowrank import cut_factors, from_factors, linear_path, replace_module
 from sfsd.rows import mean_metric
 from sfsd.scoring import encode_requests, score_multiple_choice
 from sfsd.io import model_digest
@@ -35,7 +35,7 @@ def test_loglik_and_kl_objectives_known_values(tiny4, arc_requests):
     assert kl.score(model) == pytest.approx(0.0, abs=1e-12)  # the first model scored is the reference
     entry = FactorCache(factors, "weight", model_digest(folder))(3, "down_proj")
     f = cut_factors(entry, "weight", 1)
-    replace_module(model, linear_path(LLAMA, 3, "down_proj"), LowRankLinear.from_factors(Factors(*f.__dict__.values())))
+    replace_module(model, linear_path(LLAMA, 3, "down_proj"), from_factors(Factors(*f.__dict__.values())))
     other = score_multiple_choice(model, tok, enc, 8, share_prefix=False)
     by_hand = 0.0
     for a, b in zip(scores, other):
@@ -99,7 +99,7 @@ def _released_transcription(model, tok, enc, entry_of, order, delta):
                 replace_module(model, path, dense)
             else:
                 f = cut_factors(entry_of(block, linear), "weight", r)
-                replace_module(model, path, LowRankLinear.from_factors(Factors(*f.__dict__.values())))
+                replace_module(model, path, from_factors(Factors(*f.__dict__.values())))
 
         picks = []
         for i in range(3):

@@ -8,9 +8,12 @@ original Linear.
 
 All reads of cached statistics go through `cached_statistics` (eigen/ and features/ block files);
 `apply_plan` itself takes per-block tensors from callables or dicts, so tests feed it in memory.
-A compressed model is saved as `compressed.safetensors` (state dict, tied weights once) + plan.json +
-config.json (+ tokenizer): deliberately NOT `model.safetensors`, so `from_pretrained` cannot load it
-half-right; use `load_compressed`.
+A compressed model is saved as a folder that standard tools load: model.safetensors (state dict, tied
+weights once), config.json with transformers' `auto_map` pointing at the folder's own modeling_sfsd.py (a
+copy of `sfsd.hf_modeling`, which needs no sfsd package), plan.json and the tokenizer. So
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`, lm-eval's hf model and
+`load_compressed` all give the same model, bit for bit; config.json's model_type is `sfsd_<base type>`, so
+loading without the remote code is refused rather than half-initialised.
 """
 
 from __future__ import annotations
@@ -40,15 +43,17 @@ from .methods import (
     weight_space,
     whitened,
 )
-from .lowrank import LowRankLinear, linear_path, linear_shapes, replace_module
+from .hf_modeling import MODEL_TYPE_PREFIX, LowRankLinear
+from .lowrank import from_factors, linear_path, linear_shapes, replace_module
 from .plan import FACTOR_METHODS, parse_layer_key, validate_plan
 from .provenance import stamp
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "compressed.safetensors"
+WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
-FORMAT = "sfsd-compressed-1"
+MODELING_FILE = "modeling_sfsd.py"  # sfsd.hf_modeling, as config.json's auto_map names it
+FORMAT = "sfsd-compressed-2"  # 1: compressed.safetensors, loadable by load_compressed only
 
 FEATURE_METHODS = ("whitened", "asvd")  # factor methods that read the input statistics (features/)
 
@@ -230,7 +235,7 @@ def apply_plan(
                         weight, bias, method, entry["rank"], eigen=eigen, features=features, linear=linear,
                         group=spec.group_of(linear), block=block,
                         bias_compensation=options["bias_compensation"], jitter=options["jitter"])
-                    replace_module(model, path, LowRankLinear.from_factors(factors))
+                    replace_module(model, path, from_factors(factors))
                     report[key] = {"method": method, "rank": entry["rank"], **extra}
                 elif method == "laser":
                     layer.weight.copy_(laser(weight, entry["rate"]))
@@ -262,8 +267,9 @@ def _no_init():
 
 def save_compressed(model: nn.Module, plan: Mapping, out_dir: str | os.PathLike, tokenizer=None,
                     factors: Mapping | None = None) -> Path:
-    """Write `out_dir` atomically: compressed.safetensors (state dict; a tied tensor once), plan.json
-    (normalised against the model), config.json, generation_config.json and the tokenizer if given.
+    """Write `out_dir` atomically: model.safetensors (state dict; a tied tensor once), plan.json
+    (normalised against the model), config.json for transformers' remote code (`hf_config`),
+    modeling_sfsd.py, generation_config.json and the tokenizer if given.
     `factors`: the provenance of the factor caches used (apply_cached_plan's), recorded in the metadata."""
     spec = get_arch(architecture_of(model.config))
     norm = validate_plan(plan, spec, len(blocks_of(model, spec)), linear_shapes(model, spec))
@@ -282,15 +288,16 @@ def save_compressed(model: nn.Module, plan: Mapping, out_dir: str | os.PathLike,
         raise ConfigError(f"model holds floating tensors of several dtypes {sorted(dtypes)}; cast it to one first")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_tensors(Path(tmp) / WEIGHTS_FILE, tensors,
-                     {"format": FORMAT, "tied": tied, "dtype": dtypes.pop(), "model": norm.get("model"),
+        save_tensors(Path(tmp) / WEIGHTS_FILE, tensors, raw={"format": "pt"}, metadata={
+                     "sfsd_format": FORMAT, "tied": tied, "dtype": dtypes.pop(), "model": norm.get("model"),
                       "factors": dict(factors or {}),
                       **stamp(norm.get("model_digest"),
                               next((v["calibration_digest"] for v in (factors or {}).values()
                                     if v.get("calibration_digest")), None),
                               {"options": norm.get("options")})})
         write_json(Path(tmp) / PLAN_FILE, norm)
-        model.config.save_pretrained(tmp)
+        write_json(Path(tmp) / "config.json", hf_config(model))
+        (Path(tmp) / MODELING_FILE).write_text(modeling_code(architecture_of(model.config)))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -298,18 +305,46 @@ def save_compressed(model: nn.Module, plan: Mapping, out_dir: str | os.PathLike,
     return out_dir
 
 
+def hf_config(model: nn.Module) -> dict:
+    """config.json of a compressed folder: the model's own config, its model_type prefixed (`sfsd_llama`),
+    transformers' auto_map pointing at modeling_sfsd.py, and the factored Linears ({path: [rank, bias]})."""
+    low_rank = {name: [m.rank, m.second.bias is not None] for name, m in model.named_modules()
+                if isinstance(m, LowRankLinear)}
+    config = model.config.to_dict()
+    stem = MODELING_FILE.removesuffix(".py")
+    return {**config, "model_type": MODEL_TYPE_PREFIX + config["model_type"], "sfsd_low_rank": low_rank,
+            "auto_map": {"AutoConfig": f"{stem}.SfsdConfig", "AutoModelForCausalLM": f"{stem}.SfsdForCausalLM"}}
+
+
+def modeling_code(architecture: str) -> str:
+    """The text of modeling_sfsd.py for a model of `architecture`: sfsd.hf_modeling with its base set."""
+    import inspect
+
+    from . import hf_modeling
+
+    default = f'BASE_ARCHITECTURE = "{hf_modeling.BASE_ARCHITECTURE}"'
+    source = inspect.getsource(hf_modeling)
+    if source.count(default) != 1:
+        raise RuntimeError("sfsd/hf_modeling.py must assign BASE_ARCHITECTURE once, as a string literal")
+    return source.replace(default, f"BASE_ARCHITECTURE = {architecture!r}")
+
+
 def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a model saved by `save_compressed`: architecture from config.json, LowRankLinear
     modules shaped by plan.json and the saved factors, then the weights. Returns (model in eval mode,
     plan). Its logits equal those of the model that was saved, bit for bit."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     plan = read_json(out_dir / PLAN_FILE)
     tensors, meta = load_tensors(out_dir / WEIGHTS_FILE)
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{out_dir / WEIGHTS_FILE} is not a compressed model of this format ({meta.get('format')!r})")
-    config = AutoConfig.from_pretrained(out_dir)
+    if meta.get("sfsd_format") != FORMAT:
+        raise DataError(f"{out_dir / WEIGHTS_FILE} is not a compressed model of this format "
+                        f"({meta.get('sfsd_format')!r}, expected {FORMAT!r}); compress it again")
+    saved = read_json(out_dir / "config.json")
+    base_type = saved["model_type"].removeprefix(MODEL_TYPE_PREFIX)
+    config = CONFIG_MAPPING[base_type].from_dict(
+        {k: v for k, v in saved.items() if k not in ("auto_map", "sfsd_low_rank", "model_type")})
     spec = get_arch(architecture_of(config))
     dtype = getattr(torch, meta["dtype"])
     with _no_init():

@@ -68,9 +68,11 @@ def read_json(path: str | os.PathLike):
         raise DataError(f"{path} is not valid JSON ({err}); delete it and rerun its stage") from None
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    """Save tensors atomically; metadata values are JSON-encoded (safetensors only stores strings)."""
-    meta = {k: json.dumps(v) for k, v in metadata.items()}
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict,
+                 raw: dict[str, str] | None = None) -> None:
+    """Save tensors atomically; metadata values are JSON-encoded (safetensors only stores strings), those
+    of `raw` stored as they are (e.g. {"format": "pt"}, which other readers of model.safetensors expect)."""
+    meta = {**{k: json.dumps(v) for k, v in metadata.items()}, **dict(raw or {})}
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
@@ -82,7 +84,7 @@ def load_tensors(path: str | os.PathLike, keys: list[str] | None = None) -> tupl
         raise DataError(f"missing file {path}; run the stage that makes it first")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            meta = _decoded(f.metadata())
             names = keys if keys is not None else list(f.keys())
             missing = [k for k in names if k not in f.keys()]
             if missing:
@@ -92,12 +94,23 @@ def load_tensors(path: str | os.PathLike, keys: list[str] | None = None) -> tupl
         raise DataError(f"{path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
 
 
+def _decoded(metadata: dict | None) -> dict:
+    """Metadata as save_tensors wrote it: JSON values decoded, raw strings (not JSON) kept as they are."""
+    out = {}
+    for key, value in (metadata or {}).items():
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     if not Path(path).exists():
         raise DataError(f"missing file {path}; run the stage that makes it first")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            return _decoded(f.metadata())
     except (SafetensorError, OSError, ValueError) as err:
         raise DataError(f"{path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
 

@@ -1,4 +1,5 @@
-"""The factored Linear and where it goes: `LowRankLinear`, the module paths of a model's Linear layers
+"""The factored Linear and where it goes: `from_factors` (a `LowRankLinear`, whose one home is
+`sfsd.hf_modeling`, the modeling code compressed folders carry), the module paths of a model's Linear layers
 (`linear_path`, `replace_module`, `linear_shapes`), and the factor cut (`cut_factors`, `cut_module`):
 the factors at any rank sliced from a full-rank factor-cache entry (`sfsd.factor_cache`).
 
@@ -15,39 +16,21 @@ from torch import nn
 
 from .arch import ArchSpec, blocks_of
 from .errors import ConfigError
+from .hf_modeling import LowRankLinear
 from .methods import Factors, feature_bias
 
 
-class LowRankLinear(nn.Module):
-    """y = second(first(x)): first = nn.Linear(in, rank, bias=False), second = nn.Linear(rank, out, bias)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-
-    @classmethod
-    def from_factors(cls, factors: Factors) -> LowRankLinear:
-        """A module holding exactly the given factors (their dtype and device)."""
-        first, second = factors.first, factors.second
-        module = cls(first.shape[1], second.shape[0], first.shape[0], factors.bias is not None,
-                     device=first.device, dtype=first.dtype)
-        with torch.no_grad():
-            module.first.weight.copy_(first)
-            module.second.weight.copy_(second)
-            if factors.bias is not None:
-                module.second.bias.copy_(factors.bias)
-        return module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+def from_factors(factors: Factors) -> LowRankLinear:
+    """A LowRankLinear holding exactly the given factors (their dtype and device)."""
+    first, second = factors.first, factors.second
+    module = LowRankLinear(first.shape[1], second.shape[0], first.shape[0], factors.bias is not None,
+                           device=first.device, dtype=first.dtype)
+    with torch.no_grad():
+        module.first.weight.copy_(first)
+        module.second.weight.copy_(second)
+        if factors.bias is not None:
+            module.second.bias.copy_(factors.bias)
+    return module
 
 
 def linear_path(spec: ArchSpec, block: int, linear: str) -> str:
@@ -91,7 +74,7 @@ def cut_module(cache: Mapping[str, torch.Tensor], method: str, rank: int, bias_c
     """`cut_factors` as a LowRankLinear in the dtype and on the device of the Linear it replaces."""
     f = cut_factors(cache, method, rank, bias_compensation)
     f = Factors(*(None if t is None else t.to(like.weight.device, like.weight.dtype) for t in (f.first, f.second, f.bias)))
-    return LowRankLinear.from_factors(f)
+    return from_factors(f)
 
 
 __all__ = ["LowRankLinear", "cut_factors", "cut_module", "linear_path", "linear_shapes", "replace_module"]
