@@ -236,6 +236,8 @@ CONFIG_CASES = [
     ("inspected model with Llama's layer names", _gptj_default_layers,
      "models.tiny: config 'layers' keyword(s) ['o_proj', 'gate_proj', 'up_proj', 'down_proj'] match no Linear "
      "layer; available: q_proj, k_proj, v_proj, out_proj, fc_in, fc_out"),
+    ("search order names a layer the model lacks", {"search": {"order": ["down_proj", "fc_out"]}},
+     "models.tiny: search.order names ['fc_out'], not Linear layers of LlamaForCausalLM"),
     ("model folder without config.json", _no_config_json, "is not a model folder with config.json"),
     ("unknown model source", {"models": {"tiny": {"source": "s3", "path": "x"}}}, "models.tiny.source: 's3' is not one of"),
     ("layer keywords match nothing", {"layers": ["qq_proj"]}, "keyword(s) ['qq_proj'] match no Linear layer"),

@@ -2,6 +2,11 @@
 
 Algorithms ask this module for "the q_proj of block 3" or "the layers that read the attention
 input"; they never spell `model.model.layers[i].self_attn...` themselves.
+
+`get_arch(name)`: an explicit REGISTRY entry first; otherwise the spec found by inspecting the
+transformers class (`sfsd.inspect_arch`: blocks, Linear layers in forward order, input groups from a
+probe's forward pass), completed by what inspection cannot decide, kept here as data (LASER_NAMES).
+Fused Linears (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's query_key_value) are one layer each.
 """
 
 from __future__ import annotations
@@ -86,6 +91,35 @@ REGISTRY: dict[str, ArchSpec] = {
 }
 
 
+# LASER's layer-type names per inspected family (what inspection cannot decide). A family without an
+# entry gets each Linear under its own short name, plus `all` and `dont`.
+_FUSED_LASER = {"out_proj": ("o_proj",), "fc_in": ("gate_up_proj",), "fc_out": ("down_proj",),
+                "attn": ("qkv_proj", "o_proj"), "mlp": ("gate_up_proj", "down_proj")}
+_NEOX_LASER = {"out_proj": ("dense",), "fc_in": ("dense_h_to_4h",), "fc_out": ("dense_4h_to_h",),
+               "attn": ("query_key_value", "dense"), "mlp": ("dense_h_to_4h", "dense_4h_to_h")}
+_GPTJ_LASER = {"q_proj": ("q_proj",), "k_proj": ("k_proj",), "v_proj": ("v_proj",), "out_proj": ("out_proj",),
+               "fc_in": ("fc_in",), "fc_out": ("fc_out",), "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
+               "mlp": ("fc_in", "fc_out")}
+LASER_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
+    "Gemma2ForCausalLM": _LLAMA_LASER,
+    "Olmo2ForCausalLM": _LLAMA_LASER,
+    "Phi3ForCausalLM": _FUSED_LASER,
+    "GPTNeoXForCausalLM": _NEOX_LASER,
+    "GPTJForCausalLM": _GPTJ_LASER,  # LASER's original model (Sharma et al.)
+}
+
+
+def with_laser_names(spec: ArchSpec, architecture: str) -> ArchSpec:
+    """An inspected spec completed with its family's LASER names (LASER_NAMES, or one per Linear)."""
+    names = dict(LASER_NAMES.get(architecture) or {name: (name,) for name in spec.linears})
+    names = {**names, "all": tuple(spec.linears), "dont": ()}
+    unknown = sorted({n for members in names.values() for n in members} - set(spec.linears))
+    if unknown:
+        raise ConfigError(f"LASER_NAMES[{architecture!r}] names {unknown}, not Linear layers of the inspected "
+                          f"architecture ({', '.join(spec.linears)}); fix it in sfsd/arch.py")
+    return ArchSpec(spec.blocks, spec.decoder, spec.lm_head, dict(spec.linears), dict(spec.input_groups), names)
+
+
 def linear_order(spec: ArchSpec, *, reverse: bool = False) -> tuple[str, ...]:
     """The spec's Linear short names in forward order; reverse=True: the top of a block first (the rank
     search's order inside a block)."""
@@ -99,13 +133,24 @@ LINEAR_ORDER = tuple(dict.fromkeys(name for spec in REGISTRY.values() for name i
 SEARCH_ORDER = LINEAR_ORDER[::-1]
 
 
+# The architectures tested end to end (tests/test_architectures.py), listed by `python -m sfsd architectures`.
+SUPPORTED = (*REGISTRY, *LASER_NAMES)
+
+
 def get_arch(architecture: str) -> ArchSpec:
-    try:
+    """The ArchSpec of an HF architecture name: REGISTRY first, then inspection of the transformers
+    class; ConfigError naming what inspection did not find."""
+    if architecture in REGISTRY:
         return REGISTRY[architecture]
-    except KeyError:
+    from .inspect_arch import InspectionError, inspect_architecture
+
+    try:
+        return with_laser_names(inspect_architecture(architecture), architecture)
+    except InspectionError as err:
+        reason = str(err).removeprefix(architecture + ": ")
         raise ConfigError(
-            f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(REGISTRY))} "
-            "(add an ArchSpec to sfsd/arch.py for another family)"
+            f"unsupported architecture {architecture!r}: {reason}; supported: {', '.join(sorted(SUPPORTED))} "
+            "and decoders whose blocks inspection can read"
         ) from None
 
 

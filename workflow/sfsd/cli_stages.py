@@ -27,6 +27,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="JSONL output")
     p.set_defaults(func=cmd_calibration_texts)
 
+    p = sub.add_parser("architectures", help="supported decoders: blocks, Linear layers, input groups, LASER names")
+    p.add_argument("names", nargs="*", help="HF architecture names to inspect (default: the supported ones)")
+    p.set_defaults(func=cmd_architectures)
+
     p = sub.add_parser("tokenize", help="tokenize calibration texts into padded batches with a mask")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--texts", required=True)
@@ -121,6 +125,18 @@ def cmd_calibration_texts(args: argparse.Namespace) -> None:
             for d in docs:
                 f.write(json.dumps(d, ensure_ascii=False) + "\n")
     logging.info("wrote %d calibration texts to %s", len(docs), args.out)
+
+
+def cmd_architectures(args: argparse.Namespace) -> None:
+    from .arch import REGISTRY, SUPPORTED, get_arch
+
+    for name in args.names or SUPPORTED:
+        spec = get_arch(name)
+        print(f"{name} ({'registry' if name in REGISTRY else 'inspected'})")
+        print(f"  blocks: {spec.blocks}  decoder: {spec.decoder}  lm_head: {spec.lm_head}")
+        print("  linears: " + ", ".join(f"{short}={path}" for short, path in spec.linears.items()))
+        print("  input groups: " + " | ".join(f"{g}: {' '.join(m)}" for g, m in spec.input_groups.items()))
+        print("  laser: " + ", ".join(f"{t}={','.join(m) or '-'}" for t, m in spec.laser_types.items()))
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:

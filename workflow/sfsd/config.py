@@ -63,7 +63,7 @@ def _model_config(name: str, model: Mapping, root: Path) -> dict | None:
 
 
 def _check_models(config: Mapping, root: Path) -> None:
-    from .arch import REGISTRY, select_linears
+    from .arch import SEARCH_ORDER, get_arch, select_linears
     from .errors import SfsdError
     from .models import EMBEDDED
 
@@ -80,11 +80,15 @@ def _check_models(config: Mapping, root: Path) -> None:
             if not m.get("path") or not (folder / "config.json").is_file():
                 raise ConfigError(f"models.{name}.path {m.get('path')!r} is not a model folder with config.json")
             arch = (json.loads((folder / "config.json").read_text()).get("architectures") or ["?"])[0]
-            if arch not in REGISTRY:
-                raise ConfigError(f"models.{name}: unsupported architecture {arch!r}; supported: {', '.join(sorted(REGISTRY))}")
         if arch is not None:  # hub models are checked once downloaded, by the stages themselves
-            try:
-                select_linears(REGISTRY[arch], config["layers"])
+            try:  # the registry, or inspection of the transformers class (a small probe on the CPU)
+                spec = get_arch(arch)
+                select_linears(spec, config["layers"])
+                order = config["search"]["order"]
+                unknown = [n for n in order if n not in spec.linears]
+                if unknown and tuple(order) != SEARCH_ORDER:  # the default adapts (sfsd.search.search_order)
+                    raise ConfigError(f"search.order names {unknown}, not Linear layers of {arch}; "
+                                      f"use {', '.join(spec.linears)}")
             except SfsdError as err:
                 raise ConfigError(f"models.{name}: {err}") from None
 

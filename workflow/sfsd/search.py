@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .arch import ArchSpec, linear_order
+from .arch import SEARCH_ORDER, ArchSpec, linear_order
 from .block_cache import BlockCache
 from .defaults import block_range
 from .errors import ConfigError, DataError
@@ -72,8 +72,8 @@ def search_order(spec: ArchSpec, n_blocks: int, linears: Iterable[str], first_bl
     inside a block the linears in `order` (those of `linears` only; default: the spec's forward order
     reversed, `arch.linear_order`). A negative first_block counts from the end (-2 = the top two blocks),
     so one setting fits models of any depth."""
-    if order is None:
-        order = linear_order(spec, reverse=True)
+    if order is None or (tuple(order) == SEARCH_ORDER and not set(order) <= set(spec.linears)):
+        order = linear_order(spec, reverse=True)  # the default, for a family with other Linear names
     linears = set(linears)
     unknown = [n for n in order if n not in spec.linears]
     if unknown:

@@ -1,0 +1,170 @@
+"""Decoders found by inspection (sfsd.inspect_arch) and the registry: per architecture, on a tiny random
+model of its transformers config class, the collected statistics equal hooked activations, the factors at
+full rank reproduce the logits, and a compressed model saves and loads to the same logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import STAT_TEXTS, TINY_CONFIGS, base_config, build_tiny_model, run_cli
+from sfsd import config as sfsd_config
+from sfsd.arch import REGISTRY, SEARCH_ORDER, SUPPORTED, get_arch, groups_for, linear_of
+from sfsd.calibration import tokenize
+from sfsd.collect import collect_input_moments
+from sfsd.compress import apply_plan, factors_for, load_compressed, save_compressed
+from sfsd.errors import ConfigError
+from sfsd.inspect_arch import inspect_architecture, inspect_model, short_names
+from sfsd.lowrank import from_factors, replace_module
+from sfsd.methods import max_rank
+from sfsd.models import load_model
+from sfsd.plan import count_params, model_shapes, new_plan
+from sfsd.search import search_order
+from sfsd.stats import eigh_descending, output_moments
+
+# architecture -> its Linear short names and input groups (members), as inspection must find them
+LLAMA_GROUPS = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+EXPECTED = {
+    **{name: LLAMA_GROUPS for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                       "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Olmo2ForCausalLM")},
+    "Phi3ForCausalLM": [("qkv_proj",), ("o_proj",), ("gate_up_proj",), ("down_proj",)],
+    "GPTNeoXForCausalLM": [("query_key_value",), ("dense",), ("dense_h_to_4h",), ("dense_4h_to_h",)],
+    # GPT-J: attention and MLP read the same ln_1 output (parallel block)
+    "GPTJForCausalLM": [("q_proj", "k_proj", "v_proj", "fc_in"), ("out_proj",), ("fc_out",)],
+}
+METHODS = ("feature", "whitened", "asvd", "weight")
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).logits
+
+
+def _hooked_inputs(model, spec, tokens, block):
+    """Each Linear's input over the real (unpadded) tokens, by plain hooks on one forward pass."""
+    seen, handles = {}, []
+    for name in spec.linears:
+        hook = (lambda name: lambda _m, inputs: seen.setdefault(name, inputs[0].detach()))(name)
+        handles.append(linear_of(model, spec, block, name).register_forward_pre_hook(hook))
+    _logits(model, tokens)
+    for h in handles:
+        h.remove()
+    keep = tokens["attention_mask"].reshape(-1).bool()
+    return {n: x.reshape(-1, x.shape[-1])[keep].double() for n, x in seen.items()}
+
+
+def test_every_supported_architecture_has_a_tiny_model_and_expected_groups():
+    assert set(SUPPORTED) == set(TINY_CONFIGS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("architecture", sorted(EXPECTED))
+def test_statistics_full_rank_and_save_load(tmp_path, architecture):
+    folder = build_tiny_model(tmp_path / "model", architecture)
+    model, tokenizer = load_model(folder, device="cpu")
+    spec = get_arch(architecture)
+    assert list(spec.input_groups.values()) == EXPECTED[architecture]
+    assert spec.linears == inspect_model(model).linears  # the loaded model itself reads the same
+    assert [tuple(g) for g in inspect_model(model).input_groups.values()] == EXPECTED[architecture]
+    assert spec.laser_types["all"] == tuple(spec.linears) and spec.laser_types["dont"] == ()
+    tokens = tokenize(STAT_TEXTS, tokenizer, seq_len=40)
+    linears = list(spec.linears)
+    groups = groups_for(spec, linears)
+    moments = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"],
+                                    batch_size=3, progress=False)
+    eigen, features = {}, {}
+    full = copy.deepcopy(model)
+    for b, per_block in enumerate(moments):
+        hooked = _hooked_inputs(model, spec, tokens, b)
+        features[b], eigen[b] = {}, {}
+        for g, acc in per_block.items():
+            for member in spec.input_groups[g]:  # every member reads what the hook on the first one saw
+                x = hooked[member]
+                assert acc.count == x.shape[0]
+                torch.testing.assert_close(acc.xsum, x.sum(0), rtol=1e-5, atol=1e-4)
+                torch.testing.assert_close(acc.xxt, x.T @ x, rtol=1e-5, atol=1e-4)
+            features[b].update({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum, f"{g}.xabs": acc.xabs,
+                                f"{g}.count": torch.tensor(acc.count, dtype=torch.int64)})
+        for name in linears:
+            layer = linear_of(model, spec, b, name)
+            acc = per_block[spec.group_of(name)]
+            with torch.no_grad():
+                mu, cov = output_moments(layer.weight, layer.bias, acc.mean(), acc.covariance())
+            eig = eigh_descending(cov)
+            eigen[b].update({f"{name}.eigenvalues": eig.values, f"{name}.eigenvectors": eig.vectors.float(),
+                             f"{name}.mean": mu})
+            with torch.no_grad():  # feature space at full rank (out): the layer exactly
+                bias = None if layer.bias is None else layer.bias.detach()
+                factors, _ = factors_for(layer.weight.detach(), bias, "feature", layer.out_features, eigen=eigen[b],
+                                         linear=name, block=b)
+            replace_module(full, f"{spec.blocks}.{b}.{spec.linears[name]}", from_factors(factors))
+    base = _logits(model, tokens)
+    torch.testing.assert_close(_logits(full, tokens), base, rtol=1e-4, atol=1e-4)
+
+    # every Linear factored (just below kappa, methods in turn), then saved and loaded: the same logits
+    shapes = model_shapes(model)
+    layers = {f"{b}.{name}": {"method": METHODS[(b + i) % len(METHODS)],
+                              "rank": max_rank(shapes.linears[name][1], shapes.linears[name][0]) - 1}
+              for b in range(shapes.n_blocks) for i, name in enumerate(linears)}
+    plan = new_plan(layers, model="tiny", architecture=architecture)
+    compressed = copy.deepcopy(model)
+    apply_plan(compressed, spec, plan, eigen, features)
+    before = _logits(compressed, tokens)
+    assert torch.isfinite(before).all()
+    out = save_compressed(compressed, plan, tmp_path / "compressed", tokenizer=tokenizer)
+    loaded, saved_plan = load_compressed(out)
+    assert torch.equal(_logits(loaded, tokens), before)
+    assert sum(p.numel() for p in loaded.parameters()) == count_params(shapes, saved_plan)["model"]["compressed"]
+
+
+@pytest.mark.parametrize("architecture", sorted(REGISTRY))
+def test_inspection_reproduces_the_registry(architecture):
+    spec, found = REGISTRY[architecture], inspect_architecture(architecture)
+    assert (found.blocks, found.decoder, found.lm_head) == (spec.blocks, spec.decoder, spec.lm_head)
+    assert found.linears == spec.linears
+    assert list(found.input_groups.values()) == list(spec.input_groups.values())
+
+
+def test_short_names_fall_back_to_paths_on_a_clash():
+    assert short_names(["attn.dense", "mlp.dense", "mlp.fc"]) == {
+        "attn_dense": "attn.dense", "mlp_dense": "mlp.dense", "fc": "mlp.fc"}
+
+
+def test_gpt2_is_refused_naming_its_conv1d():
+    with pytest.raises(ConfigError, match=r"unsupported architecture 'GPT2LMHeadModel': .*no torch.nn.Linear"
+                                          r".*transformer.h.*Conv1D") as err:
+        get_arch("GPT2LMHeadModel")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="has no model class 'NoSuchForCausalLM'"):
+        get_arch("NoSuchForCausalLM")
+
+
+def test_architectures_command_lists_every_supported_row():
+    proc = run_cli("architectures")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for architecture, groups in EXPECTED.items():
+        spec = get_arch(architecture)
+        assert architecture in out and spec.blocks in out
+        for group in groups:
+            assert " ".join(group) in out, (architecture, group)
+        for lname, members in spec.laser_types.items():
+            assert lname in out
+    assert "gpt_neox.layers" in out and "transformer.h" in out and "attention.query_key_value" in out
+
+
+def test_config_check_accepts_an_inspected_model(tmp_path, calibration_text_file):
+    folder = build_tiny_model(tmp_path / "gptj", "GPTJForCausalLM")
+    config = {**base_config(folder, calibration_text_file), "layers": ["q_proj", "out_proj", "fc_in", "fc_out"]}
+    sfsd_config.validate(config)
+    sfsd_config.check_config(config, root=tmp_path)
+
+
+def test_default_search_order_adapts_to_other_layer_names():
+    """search.order's default spells Llama's names; for GPT-J it means GPT-J's forward order reversed."""
+    spec = get_arch("GPTJForCausalLM")
+    assert search_order(spec, 2, spec.linears, 0, order=SEARCH_ORDER)[:6] == [
+        (1, n) for n in ("fc_out", "fc_in", "out_proj", "v_proj", "k_proj", "q_proj")]
+    with pytest.raises(ConfigError, match=r"search.order names \['o_proj'\]"):
+        search_order(spec, 2, spec.linears, 0, order=["o_proj", *spec.linears])
