@@ -19,6 +19,7 @@ include: "rules/compress.smk"
 include: "rules/evaluate_common.smk"
 include: "rules/evaluate.smk"
 include: "rules/search.smk"
+include: "rules/speed.smk"
 include: "rules/figures.smk"
 include: "rules/laser.smk"
 

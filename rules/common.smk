@@ -271,4 +271,5 @@ def all_targets():
     targets += search_targets()
     targets += figures_targets()
     targets += laser_targets()
+    targets += speed_targets()
     return targets

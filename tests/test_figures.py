@@ -389,7 +389,7 @@ def figure_run(tmp_path_factory, tiny_llama, calibration_text_file):
     }
     # other studies that run by default are not what this test is about
     schema = yaml.safe_load((snakefile.parent / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    for study in ("laser",):
+    for study in ("laser", "speed"):
         if "enabled" in schema["properties"].get(study, {}).get("properties", {}):
             config[study] = {"enabled": False}
     snakemake(snakefile, workdir, config)

@@ -30,6 +30,7 @@ def finished_run(tmp_path_factory, tiny_llama, calibration_text_file):
         "compression": {"budgets": {"b80": 0.8}, "first_block": 0},
         "evaluation": {"tasks": ["arc_easy", "winogrande"], "limit": 4, "batch_size": 4,
                        "perplexity": {"source": "lambada", "window": 32, "max_docs": 20}},
+        "speed": {"prompt_tokens": 16, "decode_tokens": 4, "batch_sizes": [1, 2], "repeats": 1},
     }
     # every job's log also lists the modules it imported (test_every_command_imports_only_...)
     snakemake(snakefile, workdir, config, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
@@ -70,6 +71,11 @@ def test_stage_outputs(finished_run):
     model, saved_plan = load_compressed(workdir / "results" / "tiny" / "compressed" / "feature-b80")
     assert sum(p.numel() for p in model.parameters()) == count_params(model_shapes(tiny_model_dir(finished_run)),
                                                                        saved_plan)["model"]["compressed"]
+    # the inference cost of the dense model and of each method's compressed model, as ratios to the dense one
+    speed = (workdir / "results" / "tables" / "tiny" / "speed.md").read_text()
+    assert "| base | 100.0 |" in speed and "(1.00x)" in speed
+    assert all(f"| {m}-b80 |" in speed for m in ("feature", "weight", "whitened", "asvd")), speed
+    assert "cpu, 2 threads; prompts of 16 tokens, 4 decoded tokens" in speed
     # calibration texts are recorded with their ids
     texts = (workdir / "results" / "calibration" / "texts.jsonl").read_text().splitlines()
     assert len(texts) == 24
@@ -124,12 +130,12 @@ def test_eigen_setting_reruns_eigen_only(finished_run):
     changed = {**config, "eigen": {"save_dtype": "float64"}}
     jobs = planned_jobs(snakemake(snakefile, workdir, changed, "--dry-run"))
     # and what is made from the eigenvectors: factor caches and compressed models, never plans; the
-    # spectra and the tables/figures made from the new results
+    # spectra, the tables/figures made from the new results, and the uniform models' inference cost
     # (four methods, each uniform and spectral: the spectral plans read the factor caches' spectra)
     assert jobs == {"eigendecompose": 2, "eigen_summary": 1, "factor_cache": 4, "spectral_plan": 4,
                     "compress_model": 8, "evaluate_model": 8, "check_scorer": 1, "combine_results": 1,
                     "paper_table": 1, "comparisons_table": 1, "spectra": 1, "figure_spectra": 1, "methods_table": 1,
-                    "figure_allocations": 1, "all": 1}
+                    "figure_allocations": 1, "inference_speed": 4, "speed_table": 1, "all": 1}
 
 
 def test_calibration_setting_reruns_collection(finished_run):

@@ -66,6 +66,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--items-out", default=None, help="per-document / per-window scores (paired comparisons)")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("inference-speed", help="prefill and decode throughput and memory of the dense model or "
+                       "one compressed folder (JSON; one process per model, for its peak memory)")
+    p.add_argument("--model-dir", required=True, help="the dense model (parameter fractions refer to it)")
+    p.add_argument("--compressed", type=optional(str), default=None, help="a compressed folder; none: the dense model")
+    p.add_argument("--variant", required=True, help="name written to the output (base, feature-p54, ...)")
+    p.add_argument("--device", default=default("device"))
+    p.add_argument("--prompt-tokens", type=int, default=default("speed.prompt_tokens"))
+    p.add_argument("--decode-tokens", type=int, default=default("speed.decode_tokens"))
+    p.add_argument("--batch-sizes", default=",".join(map(str, default("speed.batch_sizes"))))
+    p.add_argument("--repeats", type=int, default=default("speed.repeats"))
+    p.add_argument("--out", required=True, help="JSON output")
+    p.set_defaults(func=cmd_inference_speed)
+
     p = sub.add_parser("check-scorer", help="re-score the first test docs of every task with lm-eval and fail on "
                        "any difference from the native scorer")
     p.add_argument("--model-dir", required=True)
@@ -242,6 +255,29 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                     [d["doc_id"] for d in ppl_docs])
     write_rows(args.out, rows, common)
     logging.info("evaluated %s/%s: %d rows", args.model_name, args.variant, len(rows))
+
+
+def cmd_inference_speed(args: argparse.Namespace) -> None:
+    from .compress import load_compressed
+    from .io import write_json
+    from .models import load_model, resolve_device
+    from .plan import model_shapes
+    from .speed import SpeedSettings, measure, rss_mb
+
+    device = resolve_device(args.device)
+    before = rss_mb()
+    if args.compressed:
+        model, _ = load_compressed(args.compressed, device=device)
+    else:
+        model, _ = load_model(args.model_dir, device=str(device))
+    settings = SpeedSettings(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                             batch_sizes=tuple(int(b) for b in csv_list(args.batch_sizes)), repeats=args.repeats)
+    row = measure(model, settings, device, model.config.vocab_size, rss_before=before)
+    params = sum(p.numel() for p in model.parameters())
+    row.update(variant=args.variant, params=params, params_fraction=params / model_shapes(args.model_dir).total_params)
+    write_json(args.out, row)
+    logging.info("%s: decode %.1f tok/s at batch 1, prefill %.0f tok/s", args.variant, row["decode_tok_s_b1"] or 0,
+                 row["prefill_tok_s"])
 
 
 def cmd_check_scorer(args: argparse.Namespace) -> None:

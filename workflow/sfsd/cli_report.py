@@ -57,6 +57,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--out-csv", required=True)
     p.set_defaults(func=cmd_methods_table)
 
+    p = sub.add_parser("speed-table", help="inference-speed results of a model's variants as ratios to the dense "
+                       "model (MD + CSV)")
+    p.add_argument("--dense", default="base", help="the variant the ratios refer to")
+    p.add_argument("--out-md", required=True)
+    p.add_argument("--out-csv", required=True)
+    p.add_argument("inputs", nargs="+", help="inference-speed JSON files")
+    p.set_defaults(func=cmd_speed_table)
+
     # LASER study: grid, one point, choice on the search split, combined results, figure, table
     p = sub.add_parser("laser-grid", help="the points of a LASER sweep for one model (JSON)")
     p.add_argument("--model-dir", required=True)
@@ -168,6 +176,26 @@ def cmd_methods_table(args: argparse.Namespace) -> None:
     from .tables import methods_table
 
     methods_table(args.results, args.metric, args.out_md, args.out_csv)
+
+
+def cmd_speed_table(args: argparse.Namespace) -> None:
+    import csv
+
+    from .io import atomic_path, read_json
+    from .speed import speed_rows, speed_table
+
+    measured = {}
+    for path in args.inputs:
+        row = read_json(path)
+        measured[row["variant"]] = row
+    rows = speed_rows(measured, args.dense)
+    with atomic_path(args.out_md) as tmp:
+        Path(tmp).write_text(speed_table(rows))
+    columns = [k for k in rows[0] if k not in ("batch_sizes",)]
+    with atomic_path(args.out_csv) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 # ---------------------------------------------------------------- LASER study (sfsd.laser_study)

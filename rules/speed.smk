@@ -1,0 +1,71 @@
+# Inference cost (sfsd/speed.py): the dense model and the compressed variants of speed.allocations on the
+# same seeded prompts, one process per model (its peak memory), each with every core of the run so no
+# other job runs beside it; then the table of ratios to the dense model.
+
+
+def speed_variants():
+    """`base` and every budget variant of the allocations in speed.allocations (sfsd/variants.py names)."""
+    comp, speed = config["compression"], config["speed"]
+    allocations = [a for a in speed["allocations"] if a in comp["allocations"]]
+    return ["base"] + [f"{m}-{b}" if a == "uniform" else f"{m}-{a}-{b}" for b in comp["budgets"]
+                       for m in comp["methods"] for a in allocations]
+
+
+def speed_targets():
+    if not config["speed"]["enabled"]:
+        return []
+    return expand("results/tables/{model}/speed.{ext}", model=MODELS, ext=("md", "csv"))
+
+
+rule inference_speed:
+    input:
+        model=model_dir,
+        compressed=compressed_input,
+    output:
+        "results/{model}/speed/{variant}.json",
+    params:
+        compressed=lambda wc, input: input.compressed or "none",
+        device=config["device"],
+        prompt_tokens=config["speed"]["prompt_tokens"],
+        decode_tokens=config["speed"]["decode_tokens"],
+        batch_sizes=",".join(map(str, config["speed"]["batch_sizes"])),
+        repeats=config["speed"]["repeats"],
+        code=command_version("inference-speed"),
+    conda:
+        "../envs/gpu-stages.yaml"
+    log:
+        "results/logs/inference_speed/{model}/{variant}.log",
+    threads: workflow.cores
+    resources:
+        mem_mb=collect_mem_mb,
+        runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
+        gpu=gpu_wanted(),
+    shell:
+        "python -m sfsd --threads {threads} inference-speed --model-dir {input.model:q} --compressed {params.compressed:q} "
+        "--variant {wildcards.variant} --device {params.device} --prompt-tokens {params.prompt_tokens} "
+        "--decode-tokens {params.decode_tokens} --batch-sizes {params.batch_sizes} --repeats {params.repeats} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule speed_table:
+    input:
+        expand("results/{{model}}/speed/{variant}.json", variant=speed_variants()),
+    output:
+        md=report(
+            "results/tables/{model}/speed.md",
+            caption="../workflow/report/speed.rst",
+            category="Tables",
+        ),
+        csv="results/tables/{model}/speed.csv",
+    params:
+        code=command_version("speed-table"),
+    conda:
+        "../envs/cpu-stages.yaml"
+    log:
+        "results/logs/speed_table/{model}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "python -m sfsd --threads {threads} speed-table --out-md {output.md:q} --out-csv {output.csv:q} {input:q} "
+        "> {log:q} 2>&1"
