@@ -1,18 +1,21 @@
 """Decoders found by inspection (sfsd.inspect_arch) and the registry: per architecture, on a tiny random
 model of its transformers config class, the collected statistics equal hooked activations, the factors at
-full rank reproduce the logits, and a compressed model saves and loads to the same logits."""
+full rank reproduce the logits, and a compressed model saves and loads to the same logits; the stage
+commands on two families with other Linear names."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
-from helpers import STAT_TEXTS, TINY_CONFIGS, base_config, build_tiny_model, run_cli
+from helpers import STAT_TEXTS, TINY_CONFIGS, base_config, build_tiny_model, python_without_sfsd, run_cli
 from sfsd import config as sfsd_config
 from sfsd.arch import REGISTRY, SEARCH_ORDER, SUPPORTED, get_arch, groups_for, linear_of
 from sfsd.calibration import tokenize
+from sfsd.cli import main as sfsd_main
 from sfsd.collect import collect_input_moments
 from sfsd.compress import apply_plan, factors_for, load_compressed, save_compressed
 from sfsd.errors import ConfigError
@@ -168,3 +171,44 @@ def test_default_search_order_adapts_to_other_layer_names():
         (1, n) for n in ("fc_out", "fc_in", "out_proj", "v_proj", "k_proj", "q_proj")]
     with pytest.raises(ConfigError, match=r"search.order names \['o_proj'\]"):
         search_order(spec, 2, spec.linears, 0, order=["o_proj", *spec.linears])
+
+
+@pytest.mark.parametrize("architecture", ["GPTNeoXForCausalLM", "GPTJForCausalLM"])
+def test_stage_commands_on_an_inspected_model(tmp_path, calibration_text_file, architecture):
+    """The stage commands (calibration to compressed folder) on a family with other Linear names: each
+    stage derives the spec from the architecture name; transformers alone loads the result."""
+    model_dir = build_tiny_model(tmp_path / "model", architecture)
+    layers = ",".join(get_arch(architecture).linears)
+    results, texts, tokens = tmp_path / "results", tmp_path / "texts.jsonl", tmp_path / "tokens.safetensors"
+    settings = json.dumps({"source": "text_file", "path": str(calibration_text_file), "num_samples": 8})
+    common, mdir = ["--threads", "1"], ["--model-dir", str(model_dir)]
+    assert sfsd_main(["calibration-texts", "--settings", settings, "--out", str(texts)]) == 0
+    assert sfsd_main([*common, "tokenize", *mdir, "--texts", str(texts), "--seq-len", "32", "--out", str(tokens)]) == 0
+    assert sfsd_main([*common, "collect", *mdir, "--model-name", "tiny", "--tokens", str(tokens), "--layers", layers,
+                      "--device", "cpu", "--batch-size", "4", "--out", str(results / "features")]) == 0
+    for b in range(2):
+        name = f"block_{b:03d}.safetensors"
+        assert sfsd_main([*common, "eigen", "--features", str(results / "features" / name), "--model-dir",
+                          str(model_dir), "--layers", layers, "--out", str(results / "eigen" / name)]) == 0
+    assert sfsd_main([*common, "factor-cache", "--model-dir", str(model_dir), "--results", str(results), "--method",
+                      "feature", "--layers", layers, "--out", str(results / "factors" / "feature")]) == 0
+    plan = tmp_path / "plan.json"
+    assert sfsd_main([*common, "make-plan", *mdir, "--model-name", "tiny", "--method", "feature",
+                      "--params-fraction", "0.9", "--first-block", "0", "--layers", layers, "--out", str(plan)]) == 0
+    out = tmp_path / "compressed"
+    assert sfsd_main([*common, "compress", "--model-dir", str(model_dir), "--plan", str(plan), "--factors",
+                      str(results / "factors"), "--out", str(out)]) == 0
+    model, saved = load_compressed(out)
+    assert any(e["method"] == "feature" for e in saved["layers"].values())
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
+    proc = python_without_sfsd(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        ref = torch.load({str(tmp_path / "ref.pt")!r})
+        with torch.no_grad():
+            print("identical:", torch.equal(model(input_ids=ref["ids"]).logits, ref["logits"]))
+    """)
+    assert proc.returncode == 0 and "identical: True" in proc.stdout, proc.stderr[-3000:]
