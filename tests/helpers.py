@@ -198,6 +198,12 @@ def _gptj_default_layers(tmp: Path, model: Path, calib: Path) -> dict:
     return {"models": {"tiny": {"source": "local", "path": str(folder)}}}
 
 
+def _gptj_long_calibration(tmp: Path, model: Path, calib: Path) -> dict:
+    folder = build_tiny_model(tmp / "gptj", "GPTJForCausalLM")  # its context is n_positions (512)
+    return {"models": {"tiny": {"source": "local", "path": str(folder)}}, "calibration": {"seq_len": 1024},
+            "layers": ["q_proj", "fc_in"]}
+
+
 def _no_config_json(tmp: Path, model: Path, calib: Path) -> dict:
     (tmp / "empty-model").mkdir()
     return {"models": {"tiny": {"source": "local", "path": str(tmp / "empty-model")}}}
@@ -238,6 +244,8 @@ CONFIG_CASES = [
      "layer; available: q_proj, k_proj, v_proj, out_proj, fc_in, fc_out"),
     ("search order names a layer the model lacks", {"search": {"order": ["down_proj", "fc_out"]}},
      "models.tiny: search.order names ['fc_out'], not Linear layers of LlamaForCausalLM"),
+    ("calibration longer than GPT-J's n_positions", _gptj_long_calibration,
+     "calibration.seq_len 1024 exceeds the context of model tiny (512 tokens)"),
     ("model folder without config.json", _no_config_json, "is not a model folder with config.json"),
     ("unknown model source", {"models": {"tiny": {"source": "s3", "path": "x"}}}, "models.tiny.source: 's3' is not one of"),
     ("layer keywords match nothing", {"layers": ["qq_proj"]}, "keyword(s) ['qq_proj'] match no Linear layer"),

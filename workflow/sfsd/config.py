@@ -136,14 +136,14 @@ def _check_model_limits(config: Mapping, root: Path) -> None:
         mc = _model_config(name, m, root)
         if mc is None:
             continue
-        context = mc.get("max_position_embeddings")
+        context = mc.get("max_position_embeddings") or mc.get("n_positions")  # GPT-J's names
         if context and cal["seq_len"] > context:
             raise ConfigError(f"calibration.seq_len {cal['seq_len']} exceeds the context of model {name} ({context} "
                               f"tokens); set it to {context} or less")
         if context and config["evaluation"]["enabled"] and ppl["source"] != "none" and ppl["window"] > context:
             raise ConfigError(f"evaluation.perplexity.window {ppl['window']} exceeds the context of model {name} "
                               f"({context} tokens); set it to {context} or less")
-        n_blocks = mc.get("num_hidden_layers")
+        n_blocks = mc.get("num_hidden_layers") or mc.get("n_layer")
         if not n_blocks:
             continue
         block_range(config["compression"]["first_block"], None, n_blocks, "compression.first_block", f"model {name}")
