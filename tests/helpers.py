@@ -204,6 +204,14 @@ def _gptj_long_calibration(tmp: Path, model: Path, calib: Path) -> dict:
             "layers": ["q_proj", "fc_in"]}
 
 
+def _arch_neox_on_llama(tmp: Path, model: Path, calib: Path) -> dict:
+    folder = tmp / "neox-named-llama"  # config.json builds a Llama but names GPT-NeoX
+    shutil.copytree(model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPTNeoXForCausalLM"]}))
+    return {"models": {"tiny": {"source": "local", "path": str(folder)}}, "layers": ["dense"]}
+
+
 def _no_config_json(tmp: Path, model: Path, calib: Path) -> dict:
     (tmp / "empty-model").mkdir()
     return {"models": {"tiny": {"source": "local", "path": str(tmp / "empty-model")}}}
@@ -244,6 +252,8 @@ CONFIG_CASES = [
      "layer; available: q_proj, k_proj, v_proj, out_proj, fc_in, fc_out"),
     ("search order names a layer the model lacks", {"search": {"order": ["down_proj", "fc_out"]}},
      "models.tiny: search.order names ['fc_out'], not Linear layers of LlamaForCausalLM"),
+    ("config builds another model than its architecture", _arch_neox_on_llama,
+     "models.tiny: GPTNeoXForCausalLM: the model holds no blocks at gpt_neox.layers"),
     ("calibration longer than GPT-J's n_positions", _gptj_long_calibration,
      "calibration.seq_len 1024 exceeds the context of model tiny (512 tokens)"),
     ("model folder without config.json", _no_config_json, "is not a model folder with config.json"),

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from helpers import STAT_TEXTS, TINY_CONFIGS, base_config, build_tiny_model, python_without_sfsd, run_cli
 from sfsd import config as sfsd_config
-from sfsd.arch import REGISTRY, SEARCH_ORDER, SUPPORTED, get_arch, groups_for, linear_of
+from sfsd.arch import REGISTRY, SEARCH_ORDER, SUPPORTED, check_linears, get_arch, groups_for, linear_of
 from sfsd.calibration import tokenize
 from sfsd.cli import main as sfsd_main
 from sfsd.collect import collect_input_moments
@@ -212,3 +213,16 @@ def test_stage_commands_on_an_inspected_model(tmp_path, calibration_text_file, a
             print("identical:", torch.equal(model(input_ids=ref["ids"]).logits, ref["logits"]))
     """)
     assert proc.returncode == 0 and "identical: True" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_model_without_the_specs_linears_is_refused(tiny_llama):
+    """An inspected spec comes from the class's default config; a model (or checkpoint config) that builds
+    other layers is one line, before any statistics."""
+    model, _ = load_model(tiny_llama, device="cpu")
+    check_linears(model, get_arch("LlamaForCausalLM"), "LlamaForCausalLM")
+    with pytest.raises(ConfigError, match=r"GPTJForCausalLM: the model holds no blocks at transformer.h"):
+        check_linears(model, get_arch("GPTJForCausalLM"), "GPTJForCausalLM")
+    spec = get_arch("Gemma2ForCausalLM")
+    other = replace(spec, linears={**spec.linears, "q_proj": "self_attn.qkv"})
+    with pytest.raises(ConfigError, match=r"builds no dense Linear at \['q_proj'\] \(self_attn.qkv\)"):
+        check_linears(model, other, "Gemma2ForCausalLM")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from .errors import ConfigError
 
@@ -189,3 +190,26 @@ def blocks_of(model: torch.nn.Module, spec: ArchSpec) -> torch.nn.ModuleList:
 
 def linear_of(model: torch.nn.Module, spec: ArchSpec, block: int, linear: str) -> torch.nn.Linear:
     return blocks_of(model, spec)[block].get_submodule(spec.linears[linear])
+
+
+def check_linears(model: torch.nn.Module, spec: ArchSpec, architecture: str) -> None:
+    """One-line ConfigError unless `model` holds the spec's blocks and, in its first block, a dense Linear
+    at each of the spec's paths (an inspected spec is read from the class's default config: a checkpoint
+    whose config builds other layers is refused here, before any statistics are collected)."""
+    try:
+        block = blocks_of(model, spec)[0]
+    except (AttributeError, IndexError, TypeError):
+        raise ConfigError(f"{architecture}: the model holds no blocks at {spec.blocks}; "
+                          "add an ArchSpec to sfsd/arch.py REGISTRY") from None
+
+    def is_linear(path: str) -> bool:
+        try:
+            return isinstance(block.get_submodule(path), nn.Linear)
+        except AttributeError:
+            return False
+
+    missing = [name for name, path in spec.linears.items() if not is_linear(path)]
+    if missing:
+        raise ConfigError(f"{architecture}: this model's config builds no dense Linear at {missing} "
+                          f"({', '.join(spec.linears[n] for n in missing)}) where its architecture has them; "
+                          "add an ArchSpec to sfsd/arch.py REGISTRY")

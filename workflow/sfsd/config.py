@@ -63,7 +63,7 @@ def _model_config(name: str, model: Mapping, root: Path) -> dict | None:
 
 
 def _check_models(config: Mapping, root: Path) -> None:
-    from .arch import SEARCH_ORDER, get_arch, select_linears
+    from .arch import REGISTRY, SEARCH_ORDER, check_linears, get_arch, select_linears
     from .errors import SfsdError
     from .models import EMBEDDED
 
@@ -83,6 +83,8 @@ def _check_models(config: Mapping, root: Path) -> None:
         if arch is not None:  # hub models are checked once downloaded, by the stages themselves
             try:  # the registry, or inspection of the transformers class (a small probe on the CPU)
                 spec = get_arch(arch)
+                if m["source"] == "local" and arch not in REGISTRY:  # its own config builds those Linears
+                    check_linears(_meta_model(root / m["path"]), spec, arch)
                 select_linears(spec, config["layers"])
                 order = config["search"]["order"]
                 unknown = [n for n in order if n not in spec.linears]
@@ -91,6 +93,19 @@ def _check_models(config: Mapping, root: Path) -> None:
                                       f"use {', '.join(spec.linears)}")
             except SfsdError as err:
                 raise ConfigError(f"models.{name}: {err}") from None
+
+
+def _meta_model(folder: Path):
+    """The model of a folder's config.json on the meta device (no weights, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError, TypeError) as err:
+        raise ConfigError(f"{folder}/config.json does not build a causal LM: {str(err).splitlines()[0]}") from None
 
 
 def _check_calibration(cal: Mapping, splits: Mapping, root: Path) -> None:

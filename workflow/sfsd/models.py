@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import architecture_of, get_arch
+from .arch import architecture_of, check_linears, get_arch
 from .errors import ConfigError, DataError
 from .io import atomic_dir, check_checkpoint, read_json
 
@@ -107,9 +107,11 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str
     """Model in eval mode on the chosen device, and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    get_arch(architecture_of(model_config(model_dir)))  # unsupported architecture fails before loading
+    architecture = architecture_of(model_config(model_dir))
+    spec = get_arch(architecture)  # unsupported architecture fails before loading
     check_checkpoint(model_dir)  # a truncated shard is one DataError, not a loader traceback
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
+    check_linears(model, spec, architecture)
     model.to(resolve_device(device)).eval()
     return model, load_tokenizer(model_dir)
 
