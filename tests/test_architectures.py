@@ -226,3 +226,19 @@ def test_a_model_without_the_specs_linears_is_refused(tiny_llama):
     other = replace(spec, linears={**spec.linears, "q_proj": "self_attn.qkv"})
     with pytest.raises(ConfigError, match=r"builds no dense Linear at \['q_proj'\] \(self_attn.qkv\)"):
         check_linears(model, other, "Gemma2ForCausalLM")
+
+
+def test_a_meta_model_is_read_with_a_tiny_probe(tmp_path):
+    """The module tree comes from the model (here on the meta device), the forward order and the input
+    groups from a small probe of the same class."""
+    import transformers
+
+    model, _ = load_model(build_tiny_model(tmp_path, "GPTNeoXForCausalLM"), device="cpu")
+    with torch.device("meta"):
+        big = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3, vocab_size=100))
+    with pytest.raises(ConfigError, match="meta device"):
+        inspect_model(big)
+    spec = inspect_model(big, probe=model)
+    assert spec.blocks == "gpt_neox.layers" and spec.decoder == "gpt_neox"
+    assert list(spec.input_groups.values()) == EXPECTED["GPTNeoXForCausalLM"]
