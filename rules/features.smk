@@ -1,4 +1,5 @@
-# Stage 1: per-block input moments of the target Linear layers (GPU when present, else CPU).
+# Stage 1: per-block input moments of the target Linear layers (GPU when present, else CPU); a model whose
+# weights do not fit the device runs one block at a time (collection.streamed, sfsd/stream.py).
 # A checkpoint: the number of blocks (hence of eigendecomposition jobs) is read from its manifest.
 
 
@@ -14,6 +15,7 @@ checkpoint collect_features:
         device=config["device"],
         batch_size=config["collection"]["batch_size"],
         flush_every=config["collection"]["flush_every"],
+        streamed=config["collection"]["streamed"],
         code=command_version("collect"),
     conda:
         "../envs/gpu-stages.yaml"
@@ -29,5 +31,6 @@ checkpoint collect_features:
     shell:
         "python -m sfsd --threads {threads} collect --model-dir {input.model:q} --model-name {wildcards.model} "
         "--tokens {input.tokens:q} --layers {params.layers} --dtype {params.dtype} --device {params.device} "
-        "--batch-size {params.batch_size} --flush-every {params.flush_every} --out {output.features:q} "
+        "--batch-size {params.batch_size} --flush-every {params.flush_every} --streamed {params.streamed} "
+        "--out {output.features:q} "
         "> {log:q} 2>&1"

@@ -48,6 +48,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=default("collection.batch_size"))
     p.add_argument("--flush-every", type=int, default=default("collection.flush_every"),
                    help="batches summed in float32 before the float64 reduce")
+    p.add_argument("--streamed", choices=("auto", "always", "never"), default=default("collection.streamed"),
+                   help="run the model one block at a time (auto: when its weights do not fit the device)")
     p.add_argument("--out", required=True, help="output folder (block_XXX.safetensors + manifest.json)")
     p.set_defaults(func=cmd_collect)
 
@@ -166,6 +168,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     run_collect(
         args.model_dir, args.tokens, args.out, model_name=args.model_name, layers=csv_list(args.layers),
         dtype=args.dtype, device=args.device, batch_size=args.batch_size, flush_every=args.flush_every,
+        streamed=args.streamed,
     )
 
 

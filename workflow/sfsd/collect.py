@@ -12,17 +12,75 @@ import os
 import time
 from pathlib import Path
 
+from collections.abc import Callable
+
 import torch
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, architecture_of, blocks_of, get_arch, groups_for, select_linears
 from .errors import ConfigError, NumericalError
 from .io import atomic_dir, load_tensors, model_digest, save_tensors, write_json
-from .models import load_model
+from .models import load_model, model_config, resolve_device, resolve_dtype
 from .provenance import require, stamp, tokenizer_digest
 from .stats import InputMoments, check_finite
 
 log = logging.getLogger(__name__)
+
+STREAMED = ("auto", "always", "never")  # collection.streamed
+
+
+class _Statistics:
+    """The statistics hooks of stage 1: per block and input group, the moments of the real (unpadded)
+    tokens of the batch being run (`select` sets which)."""
+
+    def __init__(self, spec: ArchSpec, groups: list[str], n_blocks: int, flush_every: int) -> None:
+        self.spec, self.groups, self.flush_every = spec, groups, flush_every
+        self.moments: list[dict[str, InputMoments]] = [{} for _ in range(n_blocks)]
+        self.valid: torch.Tensor | None = None  # flat indices of the real tokens of the current batch
+
+    def select(self, mask: torch.Tensor) -> None:
+        self.valid = mask.reshape(-1).nonzero().squeeze(1)
+
+    def hooks(self, b: int, block: torch.nn.Module) -> list:
+        """Register the hooks on one block (members of a group share the input: hook the first)."""
+        self.moments += [{} for _ in range(b + 1 - len(self.moments))]
+        def make_hook(group: str):
+            def hook(_module, inputs):
+                x = inputs[0]
+                x = x.reshape(-1, x.shape[-1]).index_select(0, self.valid)
+                acc = self.moments[b].get(group)
+                if acc is None:
+                    acc = self.moments[b][group] = InputMoments.zeros(x.shape[-1])
+                acc.update(x, flush_every=self.flush_every)
+
+            return hook
+
+        return [block.get_submodule(self.spec.linears[self.spec.input_groups[g][0]]).register_forward_pre_hook(
+            make_hook(g)) for g in self.groups]
+
+    def finish_block(self, b: int) -> dict[str, InputMoments]:
+        """Block b's final moments (flushed, checked finite)."""
+        for g, acc in self.moments[b].items():
+            acc.flush()
+            check_finite({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum, f"{g}.xabs": acc.xabs}, f"block {b}")
+        return self.moments[b]
+
+    def finish(self) -> list[dict[str, InputMoments]]:
+        return [self.finish_block(b) for b in range(len(self.moments))]
+
+
+def _batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
+             device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Longest first, and each batch cut after its last real token: right padding at the end of a causal
+    sequence never influences the real tokens, so this only saves work."""
+    lengths = attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        rows = order[start : start + batch_size]
+        width = int(lengths[rows].max())
+        out.append((input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device)))
+    return out
 
 
 def collect_input_moments(
@@ -41,53 +99,63 @@ def collect_input_moments(
     holds them, naming the block, the input group and the batch: a 7B run fails in seconds, not hours."""
     device = next(model.parameters()).device
     blocks = blocks_of(model, spec)
-    moments: list[dict[str, InputMoments]] = [{} for _ in blocks]
-    current_valid: list[torch.Tensor] = []  # flat indices of real tokens in the batch being run
-
-    def make_hook(block: int, group: str):
-        def hook(_module, inputs):
-            x = inputs[0]
-            x = x.reshape(-1, x.shape[-1]).index_select(0, current_valid[0])
-            acc = moments[block].get(group)
-            if acc is None:
-                acc = moments[block][group] = InputMoments.zeros(x.shape[-1])
-            acc.update(x, flush_every=flush_every)
-
-        return hook
-
-    handles = []
-    for b, block in enumerate(blocks):
-        for g in groups:
-            first = spec.input_groups[g][0]  # members share the input: hook one of them
-            handles.append(block.get_submodule(spec.linears[first]).register_forward_pre_hook(make_hook(b, g)))
+    stats = _Statistics(spec, groups, len(blocks), flush_every)
+    handles = [h for b, block in enumerate(blocks) for h in stats.hooks(b, block)]
     decoder = model.get_submodule(spec.decoder)
-    n_tokens = int(attention_mask.sum())
     try:
-        with torch.inference_mode(), tqdm(total=n_tokens, unit="tok", unit_scale=True, disable=not progress,
-                                         desc="collect") as bar:
-            # Longest first, and each batch cut after its last real token: right padding at the end
-            # of a causal sequence never influences the real tokens, so this only saves work.
-            lengths = attention_mask.sum(dim=1)
-            order = torch.argsort(lengths, descending=True, stable=True)
-            for start in range(0, input_ids.shape[0], batch_size):
-                rows = order[start : start + batch_size]
-                width = int(lengths[rows].max())
-                ids = input_ids[rows, :width].to(device)
-                mask = attention_mask[rows, :width].to(device)
-                current_valid[:] = [mask.reshape(-1).nonzero().squeeze(1)]
+        with torch.inference_mode(), tqdm(total=int(attention_mask.sum()), unit="tok", unit_scale=True,
+                                         disable=not progress, desc="collect") as bar:
+            for batch, (ids, mask) in enumerate(_batches(input_ids, attention_mask, batch_size, device)):
+                stats.select(mask)
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
                 bar.update(int(mask.sum()))
-                batch = start // batch_size
                 if (batch + 1) % flush_every == 0:  # just flushed: the float64 sums are on the CPU
-                    _check_batch(moments, spec, batch, batch_size, next(model.parameters()).dtype)
+                    _check_batch(stats.moments, spec, batch, batch_size, next(model.parameters()).dtype)
     finally:
         for h in handles:
             h.remove()
-    for b, per_block in enumerate(moments):
-        for g, acc in per_block.items():
-            acc.flush()
-            check_finite({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum, f"{g}.xabs": acc.xabs}, f"block {b}")
-    return moments
+    return stats.finish()
+
+
+def collect_streamed(
+    model_dir: str | os.PathLike,
+    spec: ArchSpec,
+    groups: list[str],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    batch_size: int,
+    flush_every: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device = torch.device("cpu"),
+    on_block: Callable[[int, dict[str, InputMoments]], None] | None = None,
+    progress: bool = True,
+) -> int | list[dict[str, InputMoments]]:
+    """`collect_input_moments` with one block in memory at a time (`sfsd.stream`): the same batches, the
+    same hooks, bit-identical moments. With `on_block(b, moments)` each block's moments are handed over
+    (and dropped here) as soon as its block is done, and the number of blocks is returned; without it,
+    the moments of every block."""
+    from .stream import streamed_moments
+
+    batches = _batches(input_ids, attention_mask, batch_size, device)
+    stats = _Statistics(spec, groups, 0, flush_every)  # grows as the blocks come
+    kept: list[dict[str, InputMoments]] = []
+
+    def checked(batch: int) -> None:
+        if (batch + 1) % flush_every == 0:
+            _check_batch(stats.moments, spec, batch, batch_size, dtype)
+
+    def done(b: int) -> None:
+        moments = stats.finish_block(b)
+        if on_block is None:
+            kept.append(moments)
+        else:
+            on_block(b, moments)
+        stats.moments[b] = {}
+
+    n_blocks = streamed_moments(model_dir, spec, stats.hooks,
+                                [(ids, mask, lambda mask=mask: stats.select(mask)) for ids, mask in batches],
+                                dtype, device, after_batch=checked, after_block=done, progress=progress)
+    return n_blocks if on_block is not None else kept
 
 
 def _check_batch(moments: list[dict[str, InputMoments]], spec: ArchSpec, batch: int, batch_size: int,
@@ -107,6 +175,22 @@ def _check_batch(moments: list[dict[str, InputMoments]], spec: ArchSpec, batch: 
                 f"batch {batch} (sequences {batch * batch_size}..{(batch + 1) * batch_size - 1}, longest first); {cause}")
 
 
+def fits_device(model_dir: str | os.PathLike, dtype: str, device: torch.device, headroom: float = 0.8) -> bool:
+    """Whether the model's weights at `dtype` take at most `headroom` of the memory free on `device` (the
+    free memory of a CUDA device; on the CPU the available system memory)."""
+    from .plan import model_shapes
+
+    need = model_shapes(model_dir).total_params * resolve_dtype(dtype).itemsize
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    log.info("weights %.2f GB at %s; %.2f GB free on %s", need / 1e9, dtype, free / 1e9, device)
+    return need <= headroom * free
+
+
 def run_collect(
     model_dir: str | os.PathLike,
     tokens_path: str | os.PathLike,
@@ -117,12 +201,22 @@ def run_collect(
     device: str = "auto",
     batch_size: int = 8,
     flush_every: int = 1,
+    streamed: str = "auto",
 ) -> dict:
-    """Load model and tokens, collect, write block_XXX.safetensors files and manifest.json."""
+    """Load model and tokens, collect, write block_XXX.safetensors files and manifest.json. `streamed`:
+    always / never run the model one block at a time (`sfsd.stream`), or auto: when its weights would
+    not fit the device (`fits_device`); the statistics are the same either way."""
     digest = model_digest(model_dir)  # refuses a truncated checkpoint before the (long) load
-    model, _ = load_model(model_dir, dtype=dtype, device=device)
-    arch = architecture_of(model.config)
+    config = model_config(model_dir)
+    arch = architecture_of(config)
     spec = get_arch(arch)
+    torch_device = resolve_device(device)
+    if streamed not in STREAMED:
+        raise ConfigError(f"collection.streamed {streamed!r} is unknown; use one of {', '.join(STREAMED)}")
+    stream = streamed == "always" or (streamed == "auto" and not fits_device(model_dir, dtype, torch_device))
+    log.info("collection %s (collection.streamed: %s)", "streamed one block at a time" if stream
+             else "with the whole model loaded", streamed)
+    model = None if stream else load_model(model_dir, dtype=dtype, device=device)[0]
     linears = select_linears(spec, layers)
     groups = groups_for(spec, linears)
     if batch_size < 1:
@@ -131,16 +225,11 @@ def run_collect(
     # tokens of another tokenizer would index other embeddings: silently wrong statistics
     require(tokens_path, tok_meta, "tokenize_calibration", tokenizer_digest=tokenizer_digest(model_dir))
     seq_len = tokens["input_ids"].shape[1]
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    max_pos = config.get("max_position_embeddings")
     if max_pos is not None and seq_len > max_pos:
         raise ConfigError(f"calibration.seq_len {seq_len} exceeds the model's context of {max_pos} tokens")
-    device_used = str(next(model.parameters()).device)
-    log.info("collecting %s inputs of %d blocks on %s (%s)", groups, len(blocks_of(model, spec)), device_used, dtype)
-    started = time.perf_counter()
-    moments = collect_input_moments(
-        model, spec, groups, tokens["input_ids"], tokens["attention_mask"], batch_size, flush_every
-    )
-    seconds = time.perf_counter() - started
+    device_used = str(torch_device if stream else next(model.parameters()).device)
+    log.info("collecting %s inputs on %s (%s)", groups, device_used, dtype)
     n_tokens = int(tokens["attention_mask"].sum())
     settings = {"layers": list(layers), "dtype": dtype, "device": device, "batch_size": batch_size,
                 "flush_every": flush_every}
@@ -152,7 +241,7 @@ def run_collect(
         **stamp(digest, tok_meta.get("digest"), settings, tokenizer_digest=tok_meta.get("tokenizer_digest")),
     }
     with atomic_dir(out_dir) as tmp:
-        for b, per_block in enumerate(moments):
+        def write_block(b: int, per_block: dict[str, InputMoments]) -> None:
             tensors = {}
             for g, acc in per_block.items():
                 tensors[f"{g}.xxt"] = acc.xxt
@@ -160,12 +249,26 @@ def run_collect(
                 tensors[f"{g}.xabs"] = acc.xabs
                 tensors[f"{g}.count"] = torch.tensor(acc.count, dtype=torch.int64)
             save_tensors(Path(tmp) / block_file(b), tensors, {**common, "block": b, "groups": groups})
+
+        started = time.perf_counter()
+        if stream:  # each block's statistics are written, and dropped, as soon as its block is done
+            n_blocks = collect_streamed(model_dir, spec, groups, tokens["input_ids"], tokens["attention_mask"],
+                                        batch_size, flush_every, resolve_dtype(dtype), torch_device,
+                                        on_block=write_block)
+        else:
+            moments = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"],
+                                            batch_size, flush_every)
+            for b, per_block in enumerate(moments):
+                write_block(b, per_block)
+            n_blocks = len(moments)
+        seconds = time.perf_counter() - started
         manifest = {
             **common,
-            "n_blocks": len(moments),
+            "n_blocks": n_blocks,
             "groups": {g: list(spec.input_groups[g]) for g in groups},
             "linears": linears,
             "device": device_used,
+            "streamed": stream,
             "seconds": round(seconds, 2),
             "tokens_per_second": round(n_tokens / seconds, 1),
         }

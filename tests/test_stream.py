@@ -1,0 +1,159 @@
+"""Block-streamed stage 1 (sfsd/stream.py): the statistics equal the whole-model pass bit for bit on
+every supported family of decoder, the stage writes the same files either way, `auto` streams when the
+weights do not fit, and a model whose weights exceed an imposed memory limit is collected under it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helpers import STAT_TEXTS, build_tiny_model, build_tokenizer
+from sfsd.arch import get_arch
+from sfsd.calibration import tokenize
+from sfsd.collect import collect_input_moments, collect_streamed, fits_device, run_collect
+from sfsd.io import load_tensors, read_json, save_tensors
+from sfsd.models import load_model
+from sfsd.provenance import tokenizer_digest
+
+FAMILIES = ["LlamaForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM", "GPTJForCausalLM"]
+
+
+def _equal(a, b) -> bool:
+    return len(a) == len(b) and all(
+        a[i].keys() == b[i].keys() and all(torch.equal(getattr(a[i][g], k), getattr(b[i][g], k))
+                                           for g in a[i] for k in ("xxt", "xsum", "xabs")) and
+        all(a[i][g].count == b[i][g].count for g in a[i]) for i in range(len(a)))
+
+
+@pytest.mark.parametrize("architecture", FAMILIES)
+def test_streamed_statistics_equal_the_whole_model_pass(architecture, tmp_path):
+    """Gemma 2 hands alternate blocks other masks, GPT-J's blocks return tuples and read one input for
+    attention and MLP, Phi-3 and GPT-NeoX fuse their projections: bit-identical moments on each."""
+    folder = build_tiny_model(tmp_path / "model", architecture)
+    model, tokenizer = load_model(folder, device="cpu")
+    spec = get_arch(architecture)
+    tokens = tokenize(STAT_TEXTS * 3, tokenizer, seq_len=40)
+    groups = list(spec.input_groups)
+    whole = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"], 4,
+                                  progress=False)
+    streamed = collect_streamed(folder, spec, groups, tokens["input_ids"], tokens["attention_mask"], 4,
+                                progress=False)
+    assert _equal(whole, streamed)
+    assert sum(acc.count for acc in whole[0].values()) == len(groups) * int(tokens["attention_mask"].sum())
+
+
+def test_the_stage_writes_the_same_files_streamed_or_not(tiny_llama, tmp_path):
+    _, tokenizer = load_model(tiny_llama, device="cpu")
+    tokens = tokenize(STAT_TEXTS * 3, tokenizer, seq_len=40)
+    save_tensors(tmp_path / "tokens.safetensors", {k: tokens[k] for k in ("input_ids", "attention_mask")},
+                 {"digest": "tokens", "tokenizer_digest": tokenizer_digest(tiny_llama)})
+    runs = {}
+    for mode in ("never", "always"):
+        runs[mode] = run_collect(tiny_llama, tmp_path / "tokens.safetensors", tmp_path / mode, "tiny",
+                                 ["q_proj", "o_proj", "up_proj", "down_proj"], device="cpu", batch_size=4,
+                                 streamed=mode)
+    assert runs["never"]["streamed"] is False and runs["always"]["streamed"] is True
+    for b in range(runs["never"]["n_blocks"]):
+        never, meta_never = load_tensors(tmp_path / "never" / f"block_{b:03d}.safetensors")
+        always, meta_always = load_tensors(tmp_path / "always" / f"block_{b:03d}.safetensors")
+        assert never.keys() == always.keys() and all(torch.equal(never[k], always[k]) for k in never)
+        assert meta_never == meta_always  # the provenance does not depend on how the model ran
+    assert read_json(tmp_path / "always" / "manifest.json")["groups"] == runs["never"]["groups"]
+
+
+def test_auto_streams_when_the_weights_do_not_fit(tiny_llama, monkeypatch):
+    import psutil
+
+    weights = sum(p.numel() for p in load_model(tiny_llama, device="cpu")[0].parameters()) * 4
+
+    class Memory:
+        def __init__(self, available):
+            self.available = available
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory(10 * weights))
+    assert fits_device(tiny_llama, "float32", torch.device("cpu"))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory(weights))  # the 80% headroom is not met
+    assert not fits_device(tiny_llama, "float32", torch.device("cpu"))
+    assert fits_device(tiny_llama, "bfloat16", torch.device("cpu"))  # half the bytes
+
+
+# In a fresh process: import and warm up everything (the model classes' lazy imports, a first forward),
+# then cap the address space at what is used now plus `budget` MB, then collect.
+CAPPED = textwrap.dedent("""
+    import os, resource, sys
+    import torch, transformers
+    torch.set_num_threads(1)
+    from sfsd.arch import get_arch
+    from sfsd.collect import collect_input_moments, collect_streamed
+    from sfsd.models import load_model
+    from sfsd.stream import empty_model
+    folder, mode, budget, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    tokens = torch.load(os.path.join(out, "tokens.pt"))
+    spec = get_arch("LlamaForCausalLM")
+    empty_model(folder, torch.float32)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    with torch.inference_mode():
+        transformers.LlamaForCausalLM(cfg).model(input_ids=torch.ones(2, 8, dtype=torch.long))
+    vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + budget * 2**20, vm + budget * 2**20))
+    groups = list(spec.input_groups)
+    keep = lambda b, m: torch.save({g: (a.xxt, a.xsum, a.xabs) for g, a in m.items()}, os.path.join(out, f"b{b}.pt"))
+    try:
+        if mode == "streamed":
+            collect_streamed(folder, spec, groups, tokens["input_ids"], tokens["attention_mask"], 4,
+                             progress=False, on_block=keep)
+        else:
+            model, _ = load_model(folder, device="cpu")
+            for b, m in enumerate(collect_input_moments(model, spec, groups, tokens["input_ids"],
+                                                        tokens["attention_mask"], 4, progress=False)):
+                keep(b, m)
+    except (MemoryError, RuntimeError) as err:
+        print("out of memory:", str(err)[:120])
+        sys.exit(3)
+""")
+
+
+@pytest.mark.slow  # writes a 280 MB model
+def test_weights_above_the_memory_limit_are_collected_streamed(tmp_path):
+    import transformers
+
+    folder = tmp_path / "model"
+    tokenizer = build_tokenizer(folder)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=512,
+                                      num_hidden_layers=40, num_attention_heads=8, num_key_value_heads=8,
+                                      architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, max_shard_size="20MB")
+    weights_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    tokens = tokenize(STAT_TEXTS * 4, tokenizer, seq_len=40)
+    torch.save({k: tokens[k] for k in ("input_ids", "attention_mask")}, tmp_path / "tokens.pt")
+    budget = 150
+    assert weights_mb > budget + 100  # the whole model cannot fit under the cap
+    runs = {}
+    for mode in ("whole", "streamed"):
+        out = tmp_path / mode
+        out.mkdir()
+        (out / "tokens.pt").write_bytes((tmp_path / "tokens.pt").read_bytes())
+        runs[mode] = subprocess.run([sys.executable, "-c", CAPPED, str(folder), mode, str(budget), str(out)],
+                                    capture_output=True, text=True, timeout=600,
+                                    env={**os.environ, "MALLOC_ARENA_MAX": "1"})
+    assert runs["whole"].returncode == 3 and "out of memory" in runs["whole"].stdout  # the cap bites
+    assert runs["streamed"].returncode == 0, runs["streamed"].stdout + runs["streamed"].stderr[-2000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the capped process: the same kernels' reduction order
+    try:
+        reference = collect_input_moments(model, get_arch("LlamaForCausalLM"), ["attn_in", "attn_out", "mlp_in",
+                                          "mlp_out"], tokens["input_ids"], tokens["attention_mask"], 4, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for b, per_block in enumerate(reference):
+        capped = torch.load(tmp_path / "streamed" / f"b{b}.pt")
+        for g, acc in per_block.items():
+            assert all(torch.equal(x, y) for x, y in zip(capped[g], (acc.xxt, acc.xsum, acc.xabs))), (b, g)
