@@ -205,6 +205,7 @@ def test_fixed_layers_are_kept_and_unreachable_budgets_fail(cached):
         spectral_plan(SPEC, shapes, linears, 0.8, "feature", {}, fixed=fixed)
 
 
+@pytest.mark.slow  # several make-plan commands in subprocesses
 def test_make_plan_cli_spectral_and_searched(cached, tmp_path):
     """make-plan --allocation spectral from a factor cache; --allocation searched takes a search's landed
     checkpoint as it is, and otherwise completes the search's plan spectrally to the budget."""

@@ -439,6 +439,7 @@ def test_paper_table_names_each_tasks_metric_and_shows_95_intervals(tmp_path):
         paper_table_rows(rows, "acc_norm")
 
 
+@pytest.mark.slow  # an evaluation killed and rerun
 def test_evaluation_killed_mid_run_leaves_no_output_and_reruns_to_the_same_rows(tiny_llama, task_dir, tmp_path):
     """kill -9 of the evaluate stage: no results file under its name; the rerun writes the same rows."""
     import signal

@@ -84,6 +84,7 @@ def test_config_names_the_factored_layers_and_the_remote_code(folder):
     assert "import sfsd" not in (folder / "modeling_sfsd.py").read_text()
 
 
+@pytest.mark.slow  # lm-eval's command line in a subprocess
 def test_lm_eval_command_line_scores_the_folder(folder, tmp_path):
     """`lm_eval --model hf --model_args pretrained=<folder>,trust_remote_code=True` on an exported local task,
     without sfsd importable: the same accuracy per document as lm-eval's Python API on load_compressed's

@@ -252,6 +252,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
 
 
+@pytest.mark.slow  # a search killed and resumed, in subprocesses
 def test_resume_after_kill_gives_the_uninterrupted_plan(tiny4, arc_requests, tmp_path):
     whole = tmp_path / "a" / "feature-accuracy-arc_easy"
     subprocess.run(_cli(tiny4, arc_requests, whole), check=True, env=_env(), capture_output=True)
@@ -289,6 +290,7 @@ def test_resume_after_kill_gives_the_uninterrupted_plan(tiny4, arc_requests, tmp
     assert summary["layers_searched"] == 28 and summary["search_block_forwards"] > 0
 
 
+@pytest.mark.slow  # a search and an evaluation through the CLI
 def test_evaluated_documents_are_disjoint_from_those_any_search_scored(tiny4, arc_requests, tmp_path):
     """What the evaluate stage scores for every variant (task docs and perplexity text, as recorded in its
     per-item file) shares no document with what an accuracy or a perplexity search decided on (recorded in

@@ -71,6 +71,7 @@ def test_measure_on_the_tiny_model(tiny_stats):
     assert row["weight_mb"] == weight_bytes(tiny_stats["model"]) / 2**20
 
 
+@pytest.mark.slow  # three commands in subprocesses
 def test_cli_from_models_to_table(tiny_stats, tmp_path):
     import copy
 
