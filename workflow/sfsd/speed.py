@@ -3,7 +3,7 @@ measured on the same prompts for the dense model and each compressed variant.
 
 - `measure(model, settings, device)`: one model in memory. Prompts are seeded random token ids (the
   throughput of a forward pass does not depend on which tokens it reads): prefill = one forward over
-  `batch x prompt_tokens` tokens; decode = `decode_tokens` single-token forwards with the KV cache after
+  `batch x prompt_tokens` tokens, the lm_head on the last position only (as generate() runs it); decode = `decode_tokens` single-token forwards with the KV cache after
   that prefill, greedy, at each batch size of `batch_sizes`. Each timing is the median of `repeats` runs
   after one warm-up run. On a CUDA device every timing synchronises the device first and last.
 - Memory: weight bytes (every parameter and buffer once, tied tensors once); peak memory is the device's
@@ -102,9 +102,21 @@ def _timed(run: Callable[[], None], device: torch.device, repeats: int) -> float
     return statistics.median(times)
 
 
+def _last_logits_only(model: nn.Module) -> dict:
+    """`logits_to_keep=1` where the model takes it: the lm_head on the last position only, as generate()
+    runs it (a 49k-word vocabulary at every prompt position would dominate a small model's prefill)."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _prefill(model: nn.Module, prompt: torch.Tensor):
+    return model(input_ids=prompt, use_cache=True, **_last_logits_only(model))
+
+
 def _decode(model: nn.Module, prompt: torch.Tensor, steps: int) -> None:
     """Greedy decoding of `steps` tokens after the prompt, one token per forward with the KV cache."""
-    out = model(input_ids=prompt, use_cache=True)
+    out = _prefill(model, prompt)
     past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     for _ in range(steps):
         out = model(input_ids=token, past_key_values=past, use_cache=True)
@@ -122,11 +134,11 @@ def measure(model: nn.Module, settings: SpeedSettings, device: torch.device, voc
     row: dict = {"device": device.type, "threads": torch.get_num_threads(), **settings.__dict__,
                  "batch_sizes": list(settings.batch_sizes)}
     with torch.inference_mode(), RssPeak() as rss:
-        prefill = _timed(lambda: model(input_ids=prompts, use_cache=True), device, settings.repeats)
+        prefill = _timed(lambda: _prefill(model, prompts), device, settings.repeats)
         row["prefill_tok_s"] = prompts.numel() / prefill
         for batch in settings.batch_sizes:
             prompt = prompts[:batch]
-            first = _timed(lambda: model(input_ids=prompt, use_cache=True), device, settings.repeats)
+            first = _timed(lambda: _prefill(model, prompt), device, settings.repeats)
             both = _timed(lambda: _decode(model, prompt, settings.decode_tokens), device, settings.repeats)
             row[f"decode_tok_s_b{batch}"] = batch * settings.decode_tokens / max(both - first, 1e-9)
     row.setdefault("decode_tok_s_b1", None)
