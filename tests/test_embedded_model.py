@@ -14,7 +14,8 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     snakefile, workdir = new_run(tmp_path)
     config = {"calibration": {"num_samples": 24}, "device": "cpu",
               "compression": {"methods": ["feature"], "budgets": {"p54": 0.806}, "allocations": ["uniform"]},
-              "evaluation": {"tasks": ["arc_easy", "piqa"], "limit": 10, "perplexity": {"max_docs": 30}}}
+              "evaluation": {"tasks": ["arc_easy", "piqa"], "limit": 10, "perplexity": {"max_docs": 30}},
+              "speed": {"prompt_tokens": 16, "decode_tokens": 4, "batch_sizes": [1, 2], "repeats": 1}}
     snakemake(snakefile, workdir, config)
     results = workdir / "results" / "smollm2-135m"
     manifest = read_json(results / "features" / "manifest.json")
@@ -57,6 +58,8 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     assert "identical: True" in proc.stdout and "tied: True" in proc.stdout, proc.stdout
     table = (workdir / "results" / "tables" / "smollm2-135m" / "table1.csv").read_text().splitlines()
     assert len(table) == 3 and table[1].startswith("Baseline") and table[2].startswith("Feature space")
+    speed = (workdir / "results" / "tables" / "smollm2-135m" / "speed.md").read_text()
+    assert "| base | 100.0 |" in speed and "| feature-p54 | 80.5 |" in speed
     assert planned_jobs(snakemake(snakefile, workdir, config, "--dry-run")) == {}
     # the native scorer's own check against lm-eval ran inside the workflow, before the table
     for variant in ("base", "feature-p54"):
