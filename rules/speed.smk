@@ -11,6 +11,17 @@ def speed_variants():
                        for m in comp["methods"] for a in allocations]
 
 
+def speed_threads():
+    """Every core of the run (so no other job runs beside a measurement); 8 where the run has no core
+    count (a cluster profile sets jobs, not cores)."""
+    from snakemake.exceptions import WorkflowError
+
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 8
+
+
 def speed_targets():
     if not config["speed"]["enabled"]:
         return []
@@ -35,7 +46,7 @@ rule inference_speed:
         "../envs/gpu-stages.yaml"
     log:
         "results/logs/inference_speed/{model}/{variant}.log",
-    threads: workflow.cores
+    threads: speed_threads()
     resources:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),

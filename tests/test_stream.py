@@ -119,14 +119,14 @@ CAPPED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # writes a 280 MB model
+@pytest.mark.slow  # writes a 450 MB model
 def test_weights_above_the_memory_limit_are_collected_streamed(tmp_path):
     import transformers
 
     folder = tmp_path / "model"
     tokenizer = build_tokenizer(folder)
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=512,
-                                      num_hidden_layers=40, num_attention_heads=8, num_key_value_heads=8,
+                                      num_hidden_layers=64, num_attention_heads=8, num_key_value_heads=8,
                                       architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -134,8 +134,8 @@ def test_weights_above_the_memory_limit_are_collected_streamed(tmp_path):
     weights_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
     tokens = tokenize(STAT_TEXTS * 4, tokenizer, seq_len=40)
     torch.save({k: tokens[k] for k in ("input_ids", "attention_mask")}, tmp_path / "tokens.pt")
-    budget = 150
-    assert weights_mb > budget + 100  # the whole model cannot fit under the cap
+    budget = 250  # one block's weights and statistics need about 120 MB above the warmed-up process
+    assert weights_mb > budget + 150  # the whole model cannot fit under the cap
     runs = {}
     for mode in ("whole", "streamed"):
         out = tmp_path / mode
