@@ -338,25 +338,14 @@ STAT_TEXTS = [
 ]
 
 
-def tiny_statistics(model_dir: Path) -> dict:
-    """Base model, tokens, and per-block eigen / feature tensors as the cached files hold them (what stages
-    1 and 2 write, computed in memory from STAT_TEXTS)."""
-    from sfsd.arch import groups_for, linear_of
-    from sfsd.calibration import tokenize
-    from sfsd.collect import collect_input_moments
-    from sfsd.io import model_digest
-    from sfsd.models import load_model
-    from sfsd.plan import model_shapes
+def stage_tensors(model, spec, linears: list[str], moments) -> tuple[dict, dict]:
+    """What stages 1 and 2 write, in memory: per block the feature tensors of each input group and the
+    eigendecomposition (eigenvalues, eigenvectors, mean) of each Linear's output covariance."""
+    from sfsd.arch import linear_of
     from sfsd.stats import eigh_descending, output_moments
 
-    spec, linears = LLAMA, LINEARS
-    model, tokenizer = load_model(model_dir, device="cpu")
-    tokens = tokenize(STAT_TEXTS, tokenizer, seq_len=40)
-    groups = groups_for(spec, linears)
-    moments = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"],
-                                    batch_size=5, progress=False)
-    eigen, features = {}, {}
-    for b, per_block in enumerate(moments):  # what stages 1 and 2 write, computed in memory
+    features, eigen = {}, {}
+    for b, per_block in enumerate(moments):
         features[b] = {}
         for g, acc in per_block.items():
             features[b].update({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum, f"{g}.xabs": acc.xabs,
@@ -370,6 +359,26 @@ def tiny_statistics(model_dir: Path) -> dict:
             eig = eigh_descending(cov)
             eigen[b].update({f"{name}.eigenvalues": eig.values, f"{name}.eigenvectors": eig.vectors.float(),
                              f"{name}.mean": mu})
+    return features, eigen
+
+
+def tiny_statistics(model_dir: Path) -> dict:
+    """Base model, tokens, and per-block eigen / feature tensors as the cached files hold them (what stages
+    1 and 2 write, computed in memory from STAT_TEXTS)."""
+    from sfsd.arch import groups_for
+    from sfsd.calibration import tokenize
+    from sfsd.collect import collect_input_moments
+    from sfsd.io import model_digest
+    from sfsd.models import load_model
+    from sfsd.plan import model_shapes
+
+    spec, linears = LLAMA, LINEARS
+    model, tokenizer = load_model(model_dir, device="cpu")
+    tokens = tokenize(STAT_TEXTS, tokenizer, seq_len=40)
+    groups = groups_for(spec, linears)
+    moments = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"],
+                                    batch_size=5, progress=False)
+    features, eigen = stage_tensors(model, spec, linears, moments)
     return {"model": model, "tokenizer": tokenizer, "tokens": tokens, "eigen": eigen, "features": features,
             "shapes": model_shapes(model), "digest": model_digest(model_dir), "dir": model_dir}
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers import STAT_TEXTS, TINY_CONFIGS, base_config, build_tiny_model, python_without_sfsd, run_cli
+from helpers import STAT_TEXTS, TINY_CONFIGS, base_config, build_tiny_model, python_without_sfsd, run_cli, stage_tensors
 from sfsd import config as sfsd_config
 from sfsd.arch import REGISTRY, SEARCH_ORDER, SUPPORTED, check_linears, get_arch, groups_for, linear_of
 from sfsd.calibration import tokenize
@@ -26,7 +26,6 @@ from sfsd.methods import max_rank
 from sfsd.models import load_model
 from sfsd.plan import count_params, model_shapes, new_plan
 from sfsd.search import search_order
-from sfsd.stats import eigh_descending, output_moments
 
 # architecture -> its Linear short names and input groups (members), as inspection must find them
 LLAMA_GROUPS = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
@@ -77,27 +76,19 @@ def test_statistics_full_rank_and_save_load(tmp_path, architecture):
     groups = groups_for(spec, linears)
     moments = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"],
                                     batch_size=3, progress=False)
-    eigen, features = {}, {}
     full = copy.deepcopy(model)
     for b, per_block in enumerate(moments):
         hooked = _hooked_inputs(model, spec, tokens, b)
-        features[b], eigen[b] = {}, {}
         for g, acc in per_block.items():
             for member in spec.input_groups[g]:  # every member reads what the hook on the first one saw
                 x = hooked[member]
                 assert acc.count == x.shape[0]
                 torch.testing.assert_close(acc.xsum, x.sum(0), rtol=1e-5, atol=1e-4)
                 torch.testing.assert_close(acc.xxt, x.T @ x, rtol=1e-5, atol=1e-4)
-            features[b].update({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum, f"{g}.xabs": acc.xabs,
-                                f"{g}.count": torch.tensor(acc.count, dtype=torch.int64)})
+    features, eigen = stage_tensors(model, spec, linears, moments)
+    for b in range(len(moments)):
         for name in linears:
             layer = linear_of(model, spec, b, name)
-            acc = per_block[spec.group_of(name)]
-            with torch.no_grad():
-                mu, cov = output_moments(layer.weight, layer.bias, acc.mean(), acc.covariance())
-            eig = eigh_descending(cov)
-            eigen[b].update({f"{name}.eigenvalues": eig.values, f"{name}.eigenvectors": eig.vectors.float(),
-                             f"{name}.mean": mu})
             with torch.no_grad():  # feature space at full rank (out): the layer exactly
                 bias = None if layer.bias is None else layer.bias.detach()
                 factors, _ = factors_for(layer.weight.detach(), bias, "feature", layer.out_features, eigen=eigen[b],
