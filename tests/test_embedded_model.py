@@ -43,10 +43,16 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     folder = results / "compressed" / "feature-p54"
     model, _ = load_compressed(folder)
     ids = torch.randint(3, 40000, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread on both sides: the same reduction order, bit for bit
+    try:
+        with torch.no_grad():
+            torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
+    finally:
+        torch.set_num_threads(threads)
     proc = python_without_sfsd(f"""
         import torch
+        torch.set_num_threads(1)
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         ref = torch.load({str(tmp_path / "ref.pt")!r})

@@ -43,10 +43,16 @@ def test_the_guard_blocks_sfsd():
 def test_from_pretrained_without_sfsd_equals_load_compressed(folder, tmp_path):
     model, _ = load_compressed(folder)
     ids = torch.randint(3, 300, (3, 11), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread on both sides: the same reduction order, bit for bit
+    try:
+        with torch.no_grad():
+            torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
+    finally:
+        torch.set_num_threads(threads)
     proc = python_without_sfsd(f"""
         import torch
+        torch.set_num_threads(1)
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:
             AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=False)
