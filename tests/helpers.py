@@ -3,6 +3,7 @@ workflow and Snakemake runs on it, the CLI in a subprocess, and the bad-config c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -144,6 +145,18 @@ NO_SFSD = textwrap.dedent("""
             return None
     sys.meta_path.insert(0, _NoSfsd())
 """)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside (restored after): results comparable bit for bit with another process
+    that also runs on one thread (a different thread count changes the reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def python_without_sfsd(code: str, timeout: int = 300) -> subprocess.CompletedProcess:

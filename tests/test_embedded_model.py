@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sfsd.io import load_tensors, read_json
-from helpers import new_run, planned_jobs, python_without_sfsd, snakemake
+from helpers import new_run, one_thread, planned_jobs, python_without_sfsd, snakemake
 
 
 @pytest.mark.slow
@@ -43,13 +43,8 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     folder = results / "compressed" / "feature-p54"
     model, _ = load_compressed(folder)
     ids = torch.randint(3, 40000, (2, 16), generator=torch.Generator().manual_seed(0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread on both sides: the same reduction order, bit for bit
-    try:
-        with torch.no_grad():
-            torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread(), torch.no_grad():  # one thread on both sides: the same reduction order, bit for bit
+        torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
     proc = python_without_sfsd(f"""
         import torch
         torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from helpers import LLAMA, python_without_sfsd
+from helpers import LLAMA, one_thread, python_without_sfsd
 from sfsd.compress import load_compressed, save_compressed
 from sfsd.factor_cache import apply_cached_plan, save_factor_cache
 from sfsd.plan import new_plan
@@ -43,13 +43,8 @@ def test_the_guard_blocks_sfsd():
 def test_from_pretrained_without_sfsd_equals_load_compressed(folder, tmp_path):
     model, _ = load_compressed(folder)
     ids = torch.randint(3, 300, (3, 11), generator=torch.Generator().manual_seed(0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread on both sides: the same reduction order, bit for bit
-    try:
-        with torch.no_grad():
-            torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread(), torch.no_grad():  # one thread on both sides: the same reduction order, bit for bit
+        torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
     proc = python_without_sfsd(f"""
         import torch
         torch.set_num_threads(1)

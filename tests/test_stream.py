@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers import STAT_TEXTS, build_tiny_model, build_tokenizer
+from helpers import STAT_TEXTS, build_tiny_model, build_tokenizer, one_thread
 from sfsd.arch import get_arch
 from sfsd.calibration import tokenize
 from sfsd.collect import collect_input_moments, collect_streamed, fits_device, run_collect
@@ -146,13 +146,9 @@ def test_weights_above_the_memory_limit_are_collected_streamed(tmp_path):
                                     env={**os.environ, "MALLOC_ARENA_MAX": "1"})
     assert runs["whole"].returncode == 3 and "out of memory" in runs["whole"].stdout  # the cap bites
     assert runs["streamed"].returncode == 0, runs["streamed"].stdout + runs["streamed"].stderr[-2000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the capped process: the same kernels' reduction order
-    try:
+    with one_thread():  # as in the capped process: the same kernels' reduction order
         reference = collect_input_moments(model, get_arch("LlamaForCausalLM"), ["attn_in", "attn_out", "mlp_in",
                                           "mlp_out"], tokens["input_ids"], tokens["attention_mask"], 4, progress=False)
-    finally:
-        torch.set_num_threads(threads)
     for b, per_block in enumerate(reference):
         capped = torch.load(tmp_path / "streamed" / f"b{b}.pt")
         for g, acc in per_block.items():
