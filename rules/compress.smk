@@ -13,6 +13,7 @@ rule factor_cache:
     params:
         layers=",".join(config["layers"]),
         results=lambda wc, input: Path(input.features).parent,
+        streamed=config["streamed"],
         code=command_version("factor-cache"),
     conda:
         "../envs/cpu-stages.yaml"
@@ -27,7 +28,8 @@ rule factor_cache:
         runtime=lambda wc: int(10 + 30 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} factor-cache --model-dir {input.model:q} --results {params.results:q} "
-        "--method {wildcards.method} --layers {params.layers} --out {output.factors:q} > {log:q} 2>&1"
+        "--method {wildcards.method} --layers {params.layers} --streamed {params.streamed} --out {output.factors:q} "
+        "> {log:q} 2>&1"
 
 
 rule make_plan:
@@ -95,6 +97,7 @@ rule compress_model:
         model=directory("results/{model}/compressed/{plan}"),
     params:
         factors=lambda wc, input: Path(input.factors).parent,
+        streamed=config["streamed"],
         code=command_version("compress"),
     conda:
         "../envs/cpu-stages.yaml"
@@ -105,4 +108,4 @@ rule compress_model:
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} compress --model-dir {input.model:q} --plan {input.plan:q} --factors {params.factors:q} "
-        "--out {output.model:q} > {log:q} 2>&1"
+        "--streamed {params.streamed} --out {output.model:q} > {log:q} 2>&1"

@@ -1,5 +1,5 @@
 # Stage 1: per-block input moments of the target Linear layers (GPU when present, else CPU); a model whose
-# weights do not fit the device runs one block at a time (collection.streamed, sfsd/stream.py).
+# weights do not fit the device runs one block at a time (streamed, sfsd/stream.py).
 # A checkpoint: the number of blocks (hence of eigendecomposition jobs) is read from its manifest.
 
 
@@ -15,7 +15,7 @@ checkpoint collect_features:
         device=config["device"],
         batch_size=config["collection"]["batch_size"],
         flush_every=config["collection"]["flush_every"],
-        streamed=config["collection"]["streamed"],
+        streamed=config["streamed"],
         code=command_version("collect"),
     conda:
         "../envs/gpu-stages.yaml"

@@ -15,7 +15,8 @@ import torch
 from helpers import STAT_TEXTS, build_tiny_model, build_tokenizer, one_thread
 from sfsd.arch import get_arch
 from sfsd.calibration import tokenize
-from sfsd.collect import collect_input_moments, collect_streamed, fits_device, run_collect
+from sfsd.collect import collect_input_moments, collect_streamed, run_collect
+from sfsd.stream import fits_device
 from sfsd.io import load_tensors, read_json, save_tensors
 from sfsd.models import load_model
 from sfsd.provenance import tokenizer_digest

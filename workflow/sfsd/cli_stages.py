@@ -48,8 +48,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=default("collection.batch_size"))
     p.add_argument("--flush-every", type=int, default=default("collection.flush_every"),
                    help="batches summed in float32 before the float64 reduce")
-    p.add_argument("--streamed", choices=("auto", "always", "never"), default=default("collection.streamed"),
-                   help="run the model one block at a time (auto: when its weights do not fit the device)")
+    add_streamed(p, "the device")
     p.add_argument("--out", required=True, help="output folder (block_XXX.safetensors + manifest.json)")
     p.set_defaults(func=cmd_collect)
 
@@ -67,6 +66,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--method", choices=METHOD_CHOICES, required=True)
     p.add_argument("--layers", required=True)
     p.add_argument("--jitter", type=float, default=1e-6, help="relative Cholesky jitter (whitened)")
+    add_streamed(p, "the memory")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_factor_cache)
 
@@ -96,13 +96,21 @@ def add_parsers(sub) -> None:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--plan", required=True)
     p.add_argument("--factors", required=True, help="folder holding <method>/block_NNN.safetensors")
-    p.add_argument("--out", required=True)
+    add_streamed(p, "the memory")
+    p.add_argument("--out", required=True, help="compressed folder (weights written shard by shard, one block at a time)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eigen-summary", help="energy-vs-rank summary of all blocks' eigenvalues")
     p.add_argument("--out", required=True)
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=cmd_eigen_summary)
+
+
+def add_streamed(p: argparse.ArgumentParser, where: str) -> None:
+    from .stream import STREAMED
+
+    p.add_argument("--streamed", choices=STREAMED, default=default("streamed"),
+                   help=f"read the model one block at a time (auto: when its weights do not fit {where})")
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
@@ -187,18 +195,18 @@ def cmd_eigen_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_factor_cache(args: argparse.Namespace) -> None:
-    from .arch import architecture_of, get_arch, select_linears
+    from .arch import select_linears
     from .compress import cached_statistics
     from .factor_cache import save_factor_cache
     from .io import atomic_dir, model_digest
-    from .models import load_model
+    from .stream import open_blocks
 
-    model, _ = load_model(args.model_dir, device="cpu")
-    spec = get_arch(architecture_of(model.config))
     digest = model_digest(args.model_dir)
+    source = open_blocks(args.model_dir, args.streamed)
+    spec = source.spec
     eigen, features = cached_statistics(args.results, model_digest=digest)
     with atomic_dir(args.out) as tmp:
-        paths = save_factor_cache(model, spec, args.method, select_linears(spec, csv_list(args.layers)), tmp, eigen,
+        paths = save_factor_cache(source, spec, args.method, select_linears(spec, csv_list(args.layers)), tmp, eigen,
                                   features, model_digest=digest, jitter=args.jitter)
     logging.info("wrote %d blocks of %s factors at rank kappa-1", len(paths), args.method)
 
@@ -332,15 +340,13 @@ def _fraction(shapes, plan, convention: str) -> float:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .arch import architecture_of, get_arch
-    from .compress import save_compressed
-    from .factor_cache import apply_cached_plan
+    from .factor_cache import compress_from_cache
     from .io import model_digest, read_json
-    from .models import load_model
+    from .models import load_tokenizer
+    from .stream import open_blocks
 
-    model, tokenizer = load_model(args.model_dir, device="cpu")
-    spec = get_arch(architecture_of(model.config))
-    plan = read_json(args.plan)
-    applied = apply_cached_plan(model, spec, plan, args.factors, model_digest=model_digest(args.model_dir))
-    save_compressed(model, applied["plan"], args.out, tokenizer=tokenizer, factors=applied["provenance"])
+    digest = model_digest(args.model_dir)
+    source = open_blocks(args.model_dir, args.streamed)
+    applied = compress_from_cache(source, read_json(args.plan), args.factors, args.out, model_digest=digest,
+                                  tokenizer=load_tokenizer(args.model_dir))
     logging.info("compressed %d layers into %s", len(applied["layers"]), args.out)

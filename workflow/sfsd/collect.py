@@ -21,13 +21,12 @@ from .arch import ArchSpec, architecture_of, blocks_of, get_arch, groups_for, se
 from .errors import ConfigError, NumericalError
 from .io import atomic_dir, load_tensors, model_digest, save_tensors, write_json
 from .models import load_model, model_config, resolve_device, resolve_dtype
+from .placement import input_device, placement
 from .provenance import require, stamp, tokenizer_digest
 from .stats import InputMoments, check_finite
+from .stream import streamed_moments, use_stream
 
 log = logging.getLogger(__name__)
-
-STREAMED = ("auto", "always", "never")  # collection.streamed
-
 
 class _Statistics:
     """The statistics hooks of stage 1: per block and input group, the moments of the real (unpadded)
@@ -97,7 +96,7 @@ def collect_input_moments(
 
     NaN/Inf inputs (float16 overflow, corrupt weights) stop the pass at the first float64 flush that
     holds them, naming the block, the input group and the batch: a 7B run fails in seconds, not hours."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     blocks = blocks_of(model, spec)
     stats = _Statistics(spec, groups, len(blocks), flush_every)
     handles = [h for b, block in enumerate(blocks) for h in stats.hooks(b, block)]
@@ -134,8 +133,6 @@ def collect_streamed(
     same hooks, bit-identical moments. With `on_block(b, moments)` each block's moments are handed over
     (and dropped here) as soon as its block is done, and the number of blocks is returned; without it,
     the moments of every block."""
-    from .stream import streamed_moments
-
     batches = _batches(input_ids, attention_mask, batch_size, device)
     stats = _Statistics(spec, groups, 0, flush_every)  # grows as the blocks come
     kept: list[dict[str, InputMoments]] = []
@@ -175,22 +172,6 @@ def _check_batch(moments: list[dict[str, InputMoments]], spec: ArchSpec, batch: 
                 f"batch {batch} (sequences {batch * batch_size}..{(batch + 1) * batch_size - 1}, longest first); {cause}")
 
 
-def fits_device(model_dir: str | os.PathLike, dtype: str, device: torch.device, headroom: float = 0.8) -> bool:
-    """Whether the model's weights at `dtype` take at most `headroom` of the memory free on `device` (the
-    free memory of a CUDA device; on the CPU the available system memory)."""
-    from .plan import model_shapes
-
-    need = model_shapes(model_dir).total_params * resolve_dtype(dtype).itemsize
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    log.info("weights %.2f GB at %s; %.2f GB free on %s", need / 1e9, dtype, free / 1e9, device)
-    return need <= headroom * free
-
-
 def run_collect(
     model_dir: str | os.PathLike,
     tokens_path: str | os.PathLike,
@@ -205,17 +186,13 @@ def run_collect(
 ) -> dict:
     """Load model and tokens, collect, write block_XXX.safetensors files and manifest.json. `streamed`:
     always / never run the model one block at a time (`sfsd.stream`), or auto: when its weights would
-    not fit the device (`fits_device`); the statistics are the same either way."""
+    not fit the device (`stream.fits_device`); the statistics are the same either way."""
     digest = model_digest(model_dir)  # refuses a truncated checkpoint before the (long) load
     config = model_config(model_dir)
     arch = architecture_of(config)
     spec = get_arch(arch)
     torch_device = resolve_device(device)
-    if streamed not in STREAMED:
-        raise ConfigError(f"collection.streamed {streamed!r} is unknown; use one of {', '.join(STREAMED)}")
-    stream = streamed == "always" or (streamed == "auto" and not fits_device(model_dir, dtype, torch_device))
-    log.info("collection %s (collection.streamed: %s)", "streamed one block at a time" if stream
-             else "with the whole model loaded", streamed)
+    stream = use_stream(model_dir, streamed, dtype, torch_device)
     model = None if stream else load_model(model_dir, dtype=dtype, device=device)[0]
     linears = select_linears(spec, layers)
     groups = groups_for(spec, linears)
@@ -228,7 +205,7 @@ def run_collect(
     max_pos = config.get("max_position_embeddings")
     if max_pos is not None and seq_len > max_pos:
         raise ConfigError(f"calibration.seq_len {seq_len} exceeds the model's context of {max_pos} tokens")
-    device_used = str(torch_device if stream else next(model.parameters()).device)
+    device_used = str(torch_device) if stream else placement(model)
     log.info("collecting %s inputs on %s (%s)", groups, device_used, dtype)
     n_tokens = int(tokens["attention_mask"].sum())
     settings = {"layers": list(layers), "dtype": dtype, "device": device, "batch_size": batch_size,

@@ -8,8 +8,8 @@ original Linear.
 
 All reads of cached statistics go through `cached_statistics` (eigen/ and features/ block files);
 `apply_plan` itself takes per-block tensors from callables or dicts, so tests feed it in memory.
-A compressed model is saved as a folder that standard tools load: model.safetensors (state dict, tied
-weights once), config.json with transformers' `auto_map` pointing at the folder's own modeling_sfsd.py (a
+A compressed model is saved as a folder that standard tools load: model.safetensors, or shards of at most
+5 GiB with their index, written one block at a time (`CompressedFolder`; state dict, tied weights once), config.json with transformers' `auto_map` pointing at the folder's own modeling_sfsd.py (a
 copy of `sfsd.hf_modeling`, which needs no sfsd package), plan.json and the tokenizer. So
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`, lm-eval's hf model and
 `load_compressed` all give the same model, bit for bit; config.json's model_type is `sfsd_<base type>`, so
@@ -31,7 +31,18 @@ from torch import nn
 from .arch import ArchSpec, architecture_of, blocks_of, get_arch
 from .collect import block_file
 from .errors import ConfigError, DataError
-from .io import atomic_dir, load_tensors, read_json, read_metadata, safetensors_header, save_tensors, write_json
+from .io import (
+    ShardWriter,
+    atomic_dir,
+    checkpoint_index,
+    checkpoint_metadata,
+    load_tensors,
+    read_json,
+    read_metadata,
+    read_parameters,
+    safetensors_header,
+    write_json,
+)
 from .methods import (
     Factors,
     asvd,
@@ -45,12 +56,13 @@ from .methods import (
 )
 from .hf_modeling import MODEL_TYPE_PREFIX, LowRankLinear
 from .lowrank import from_factors, linear_path, linear_shapes, replace_module
+from .placement import place_model
 from .plan import FACTOR_METHODS, parse_layer_key, validate_plan
 from .provenance import stamp
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
+SHARD_BYTES = 5 * 2**30  # weight shards of at most 5 GiB (transformers' usual size)
 PLAN_FILE = "plan.json"
 MODELING_FILE = "modeling_sfsd.py"  # sfsd.hf_modeling, as config.json's auto_map names it
 FORMAT = "sfsd-compressed-2"  # 1: compressed.safetensors, loadable by load_compressed only
@@ -265,43 +277,70 @@ def _no_init():
     return no_init_weights()
 
 
+class CompressedFolder:
+    """Writes a compressed model into `folder` (a temporary folder of `atomic_dir`) one block at a time:
+    `add_block(b, block)` puts block b's tensors into the weight shards (`io.ShardWriter`: a shard is
+    written as soon as it is full, so a streamed model never holds more than one shard and one block),
+    `finish` adds the modules outside the blocks (a tied tensor once) and writes the metadata, plan.json,
+    config.json, modeling_sfsd.py, generation_config.json and the tokenizer."""
+
+    def __init__(self, folder: str | os.PathLike, model: nn.Module, shard_bytes: int = SHARD_BYTES) -> None:
+        self.folder, self.model = Path(folder), model
+        self.spec = get_arch(architecture_of(model.config))
+        self.prefix = self.spec.blocks + "."
+        self.writer = ShardWriter(self.folder, shard_bytes, raw={"format": "pt"})
+        self.tied: dict[str, str] = {}
+        self.dtypes: set[str] = set()
+
+    def _add(self, prefix: str, state: Mapping[str, torch.Tensor]) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        seen: dict[tuple, str] = {}
+        for name, t in state.items():
+            ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if ident in seen:
+                self.tied[prefix + name] = prefix + seen[ident]
+            else:
+                seen[ident] = name
+                tensors[prefix + name] = t
+        self.dtypes |= {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
+        if len(self.dtypes) > 1:
+            raise ConfigError(f"model holds floating tensors of several dtypes {sorted(self.dtypes)}; cast it to one "
+                              "first")
+        self.writer.add(tensors)
+
+    def add_block(self, b: int, block: nn.Module) -> None:
+        self._add(f"{self.prefix}{b}.", block.state_dict())
+
+    def finish(self, plan: Mapping, tokenizer=None, factors: Mapping | None = None) -> None:
+        """`plan`: the plan the blocks were compressed by; `factors`: the provenance of the factor caches
+        used (apply_cached_plan's), recorded in the metadata."""
+        model = self.model
+        norm = validate_plan(plan, self.spec, len(blocks_of(model, self.spec)), linear_shapes(model, self.spec))
+        self._add("", {k: v for k, v in model.state_dict().items() if not k.startswith(self.prefix)})
+        self.writer.finish({
+            "sfsd_format": FORMAT, "tied": self.tied, "dtype": self.dtypes.pop(), "model": norm.get("model"),
+            "factors": dict(factors or {}),
+            **stamp(norm.get("model_digest"), next((v["calibration_digest"] for v in (factors or {}).values()
+                                                    if v.get("calibration_digest")), None),
+                    {"options": norm.get("options")})})
+        write_json(self.folder / PLAN_FILE, norm)
+        write_json(self.folder / "config.json", hf_config(model))
+        (self.folder / MODELING_FILE).write_text(modeling_code(architecture_of(model.config)))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(self.folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.folder)
+
+
 def save_compressed(model: nn.Module, plan: Mapping, out_dir: str | os.PathLike, tokenizer=None,
-                    factors: Mapping | None = None) -> Path:
-    """Write `out_dir` atomically: model.safetensors (state dict; a tied tensor once), plan.json
-    (normalised against the model), config.json for transformers' remote code (`hf_config`),
-    modeling_sfsd.py, generation_config.json and the tokenizer if given.
-    `factors`: the provenance of the factor caches used (apply_cached_plan's), recorded in the metadata."""
-    spec = get_arch(architecture_of(model.config))
-    norm = validate_plan(plan, spec, len(blocks_of(model, spec)), linear_shapes(model, spec))
-    tensors: dict[str, torch.Tensor] = {}
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if ident in seen:
-            tied[name] = seen[ident]
-        else:
-            seen[ident] = name
-            tensors[name] = t
-    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
-    if len(dtypes) != 1:
-        raise ConfigError(f"model holds floating tensors of several dtypes {sorted(dtypes)}; cast it to one first")
+                    factors: Mapping | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write a compressed model in memory into `out_dir` atomically (`CompressedFolder`)."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_tensors(Path(tmp) / WEIGHTS_FILE, tensors, raw={"format": "pt"}, metadata={
-                     "sfsd_format": FORMAT, "tied": tied, "dtype": dtypes.pop(), "model": norm.get("model"),
-                      "factors": dict(factors or {}),
-                      **stamp(norm.get("model_digest"),
-                              next((v["calibration_digest"] for v in (factors or {}).values()
-                                    if v.get("calibration_digest")), None),
-                              {"options": norm.get("options")})})
-        write_json(Path(tmp) / PLAN_FILE, norm)
-        write_json(Path(tmp) / "config.json", hf_config(model))
-        (Path(tmp) / MODELING_FILE).write_text(modeling_code(architecture_of(model.config)))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        folder = CompressedFolder(tmp, model, shard_bytes)
+        for b, block in enumerate(blocks_of(model, folder.spec)):
+            folder.add_block(b, block)
+        folder.finish(plan, tokenizer, factors)
     return out_dir
 
 
@@ -331,16 +370,18 @@ def modeling_code(architecture: str) -> str:
 
 def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a model saved by `save_compressed`: architecture from config.json, LowRankLinear
-    modules shaped by plan.json and the saved factors, then the weights. Returns (model in eval mode,
-    plan). Its logits equal those of the model that was saved, bit for bit."""
+    modules shaped by plan.json and the saved factors, then the weights, placed on `device`
+    (`placement.place_model`: auto spreads it over the GPUs when it does not fit one). Returns (model in
+    eval mode, plan). Its logits equal those of the model that was saved, bit for bit."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     plan = read_json(out_dir / PLAN_FILE)
-    tensors, meta = load_tensors(out_dir / WEIGHTS_FILE)
+    meta = checkpoint_metadata(out_dir)
     if meta.get("sfsd_format") != FORMAT:
-        raise DataError(f"{out_dir / WEIGHTS_FILE} is not a compressed model of this format "
+        raise DataError(f"{out_dir} is not a compressed model of this format "
                         f"({meta.get('sfsd_format')!r}, expected {FORMAT!r}); compress it again")
+    tensors = read_parameters(out_dir, list(checkpoint_index(out_dir)))
     saved = read_json(out_dir / "config.json")
     base_type = saved["model_type"].removeprefix(MODEL_TYPE_PREFIX)
     config = CONFIG_MAPPING[base_type].from_dict(
@@ -372,11 +413,12 @@ def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cp
     for name, source in meta.get("tied", {}).items():  # tied in the saved model: tied here too
         if model.get_parameter(name) is not model.get_parameter(source):
             raise DataError(f"{out_dir}: {name} was tied to {source} but this config does not tie them")
-    return model.to(device).eval(), norm
+    return place_model(model, device).eval(), norm
 
 
 __all__ = [
     "BlockFile",
+    "CompressedFolder",
     "apply_plan",
     "block_statistics",
     "cached_statistics",

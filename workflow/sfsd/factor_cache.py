@@ -5,14 +5,16 @@ slicing (`lowrank.cut_factors`) instead of decomposing again.
 - `full_rank_factors` / `save_factor_cache`: compute and write the cache (with each layer's spectrum,
   `layer_spectrum`, for the spectral allocation);
 - `factor_entry` / `factor_spectrum`: one Linear's entry and spectrum from a cache block file;
-- `apply_cached_plan`: compress a model as a plan says, cutting every factored layer from the cache.
+- `apply_cached_plan`: compress a model as a plan says, cutting every factored layer from the cache;
+- `compress_from_cache`: the same, one block at a time, written into a compressed folder as it goes
+  (a model streamed from its checkpoint, `stream.BlockStream`, never needs to fit in memory).
 The statistics the factors are computed from are read through `sfsd.compress` (`cached_statistics`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -22,9 +24,11 @@ from .arch import ArchSpec, blocks_of
 from .collect import block_file
 from .compress import (
     FEATURE_METHODS,
+    SHARD_BYTES,
     BlockFile,
     BlockSource,
     BlockTensors,
+    CompressedFolder,
     block_statistics,
     declared_architecture,
     factors_for,
@@ -32,11 +36,12 @@ from .compress import (
     token_count,
 )
 from .errors import ConfigError, DataError
-from .io import save_tensors
+from .io import atomic_dir, save_tensors
 from .lowrank import cut_module, linear_path, linear_shapes, replace_module
 from .methods import max_rank
 from .plan import FACTOR_METHODS, parse_layer_key, validate_plan
 from .provenance import common_value, stamp
+from .stream import BlockStream, WholeModel
 
 
 def full_rank_factors(
@@ -75,7 +80,7 @@ def full_rank_factors(
 
 
 def save_factor_cache(
-    model: nn.Module,
+    model: nn.Module | BlockStream | WholeModel,
     spec: ArchSpec,
     method: str,
     linears: list[str],
@@ -88,10 +93,12 @@ def save_factor_cache(
     jitter: float = 1e-6,
 ) -> list[Path]:
     """Write `<out_dir>/block_NNN.safetensors` with `<linear>.first/.second(/.mean/.bias)` at rank
-    kappa - 1 for a factor method, so any plan of that method is cut by slicing (`apply_cached_plan`)."""
+    kappa - 1 for a factor method, so any plan of that method is cut by slicing (`apply_cached_plan`).
+    `model`: a model in memory, or a `stream.BlockStream` whose blocks are read one at a time."""
     if method not in FACTOR_METHODS:
         raise ConfigError(f"save_factor_cache: {method!r} is not a factor method ({', '.join(FACTOR_METHODS)})")
-    all_blocks = blocks_of(model, spec)
+    source = WholeModel(model) if isinstance(model, nn.Module) else model
+    all_blocks = source.blocks
     paths = []
     sources: list[tuple[str, dict]] = []  # (file, metadata) of the statistics read, for provenance
     for block in (range(len(all_blocks)) if blocks is None else blocks):
@@ -107,20 +114,21 @@ def save_factor_cache(
         calibration = common_value(sources, "calibration_digest", f"{method} statistics")
         tensors = {}
         layers: dict[str, dict] = {}
-        for linear in linears:
-            layer = model.get_submodule(linear_path(spec, block, linear))
-            extra: dict = {}
-            with torch.no_grad():
-                entry = full_rank_factors(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
-                                          method, eigen=eigen, features=features, linear=linear,
-                                          group=spec.group_of(linear), block=block, jitter=jitter, report=extra)
-            tensors.update({f"{linear}.{k}": v for k, v in entry.items()})
-            if eigen is not None or features is not None:
-                tensors.update({f"{linear}.{k}": v for k, v in layer_spectrum(
-                    layer.weight.detach(), method, entry, eigen=eigen, features=features, linear=linear,
-                    group=spec.group_of(linear), block=block).items()})
-            if extra:
-                layers[linear] = extra
+        with source.block(block) as module:
+            for linear in linears:
+                layer = module.get_submodule(spec.linears[linear])
+                extra: dict = {}
+                with torch.no_grad():
+                    weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+                    entry = full_rank_factors(weight, bias, method, eigen=eigen, features=features, linear=linear,
+                                              group=spec.group_of(linear), block=block, jitter=jitter, report=extra)
+                tensors.update({f"{linear}.{k}": v for k, v in entry.items()})
+                if eigen is not None or features is not None:
+                    tensors.update({f"{linear}.{k}": v for k, v in layer_spectrum(
+                        weight, method, entry, eigen=eigen, features=features, linear=linear,
+                        group=spec.group_of(linear), block=block).items()})
+                if extra:
+                    layers[linear] = extra
         path = Path(out_dir) / block_file(block)
         save_tensors(path, tensors, {"method": method, "block": block, "linears": list(linears), "layers": layers,
                                      **stamp(model_digest, calibration,
@@ -194,11 +202,15 @@ def apply_cached_plan(
     cache_dir: str | os.PathLike,
     *,
     model_digest: str | None = None,
+    blocks: Collection[int] | None = None,
 ) -> dict:
     """Like `apply_plan` for a plan of factor methods (and dense entries), cutting every factored
-    layer from the factor cache of its method (`<cache_dir>/<method>/block_NNN.safetensors`)."""
-    blocks = blocks_of(model, spec)
-    norm = validate_plan(plan, spec, len(blocks), linear_shapes(model, spec), model_digest=model_digest,
+    layer from the factor cache of its method (`<cache_dir>/<method>/block_NNN.safetensors`).
+    `blocks`: only these blocks' layers (the others may be on the meta device, `stream.BlockStream`).
+    Returns the normalised plan, a report per layer, the cache files read (`sources`, per method) and
+    their `provenance` (`cache_provenance`)."""
+    n_blocks = len(blocks_of(model, spec))
+    norm = validate_plan(plan, spec, n_blocks, linear_shapes(model, spec), model_digest=model_digest,
                          architecture=declared_architecture(model))
     files: dict[tuple[str, int], BlockFile] = {}  # the current block's files only
     sources: dict[str, list[tuple[str, dict]]] = {}  # method -> (file, metadata) of the cache blocks used
@@ -209,7 +221,9 @@ def apply_cached_plan(
             continue
         if method not in FACTOR_METHODS:
             raise ConfigError(f"layer {key}: {method} is not cached; use apply_plan for laser/vendi")
-        block, linear = parse_layer_key(key, spec, len(blocks))
+        block, linear = parse_layer_key(key, spec, n_blocks)
+        if blocks is not None and block not in blocks:
+            continue
         if (method, block) not in files:
             if any(b != block for _, b in files):
                 files.clear()
@@ -220,18 +234,60 @@ def apply_cached_plan(
         replace_module(model, linear_path(spec, block, linear),
                        cut_module(cache, method, entry["rank"], norm["options"]["bias_compensation"], layer))
         report[key] = {"method": method, "rank": entry["rank"]}
-    # what the compressed model is made of: one calibration run per method's cache, never a mix
+    return {"plan": norm, "layers": report, "sources": sources, "provenance": cache_provenance(sources, cache_dir)}
+
+
+def cache_provenance(sources: Mapping[str, list[tuple[str, dict]]], cache_dir: str | os.PathLike) -> dict:
+    """What a compressed model is made of, from the cache files read ({method: [(file, metadata)]}):
+    per method its calibration digest and code version; one calibration run per method's cache and
+    across methods, never a mix (a DataError naming the fix)."""
     provenance = {m: {"calibration_digest": common_value(items, "calibration_digest", f"{m} factor cache"),
                       "code_version": items[0][1].get("code_version")} for m, items in sources.items()}
     digests = {m: p["calibration_digest"] for m, p in provenance.items() if p["calibration_digest"] is not None}
     if len(set(digests.values())) > 1:
         raise DataError(f"the factor caches under {cache_dir} come from different calibration data {digests}; "
                         "rerun factor_cache for every method")
-    return {"plan": norm, "layers": report, "provenance": provenance}
+    return provenance
+
+
+def compress_from_cache(
+    source: BlockStream | WholeModel,
+    plan: Mapping,
+    cache_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model_digest: str | None = None,
+    tokenizer=None,
+    shard_bytes: int = SHARD_BYTES,
+) -> dict:
+    """Compress the model of `source` as `plan` says, from the factor cache, and write the folder
+    (`compress.CompressedFolder`) block by block: block b is read (streamed), cut, written into the weight
+    shards and dropped before block b + 1, so a streamed model never holds more than one block and one
+    shard. Returns apply_cached_plan's plan, layers and provenance over all blocks."""
+    spec = source.spec
+    layers: dict[str, dict] = {}
+    sources: dict[str, list[tuple[str, dict]]] = {}
+    norm = None
+    with atomic_dir(out_dir) as tmp:
+        folder = CompressedFolder(tmp, source.model, shard_bytes)
+        for b in range(len(source.blocks)):
+            with source.block(b) as block:
+                applied = apply_cached_plan(source.model, spec, plan, cache_dir, model_digest=model_digest,
+                                            blocks={b})
+                folder.add_block(b, block)
+            norm = applied["plan"]
+            layers.update(applied["layers"])
+            for method, items in applied["sources"].items():
+                sources.setdefault(method, []).extend(items)
+        provenance = cache_provenance(sources, cache_dir)
+        folder.finish(norm, tokenizer, provenance)
+    return {"plan": norm, "layers": layers, "provenance": provenance}
 
 
 __all__ = [
     "apply_cached_plan",
+    "cache_provenance",
+    "compress_from_cache",
     "factor_entry",
     "factor_spectrum",
     "full_rank_factors",

@@ -115,6 +115,76 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise DataError(f"{path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
 
 
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class ShardWriter:
+    """Writes a checkpoint's tensors into `folder` shard by shard, as transformers does: one
+    model.safetensors when they fit in `max_bytes`, else model-0000i-of-0000n.safetensors and
+    model.safetensors.index.json. A shard is written as soon as the tensors added reach `max_bytes`, so a
+    caller that adds one block at a time holds at most one shard and one block. `metadata` (JSON values)
+    goes into the single file's header or the index's "metadata"; every shard carries `raw` ({"format":
+    "pt"}, which transformers checks)."""
+
+    def __init__(self, folder: str | os.PathLike, max_bytes: int, raw: dict[str, str] | None = None) -> None:
+        self.folder, self.max_bytes, self.raw = Path(folder), max_bytes, dict(raw or {})
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []  # names per written shard
+        self.names: set[str] = set()
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            if name in self.names:
+                raise ValueError(f"tensor {name} added twice")
+            if t.is_meta:
+                raise ValueError(f"tensor {name} has no data (meta device)")
+            self.pending[name] = t.detach()
+            self.names.add(name)
+            self.pending_bytes += t.numel() * t.element_size()
+            self.total += t.numel() * t.element_size()
+        if self.pending_bytes >= self.max_bytes:
+            self._flush()
+
+    def _shard_path(self, i: int) -> Path:
+        return self.folder / f".shard-{i:05d}.safetensors"
+
+    def _flush(self) -> None:
+        if self.pending:
+            with atomic_path(self._shard_path(len(self.shards))) as tmp:
+                save_file({k: v.contiguous().cpu() for k, v in self.pending.items()}, str(tmp), metadata=self.raw)
+            self.shards.append(list(self.pending))
+            self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, metadata: dict) -> list[Path]:
+        """Write what is pending and the index; returns the weight files."""
+        if not self.shards:
+            save_tensors(self.folder / SINGLE_FILE, self.pending, metadata, raw=self.raw)
+            self.pending = {}
+            return [self.folder / SINGLE_FILE]
+        self._flush()
+        n, weight_map, files = len(self.shards), {}, []
+        for i, names in enumerate(self.shards):
+            final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self._shard_path(i), final)
+            weight_map.update({name: final.name for name in names})
+            files.append(final)
+        write_json(self.folder / INDEX_FILE, {"metadata": {"total_size": self.total, **metadata},
+                                              "weight_map": weight_map})
+        return files
+
+
+def checkpoint_metadata(model_dir: str | os.PathLike) -> dict:
+    """The metadata a `ShardWriter` wrote: the index's (without total_size) or the single file's (without
+    the raw "format" every shard carries), so both layouts give the same dict."""
+    index = Path(model_dir) / INDEX_FILE
+    if index.exists():
+        return {k: v for k, v in read_json(index).get("metadata", {}).items() if k != "total_size"}
+    return {k: v for k, v in read_metadata(Path(model_dir) / SINGLE_FILE).items() if k != "format"}
+
+
 def safetensors_header(path: str | os.PathLike) -> bytes:
     """The raw JSON header of a safetensors file, after checking that the file is exactly as long as
     the header says: a truncated copy or download is a DataError naming the file, not a traceback
@@ -142,11 +212,11 @@ def safetensors_header(path: str | os.PathLike) -> bytes:
 def checkpoint_index(model_dir: str | os.PathLike) -> dict[str, Path]:
     """Map every parameter name of a HF checkpoint folder to the safetensors file holding it."""
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
+    index = model_dir / INDEX_FILE
     if index.exists():
         weight_map = read_json(index)["weight_map"]
         return {name: model_dir / shard for name, shard in weight_map.items()}
-    single = model_dir / "model.safetensors"
+    single = model_dir / SINGLE_FILE
     if not single.exists():
         raise DataError(
             f"{model_dir} holds no model.safetensors (or its index); save the model with safe_serialization=True"

@@ -1,58 +1,50 @@
-"""Block-streamed stage 1: input statistics of a model that does not fit the device, one block at a time.
+"""Models that do not fit: their blocks' weights read from the safetensors shards one block at a time.
 
-The model is built without weights (parameters on the meta device, buffers real); the modules outside
-the blocks that the decoder runs before them (the embedding, rotary tables) get their weights from the
-checkpoint, the lm_head none. A first pass runs the decoder over every calibration batch with each block
-replaced by a stand-in that records the block's own arguments (the hidden states and, per block, the
-mask and position tables the decoder hands it: Gemma 2 gives alternate layers other masks), up to the
-last block. Then, block by block: its weights are read from the safetensors shards (only its own
-tensors), it runs on every batch's hidden states with the statistics hooks of `sfsd.collect` on its
-Linears, its outputs replace the hidden states, and its weights are dropped again.
+- `BlockStream`: the model built without weights (parameters on the meta device, buffers real), the
+  modules outside the blocks loaded, and `block(b)` a context that reads block b's own tensors from the
+  checkpoint and drops them again on leaving. `WholeModel` offers the same two names for a model that is
+  in memory, so a stage that works block by block (the factor cache, compression) has one code path;
+  `open_blocks` picks one by `streamed: auto|always|never` (auto: when the weights do not fit, `fits_device`).
+- `streamed_moments`, block-streamed stage 1: a first pass runs the decoder over every calibration batch
+  with each block replaced by a stand-in that records the block's own arguments (the hidden states and,
+  per block, the mask and position tables the decoder hands it: Gemma 2 gives alternate layers other
+  masks), up to the last block. Then, block by block: its weights are read, it runs on every batch's hidden
+  states with the statistics hooks of `sfsd.collect` on its Linears, its outputs replace the hidden
+  states, and its weights are dropped again. The lm_head is never loaded.
 
-Peak memory: one block's weights, the modules before the blocks, and the hidden states of all calibration
-tokens (tokens x hidden, kept on the device: 16k tokens of a 4096-wide model in float32 are 256 MB).
-Every block sees exactly the tensors the whole-model pass feeds it, batch by batch in the same order, so
-the statistics are bit-identical to `collect.collect_input_moments` on the whole model (tested).
+Peak memory of stage 1: one block's weights, the modules before the blocks, and the hidden states of all
+calibration tokens (tokens x hidden, kept on the device: 16k tokens of a 4096-wide model in float32 are
+256 MB). Every block sees exactly the tensors the whole-model pass feeds it, batch by batch in the same
+order, so the statistics are bit-identical to `collect.collect_input_moments` on the whole model (tested).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, architecture_of, blocks_of, check_linears
-from .errors import DataError
+from .arch import ArchSpec, architecture_of, blocks_of, check_linears, get_arch
+from .errors import ConfigError, DataError
+from .io import checkpoint_index
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+STREAMED = ("auto", "always", "never")  # the `streamed` setting
 
 
 class Checkpoint:
     """The tensors of a safetensors checkpoint folder (one file or shards with an index), read by name."""
 
     def __init__(self, model_dir: str | os.PathLike) -> None:
-        folder = Path(model_dir)
-        if (folder / INDEX_FILE).is_file():
-            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-            self.files = {name: folder / shard for name, shard in weight_map.items()}
-        elif (folder / SINGLE_FILE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
-                self.files = {name: folder / SINGLE_FILE for name in f.keys()}
-        else:
-            raise DataError(f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}; block streaming reads safetensors "
-                            "checkpoints only (set collection.streamed: false)")
-        self.folder = folder
+        self.folder = Path(model_dir)
+        self.files = checkpoint_index(self.folder)
 
     def read(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -60,13 +52,14 @@ class Checkpoint:
         missing = [n for n in names if n not in self.files]
         if missing:
             raise DataError(f"{self.folder}: the checkpoint lacks {missing[:3]} (its tensor names differ from the "
-                            "model's); set collection.streamed: false to load it whole")
+                            "model's); set streamed: never to load it whole")
         out: dict[str, torch.Tensor] = {}
         for path in sorted({self.files[n] for n in names}):
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in names:
                     if self.files[name] == path:
-                        out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                        # a copy: the tensor safetensors gives may hold the whole shard's mapping alive
+                        out[name] = f.get_tensor(name).to(device=device, dtype=dtype, copy=True)
         return out
 
 
@@ -78,18 +71,119 @@ def empty_model(model_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # transformers 5 ties inside init_weights, which init_empty_weights skips
     return model.eval()
-
-
-def _load_into(module: nn.Module, checkpoint: Checkpoint, prefix: str, names: list[str], dtype: torch.dtype,
-               device: torch.device) -> None:
-    """Give `module` (whose parameters live at `prefix` in the checkpoint) the checkpoint's weights."""
-    tensors = checkpoint.read([prefix + n for n in names], dtype, device)
-    module.load_state_dict({n: tensors[prefix + n] for n in names}, strict=False, assign=True)
 
 
 def _meta_parameters(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.is_meta]
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Tied parameters: {alias: the first name of the same parameter} (a tied lm_head: its embedding)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+def _set_parameter(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    owner, _, attr = name.rpartition(".")
+    model.get_submodule(owner)._parameters[attr] = value
+
+
+class BlockStream:
+    """A model of `model_dir` whose blocks hold weights only inside `block(b)`; the modules outside the
+    blocks (embedding, final norm and, with `head`, the lm_head; tied parameters stay tied) are loaded."""
+
+    def __init__(self, model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device,
+                 head: bool = True) -> None:
+        self.checkpoint = Checkpoint(model_dir)
+        self.model = empty_model(model_dir, dtype)
+        self.spec = get_arch(architecture_of(self.model.config))
+        check_linears(self.model, self.spec, architecture_of(self.model.config))
+        self.blocks = blocks_of(self.model, self.spec)
+        self.prefix = self.spec.blocks + "."
+        self.dtype, self.device = dtype, device
+        aliases = _aliases(self.model)
+        outside = [n for n in _meta_parameters(self.model) if not n.startswith(self.prefix)
+                   and (head or not n.startswith(self.spec.lm_head))]
+        self._load(self.model, "", outside)
+        for alias, source in aliases.items():
+            if source in outside and (head or not alias.startswith(self.spec.lm_head)):
+                _set_parameter(self.model, alias, self.model.get_parameter(source))
+        for sub in self.model.modules():  # the buffers (rotary tables) on the device
+            for name, buf in sub._buffers.items():
+                if buf is not None and not buf.is_meta:
+                    sub._buffers[name] = buf.to(device)
+
+    def _load(self, module: nn.Module, prefix: str, names: list[str]) -> None:
+        tensors = self.checkpoint.read([prefix + n for n in names], self.dtype, self.device)
+        module.load_state_dict({n: tensors[prefix + n] for n in names}, strict=False, assign=True)
+
+    @contextlib.contextmanager
+    def block(self, b: int) -> Iterator[nn.Module]:
+        """Block b with its weights; they are dropped (back on the meta device) on leaving."""
+        block = self.blocks[b]
+        self._load(block, f"{self.prefix}{b}.", _meta_parameters(block))
+        try:
+            yield block
+        finally:
+            block.to_empty(device="meta")
+
+
+class WholeModel:
+    """A model in memory, with `BlockStream`'s interface: `block(b)` gives block b as it is."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.spec = get_arch(architecture_of(model.config))
+        self.blocks = blocks_of(model, self.spec)
+
+    @contextlib.contextmanager
+    def block(self, b: int) -> Iterator[nn.Module]:
+        yield self.blocks[b]
+
+
+def fits_device(model_dir: str | os.PathLike, dtype: str, device: torch.device, headroom: float = 0.8) -> bool:
+    """Whether the model's weights at `dtype` take at most `headroom` of the memory free on `device` (the
+    free memory of a CUDA device; on the CPU the available system memory)."""
+    from .models import resolve_dtype
+    from .plan import model_shapes
+
+    need = model_shapes(model_dir).total_params * resolve_dtype(dtype).itemsize
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    log.info("weights %.2f GB at %s; %.2f GB free on %s", need / 1e9, dtype, free / 1e9, device)
+    return need <= headroom * free
+
+
+def use_stream(model_dir: str | os.PathLike, streamed: str, dtype: str, device: torch.device) -> bool:
+    """The `streamed` setting decided for this model and device (logged)."""
+    if streamed not in STREAMED:
+        raise ConfigError(f"streamed {streamed!r} is unknown; use one of {', '.join(STREAMED)}")
+    stream = streamed == "always" or (streamed == "auto" and not fits_device(model_dir, dtype, device))
+    log.info("%s (streamed: %s)", "one block at a time" if stream else "the whole model loaded", streamed)
+    return stream
+
+
+def open_blocks(model_dir: str | os.PathLike, streamed: str, dtype: str = "float32",
+                device: str = "cpu") -> BlockStream | WholeModel:
+    """The model of `model_dir` for a stage that works block by block: streamed or loaded whole."""
+    from .models import load_model, resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    if use_stream(model_dir, streamed, dtype, torch_device):
+        return BlockStream(model_dir, resolve_dtype(dtype), torch_device)
+    return WholeModel(load_model(model_dir, dtype=dtype, device=device)[0])
 
 
 class _Done(Exception):
@@ -113,13 +207,6 @@ class _Record(nn.Module):
         return hidden_states
 
 
-def _buffers_to(module: nn.Module, device: torch.device) -> None:
-    for sub in module.modules():
-        for name, buf in sub._buffers.items():
-            if buf is not None and not buf.is_meta:
-                sub._buffers[name] = buf.to(device)
-
-
 def streamed_moments(
     model_dir: str | os.PathLike,
     spec: ArchSpec,
@@ -136,17 +223,10 @@ def streamed_moments(
     `hooks_for(block, module)` registers the statistics hooks on a block and returns their handles;
     `after_batch(batch)` runs after each batch of each block, `after_block(block)` after each block (its
     weights already dropped). Returns the number of blocks."""
-    checkpoint = Checkpoint(model_dir)
-    model = empty_model(model_dir, dtype)
-    check_linears(model, spec, architecture_of(model.config))
-    blocks = blocks_of(model, spec)
+    stream = BlockStream(model_dir, dtype, device, head=False)
+    blocks = stream.blocks
     originals = list(blocks)
-    block_prefix = spec.blocks + "."
-    # the modules the decoder runs before the blocks (embedding, norms' weights it may touch): real weights
-    outside = [n for n in _meta_parameters(model) if not n.startswith(block_prefix) and not n.startswith(spec.lm_head)]
-    _load_into(model, checkpoint, "", outside, dtype, device)
-    _buffers_to(model, device)
-    decoder = model.get_submodule(spec.decoder)
+    decoder = stream.model.get_submodule(spec.decoder)
     calls: list[list] = [[] for _ in originals]
     for i in range(len(originals)):
         blocks[i] = _Record(calls[i], keep_hidden=i == 0, last=i == len(originals) - 1)
@@ -164,23 +244,22 @@ def streamed_moments(
     n_tokens = sum(int(mask.sum()) for _, mask, _ in batches)
     bar = tqdm(total=n_tokens * len(originals), unit="tok", unit_scale=True, disable=not progress,
                desc="collect (streamed)")
-    for b, block in enumerate(originals):
-        _load_into(block, checkpoint, f"{block_prefix}{b}.", _meta_parameters(block), dtype, device)
-        handles = hooks_for(b, block)
-        try:
-            with torch.inference_mode():
-                for i, (_, mask, select) in enumerate(batches):
-                    select()
-                    _, args, kwargs = calls[b][i]
-                    out = block(states[i], *args, **kwargs)
-                    states[i] = out[0] if isinstance(out, tuple) else out
-                    bar.update(int(mask.sum()))
-                    if after_batch is not None:
-                        after_batch(i)
-        finally:
-            for h in handles:
-                h.remove()
-        block.to_empty(device="meta")  # drop its weights
+    for b in range(len(originals)):
+        with stream.block(b) as block:
+            handles = hooks_for(b, block)
+            try:
+                with torch.inference_mode():
+                    for i, (_, mask, select) in enumerate(batches):
+                        select()
+                        _, args, kwargs = calls[b][i]
+                        out = block(states[i], *args, **kwargs)
+                        states[i] = out[0] if isinstance(out, tuple) else out
+                        bar.update(int(mask.sum()))
+                        if after_batch is not None:
+                            after_batch(i)
+            finally:
+                for h in handles:
+                    h.remove()
         calls[b] = []
         if after_block is not None:
             after_block(b)
