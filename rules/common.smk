@@ -94,6 +94,19 @@ def gpu_wanted():
     return 1
 
 
+def gpus_for(wildcards):
+    """GPUs a GPU stage of this model asks for: none where no GPU is wanted (gpu_wanted), one with a fixed
+    cuda device, and with auto as many as hold its float32 weights at 80% of gpu_memory_gb each
+    (sfsd.placement.gpus_needed): the job then spreads the model over them."""
+    if not gpu_wanted():
+        return 0
+    if config["device"] != "auto":
+        return 1
+    from sfsd.placement import gpus_needed
+
+    return gpus_needed(model_params_b(wildcards.model) * 1e9 * 4, config["gpu_memory_gb"] * 1e9)
+
+
 def collect_mem_mb(wildcards, attempt):
     # model weights at the collection dtype + float32 staging + float64 accumulators + 2 GB headroom
     params = model_params_b(wildcards.model) * 1e9

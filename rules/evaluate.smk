@@ -76,7 +76,7 @@ rule evaluate_model:
     resources:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(30 + 30 * model_params_b(wc.model)),
-        gpu=gpu_wanted(),
+        gpu=gpus_for,
     shell:
         "python -m sfsd --threads {threads} evaluate --model-dir {input.model:q} {params.compressed} "
         "--model-name {wildcards.model} --variant {wildcards.variant} {params.task_args} "
@@ -112,7 +112,7 @@ rule check_scorer:
     resources:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(20 + 10 * model_params_b(wc.model)),
-        gpu=gpu_wanted(),
+        gpu=gpus_for,
     shell:
         "python -m sfsd --threads {threads} check-scorer --model-dir {input.model:q} {params.compressed} "
         "{params.task_args} --tasks {params.tasks} --splits {input.splits:q} --limit {params.limit} "

@@ -64,7 +64,7 @@ rule laser_point:
     resources:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(20 + 30 * model_params_b(wc.model)),
-        gpu=gpu_wanted(),
+        gpu=gpus_for,
     shell:
         "python -m sfsd --threads {threads} laser-point --model-dir {input.model:q} --model-name {wildcards.model} "
         "{params.task_args} --splits {input.splits:q} --task {wildcards.task} --split {wildcards.split} "

@@ -49,7 +49,7 @@ rule search:
     resources:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(60 + 600 * model_params_b(wc.model)),
-        gpu=gpu_wanted(),
+        gpu=gpus_for,
     shell:
         "python -m sfsd --threads {threads} search --model-dir {input.model:q} --model-name {wildcards.model} "
         "--factors {params.factors:q} --method {wildcards.method} --mode {wildcards.mode} "

@@ -50,7 +50,7 @@ rule inference_speed:
     resources:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
-        gpu=gpu_wanted(),
+        gpu=gpus_for,
     shell:
         "python -m sfsd --threads {threads} inference-speed --model-dir {input.model:q} --compressed {params.compressed:q} "
         "--variant {wildcards.variant} --device {params.device} --prompt-tokens {params.prompt_tokens} "

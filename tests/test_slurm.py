@@ -98,6 +98,32 @@ def test_profile_names_real_rules_and_resources(tmp_path, tiny_llama, calibratio
     assert f"slurm_partition={partition_of(profile, 'collect_features')}" in collect, collect
 
 
+def test_gpu_stages_ask_for_the_gpus_that_hold_the_model(tmp_path, tiny_llama, calibration_text_file):
+    """With device auto on a machine with an NVIDIA driver (a stand-in nvidia-smi on PATH), evaluation
+    asks for ceil(4 bytes x params / (0.8 x gpu_memory_gb)) GPUs: 40B parameters on 24 GB GPUs, 9; stage 1
+    streams and asks for one."""
+    snakefile, workdir = new_run(tmp_path)
+    config = workflow_config(tiny_llama, calibration_text_file, device="auto", gpu_memory_gb=24)
+    config["models"]["tiny"]["params_b"] = 40
+    cfg = workdir / "test-config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory",
+                          str(workdir), "--configfile", str(cfg), "--workflow-profile", str(PROFILE.parent),
+                          "--dry-run", "results/tiny/eval/base.parquet", "results/tiny/features"],
+                         capture_output=True, text=True, timeout=300, cwd=workdir,
+                         env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    out = dry.stdout + dry.stderr
+    assert dry.returncode == 0, out[-3000:]
+    resources = dict(re.findall(r"^(?:rule|checkpoint|localrule|localcheckpoint) (\w+):.*?^\s+resources: ([^\n]*)",
+                                out, re.M | re.S))
+    assert re.search(r"\bgpu=9\b", resources["evaluate_model"]), resources["evaluate_model"]
+    assert re.search(r"\bgpu=1\b", resources["collect_features"]), resources["collect_features"]
+
+
 # ---- a real SLURM ---------------------------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from .cli_options import METHOD_CHOICES, METRIC_HELP, csv_list, optional
 from .defaults import default
@@ -200,25 +199,25 @@ def cmd_splits(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .calibration import read_texts
-    from .compress import WEIGHTS_FILE, load_compressed
+    from .compress import load_compressed
     from .evaluate import evaluate_lmeval_detailed
     from .items import item_rows, write_items
-    from .io import model_digest, read_metadata
+    from .io import checkpoint_metadata, model_digest
     from .lmeval_tasks import source_by_name
-    from .models import load_model, load_tokenizer, resolve_device
+    from .models import load_model, load_tokenizer
     from .perplexity import perplexity, perplexity_texts, split_texts
+    from .placement import placement
     from .plan import count_params, model_shapes, new_plan
     from .rows import common_columns, perplexity_row, summarize_scores, write_rows
     from .scoring import build_requests, score_multiple_choice
     from .splits import read_split_ids
 
-    device = resolve_device(args.device)
     if args.compressed:
-        model, plan = load_compressed(args.compressed, device=device)
+        model, plan = load_compressed(args.compressed, device=args.device)
         tokenizer = load_tokenizer(args.compressed)
         method = args.method
     else:
-        model, tokenizer = load_model(args.model_dir, device=str(device))
+        model, tokenizer = load_model(args.model_dir, device=args.device)
         plan, method = new_plan({}), "baseline"
     counts = count_params(model_shapes(args.model_dir), plan)
     tasks = csv_list(args.tasks)
@@ -245,8 +244,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         rows.append(perplexity_row(ppl, args.ppl_source, docs=ppl_docs))
 
     # what the compressed weights were cut from (the factor caches' calibration), recorded per row
-    provenance = read_metadata(Path(args.compressed) / WEIGHTS_FILE) if args.compressed else {}
-    common = common_columns(args.model_name, method, args.variant, counts, device=str(device),
+    provenance = checkpoint_metadata(args.compressed) if args.compressed else {}
+    common = common_columns(args.model_name, method, args.variant, counts, device=placement(model),
                             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                             limit=args.limit, model_digest=model_digest(args.model_dir),
                             calibration_digest=provenance.get("calibration_digest"))
@@ -260,16 +259,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_inference_speed(args: argparse.Namespace) -> None:
     from .compress import load_compressed
     from .io import write_json
-    from .models import load_model, resolve_device
+    from .models import load_model
+    from .placement import input_device
     from .plan import model_shapes
     from .speed import SpeedSettings, measure, rss_mb
 
-    device = resolve_device(args.device)
     before = rss_mb()
     if args.compressed:
-        model, _ = load_compressed(args.compressed, device=device)
+        model, _ = load_compressed(args.compressed, device=args.device)
     else:
-        model, _ = load_model(args.model_dir, device=str(device))
+        model, _ = load_model(args.model_dir, device=args.device)
+    device = input_device(model)
     settings = SpeedSettings(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                              batch_sizes=tuple(int(b) for b in csv_list(args.batch_sizes)), repeats=args.repeats)
     row = measure(model, settings, device, model.config.vocab_size, rss_before=before)
@@ -286,16 +286,15 @@ def cmd_check_scorer(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_lmeval_detailed
     from .io import write_json
     from .lmeval_tasks import source_by_name
-    from .models import load_model, load_tokenizer, resolve_device
+    from .models import load_model, load_tokenizer
     from .scoring import build_requests, check_against_lmeval, score_multiple_choice
     from .splits import read_split_ids
 
-    device = resolve_device(args.device)
     if args.compressed:
-        model, _ = load_compressed(args.compressed, device=device)
+        model, _ = load_compressed(args.compressed, device=args.device)
         tokenizer = load_tokenizer(args.compressed)
     else:
-        model, tokenizer = load_model(args.model_dir, device=str(device))
+        model, tokenizer = load_model(args.model_dir, device=args.device)
     tasks = csv_list(args.tasks)
     ids, n_docs = read_split_ids(args.splits, tasks, "test", args.limit, args.task_source)
     source = source_by_name(args.task_source, args.tasks_dir)

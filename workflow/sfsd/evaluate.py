@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def _hflm(model, tokenizer, batch_size: int, device: str | torch.device | None, max_length: int | None):
     from lm_eval.models.huggingface import HFLM
 
-    if device is not None:
+    if device is not None and not getattr(model, "hf_device_map", None):  # a spread model stays as placed
         model.to(device)
     model.eval()
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)

@@ -38,6 +38,7 @@ from .errors import ConfigError, DataError
 from .tasks import METRIC_CHOICES
 from .io import read_json, write_json
 from .methods import laser_rank
+from .placement import placement
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def run_point(
     ks = sorted({(key.split(".", 1)[1], r["k"]) for key, r in applied["layers"].items()})
     param = next(model.parameters())
     common = common_columns(
-        model_name, point.method, point.name, count_params(shapes, applied["plan"]), device=str(param.device),
+        model_name, point.method, point.name, count_params(shapes, applied["plan"]), device=placement(model),
         dtype=str(param.dtype).removeprefix("torch."), limit=limit, seconds=seconds,
         apply_seconds=apply_seconds, laser_k=",".join(f"{n}={k}" for n, k in ks) or None,
         laser_matrices=len(applied["layers"]), **point.columns())

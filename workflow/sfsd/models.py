@@ -104,7 +104,10 @@ def model_config(model_dir: str | os.PathLike) -> dict:
 
 
 def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str = "auto"):
-    """Model in eval mode on the chosen device, and its tokenizer."""
+    """Model in eval mode on the chosen device (auto: spread over the GPUs when it does not fit one,
+    `sfsd.placement`), and its tokenizer."""
+    from .placement import place_model
+
     from transformers import AutoModelForCausalLM
 
     architecture = architecture_of(model_config(model_dir))
@@ -112,7 +115,7 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str
     check_checkpoint(model_dir)  # a truncated shard is one DataError, not a loader traceback
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
     check_linears(model, spec, architecture)
-    model.to(resolve_device(device)).eval()
+    model = place_model(model, device).eval()
     return model, load_tokenizer(model_dir)
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, DataError, NumericalError
+from .placement import input_device
 
 PPL_SOURCES = ("lambada", "coqa", "wikitext2", "text_file", "jsonl_file")
 # WikiText-2 as SVD-LLM and SFSD load it: load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
@@ -190,7 +191,7 @@ def perplexity(
         starts = starts[:max_windows]
     if not starts:
         raise DataError(f"the texts give {len(ids)} tokens, fewer than one window of {window}; add text")
-    device = next(model.parameters()).device
+    device = input_device(model)
     window_nll: list[float] = []
     window_tokens: list[int] = []
     prev_end = 0

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .errors import ConfigError, DataError
 from .evaluate import _loaded_tasks
 from .lmeval_tasks import task_source
+from .placement import input_device
 from .splits import _check_split_ids
 from .tasks import ACCURACY_METRICS
 
@@ -372,7 +373,7 @@ def request_loglikelihoods(
 
     log_softmax in `softmax_dtype` (None: the logits' dtype, as HFLM's default). Both paths feed the same
     tokens at the same positions as lm-eval; only floating-point rounding differs (module docstring)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     keep_ok = _accepts(model, "logits_to_keep")
     cache_ok = _accepts(model, "use_cache") and _accepts(model, "past_key_values")
     scorer = _Scorer(enc, softmax_dtype)

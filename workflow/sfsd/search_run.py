@@ -30,6 +30,7 @@ from .errors import ConfigError, DataError
 from .factor_cache import factor_entry
 from .io import atomic_dir, atomic_path, model_digest, write_json
 from .objectives import AccuracyObjective, KLObjective, LoglikObjective, PerplexityObjective
+from .placement import placement
 from .provenance import stamp
 from .search import SearchRecord, search_order, surgical_search
 from .search_settings import SearchSettings
@@ -243,7 +244,7 @@ def run_search(
     result.plan["notes"]["provenance"] = stamp(digest, factors.calibration_digest, asdict(settings))
     name = Path(out_dir).name
     summary = {**result.summary, "model": model_name, "search": name, "settings": asdict(settings),
-               "device": str(next(model.parameters()).device), "search_limit": search_limit,
+               "device": placement(model), "search_limit": search_limit,
                "curve_limit": curve_limit,
                # the documents every decision was made on (never scored by the evaluate stage)
                "search_docs": inputs}
