@@ -165,6 +165,51 @@ def python_without_sfsd(code: str, timeout: int = 300) -> subprocess.CompletedPr
                           timeout=timeout)
 
 
+# The start of a capped script (`run_capped`): after its own imports and warm-up, a script calls
+# cap_memory(budget_mb) to limit its address space to what it uses now plus the budget.
+CAP_MEMORY = textwrap.dedent("""
+    import resource, sys
+    import torch, transformers
+    torch.set_num_threads(1)
+
+    def cap_memory(budget_mb):
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2)
+        with torch.inference_mode():  # warm up a model's forward first: its lazy imports and buffers
+            transformers.LlamaForCausalLM(cfg).model(input_ids=torch.ones(2, 8, dtype=torch.long))
+        vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + budget_mb * 2**20, vm + budget_mb * 2**20))
+
+    def out_of_memory(err):
+        print("out of memory:", str(err)[:120])
+        sys.exit(3)
+""")
+
+
+def run_capped(code: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """CAP_MEMORY + `code` (dedented) in a fresh interpreter with one malloc arena (so freed memory is
+    reused rather than spread over arenas): exit code 3 and "out of memory" when the cap bit."""
+    import os
+
+    return subprocess.run([sys.executable, "-c", CAP_MEMORY + textwrap.dedent(code), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "MALLOC_ARENA_MAX": "1"})
+
+
+def deep_llama(folder: Path):
+    """A 64-block Llama of about 450 MB (hidden 512), saved in 20 MB shards: larger than the memory caps of
+    the streamed tests. Returns the model and its size in MB."""
+    import transformers
+
+    tokenizer = build_tokenizer(folder)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=512,
+                                      num_hidden_layers=64, num_attention_heads=8, num_key_value_heads=8,
+                                      architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, max_shard_size="20MB")
+    return model, sum(p.numel() for p in model.parameters()) * 4 / 2**20
+
+
 def deep_merge(base: dict, change: dict) -> dict:
     out = dict(base)
     for key, value in change.items():

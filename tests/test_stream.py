@@ -4,21 +4,16 @@ weights do not fit, and a model whose weights exceed an imposed memory limit is 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
-from helpers import STAT_TEXTS, build_tiny_model, build_tokenizer, one_thread
+from helpers import STAT_TEXTS, build_tiny_model, deep_llama, one_thread, run_capped
 from sfsd.arch import get_arch
 from sfsd.calibration import tokenize
 from sfsd.collect import collect_input_moments, collect_streamed, run_collect
 from sfsd.stream import fits_device
 from sfsd.io import load_tensors, read_json, save_tensors
-from sfsd.models import load_model
+from sfsd.models import load_model, load_tokenizer
 from sfsd.provenance import tokenizer_digest
 
 FAMILIES = ["LlamaForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM", "GPTJForCausalLM"]
@@ -83,12 +78,10 @@ def test_auto_streams_when_the_weights_do_not_fit(tiny_llama, monkeypatch):
     assert fits_device(tiny_llama, "bfloat16", torch.device("cpu"))  # half the bytes
 
 
-# In a fresh process: import and warm up everything (the model classes' lazy imports, a first forward),
-# then cap the address space at what is used now plus `budget` MB, then collect.
-CAPPED = textwrap.dedent("""
-    import os, resource, sys
-    import torch, transformers
-    torch.set_num_threads(1)
+# In a fresh process: import and warm up everything, cap the address space at what is used now plus
+# `budget` MB (helpers.CAP_MEMORY), then collect.
+CAPPED = """
+    import os
     from sfsd.arch import get_arch
     from sfsd.collect import collect_input_moments, collect_streamed
     from sfsd.models import load_model
@@ -97,12 +90,7 @@ CAPPED = textwrap.dedent("""
     tokens = torch.load(os.path.join(out, "tokens.pt"))
     spec = get_arch("LlamaForCausalLM")
     empty_model(folder, torch.float32)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2)
-    with torch.inference_mode():
-        transformers.LlamaForCausalLM(cfg).model(input_ids=torch.ones(2, 8, dtype=torch.long))
-    vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
-    resource.setrlimit(resource.RLIMIT_AS, (vm + budget * 2**20, vm + budget * 2**20))
+    cap_memory(budget)
     groups = list(spec.input_groups)
     keep = lambda b, m: torch.save({g: (a.xxt, a.xsum, a.xabs) for g, a in m.items()}, os.path.join(out, f"b{b}.pt"))
     try:
@@ -115,25 +103,15 @@ CAPPED = textwrap.dedent("""
                                                         tokens["attention_mask"], 4, progress=False)):
                 keep(b, m)
     except (MemoryError, RuntimeError) as err:
-        print("out of memory:", str(err)[:120])
-        sys.exit(3)
-""")
+        out_of_memory(err)
+"""
 
 
 @pytest.mark.slow  # writes a 450 MB model
 def test_weights_above_the_memory_limit_are_collected_streamed(tmp_path):
-    import transformers
-
     folder = tmp_path / "model"
-    tokenizer = build_tokenizer(folder)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=512,
-                                      num_hidden_layers=64, num_attention_heads=8, num_key_value_heads=8,
-                                      architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder, max_shard_size="20MB")
-    weights_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
-    tokens = tokenize(STAT_TEXTS * 4, tokenizer, seq_len=40)
+    model, weights_mb = deep_llama(folder)
+    tokens = tokenize(STAT_TEXTS * 4, load_tokenizer(folder), seq_len=40)
     torch.save({k: tokens[k] for k in ("input_ids", "attention_mask")}, tmp_path / "tokens.pt")
     budget = 250  # one block's weights and statistics need about 120 MB above the warmed-up process
     assert weights_mb > budget + 150  # the whole model cannot fit under the cap
@@ -142,9 +120,7 @@ def test_weights_above_the_memory_limit_are_collected_streamed(tmp_path):
         out = tmp_path / mode
         out.mkdir()
         (out / "tokens.pt").write_bytes((tmp_path / "tokens.pt").read_bytes())
-        runs[mode] = subprocess.run([sys.executable, "-c", CAPPED, str(folder), mode, str(budget), str(out)],
-                                    capture_output=True, text=True, timeout=600,
-                                    env={**os.environ, "MALLOC_ARENA_MAX": "1"})
+        runs[mode] = run_capped(CAPPED, str(folder), mode, str(budget), str(out))
     assert runs["whole"].returncode == 3 and "out of memory" in runs["whole"].stdout  # the cap bites
     assert runs["streamed"].returncode == 0, runs["streamed"].stdout + runs["streamed"].stderr[-2000:]
     with one_thread():  # as in the capped process: the same kernels' reduction order

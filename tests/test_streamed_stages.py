@@ -5,15 +5,20 @@ with the whole model in memory, a compressed model written shard by shard that e
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
-from helpers import LINEARS, LLAMA, build_tiny_model, build_tokenizer, one_thread, python_without_sfsd, run_cli
+from helpers import (
+    LINEARS,
+    LLAMA,
+    build_tiny_model,
+    deep_llama,
+    one_thread,
+    python_without_sfsd,
+    run_capped,
+    run_cli,
+)
 from sfsd.arch import get_arch
 from sfsd.compress import load_compressed
 from sfsd.factor_cache import compress_from_cache, save_factor_cache
@@ -127,12 +132,11 @@ def test_open_blocks_follows_the_setting(tiny_llama, monkeypatch):
     assert all(p.is_meta for p in stream.blocks[0].parameters())  # dropped again
 
 
-# In a fresh process: import and warm up, cap the address space at what is used now plus `budget` MB, then
-# write the weight-space factor cache and the compressed model (whole: load the model first).
-CAPPED = textwrap.dedent("""
-    import json, os, resource, sys
-    import torch, transformers
-    torch.set_num_threads(1)
+# In a fresh process: import and warm up, cap the address space at what is used now plus `budget` MB
+# (helpers.CAP_MEMORY), then write the weight-space factor cache and the compressed model (whole: load the
+# model first).
+CAPPED = """
+    import json, os
     from sfsd.arch import get_arch
     from sfsd.factor_cache import compress_from_cache, save_factor_cache
     from sfsd.io import model_digest
@@ -142,13 +146,8 @@ CAPPED = textwrap.dedent("""
     digest = model_digest(folder)
     plan = json.load(open(os.path.join(out, "plan.json")))
     BlockStream(folder, torch.float32, torch.device("cpu"))  # warm-up: the model classes' lazy imports
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2)
-    with torch.inference_mode():
-        transformers.LlamaForCausalLM(cfg).model(input_ids=torch.ones(2, 8, dtype=torch.long))
     torch.linalg.svd(torch.randn(8, 8, dtype=torch.float64))
-    vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
-    resource.setrlimit(resource.RLIMIT_AS, (vm + budget * 2**20, vm + budget * 2**20))
+    cap_memory(budget)
     try:
         source = open_blocks(folder, "always" if mode == "streamed" else "never")
         save_factor_cache(source, spec, "weight", list(spec.linears), os.path.join(out, "factors", "weight"),
@@ -156,24 +155,14 @@ CAPPED = textwrap.dedent("""
         compress_from_cache(source, plan, os.path.join(out, "factors"), os.path.join(out, "compressed"),
                             model_digest=digest, shard_bytes=20 * 2**20)
     except (MemoryError, RuntimeError) as err:
-        print("out of memory:", str(err)[:120])
-        sys.exit(3)
-""")
+        out_of_memory(err)
+"""
 
 
 @pytest.mark.slow  # writes a 450 MB model
 def test_weights_above_the_memory_limit_are_cached_and_compressed_streamed(tmp_path):
-    import transformers
-
     folder = tmp_path / "model"
-    tokenizer = build_tokenizer(folder)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=512,
-                                      num_hidden_layers=64, num_attention_heads=8, num_key_value_heads=8,
-                                      architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder, max_shard_size="20MB")
-    weights_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    model, weights_mb = deep_llama(folder)
     digest = model_digest(folder)
     plan = _plan(LLAMA, 64, "weight", 64, digest)
     budget = 250  # one block's weights and factors need a few tens of MB above the warmed-up process
@@ -182,9 +171,7 @@ def test_weights_above_the_memory_limit_are_cached_and_compressed_streamed(tmp_p
     for mode in ("whole", "streamed"):
         (tmp_path / mode).mkdir()
         (tmp_path / mode / "plan.json").write_text(json.dumps(plan))
-        runs[mode] = subprocess.run([sys.executable, "-c", CAPPED, str(folder), mode, str(budget), str(tmp_path / mode)],
-                                    capture_output=True, text=True, timeout=900,
-                                    env={**os.environ, "MALLOC_ARENA_MAX": "1"})
+        runs[mode] = run_capped(CAPPED, str(folder), mode, str(budget), str(tmp_path / mode))
     assert runs["whole"].returncode == 3 and "out of memory" in runs["whole"].stdout  # the cap bites
     assert runs["streamed"].returncode == 0, runs["streamed"].stdout + runs["streamed"].stderr[-2000:]
     compressed = tmp_path / "streamed" / "compressed"
