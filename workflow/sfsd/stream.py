@@ -21,6 +21,7 @@ order, so the statistics are bit-identical to `collect.collect_input_moments` on
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -134,6 +135,17 @@ class BlockStream:
             yield block
         finally:
             block.to_empty(device="meta")
+            _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory freed with a block back to the system (glibc's malloc_trim): glibc keeps freed
+    blocks of tensors below its moving mmap threshold in its heap, and the resident set then creeps up
+    block by block (measured: +1.1 GB over the 40 blocks of a 2.3B model). No-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class WholeModel:
