@@ -43,6 +43,32 @@ def test_streamed_statistics_equal_the_whole_model_pass(architecture, tmp_path):
     assert sum(acc.count for acc in whole[0].values()) == len(groups) * int(tokens["attention_mask"].sum())
 
 
+def test_hidden_states_past_their_budgets_go_to_host_memory_then_disk(tiny_llama, caplog):
+    """With room on the "device" for one batch's hidden states and in host memory for one more, the
+    others go to disk, and the moments stay bit-identical; the temporary files are removed."""
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    model, tokenizer = load_model(tiny_llama, device="cpu")
+    spec = get_arch("LlamaForCausalLM")
+    tokens = tokenize(STAT_TEXTS * 3, tokenizer, seq_len=40)
+    groups = list(spec.input_groups)
+    whole = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"], 4,
+                                  progress=False)
+    one_batch = 4 * 40 * model.config.hidden_size * 4
+    before = set(Path(tempfile.gettempdir()).glob("sfsd-hidden-*"))
+    with caplog.at_level(logging.INFO, logger="sfsd.stream"):
+        spilled = collect_streamed(tiny_llama, spec, groups, tokens["input_ids"], tokens["attention_mask"], 4,
+                                   progress=False, hidden_bytes=(one_batch, one_batch))
+    assert _equal(whole, spilled)
+    import re
+
+    placed = re.search(r"([\d.e+-]+) GB on cpu, ([\d.e+-]+) GB in host memory, ([\d.e+-]+) GB on disk", caplog.text)
+    assert placed and all(float(x) > 0 for x in placed.groups()), caplog.text
+    assert set(Path(tempfile.gettempdir()).glob("sfsd-hidden-*")) == before
+
+
 def test_the_stage_writes_the_same_files_streamed_or_not(tiny_llama, tmp_path):
     _, tokenizer = load_model(tiny_llama, device="cpu")
     tokens = tokenize(STAT_TEXTS * 3, tokenizer, seq_len=40)

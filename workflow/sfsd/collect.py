@@ -128,11 +128,13 @@ def collect_streamed(
     device: torch.device = torch.device("cpu"),
     on_block: Callable[[int, dict[str, InputMoments]], None] | None = None,
     progress: bool = True,
+    hidden_bytes: tuple[float, float] | None = None,
 ) -> int | list[dict[str, InputMoments]]:
     """`collect_input_moments` with one block in memory at a time (`sfsd.stream`): the same batches, the
     same hooks, bit-identical moments. With `on_block(b, moments)` each block's moments are handed over
     (and dropped here) as soon as its block is done, and the number of blocks is returned; without it,
-    the moments of every block."""
+    the moments of every block. `hidden_bytes`: where the hidden states between blocks may live
+    (`stream.streamed_moments`)."""
     batches = _batches(input_ids, attention_mask, batch_size, device)
     stats = _Statistics(spec, groups, 0, flush_every)  # grows as the blocks come
     kept: list[dict[str, InputMoments]] = []
@@ -151,7 +153,8 @@ def collect_streamed(
 
     n_blocks = streamed_moments(model_dir, spec, stats.hooks,
                                 [(ids, mask, lambda mask=mask: stats.select(mask)) for ids, mask in batches],
-                                dtype, device, after_batch=checked, after_block=done, progress=progress)
+                                dtype, device, after_batch=checked, after_block=done, progress=progress,
+                                hidden_bytes=hidden_bytes)
     return n_blocks if on_block is not None else kept
 
 

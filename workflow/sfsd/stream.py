@@ -13,8 +13,9 @@
   states, and its weights are dropped again. The lm_head is never loaded.
 
 Peak memory of stage 1: one block's weights, the modules before the blocks, and the hidden states of all
-calibration tokens (tokens x hidden, kept on the device: 16k tokens of a 4096-wide model in float32 are
-256 MB). Every block sees exactly the tensors the whole-model pass feeds it, batch by batch in the same
+calibration tokens (tokens x hidden: 16k tokens of a 4096-wide model in float32 are 256 MB), kept on the
+device up to a quarter of its free memory, then in host memory up to a quarter of what is available, then
+on disk (`HiddenStates`). Every block sees exactly the tensors the whole-model pass feeds it, batch by batch in the same
 order, so the statistics are bit-identical to `collect.collect_input_moments` on the whole model (tested).
 """
 
@@ -24,6 +25,8 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -199,22 +202,83 @@ def open_blocks(model_dir: str | os.PathLike, streamed: str, dtype: str = "float
     return WholeModel(load_model(model_dir, dtype=dtype, device=device)[0])
 
 
+class HiddenStates:
+    """The calibration hidden states between blocks, one tensor per batch: on the device while they take
+    at most `device_bytes`, then in host memory up to `host_bytes`, then in files of a temporary folder
+    (removed by `close`). A batch keeps its place when it is replaced by a block's output of the same size."""
+
+    def __init__(self, device: torch.device, device_bytes: float, host_bytes: float) -> None:
+        self.device, self.limits = device, {"device": device_bytes, "host": host_bytes}
+        self.used = {"device": 0, "host": 0, "disk": 0}
+        self.where: dict[int, tuple[str, int]] = {}
+        self.tensors: dict[int, torch.Tensor] = {}
+        self.folder: Path | None = None
+
+    def put(self, i: int, x: torch.Tensor) -> None:
+        size = x.numel() * x.element_size()
+        if i in self.where:
+            place, old = self.where.pop(i)
+            self.used[place] -= old
+        place = next((p for p in ("device", "host") if self.used[p] + size <= self.limits[p]), "disk")
+        self.used[place] += size
+        self.where[i] = (place, size)
+        if place == "device":
+            self.tensors[i] = x
+        elif place == "host":
+            self.tensors[i] = x.to("cpu")
+        else:
+            from safetensors.torch import save_file
+
+            if self.folder is None:
+                self.folder = Path(tempfile.mkdtemp(prefix="sfsd-hidden-"))
+            self.tensors.pop(i, None)
+            save_file({"x": x.detach().contiguous().cpu()}, str(self.folder / f"{i}.safetensors"))
+
+    def get(self, i: int) -> torch.Tensor:
+        if self.where[i][0] == "disk":
+            from safetensors.torch import load_file
+
+            return load_file(str(self.folder / f"{i}.safetensors"))["x"].to(self.device)
+        return self.tensors[i].to(self.device)
+
+    def close(self) -> None:
+        self.tensors.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+HIDDEN_SHARE = 0.25  # of the free device memory (and of the available host memory) for the hidden states
+
+
+def hidden_budgets(device: torch.device) -> tuple[float, float]:
+    """(device bytes, host bytes) the calibration hidden states may take before they move on: a quarter of
+    the device's free memory and a quarter of the host's available memory (on the CPU, one budget: the
+    host's); past both, they go to disk."""
+    import psutil
+
+    host = HIDDEN_SHARE * psutil.virtual_memory().available
+    if device.type == "cuda":
+        return HIDDEN_SHARE * torch.cuda.mem_get_info(device)[0], host
+    return host, 0.0
+
+
 class _Done(Exception):
     """Raised by the last block's stand-in: the first pass has what it needs (nothing after the blocks runs)."""
 
 
 class _Record(nn.Module):
     """Stands in for a block in the first pass: records the block's arguments (and, for the first block,
-    its input hidden states). It hands the hidden states on as they came; where a decoder takes the
-    first element of a block's output (GPT-J), the next stand-in receives a slice instead, which does not
-    matter: only the first block's hidden states are kept, and the last stand-in ends the pass."""
+    its input hidden states, into `states`). It hands the hidden states on as they came; where a decoder
+    takes the first element of a block's output (GPT-J), the next stand-in receives a slice instead, which
+    does not matter: only the first block's hidden states are kept, and the last stand-in ends the pass."""
 
-    def __init__(self, calls: list, keep_hidden: bool, last: bool) -> None:
+    def __init__(self, calls: list, states: HiddenStates | None, last: bool) -> None:
         super().__init__()
-        self.calls, self.keep_hidden, self.last = calls, keep_hidden, last
+        self.calls, self.states, self.last = calls, states, last
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.calls.append((hidden_states if self.keep_hidden else None, args, kwargs))
+        if self.states is not None:
+            self.states.put(len(self.calls), hidden_states)
+        self.calls.append((args, kwargs))
         if self.last:
             raise _Done
         return hidden_states
@@ -230,19 +294,23 @@ def streamed_moments(
     after_batch: Callable[[int], None] | None = None,
     after_block: Callable[[int], None] | None = None,
     progress: bool = True,
+    hidden_bytes: tuple[float, float] | None = None,
 ) -> int:
     """Run the blocks of `model_dir` one at a time over `batches` ((input_ids, attention_mask, select) on
     `device`; `select()` is called before a batch runs, so the hooks know which tokens are real).
     `hooks_for(block, module)` registers the statistics hooks on a block and returns their handles;
     `after_batch(batch)` runs after each batch of each block, `after_block(block)` after each block (its
-    weights already dropped). Returns the number of blocks."""
+    weights already dropped). The hidden states between blocks stay on the device up to `hidden_bytes[0]`,
+    then in host memory up to `hidden_bytes[1]`, then on disk (`HiddenStates`; default `hidden_budgets`).
+    Returns the number of blocks."""
     stream = BlockStream(model_dir, dtype, device, head=False)
     blocks = stream.blocks
     originals = list(blocks)
     decoder = stream.model.get_submodule(spec.decoder)
     calls: list[list] = [[] for _ in originals]
+    states = HiddenStates(device, *(hidden_bytes or hidden_budgets(device)))
     for i in range(len(originals)):
-        blocks[i] = _Record(calls[i], keep_hidden=i == 0, last=i == len(originals) - 1)
+        blocks[i] = _Record(calls[i], states if i == 0 else None, last=i == len(originals) - 1)
     try:
         with torch.inference_mode():
             for ids, mask, _ in batches:
@@ -253,28 +321,33 @@ def streamed_moments(
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-    states = [hidden for hidden, _, _ in calls[0]]
+    if states.used["host"] or states.used["disk"]:
+        log.info("calibration hidden states: %.3g GB on %s, %.3g GB in host memory, %.3g GB on disk",
+                 states.used["device"] / 1e9, device, states.used["host"] / 1e9, states.used["disk"] / 1e9)
     n_tokens = sum(int(mask.sum()) for _, mask, _ in batches)
     bar = tqdm(total=n_tokens * len(originals), unit="tok", unit_scale=True, disable=not progress,
                desc="collect (streamed)")
-    for b in range(len(originals)):
-        with stream.block(b) as block:
-            handles = hooks_for(b, block)
-            try:
-                with torch.inference_mode():
-                    for i, (_, mask, select) in enumerate(batches):
-                        select()
-                        _, args, kwargs = calls[b][i]
-                        out = block(states[i], *args, **kwargs)
-                        states[i] = out[0] if isinstance(out, tuple) else out
-                        bar.update(int(mask.sum()))
-                        if after_batch is not None:
-                            after_batch(i)
-            finally:
-                for h in handles:
-                    h.remove()
-        calls[b] = []
-        if after_block is not None:
-            after_block(b)
+    try:
+        for b in range(len(originals)):
+            with stream.block(b) as block:
+                handles = hooks_for(b, block)
+                try:
+                    with torch.inference_mode():
+                        for i, (_, mask, select) in enumerate(batches):
+                            select()
+                            args, kwargs = calls[b][i]
+                            out = block(states.get(i), *args, **kwargs)
+                            states.put(i, out[0] if isinstance(out, tuple) else out)
+                            bar.update(int(mask.sum()))
+                            if after_batch is not None:
+                                after_batch(i)
+                finally:
+                    for h in handles:
+                        h.remove()
+            calls[b] = []
+            if after_block is not None:
+                after_block(b)
+    finally:
+        states.close()
     bar.close()
     return len(originals)
