@@ -77,6 +77,7 @@ rule evaluate_model:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(30 + 30 * model_params_b(wc.model)),
         gpu=gpus_for,
+        nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} evaluate --model-dir {input.model:q} {params.compressed} "
         "--model-name {wildcards.model} --variant {wildcards.variant} {params.task_args} "
@@ -113,6 +114,7 @@ rule check_scorer:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(20 + 10 * model_params_b(wc.model)),
         gpu=gpus_for,
+        nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} check-scorer --model-dir {input.model:q} {params.compressed} "
         "{params.task_args} --tasks {params.tasks} --splits {input.splits:q} --limit {params.limit} "

@@ -65,6 +65,7 @@ rule laser_point:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(20 + 30 * model_params_b(wc.model)),
         gpu=gpus_for,
+        nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} laser-point --model-dir {input.model:q} --model-name {wildcards.model} "
         "{params.task_args} --splits {input.splits:q} --task {wildcards.task} --split {wildcards.split} "

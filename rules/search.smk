@@ -50,6 +50,7 @@ rule search:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(60 + 600 * model_params_b(wc.model)),
         gpu=gpus_for,
+        nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} search --model-dir {input.model:q} --model-name {wildcards.model} "
         "--factors {params.factors:q} --method {wildcards.method} --mode {wildcards.mode} "
@@ -67,6 +68,7 @@ rule compress_searched:
         model=directory("results/{model}/compressed/search-{method}-{mode}-{target}"),
     params:
         factors=lambda wc, input: Path(input.factors).parent,
+        streamed=config["streamed"],
         code=command_version("compress"),
     conda:
         "../envs/cpu-stages.yaml"
@@ -77,7 +79,8 @@ rule compress_searched:
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} compress --model-dir {input.model:q} "
-        "--plan {input.plan:q} --factors {params.factors:q} --out {output.model:q} > {log:q} 2>&1"
+        "--plan {input.plan:q} --factors {params.factors:q} --streamed {params.streamed} --out {output.model:q} "
+        "> {log:q} 2>&1"
 
 
 rule searched_plan:

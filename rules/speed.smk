@@ -51,6 +51,7 @@ rule inference_speed:
         mem_mb=collect_mem_mb,
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
         gpu=gpus_for,
+        nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} inference-speed --model-dir {input.model:q} --compressed {params.compressed:q} "
         "--variant {wildcards.variant} --device {params.device} --prompt-tokens {params.prompt_tokens} "

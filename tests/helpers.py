@@ -300,6 +300,7 @@ def _calibration_is_evaluated_task(tmp: Path, model: Path, calib: Path) -> dict:
 
 CONFIG_CASES = [
     # (id, change to the base config or a function (tmp, model, calibration) -> change, expected text)
+    ("streamed under collection", {"collection": {"streamed": "always"}}, "is now the top-level key streamed"),
     ("binary calibration file", _binary_jsonl, "is not UTF-8 text"),
     ("unknown embedded model", {"models": {"tiny": {"source": "embedded", "id": "gpt-5"}}},
      "models.tiny.id 'gpt-5' is not an embedded model"),

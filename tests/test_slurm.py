@@ -121,6 +121,7 @@ def test_gpu_stages_ask_for_the_gpus_that_hold_the_model(tmp_path, tiny_llama, c
     resources = dict(re.findall(r"^(?:rule|checkpoint|localrule|localcheckpoint) (\w+):.*?^\s+resources: ([^\n]*)",
                                 out, re.M | re.S))
     assert re.search(r"\bgpu=9\b", resources["evaluate_model"]), resources["evaluate_model"]
+    assert re.search(r"\bnodes=1\b", resources["evaluate_model"]), resources["evaluate_model"]  # one process
     assert re.search(r"\bgpu=1\b", resources["collect_features"]), resources["collect_features"]
 
 

@@ -18,7 +18,8 @@ from sfsd.compress import save_compressed
 from sfsd.errors import DataError
 from sfsd.factor_cache import apply_cached_plan, save_factor_cache
 from sfsd.plan import new_plan
-from sfsd.speed import SpeedSettings, _decode, measure, speed_rows, speed_table, weight_bytes
+from sfsd.placement import weight_bytes
+from sfsd.speed import SpeedSettings, _decode, measure, speed_rows, speed_table
 
 
 def test_weight_bytes_counts_a_tied_tensor_once():

@@ -11,7 +11,7 @@ from helpers import STAT_TEXTS, build_tiny_model, deep_llama, one_thread, run_ca
 from sfsd.arch import get_arch
 from sfsd.calibration import tokenize
 from sfsd.collect import collect_input_moments, collect_streamed, run_collect
-from sfsd.stream import fits_device
+from sfsd.stream import fits_device, host_available
 from sfsd.io import load_tensors, read_json, save_tensors
 from sfsd.models import load_model, load_tokenizer
 from sfsd.provenance import tokenizer_digest
@@ -67,6 +67,27 @@ def test_hidden_states_past_their_budgets_go_to_host_memory_then_disk(tiny_llama
     placed = re.search(r"([\d.e+-]+) GB on cpu, ([\d.e+-]+) GB in host memory, ([\d.e+-]+) GB on disk", caplog.text)
     assert placed and all(float(x) > 0 for x in placed.groups()), caplog.text
     assert set(Path(tempfile.gettempdir()).glob("sfsd-hidden-*")) == before
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_host_memory_is_what_the_cgroup_leaves(version, tmp_path, monkeypatch):
+    """A SLURM job's --mem is a memory cgroup: its limit minus its use bounds what the job may take."""
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 100 * 2**30})())
+    listing = tmp_path / "cgroup"
+    if version == "v2":
+        listing.write_text("0::/job_42/step_0\n")
+        folder, names = tmp_path / "job_42" / "step_0", ("memory.max", "memory.current")
+    else:
+        listing.write_text("9:cpu,cpuacct:/slurm/job_42\n4:memory:/slurm/job_42\n0::/\n")
+        folder, names = tmp_path / "memory" / "slurm" / "job_42", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    folder.mkdir(parents=True)
+    (folder / names[0]).write_text(str(8 * 2**30))
+    (folder / names[1]).write_text(str(3 * 2**30))
+    assert host_available(listing, tmp_path) == 5 * 2**30
+    (folder / names[0]).write_text("max" if version == "v2" else str(2**63 - 4096))  # no limit
+    assert host_available(listing, tmp_path) == 100 * 2**30
 
 
 def test_the_stage_writes_the_same_files_streamed_or_not(tiny_llama, tmp_path):

@@ -25,6 +25,7 @@ from sfsd.factor_cache import compress_from_cache, save_factor_cache
 from sfsd.io import (
     INDEX_FILE,
     SINGLE_FILE,
+    ShardWriter,
     checkpoint_index,
     checkpoint_metadata,
     load_tensors,
@@ -50,6 +51,32 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def _plan(spec, n_blocks: int, method: str, rank: int, digest: str) -> dict:
     return new_plan({f"{b}.{name}": {"method": method, "rank": rank} for b in range(1, n_blocks)
                      for name in spec.linears}, model_digest=digest)
+
+
+def test_the_shard_writer_starts_a_shard_before_one_would_overflow(tmp_path):
+    tensors = {"a": torch.ones(3), "b": torch.ones(3) * 2, "c": torch.ones(5) * 3, "d": torch.ones(1) * 4,
+               "e": torch.ones(9) * 5}
+    writer = ShardWriter(tmp_path / "sharded", max_bytes=24, raw={"format": "pt"})
+    (tmp_path / "sharded").mkdir()
+    for name, t in tensors.items():
+        writer.add({name: t})
+    files = writer.finish({"note": {"x": 1}})
+    assert [f.name for f in files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "sharded" / INDEX_FILE).read_text())
+    assert index["weight_map"] == {"a": files[0].name, "b": files[0].name, "c": files[1].name,
+                                   "d": files[1].name, "e": files[2].name}  # 36 bytes alone: its own shard
+    assert index["metadata"] == {"total_size": 21 * 4, "note": {"x": 1}}
+    assert checkpoint_metadata(tmp_path / "sharded") == {"note": {"x": 1}}
+    read = _weights(tmp_path / "sharded")
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
+    assert not list((tmp_path / "sharded").glob(".shard-*"))  # no temporary name left
+    single = ShardWriter(tmp_path / "single", max_bytes=1000, raw={"format": "pt"})
+    (tmp_path / "single").mkdir()
+    single.add(tensors)
+    assert [f.name for f in single.finish({"note": 1})] == [SINGLE_FILE]
+    assert checkpoint_metadata(tmp_path / "single") == {"note": 1}
+    with pytest.raises(ValueError, match="added twice"):
+        single.add({"a": torch.ones(1)})
 
 
 def test_the_factor_cache_is_the_same_streamed(tiny_stats, tmp_path):

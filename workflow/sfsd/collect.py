@@ -45,8 +45,8 @@ class _Statistics:
         self.moments += [{} for _ in range(b + 1 - len(self.moments))]
         def make_hook(group: str):
             def hook(_module, inputs):
-                x = inputs[0]
-                x = x.reshape(-1, x.shape[-1]).index_select(0, self.valid)
+                x = inputs[0]  # on the block's device (of a spread model: its GPU)
+                x = x.reshape(-1, x.shape[-1]).index_select(0, self.valid.to(x.device))
                 acc = self.moments[b].get(group)
                 if acc is None:
                     acc = self.moments[b][group] = InputMoments.zeros(x.shape[-1])

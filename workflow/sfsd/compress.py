@@ -34,6 +34,7 @@ from .errors import ConfigError, DataError
 from .io import (
     ShardWriter,
     atomic_dir,
+    check_checkpoint,
     checkpoint_index,
     checkpoint_metadata,
     load_tensors,
@@ -62,7 +63,7 @@ from .provenance import stamp
 
 log = logging.getLogger(__name__)
 
-SHARD_BYTES = 5 * 2**30  # weight shards of at most 5 GiB (transformers' usual size)
+SHARD_BYTES = 5 * 2**30  # weight shards of at most 5 GiB (a single larger tensor: a shard of its own)
 PLAN_FILE = "plan.json"
 MODELING_FILE = "modeling_sfsd.py"  # sfsd.hf_modeling, as config.json's auto_map names it
 FORMAT = "sfsd-compressed-2"  # 1: compressed.safetensors, loadable by load_compressed only
@@ -381,6 +382,7 @@ def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cp
     if meta.get("sfsd_format") != FORMAT:
         raise DataError(f"{out_dir} is not a compressed model of this format "
                         f"({meta.get('sfsd_format')!r}, expected {FORMAT!r}); compress it again")
+    check_checkpoint(out_dir)  # a truncated shard is one DataError, not a traceback
     tensors = read_parameters(out_dir, list(checkpoint_index(out_dir)))
     saved = read_json(out_dir / "config.json")
     base_type = saved["model_type"].removeprefix(MODEL_TYPE_PREFIX)

@@ -31,6 +31,9 @@ def validate(config: dict) -> None:
     import jsonschema
     from snakemake.utils import validate as snakemake_validate
 
+    if "streamed" in (config.get("collection") or {}):
+        raise ConfigError("collection.streamed is now the top-level key streamed (it also governs the factor cache "
+                          "and compression); move it there")
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema()).iter_errors(config))
     if error is not None:
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"

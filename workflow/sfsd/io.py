@@ -122,8 +122,9 @@ INDEX_FILE = "model.safetensors.index.json"
 class ShardWriter:
     """Writes a checkpoint's tensors into `folder` shard by shard, as transformers does: one
     model.safetensors when they fit in `max_bytes`, else model-0000i-of-0000n.safetensors and
-    model.safetensors.index.json. A shard is written as soon as the tensors added reach `max_bytes`, so a
-    caller that adds one block at a time holds at most one shard and one block. `metadata` (JSON values)
+    model.safetensors.index.json. A shard is written as soon as the next tensor would take it past
+    `max_bytes` (a larger tensor gets a shard of its own), so a caller that adds one block at a time holds
+    at most one shard and one block. `metadata` (JSON values)
     goes into the single file's header or the index's "metadata"; every shard carries `raw` ({"format":
     "pt"}, which transformers checks)."""
 
@@ -141,12 +142,13 @@ class ShardWriter:
                 raise ValueError(f"tensor {name} added twice")
             if t.is_meta:
                 raise ValueError(f"tensor {name} has no data (meta device)")
+            size = t.numel() * t.element_size()
+            if self.pending and self.pending_bytes + size > self.max_bytes:
+                self._flush()
             self.pending[name] = t.detach()
             self.names.add(name)
-            self.pending_bytes += t.numel() * t.element_size()
-            self.total += t.numel() * t.element_size()
-        if self.pending_bytes >= self.max_bytes:
-            self._flush()
+            self.pending_bytes += size
+            self.total += size
 
     def _shard_path(self, i: int) -> Path:
         return self.folder / f".shard-{i:05d}.safetensors"

@@ -33,10 +33,19 @@ def gpus_needed(weight_bytes: float, gpu_bytes: float, headroom: float = HEADROO
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (a tied tensor once; meta tensors count their size)."""
-    from accelerate.utils import compute_module_sizes
+    """Bytes of every parameter and buffer, each storage counted once (tied embeddings once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
-    return int(compute_module_sizes(model)[""])
+
+def devices_of(model: nn.Module) -> list[torch.device]:
+    """The devices the model's parameters are on (several for a spread model)."""
+    return sorted({p.device for p in model.parameters()}, key=str)
 
 
 def device_map_over(model: nn.Module, max_memory: Mapping[int | str, int]) -> dict[str, int | str]:

@@ -342,7 +342,8 @@ def _shared_batch(model, enc: EncodedRequests, scorer: _Scorer, groups: Sequence
     spans = [len(enc.inputs[i]) - scorer.start[i] for _, i in rows]
     cols = torch.cat([torch.arange(width_s - n, width_s) for n in spans])
     row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(spans))
-    logits = head(hidden[row_of.to(device), cols.to(device)])
+    # the decoder's output lies where its last module runs (the last GPU of a spread model)
+    logits = head(hidden[row_of.to(hidden.device), cols.to(hidden.device)])
     for (_, i), part in zip(rows, torch.split(logits, spans), strict=True):
         scorer.score(part, i, scorer.start[i])
     return True

@@ -5,9 +5,9 @@ measured on the same prompts for the dense model and each compressed variant.
   throughput of a forward pass does not depend on which tokens it reads): prefill = one forward over
   `batch x prompt_tokens` tokens, the lm_head on the last position only (as generate() runs it); decode = `decode_tokens` single-token forwards with the KV cache after
   that prefill, greedy, at each batch size of `batch_sizes`. Each timing is the median of `repeats` runs
-  after one warm-up run. On a CUDA device every timing synchronises the device first and last.
-- Memory: weight bytes (every parameter and buffer once, tied tensors once); peak memory is the device's
-  peak allocation on CUDA, and on the CPU the peak resident set sampled while the model runs (`RssPeak`)
+  after one warm-up run. On CUDA every timing synchronises the GPUs first and last.
+- Memory: weight bytes (`placement.weight_bytes`); peak memory is the GPUs' peak allocations summed
+  (several for a model spread over them), and on the CPU the peak resident set sampled while the model runs (`RssPeak`)
   minus the resident set before the model was loaded (so each variant runs in its own process: the CLI's
   `inference-speed` measures one folder per call, which the rule and the benchmark script do).
 - `speed_rows(results)` / `speed_table`: every variant's numbers as a ratio to the dense model's.
@@ -28,6 +28,7 @@ from torch import nn
 
 from .defaults import default
 from .errors import DataError
+from .placement import devices_of, weight_bytes
 
 RATIO_KEYS = ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_bmax", "weight_mb", "peak_mb")
 
@@ -74,22 +75,12 @@ class RssPeak:
         self.peak = max(self.peak, rss_mb())
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, each storage counted once (tied embeddings once)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = (t.device, t.untyped_storage().data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
-def _timed(run: Callable[[], None], device: torch.device, repeats: int) -> float:
-    """Median wall time (s) of `run` over `repeats` calls, after one warm-up call."""
+def _timed(run: Callable[[], None], gpus: Sequence[torch.device], repeats: int) -> float:
+    """Median wall time (s) of `run` over `repeats` calls, after one warm-up call (every GPU the model is
+    on synchronised before and after)."""
     def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        for gpu in gpus:
+            torch.cuda.synchronize(gpu)
 
     run()
     times = []
@@ -131,21 +122,22 @@ def measure(model: nn.Module, settings: SpeedSettings, device: torch.device, voc
     g = torch.Generator().manual_seed(settings.seed)
     largest = max(settings.batch_sizes)
     prompts = torch.randint(0, vocab_size, (largest, settings.prompt_tokens), generator=g).to(device)
+    gpus = [d for d in devices_of(model) if d.type == "cuda"]  # several for a spread model
     row: dict = {"device": device.type, "threads": torch.get_num_threads(), **settings.__dict__,
                  "batch_sizes": list(settings.batch_sizes)}
     with torch.inference_mode(), RssPeak() as rss:
-        prefill = _timed(lambda: _prefill(model, prompts), device, settings.repeats)
+        prefill = _timed(lambda: _prefill(model, prompts), gpus, settings.repeats)
         row["prefill_tok_s"] = prompts.numel() / prefill
         for batch in settings.batch_sizes:
             prompt = prompts[:batch]
-            first = _timed(lambda: _prefill(model, prompt), device, settings.repeats)
-            both = _timed(lambda: _decode(model, prompt, settings.decode_tokens), device, settings.repeats)
+            first = _timed(lambda: _prefill(model, prompt), gpus, settings.repeats)
+            both = _timed(lambda: _decode(model, prompt, settings.decode_tokens), gpus, settings.repeats)
             row[f"decode_tok_s_b{batch}"] = batch * settings.decode_tokens / max(both - first, 1e-9)
     row.setdefault("decode_tok_s_b1", None)
     row["decode_tok_s_bmax"] = row[f"decode_tok_s_b{largest}"]
     row["weight_mb"] = weight_bytes(model) / 2**20
-    if device.type == "cuda":
-        row["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if gpus:
+        row["peak_mb"] = sum(torch.cuda.max_memory_allocated(gpu) for gpu in gpus) / 2**20
     elif rss_before is not None:
         row["peak_mb"] = rss.peak - rss_before
     return row

@@ -137,7 +137,10 @@ class BlockStream:
         try:
             yield block
         finally:
-            block.to_empty(device="meta")
+            for module in block.modules():  # the parameters back on the meta device; buffers stay
+                for name, p in module._parameters.items():
+                    if p is not None:
+                        module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
             _return_freed_memory()
 
 
@@ -165,21 +168,46 @@ class WholeModel:
         yield self.blocks[b]
 
 
-def fits_device(model_dir: str | os.PathLike, dtype: str, device: torch.device, headroom: float = 0.8) -> bool:
-    """Whether the model's weights at `dtype` take at most `headroom` of the memory free on `device` (the
-    free memory of a CUDA device; on the CPU the available system memory)."""
+def host_available(cgroups: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes of host memory this process may still use: the system's available memory, or less where a
+    memory cgroup (a SLURM job's --mem, a container; v1 or v2) limits the process. (`cgroups` lists the
+    process's groups, `root` is where they are mounted.)"""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    try:
+        lines = cgroups.read_text().splitlines()
+    except OSError:
+        return available
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":  # v2
+            files = (root / group.lstrip("/") / "memory.max", root / group.lstrip("/") / "memory.current")
+        elif "memory" in controllers.split(","):  # v1
+            folder = root / "memory" / group.lstrip("/")
+            files = (folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            limit, used = (f.read_text().strip() for f in files)
+            if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
+                available = min(available, int(limit) - int(used))
+        except (OSError, ValueError):
+            pass
+    return max(available, 0)
+
+
+def fits_device(model_dir: str | os.PathLike, dtype: str, device: torch.device) -> bool:
+    """Whether the model's weights at `dtype` take at most `placement.HEADROOM` of the memory free on
+    `device` (the free memory of a CUDA device; on the CPU `host_available`)."""
     from .models import resolve_dtype
+    from .placement import HEADROOM
     from .plan import model_shapes
 
     need = model_shapes(model_dir).total_params * resolve_dtype(dtype).itemsize
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available()
     log.info("weights %.2f GB at %s; %.2f GB free on %s", need / 1e9, dtype, free / 1e9, device)
-    return need <= headroom * free
+    return need <= HEADROOM * free
 
 
 def use_stream(model_dir: str | os.PathLike, streamed: str, dtype: str, device: torch.device) -> bool:
@@ -253,9 +281,7 @@ def hidden_budgets(device: torch.device) -> tuple[float, float]:
     """(device bytes, host bytes) the calibration hidden states may take before they move on: a quarter of
     the device's free memory and a quarter of the host's available memory (on the CPU, one budget: the
     host's); past both, they go to disk."""
-    import psutil
-
-    host = HIDDEN_SHARE * psutil.virtual_memory().available
+    host = HIDDEN_SHARE * host_available()
     if device.type == "cuda":
         return HIDDEN_SHARE * torch.cuda.mem_get_info(device)[0], host
     return host, 0.0
@@ -304,31 +330,13 @@ def streamed_moments(
     then in host memory up to `hidden_bytes[1]`, then on disk (`HiddenStates`; default `hidden_budgets`).
     Returns the number of blocks."""
     stream = BlockStream(model_dir, dtype, device, head=False)
-    blocks = stream.blocks
-    originals = list(blocks)
-    decoder = stream.model.get_submodule(spec.decoder)
-    calls: list[list] = [[] for _ in originals]
     states = HiddenStates(device, *(hidden_bytes or hidden_budgets(device)))
-    for i in range(len(originals)):
-        blocks[i] = _Record(calls[i], states if i == 0 else None, last=i == len(originals) - 1)
     try:
-        with torch.inference_mode():
-            for ids, mask, _ in batches:
-                try:
-                    decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-                except _Done:
-                    pass
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-    if states.used["host"] or states.used["disk"]:
-        log.info("calibration hidden states: %.3g GB on %s, %.3g GB in host memory, %.3g GB on disk",
-                 states.used["device"] / 1e9, device, states.used["host"] / 1e9, states.used["disk"] / 1e9)
-    n_tokens = sum(int(mask.sum()) for _, mask, _ in batches)
-    bar = tqdm(total=n_tokens * len(originals), unit="tok", unit_scale=True, disable=not progress,
-               desc="collect (streamed)")
-    try:
-        for b in range(len(originals)):
+        calls = _record_block_arguments(stream, spec, batches, states)
+        n_tokens = sum(int(mask.sum()) for _, mask, _ in batches)
+        bar = tqdm(total=n_tokens * len(calls), unit="tok", unit_scale=True, disable=not progress,
+                   desc="collect (streamed)")
+        for b in range(len(calls)):
             with stream.block(b) as block:
                 handles = hooks_for(b, block)
                 try:
@@ -347,7 +355,31 @@ def streamed_moments(
             calls[b] = []
             if after_block is not None:
                 after_block(b)
+        bar.close()
     finally:
         states.close()
-    bar.close()
-    return len(originals)
+    return len(calls)
+
+
+def _record_block_arguments(stream: BlockStream, spec: ArchSpec, batches: list, states: HiddenStates) -> list[list]:
+    """The first pass: per block, per batch, the (args, kwargs) the decoder hands it; block 0's input hidden
+    states go into `states`. Only the modules before the blocks run."""
+    blocks = stream.blocks
+    originals = list(blocks)
+    calls: list[list] = [[] for _ in originals]
+    for i in range(len(originals)):
+        blocks[i] = _Record(calls[i], states if i == 0 else None, last=i == len(originals) - 1)
+    try:
+        with torch.inference_mode():
+            for ids, mask, _ in batches:
+                try:
+                    stream.model.get_submodule(spec.decoder)(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _Done:
+                    pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    if states.used["host"] or states.used["disk"]:
+        log.info("calibration hidden states: %.3g GB on %s, %.3g GB in host memory, %.3g GB on disk",
+                 states.used["device"] / 1e9, states.device, states.used["host"] / 1e9, states.used["disk"] / 1e9)
+    return calls
