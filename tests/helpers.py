@@ -187,12 +187,16 @@ CAP_MEMORY = textwrap.dedent("""
 
 
 def run_capped(code: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """CAP_MEMORY + `code` (dedented) in a fresh interpreter with one malloc arena (so freed memory is
-    reused rather than spread over arenas): exit code 3 and "out of memory" when the cap bit."""
+    """CAP_MEMORY + `code` (dedented) in a fresh interpreter: exit code 3 and "out of memory" when the cap
+    bit. The cap limits address space, so glibc is set to keep it close to the memory in use: one arena,
+    and every allocation of 1 MiB or more mapped on its own and unmapped when freed (with glibc's moving
+    threshold, freed tensors come back from the heap, whose holes stay in the address space: a run then
+    grew by a few MB per block in one run of three while its resident memory stayed flat)."""
     import os
 
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     return subprocess.run([sys.executable, "-c", CAP_MEMORY + textwrap.dedent(code), *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "MALLOC_ARENA_MAX": "1"})
+                          text=True, timeout=timeout, env=env)
 
 
 def deep_llama(folder: Path):

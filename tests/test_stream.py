@@ -160,8 +160,8 @@ def test_weights_above_the_memory_limit_are_collected_streamed(tmp_path):
     model, weights_mb = deep_llama(folder)
     tokens = tokenize(STAT_TEXTS * 4, load_tokenizer(folder), seq_len=40)
     torch.save({k: tokens[k] for k in ("input_ids", "attention_mask")}, tmp_path / "tokens.pt")
-    budget = 250  # one block's weights and statistics need about 120 MB above the warmed-up process
-    assert weights_mb > budget + 150  # the whole model cannot fit under the cap
+    budget = 340  # one block's weights and statistics need about 120 MB above the warmed-up process
+    assert weights_mb > budget + 100  # the whole model cannot fit under the cap
     runs = {}
     for mode in ("whole", "streamed"):
         out = tmp_path / mode

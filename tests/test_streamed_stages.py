@@ -192,8 +192,8 @@ def test_weights_above_the_memory_limit_are_cached_and_compressed_streamed(tmp_p
     model, weights_mb = deep_llama(folder)
     digest = model_digest(folder)
     plan = _plan(LLAMA, 64, "weight", 64, digest)
-    budget = 250  # one block's weights and factors need a few tens of MB above the warmed-up process
-    assert weights_mb > budget + 150  # the whole model cannot fit under the cap
+    budget = 340  # one block's weights and factors need a few tens of MB above the warmed-up process
+    assert weights_mb > budget + 100  # the whole model cannot fit under the cap
     runs = {}
     for mode in ("whole", "streamed"):
         (tmp_path / mode).mkdir()

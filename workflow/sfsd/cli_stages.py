@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from .cli_options import METHOD_CHOICES, csv_list
-from .defaults import block_range, default
+from .defaults import block_range, choices, default
 from .errors import ConfigError
 
 
@@ -107,9 +107,7 @@ def add_parsers(sub) -> None:
 
 
 def add_streamed(p: argparse.ArgumentParser, where: str) -> None:
-    from .stream import STREAMED
-
-    p.add_argument("--streamed", choices=STREAMED, default=default("streamed"),
+    p.add_argument("--streamed", choices=choices("streamed"), default=default("streamed"),
                    help=f"read the model one block at a time (auto: when its weights do not fit {where})")
 
 

@@ -2,7 +2,7 @@
 
 - `default("search.delta")`: a setting's default, read from `workflow/schemas/config.schema.yaml`, the
   single source of every default (the rules validate the config against it and the CLI's options take
-  their defaults from it).
+  their defaults from it); `choices("streamed")`: the values it allows.
 - `resolve_block(block, n_blocks)` / `block_range(...)`: the one reading of block numbers (negative ones
   count from the top).
 
@@ -30,14 +30,27 @@ def schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
-def default(key: str):
-    """The schema's default of a dotted key (e.g. `search.delta`); KeyError for a key without one."""
+def _node(key: str) -> dict:
     node = schema()
     for part in key.split("."):
         node = node["properties"][part]
+    return node
+
+
+def default(key: str):
+    """The schema's default of a dotted key (e.g. `search.delta`); KeyError for a key without one."""
+    node = _node(key)
     if "default" not in node:
         raise KeyError(f"{key} has no default in {SCHEMA_PATH.name}")
     return node["default"]
+
+
+def choices(key: str) -> tuple:
+    """The values the schema allows for a dotted key (its enum); KeyError for a key without one."""
+    node = _node(key)
+    if "enum" not in node:
+        raise KeyError(f"{key} has no enum in {SCHEMA_PATH.name}")
+    return tuple(node["enum"])
 
 
 def resolve_block(block: int, n_blocks: int) -> int:

@@ -35,12 +35,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, architecture_of, blocks_of, check_linears, get_arch
+from .defaults import choices
 from .errors import ConfigError, DataError
 from .io import checkpoint_index
 
 log = logging.getLogger(__name__)
 
-STREAMED = ("auto", "always", "never")  # the `streamed` setting
+STREAMED = choices("streamed")  # the `streamed` setting's values, from the config schema
 
 
 class Checkpoint:
