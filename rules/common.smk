@@ -38,8 +38,8 @@ check_config()
 MODELS = config["models"]
 
 
-METHODS_RE = "feature|weight|whitened|asvd"  # sfsd.variants.METHOD_NAMES
-MODES_RE = "accuracy|loglik|kl|perplexity"  # sfsd.search_settings.MODES
+METHODS_RE = "feature|weight|whitened|asvd"  # sfsd.decompose.variants.METHOD_NAMES
+MODES_RE = "accuracy|loglik|kl|perplexity"  # sfsd.search.settings.MODES
 BUDGETS_RE = "|".join(sorted(config["compression"]["budgets"])) or "(?!)"
 
 
@@ -48,7 +48,7 @@ wildcard_constraints:
     block=r"\d{3}",
     method=METHODS_RE,
     budget=BUDGETS_RE,
-    # variant and plan names: sfsd/variants.py
+    # variant and plan names: sfsd/decompose/variants.py
     plan=rf"({METHODS_RE})-(spectral-)?({BUDGETS_RE})|search-({METHODS_RE})-({MODES_RE})-[a-zA-Z0-9_]+-({BUDGETS_RE})",
     variant=rf"base|({METHODS_RE})-(spectral-)?[a-zA-Z0-9_]+|search-({METHODS_RE})-({MODES_RE})-[a-zA-Z0-9_]+(-[a-zA-Z0-9_]+)?",
     mode=MODES_RE,
@@ -97,12 +97,12 @@ def gpu_wanted():
 def gpus_for(wildcards):
     """GPUs a GPU stage of this model asks for: none where no GPU is wanted (gpu_wanted), one with a fixed
     cuda device, and with auto as many as hold its float32 weights at 80% of gpu_memory_gb each
-    (sfsd.placement.gpus_needed): the job then spreads the model over them."""
+    (sfsd.model.placement.gpus_needed): the job then spreads the model over them."""
     if not gpu_wanted():
         return 0
     if config["device"] != "auto":
         return 1
-    from sfsd.placement import gpus_needed
+    from sfsd.model.placement import gpus_needed
 
     return gpus_needed(model_params_b(wildcards.model) * 1e9 * 4, config["gpu_memory_gb"] * 1e9)
 
@@ -130,7 +130,7 @@ def blocks_of_model(model):
 def budget_variants():
     """Every compressed variant at a parameter budget: each method under each allocation of
     compression.allocations (uniform, spectral), and each configured search landed on or completed to each
-    budget when search.budgets is on (names: sfsd/variants.py)."""
+    budget when search.budgets is on (names: sfsd/decompose/variants.py)."""
     comp = config["compression"]
     names = [f"{m}-{b}" if a == "uniform" else f"{m}-{a}-{b}" for b in comp["budgets"] for m in comp["methods"]
              for a in comp["allocations"]]

@@ -1,6 +1,6 @@
 # Compressed models: full-rank factors per method (computed once, with each layer's spectrum), rank
 # plans at parameter budgets (uniform, spectral; searched ones in search.smk), and the compressed models
-# cut from the factors (safetensors + plan.json). Variant names: sfsd/variants.py.
+# cut from the factors (safetensors + plan.json). Variant names: sfsd/decompose/variants.py.
 
 
 rule factor_cache:

@@ -1,5 +1,5 @@
 # Stage 1: per-block input moments of the target Linear layers (GPU when present, else CPU); a model whose
-# weights do not fit the device runs one block at a time (streamed, sfsd/stream.py).
+# weights do not fit the device runs one block at a time (streamed, sfsd/model/stream.py).
 # A checkpoint: the number of blocks (hence of eigendecomposition jobs) is read from its manifest.
 
 

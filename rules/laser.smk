@@ -1,7 +1,7 @@
 # The LASER study: one cached job per grid point (intervention x layer type x layer number x rate) scored on
 # the search split (LASER's validation part), the best point chosen there, the chosen points and the
 # baseline scored on the test split, all rows in one Parquet, then the sweep figure and the best-point table.
-# Library: workflow/sfsd/laser_study.py. Layout under results/<model>/laser/:
+# Library: workflow/sfsd/laser/study.py. Layout under results/<model>/laser/:
 #   grid.json                      the grid's points (a checkpoint: `lnums` may need the model's block count)
 #   points/<task>/<split>/<intervention>/<lname>/L<lnum>/r<rate>/{scores,items}.parquet
 #   chosen/<task>.json             the choice on the search split (a checkpoint: it decides the test jobs)

@@ -2,10 +2,10 @@
 # sfsd.config).
 sys.path.insert(0, str(PACKAGE_DIR.parent))
 from sfsd.config import laser_models as sfsd_laser_models
-from sfsd.laser_study import BASELINE as LASER_BASELINE
-from sfsd.laser_study import INTERVENTIONS as LASER_INTERVENTIONS
-from sfsd.laser_study import LNAME_ORDER as LASER_LNAMES
-from sfsd.laser_study import format_rate, grid_points, reported_points
+from sfsd.laser.study import BASELINE as LASER_BASELINE
+from sfsd.laser.study import INTERVENTIONS as LASER_INTERVENTIONS
+from sfsd.laser.study import LNAME_ORDER as LASER_LNAMES
+from sfsd.laser.study import format_rate, grid_points, reported_points
 
 LASER = config["laser"]
 LASER_POINT_FILE = "results/{model}/laser/points/{task}/{split}/{intervention}/{lname}/L{lnum}/r{rate}/{kind}.parquet"

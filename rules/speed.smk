@@ -1,10 +1,10 @@
-# Inference cost (sfsd/speed.py): the dense model and the compressed variants of speed.allocations on the
+# Inference cost (sfsd/evaluate/speed.py): the dense model and the compressed variants of speed.allocations on the
 # same seeded prompts, one process per model (its peak memory), each with every core of the run so no
 # other job runs beside it; then the table of ratios to the dense model.
 
 
 def speed_variants():
-    """`base` and every budget variant of the allocations in speed.allocations (sfsd/variants.py names)."""
+    """`base` and every budget variant of the allocations in speed.allocations (sfsd/decompose/variants.py names)."""
     comp, speed = config["compression"], config["speed"]
     allocations = [a for a in speed["allocations"] if a in comp["allocations"]]
     return ["base"] + [f"{m}-{b}" if a == "uniform" else f"{m}-{a}-{b}" for b in comp["budgets"]

@@ -39,7 +39,7 @@ def tiny4(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sfsd.factor_cache import save_factor_cache
+    from sfsd.decompose.factor_cache import save_factor_cache
     from sfsd.io import model_digest
 
     folder = build_tiny_model(tmp_path_factory.mktemp("tiny4"), n_layers=4, seed=3)
@@ -52,9 +52,9 @@ def tiny4(tmp_path_factory):
 @pytest.fixture(scope="module")
 def arc_requests(tiny4, tmp_path_factory):
     """The arc_easy task exported and the first 12 documents of its search split encoded for the tiny4 model."""
-    from sfsd.lmeval_tasks import export_local_tasks
-    from sfsd.scoring import build_requests, encode_requests
-    from sfsd.splits import split_doc_ids
+    from sfsd.tasks.lmeval import export_local_tasks
+    from sfsd.evaluate.scoring import build_requests, encode_requests
+    from sfsd.tasks.splits import split_doc_ids
 
     _, _, tok, _ = tiny4
     task_dir = tmp_path_factory.mktemp("tasks")

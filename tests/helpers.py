@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from sfsd.arch import get_arch
-from sfsd.hf_modeling import LowRankLinear
-from sfsd.methods import max_rank
+from sfsd.decompose.methods import max_rank
+from sfsd.model.hf_modeling import LowRankLinear
+from sfsd.model.registry import get_arch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -404,8 +404,8 @@ STAT_TEXTS = [
 def stage_tensors(model, spec, linears: list[str], moments) -> tuple[dict, dict]:
     """What stages 1 and 2 write, in memory: per block the feature tensors of each input group and the
     eigendecomposition (eigenvalues, eigenvectors, mean) of each Linear's output covariance."""
-    from sfsd.arch import linear_of
-    from sfsd.stats import eigh_descending, output_moments
+    from sfsd.model.registry import linear_of
+    from sfsd.features.stats import eigh_descending, output_moments
 
     features, eigen = {}, {}
     for b, per_block in enumerate(moments):
@@ -428,12 +428,12 @@ def stage_tensors(model, spec, linears: list[str], moments) -> tuple[dict, dict]
 def tiny_statistics(model_dir: Path) -> dict:
     """Base model, tokens, and per-block eigen / feature tensors as the cached files hold them (what stages
     1 and 2 write, computed in memory from STAT_TEXTS)."""
-    from sfsd.arch import groups_for
-    from sfsd.calibration import tokenize
-    from sfsd.collect import collect_input_moments
+    from sfsd.model.registry import groups_for
+    from sfsd.features.calibration import tokenize
+    from sfsd.features.collect import collect_input_moments
     from sfsd.io import model_digest
-    from sfsd.models import load_model
-    from sfsd.plan import model_shapes
+    from sfsd.model.loading import load_model
+    from sfsd.model.shapes import model_shapes
 
     spec, linears = LLAMA, LINEARS
     model, tokenizer = load_model(model_dir, device="cpu")
@@ -501,7 +501,7 @@ def random_batches(seed=0, n=3):
 def search_settings(**kw):
     """The tests' search: weight space, accuracy on the average, delta 0 from block 2 (the schema's defaults
     for the rest)."""
-    from sfsd.search_settings import SearchSettings
+    from sfsd.search.settings import SearchSettings
 
     return SearchSettings(**{"method": "weight", "mode": "accuracy", "target": "average", "delta": 0.0,
                              "first_block": 2, "checkpoints": (), **kw})

@@ -1,4 +1,4 @@
-"""Spectral allocation (sfsd.allocate): the error identity behind it, the greedy, and the plans it makes."""
+"""Spectral allocation (sfsd.decompose.allocate): the error identity behind it, the greedy, and the plans it makes."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import sys
 import pytest
 import torch
 
-from sfsd.allocate import LayerSpectrum, captured_energy, greedy_ranks, layer_spectra, output_energy, spectral_plan
-from sfsd.arch import get_arch
-from sfsd.compress import factors_for
-from sfsd.factor_cache import factor_spectrum, layer_spectrum, save_factor_cache
+from sfsd.decompose.allocate import LayerSpectrum, captured_energy, greedy_ranks, layer_spectra, output_energy, spectral_plan
+from sfsd.decompose.compress import factors_for
+from sfsd.decompose.factor_cache import factor_spectrum, layer_spectrum, save_factor_cache
+from sfsd.decompose.methods import max_rank
+from sfsd.decompose.plan import FACTOR_METHODS, budget_plan, count_params
 from sfsd.errors import ConfigError
-from sfsd.methods import max_rank
-from sfsd.plan import FACTOR_METHODS, budget_plan, count_params
-from sfsd.stats import eigh_descending, output_moments
+from sfsd.features.stats import eigh_descending, output_moments
+from sfsd.model.registry import get_arch
 
 
 SPEC = get_arch("LlamaForCausalLM")
@@ -138,9 +138,9 @@ def cached(tiny_stats, tmp_path_factory):
 
 
 def _spectra(cached, method, keys):
-    from sfsd.collect import block_file
-    from sfsd.compress import BlockFile
-    from sfsd.factor_cache import factor_spectrum
+    from sfsd.features.collect import block_file
+    from sfsd.decompose.compress import BlockFile
+    from sfsd.decompose.factor_cache import factor_spectrum
 
     def read(block, linear):
         return factor_spectrum(BlockFile(cached["root"] / method / block_file(block), None), linear)
@@ -274,6 +274,6 @@ def test_make_plan_cli_spectral_and_searched(cached, tmp_path):
 
 
 def test_cli_method_choices_are_the_factor_methods():
-    from sfsd.cli_options import METHOD_CHOICES
+    from sfsd.cli.options import METHOD_CHOICES
 
     assert METHOD_CHOICES == FACTOR_METHODS

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from helpers import build_tiny_model
-from sfsd.arch import REGISTRY, get_arch, select_linears
 from sfsd.errors import ConfigError, DataError
 from sfsd.io import atomic_path, checkpoint_index, load_tensors, save_tensors
+from sfsd.model.registry import REGISTRY, get_arch, select_linears
 
 
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])

@@ -1,4 +1,4 @@
-"""Decoders found by inspection (sfsd.inspect_arch) and the registry: per architecture, on a tiny random
+"""Decoders found by inspection (sfsd.model.inspection) and the registry: per architecture, on a tiny random
 model of its transformers config class, the collected statistics equal hooked activations, the factors at
 full rank reproduce the logits, and a compressed model saves and loads to the same logits; the stage
 commands on two families with other Linear names."""
@@ -14,18 +14,19 @@ import torch
 
 from helpers import STAT_TEXTS, TINY_CONFIGS, base_config, build_tiny_model, python_without_sfsd, run_cli, stage_tensors
 from sfsd import config as sfsd_config
-from sfsd.arch import REGISTRY, SEARCH_ORDER, SUPPORTED, check_linears, get_arch, groups_for, linear_of
-from sfsd.calibration import tokenize
-from sfsd.cli import main as sfsd_main
-from sfsd.collect import collect_input_moments
-from sfsd.compress import apply_plan, factors_for, load_compressed, save_compressed
+from sfsd.cli.main import main as sfsd_main
+from sfsd.decompose.compress import apply_plan, factors_for, load_compressed, save_compressed
+from sfsd.decompose.lowrank import from_factors, replace_module
+from sfsd.decompose.methods import max_rank
+from sfsd.decompose.plan import count_params, new_plan
 from sfsd.errors import ConfigError
-from sfsd.inspect_arch import inspect_architecture, inspect_model, short_names
-from sfsd.lowrank import from_factors, replace_module
-from sfsd.methods import max_rank
-from sfsd.models import load_model
-from sfsd.plan import count_params, model_shapes, new_plan
-from sfsd.search import search_order
+from sfsd.features.calibration import tokenize
+from sfsd.features.collect import collect_input_moments
+from sfsd.model.inspection import inspect_architecture, inspect_model, short_names
+from sfsd.model.loading import load_model
+from sfsd.model.registry import REGISTRY, SEARCH_ORDER, SUPPORTED, check_linears, get_arch, groups_for, linear_of
+from sfsd.model.shapes import model_shapes
+from sfsd.search.algorithm import search_order
 
 # architecture -> its Linear short names and input groups (members), as inspection must find them
 LLAMA_GROUPS = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]

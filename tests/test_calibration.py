@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from sfsd.calibration import CalibrationSettings, coqa_stories, lambada_passages, sample_texts, tokenize
 from sfsd.errors import ConfigError
-from sfsd.splits import partition
-from sfsd.tasks import TASKS, load_local_docs
+from sfsd.features.calibration import CalibrationSettings, coqa_stories, lambada_passages, sample_texts, tokenize
+from sfsd.tasks.registry import TASKS, load_local_docs
+from sfsd.tasks.splits import partition
 
 
 def test_partition_is_disjoint_complete_and_stable():
@@ -60,7 +60,7 @@ def test_jsonl_and_missing_files(tmp_path):
 
 
 def test_tokenize_pads_right_and_masks(tiny_llama):
-    from sfsd.models import load_tokenizer
+    from sfsd.model.loading import load_tokenizer
 
     tokens = tokenize(["a b c d e f g h i j k l m n o p", "x"], load_tokenizer(tiny_llama), seq_len=8)
     assert tokens["input_ids"].shape == (1, 8)  # "x" alone is < 2 tokens: dropped

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from sfsd.arch import get_arch, groups_for, linear_of, select_linears
-from sfsd.calibration import tokenize
-from sfsd.cli import main as sfsd_main
-from sfsd.collect import block_file, collect_input_moments, load_block_moments
+from sfsd.cli.main import main as sfsd_main
 from sfsd.errors import DataError
+from sfsd.features.calibration import tokenize
+from sfsd.features.collect import block_file, collect_input_moments, load_block_moments
+from sfsd.features.stats import output_moments
 from sfsd.io import load_tensors, save_tensors
-from sfsd.models import load_model
-from sfsd.stats import output_moments
+from sfsd.model.loading import load_model
+from sfsd.model.registry import get_arch, groups_for, linear_of, select_linears
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

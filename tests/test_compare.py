@@ -1,4 +1,4 @@
-"""Paired comparisons (sfsd.compare): the bootstrap on hand-made cases whose answers are known, the pairs
+"""Paired comparisons (sfsd.report.compare): the bootstrap on hand-made cases whose answers are known, the pairs
 compared, the refusal to pair different documents, the Markdown/CSV table from per-item docs files
 (format sfsd-docs-1, built here with pyarrow), the CLI, and the comparisons_table rule of the real
 Snakefile on synthetic docs files (--allowed-rules: no model is run)."""
@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sfsd import compare as C
+from sfsd.decompose.plan import FACTOR_METHODS
+from sfsd.decompose.variants import ALLOCATIONS, METHOD_NAMES, Variant, parse_variant, variant_name
 from sfsd.errors import DataError
-from sfsd.items import DOCS_FORMAT, write_items
-from sfsd.plan import FACTOR_METHODS
-from sfsd.tasks import task_metric
-from sfsd.variants import ALLOCATIONS, METHOD_NAMES, Variant, parse_variant, variant_name
+from sfsd.evaluate.items import DOCS_FORMAT, write_items
+from sfsd.report import compare as C
+from sfsd.tasks.registry import task_metric
 
 from helpers import new_run, planned_jobs, run_cli, snakemake
 
@@ -222,7 +222,7 @@ def variant_docs(plan: str, fraction: float, right: dict[str, np.ndarray], nll=N
 
 
 def write_docs(path: Path, rows: list[dict], fmt: str = DOCS_FORMAT, ppl_doc_ids=("lambada/1",)) -> Path:
-    """The evaluate stage's own writer (`sfsd.items.write_items`); another `fmt` rewrites the metadata."""
+    """The evaluate stage's own writer (`sfsd.evaluate.items.write_items`); another `fmt` rewrites the metadata."""
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)

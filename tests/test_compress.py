@@ -9,24 +9,17 @@ import logging
 
 import pytest
 import torch
-from sfsd.arch import get_arch, linear_of
-from sfsd.collect import block_file
-from sfsd.compress import apply_plan, cached_statistics, factors_for, load_compressed, save_compressed
+from sfsd.decompose.compress import apply_plan, cached_statistics, factors_for, load_compressed, save_compressed
+from sfsd.decompose.factor_cache import apply_cached_plan, full_rank_factors, save_factor_cache
+from sfsd.decompose.lowrank import cut_factors, from_factors
+from sfsd.decompose.methods import feature_space, max_rank
+from sfsd.decompose.plan import budget_plan, count_params, new_plan, uniform_plan, validate_plan
 from sfsd.errors import ConfigError, DataError
-from sfsd.factor_cache import apply_cached_plan, full_rank_factors, save_factor_cache
+from sfsd.features.collect import block_file
 from sfsd.io import save_tensors
-from sfsd.hf_modeling import LowRankLinear
-from sfsd.lowrank import cut_factors, from_factors
-from sfsd.methods import feature_space, max_rank
-from sfsd.plan import (
-    ModelShapes,
-    budget_plan,
-    count_params,
-    model_shapes,
-    new_plan,
-    uniform_plan,
-    validate_plan,
-)
+from sfsd.model.hf_modeling import LowRankLinear
+from sfsd.model.registry import get_arch, linear_of
+from sfsd.model.shapes import ModelShapes, model_shapes
 
 SPEC = get_arch("LlamaForCausalLM")
 LINEARS = list(SPEC.linears)
@@ -305,7 +298,7 @@ def test_plan_of_another_model_is_refused(tiny_stats):
 def test_rank_at_or_above_kappa_is_normalised_to_dense(tiny_stats, caplog):
     plan = new_plan({"0.q_proj": {"method": "feature", "rank": 16}, "0.k_proj": {"method": "feature", "rank": 9},
                      "0.up_proj": {"method": "feature", "rank": 48}})
-    with caplog.at_level(logging.INFO, logger="sfsd.plan"):
+    with caplog.at_level(logging.INFO, logger="sfsd.decompose.plan"):
         norm = validate_plan(plan, SPEC, 2, tiny_stats["shapes"])
     assert norm["layers"]["0.q_proj"] == {"method": "dense", "note": "rank 16 >= kappa 16: kept dense"}
     assert norm["layers"]["0.k_proj"] == {"method": "feature", "rank": 9}
@@ -366,9 +359,9 @@ def test_budget_plan_limits(tiny_stats):
 
 
 def test_laser_plan_maps_laser_names_through_the_registry():
-    from sfsd.arch import get_arch
+    from sfsd.model.registry import get_arch
     from sfsd.errors import ConfigError
-    from sfsd.plan import laser_plan
+    from sfsd.decompose.plan import laser_plan
 
     spec = get_arch("LlamaForCausalLM")
     plan = laser_plan(spec, 4, lnum=2, lname="fc_in", rate=9.0)

@@ -11,7 +11,7 @@ import yaml
 from helpers import REPO, CONFIG_CASES, bad_config
 from sfsd import config as sfsd_config
 from sfsd import defaults
-from sfsd.cli import build_parser
+from sfsd.cli.main import build_parser
 from sfsd.errors import ConfigError
 
 

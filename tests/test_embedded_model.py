@@ -38,7 +38,7 @@ def test_embedded_model_stages_1_and_2(tmp_path):
     assert all(key.split(".")[0] not in {"0", "1", "2", "3"} for key in plan["layers"])  # first_block 4
     assert (results / "compressed" / "feature-p54" / "plan.json").exists()
     # the compressed folder loads with transformers alone (no sfsd importable), the same model bit for bit
-    from sfsd.compress import load_compressed
+    from sfsd.decompose.compress import load_compressed
 
     folder = results / "compressed" / "feature-p54"
     model, _ = load_compressed(folder)
@@ -72,12 +72,12 @@ def test_embedded_model_stages_1_and_2(tmp_path):
 def test_native_scorer_equals_lmeval_on_the_embedded_model_on_all_six_tasks(tmp_path):
     """acc and acc_norm identical to lm-eval's on every document, every choice's log-likelihood within
     1e-4, on SmolLM2-135M (the real vocabulary, tokenizer and BOS handling) for each of the six tasks."""
-    from sfsd.evaluate import evaluate_lmeval_detailed
-    from sfsd.lmeval_tasks import export_local_tasks
-    from sfsd.scoring import build_requests, check_against_lmeval, score_multiple_choice
-    from sfsd.splits import split_doc_ids
-    from sfsd.models import convert_embedded, load_model
-    from sfsd.tasks import TASKS
+    from sfsd.evaluate.harness import evaluate_lmeval_detailed
+    from sfsd.tasks.lmeval import export_local_tasks
+    from sfsd.evaluate.scoring import build_requests, check_against_lmeval, score_multiple_choice
+    from sfsd.tasks.splits import split_doc_ids
+    from sfsd.model.loading import convert_embedded, load_model
+    from sfsd.tasks.registry import TASKS
 
     torch.set_num_threads(2)
     folder = tmp_path / "smollm2"

@@ -14,9 +14,12 @@ import torch
 import yaml
 
 from helpers import REPO, copy_workflow, planned_jobs, snakemake
-from sfsd import lmeval_tasks
 from sfsd.errors import ConfigError, DataError
-from sfsd.lmeval_tasks import (
+from sfsd.evaluate.perplexity import WIKITEXT2, calibration_conflict, perplexity, perplexity_texts
+from sfsd.evaluate.rows import perplexity_row
+from sfsd.evaluate.scoring import build_requests
+from sfsd.tasks import lmeval as lmeval_tasks
+from sfsd.tasks.lmeval import (
     BUILTIN_YAML,
     HubTasks,
     builtin_config,
@@ -26,11 +29,8 @@ from sfsd.lmeval_tasks import (
     lm_eval_tasks_root,
     lmeval_docs,
 )
-from sfsd.perplexity import WIKITEXT2, calibration_conflict, perplexity, perplexity_texts
-from sfsd.rows import perplexity_row
-from sfsd.scoring import build_requests
-from sfsd.splits import EVAL_SPLITS, eval_splits, local_calibration_keys, partition, split_doc_ids
-from sfsd.tasks import TASKS
+from sfsd.tasks.registry import TASKS
+from sfsd.tasks.splits import EVAL_SPLITS, eval_splits, local_calibration_keys, partition, split_doc_ids
 
 SPLIT = dict(seed=1234, calibration_fraction=0.1, search_fraction=0.2)
 SIX = list(TASKS)
@@ -81,7 +81,7 @@ def test_hub_tasks_offline_fail_with_one_line():
 
 
 def test_splits_cli_offline_hub_is_one_line_error(tmp_path, capsys):
-    from sfsd.cli import main
+    from sfsd.cli.main import main
 
     out = tmp_path / "splits.json"
     code = main(["splits", "--tasks", "piqa", "--seed", "1", "--calibration-fraction", "0.1",
@@ -152,7 +152,7 @@ def test_hub_splits_seeded_disjoint_stable_and_never_calibration(monkeypatch, ca
     # a hub copy whose text differs from the shipped one cannot be matched: said, not silently trusted
     monkeypatch.setattr(lmeval_tasks, "hub_eval_docs", lambda tasks: {
         t: ("validation", [dict(d, goal=d["goal"] + " (edited)") for d in lmeval_docs(t)]) for t in tasks})
-    with caplog.at_level("WARNING", logger="sfsd.splits"):
+    with caplog.at_level("WARNING", logger="sfsd.tasks.splits"):
         edited = eval_splits(["piqa"], source="hub", **SPLIT)
     assert edited["local_overlap"]["piqa"] == 0.0 and "match the shipped copies" in caplog.text
     with pytest.raises(ConfigError):
@@ -200,9 +200,9 @@ def test_local_hub_and_native_rows_have_the_same_metric_columns(tmp_path, monkey
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sfsd.evaluate import evaluate_lmeval
-    from sfsd.rows import summarize_scores
-    from sfsd.scoring import encode_requests, score_multiple_choice
+    from sfsd.evaluate.harness import evaluate_lmeval
+    from sfsd.evaluate.rows import summarize_scores
+    from sfsd.evaluate.scoring import encode_requests, score_multiple_choice
 
     tasks = ["winogrande", "piqa"]
     export_local_tasks(tmp_path / "tasks", tasks)

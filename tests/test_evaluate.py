@@ -12,13 +12,13 @@ import torch
 
 from helpers import REPO
 from sfsd.errors import ConfigError
-from sfsd.evaluate import evaluate_lmeval_detailed
-from sfsd.lmeval_tasks import builtin_config, export_local_tasks, lmeval_name, load_tasks
-from sfsd.perplexity import perplexity, perplexity_texts
-from sfsd.rows import combine, common_columns, mean_metric, perplexity_row, read_rows, summarize_scores, write_rows
-from sfsd.scoring import build_requests, check_against_lmeval, encode_pair, encode_requests, score_multiple_choice
-from sfsd.splits import EVAL_SPLITS, partition, split_doc_ids
-from sfsd.tasks import TASKS, load_local_docs
+from sfsd.evaluate.harness import evaluate_lmeval_detailed
+from sfsd.evaluate.perplexity import perplexity, perplexity_texts
+from sfsd.evaluate.rows import combine, common_columns, mean_metric, perplexity_row, read_rows, summarize_scores, write_rows
+from sfsd.evaluate.scoring import build_requests, check_against_lmeval, encode_pair, encode_requests, score_multiple_choice
+from sfsd.tasks.lmeval import builtin_config, export_local_tasks, lmeval_name, load_tasks
+from sfsd.tasks.registry import TASKS, load_local_docs
+from sfsd.tasks.splits import EVAL_SPLITS, partition, split_doc_ids
 
 SIX = list(TASKS)
 MAX_LENGTH = 512  # the tiny model's config says 64 positions; RoPE has no hard limit, and 512 keeps
@@ -229,7 +229,7 @@ def test_native_scorer_equals_lmeval(task, share_prefix, lmeval_run, native_run)
 def test_shared_prefix_path_runs_and_does_less_work(model_tok, native_run, monkeypatch):
     """The default scorer really takes the KV-cache path (a silent fall-back to the plain path would still
     pass the equality tests) on every document of the six tasks, and computes less than lm-eval."""
-    import sfsd.scoring as E
+    import sfsd.evaluate.scoring as E
 
     model, tok = model_tok
     requests, scores = native_run
@@ -371,7 +371,7 @@ def test_parquet_round_trip_and_combine(tmp_path):
 
 
 def test_tables_leave_out_models_scored_on_fewer_tasks():
-    from sfsd.tables import paper_table_rows
+    from sfsd.report.tables import paper_table_rows
 
     def row(method, plan, task, value):
         return {"method": method, "plan": plan, "task": task, "split": "test", "metric": "acc_norm", "value": value,
@@ -396,7 +396,7 @@ def test_native_rows_carry_each_tasks_lmeval_metrics():
 
 
 def test_paper_table_names_each_tasks_metric_and_shows_95_intervals(tmp_path):
-    from sfsd.tables import paper_table, paper_table_rows
+    from sfsd.report.tables import paper_table, paper_table_rows
 
     common = {"split": "test", "n": 200, "params_model": 100, "params_model_fraction": 1.0,
               "params_decoder_linear_fraction": 1.0, "macs_per_token": 10}

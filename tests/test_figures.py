@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-from sfsd import figures as F
-from sfsd import spectra as S
-from sfsd import tables as T
-from sfsd.arch import LINEAR_ORDER, SEARCH_ORDER
 from sfsd.errors import DataError
 from sfsd.io import save_tensors
+from sfsd.model.registry import LINEAR_ORDER, SEARCH_ORDER
+from sfsd.report import figures as F
+from sfsd.report import spectra as S
+from sfsd.report import tables as T
 
 from helpers import new_run, planned_jobs, run_cli, snakemake
 
@@ -197,13 +197,13 @@ def test_energy_curve_and_spectra_rows(tiny_llama, tmp_path):
     assert feature[8] == pytest.approx(float(v[:8].sum() / v.sum()))
     assert max(feature) == 32 and sorted(feature.values()) == [feature[r] for r in sorted(feature)]
     S.write_spectra(rows, tmp_path / "spectra.parquet")
-    S.plot_spectra(F.read_parquet_rows(tmp_path / "spectra.parquet", "spectra"), tmp_path / "s.png",
+    S.plot_spectra(T.read_parquet_rows(tmp_path / "spectra.parquet", "spectra"), tmp_path / "s.png",
                    tmp_path / "s.svg", title="tiny")
     assert_images(tmp_path / "s.png", tmp_path / "s.svg")
 
 
 def test_methods_table(tmp_path):
-    from sfsd.rows import write_rows
+    from sfsd.evaluate.rows import write_rows
 
     write_rows(tmp_path / "results.parquet", result_rows())
     table = T.methods_table(tmp_path / "results.parquet", "acc_norm", tmp_path / "m.md", tmp_path / "m.csv")
@@ -237,7 +237,7 @@ def paper_rows(n: int = 100) -> list[dict]:
 
 def test_methods_table_resolves_the_paper_metric_per_task(tmp_path):
     from sfsd.errors import ConfigError
-    from sfsd.rows import write_rows
+    from sfsd.evaluate.rows import write_rows
 
     write_rows(tmp_path / "results.parquet", paper_rows())
     table = T.methods_table(tmp_path / "results.parquet", "paper", tmp_path / "m.md", tmp_path / "m.csv")
@@ -401,7 +401,7 @@ def test_workflow_makes_figures(figure_run):
     _, workdir, _ = figure_run
     figs = workdir / "results" / "figures" / "tiny"
     assert_images(figs / "spectra.png", figs / "spectra.svg")
-    spectra = F.read_parquet_rows(workdir / "results" / "tiny" / "eigen" / "spectra.parquet", "spectra")
+    spectra = T.read_parquet_rows(workdir / "results" / "tiny" / "eigen" / "spectra.parquet", "spectra")
     assert {r["block"] for r in spectra} == {0, 1} and {r["space"] for r in spectra} == {"feature", "weight"}
     md = (workdir / "results" / "tables" / "tiny" / "methods.md").read_text()
     assert "| dense | Baseline | " in md and "arc_easy" in md
@@ -473,7 +473,7 @@ def test_allocations_group_by_budget_and_figure(tmp_path):
     """Uniform, spectral and searched variants of one method share a budget group in the methods table and
     become one line each in the allocations figure; the tolerance search stays its own group, off the
     figure."""
-    from sfsd.allocation_figure import allocation_lines, plot_allocations
+    from sfsd.report.allocations import allocation_lines, plot_allocations
 
     rows = []
     for method, plan, frac, score in (("baseline", "base", 1.0, 0.7), ("feature", "feature-b80", 0.80, 0.6),

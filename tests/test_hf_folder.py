@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from helpers import LLAMA, one_thread, python_without_sfsd
-from sfsd.compress import load_compressed, save_compressed
-from sfsd.factor_cache import apply_cached_plan, save_factor_cache
-from sfsd.plan import new_plan
+from sfsd.decompose.compress import load_compressed, save_compressed
+from sfsd.decompose.factor_cache import apply_cached_plan, save_factor_cache
+from sfsd.decompose.plan import new_plan
 
 PLAN = {"0.q_proj": {"method": "feature", "rank": 3}, "0.down_proj": {"method": "weight", "rank": 5},
         "1.o_proj": {"method": "whitened", "rank": 4}, "1.gate_proj": {"method": "asvd", "rank": 6}}
@@ -36,7 +36,7 @@ def folder(tiny_stats, tmp_path_factory):
 
 
 def test_the_guard_blocks_sfsd():
-    proc = python_without_sfsd("import sfsd.compress")
+    proc = python_without_sfsd("import sfsd.decompose.compress")
     assert proc.returncode != 0 and "sfsd is not importable here" in proc.stderr
 
 
@@ -93,7 +93,7 @@ def test_lm_eval_command_line_scores_the_folder(folder, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from sfsd.lmeval_tasks import export_local_tasks, task_manager
+    from sfsd.tasks.lmeval import export_local_tasks, task_manager
 
     tasks = tmp_path / "tasks"
     export_local_tasks(tasks, ["arc_easy"])

@@ -1,4 +1,4 @@
-"""The LASER study (sfsd.laser_study, rules/laser.smk): the baseline point, rate 0, Vendi with every row,
+"""The LASER study (sfsd.laser.study, rules/laser.smk): the baseline point, rate 0, Vendi with every row,
 choosing on the search split, and a sweep extended by one rate rerunning only its new points."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from sfsd.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
-    from sfsd.models import load_model
+    from sfsd.model.loading import load_model
 
     model, tokenizer = load_model(tiny_llama, device="cpu")
     return model, tokenizer
@@ -23,9 +23,9 @@ def tiny(tiny_llama):
 @pytest.fixture(scope="module")
 def requests(tmp_path_factory, tiny):
     """Encoded search-split requests of ARC-Easy (8 docs, 4 choices each) for the tiny model."""
-    from sfsd.lmeval_tasks import export_local_tasks
-    from sfsd.scoring import build_requests, encode_requests, lmeval_max_length
-    from sfsd.splits import split_doc_ids
+    from sfsd.tasks.lmeval import export_local_tasks
+    from sfsd.evaluate.scoring import build_requests, encode_requests, lmeval_max_length
+    from sfsd.tasks.splits import split_doc_ids
 
     task_dir = tmp_path_factory.mktemp("tasks")
     export_local_tasks(task_dir, ["arc_easy"])
@@ -38,16 +38,16 @@ def requests(tmp_path_factory, tiny):
 
 
 def run(tiny, requests, point, **kw):
-    from sfsd.laser_study import run_point
+    from sfsd.laser.study import run_point
 
     model, tokenizer = tiny
     return run_point(copy.deepcopy(model), tokenizer, point, requests, model_name="tiny", batch_size=8, **kw)
 
 
 def test_dont_point_equals_baseline(tiny, requests):
-    from sfsd.evaluate import evaluate_lmeval_detailed
-    from sfsd.scoring import score_multiple_choice
-    from sfsd.laser_study import BASELINE
+    from sfsd.evaluate.harness import evaluate_lmeval_detailed
+    from sfsd.evaluate.scoring import score_multiple_choice
+    from sfsd.laser.study import BASELINE
 
     model, tokenizer = tiny
     plain = score_multiple_choice(model, tokenizer, requests, batch_size=8)
@@ -73,7 +73,7 @@ def test_dont_point_equals_baseline(tiny, requests):
 
 
 def test_rate_zero_equals_baseline(tiny, requests):
-    from sfsd.laser_study import BASELINE, GridPoint
+    from sfsd.laser.study import BASELINE, GridPoint
 
     _, base, _ = run(tiny, requests, BASELINE)
     # LASER at rate 0 keeps every singular direction: the very same weights, on every matrix of every block
@@ -93,7 +93,7 @@ def test_rate_zero_equals_baseline(tiny, requests):
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
 @pytest.mark.parametrize("options", [{}, {"use_quality": True}, {"min_diversity": True}])
 def test_vendi_with_every_row_reproduces_the_matrix(shape, options):
-    from sfsd.methods import vendi_rebuild, vendi_select
+    from sfsd.decompose.methods import vendi_rebuild, vendi_select
 
     torch.manual_seed(0)
     weight = torch.randn(shape)
@@ -109,9 +109,9 @@ def test_vendi_with_every_row_reproduces_the_matrix(shape, options):
 
 
 def test_grid_and_choice():
-    from sfsd.arch import get_arch
-    from sfsd.laser_study import BASELINE, GridPoint, build_grid, choose, grid_points, reported_points
-    from sfsd.plan import ModelShapes
+    from sfsd.model.registry import get_arch
+    from sfsd.laser.study import BASELINE, GridPoint, build_grid, choose, grid_points, reported_points
+    from sfsd.model.shapes import ModelShapes
 
     shapes = ModelShapes("LlamaForCausalLM", 4, {"q_proj": (32, 32), "k_proj": (4, 32), "v_proj": (4, 32),
                                                  "o_proj": (32, 32), "gate_proj": (48, 32), "up_proj": (48, 32),
@@ -148,9 +148,9 @@ def test_grid_and_choice():
 def test_paper_metric_is_resolved_per_task(tmp_path):
     """laser.metric paper: BoolQ is chosen and reported by acc, ARC-Easy by acc_norm (lm-eval's own metric of
     each); acc_norm for BoolQ is a config error naming the key."""
-    from sfsd.laser_report import best_table_rows, sweep_figure
-    from sfsd.laser_study import BASELINE, GridPoint, choose
-    from sfsd.rows import write_rows
+    from sfsd.laser.report import best_table_rows, sweep_figure
+    from sfsd.laser.study import BASELINE, GridPoint, choose
+    from sfsd.evaluate.rows import write_rows
 
     a = GridPoint("laser", "fc_in", 1, 5.0)
     rows = []

@@ -6,8 +6,7 @@ import time
 import pytest
 import torch
 
-from sfsd.errors import ConfigError, NumericalError
-from sfsd.methods import (
+from sfsd.decompose.methods import (
     ASVD_FLOOR,
     Factors,
     asvd,
@@ -22,7 +21,8 @@ from sfsd.methods import (
     weight_space,
     whitened,
 )
-from sfsd.stats import eigh_descending
+from sfsd.errors import ConfigError, NumericalError
+from sfsd.features.stats import eigh_descending
 
 F64 = torch.float64
 
@@ -130,7 +130,7 @@ def test_whitened_adds_jitter_to_a_singular_second_moment(caplog):
     w, b = _layer(4, 6, False)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(50, 2, generator=g, dtype=F64) @ torch.randn(2, 6, generator=g, dtype=F64)  # rank 2
-    with caplog.at_level(logging.WARNING, logger="sfsd.methods"):
+    with caplog.at_level(logging.WARNING, logger="sfsd.decompose.methods"):
         f, used = whitened(w, b, x.T @ x / 50, 4, jitter=1e-8)
     assert used >= 1e-8
     assert "jitter" in caplog.text

@@ -1,4 +1,4 @@
-"""A model too large for one GPU spread over several (sfsd/placement.py). The device map is computed for
+"""A model too large for one GPU spread over several (sfsd/model/placement.py). The device map is computed for
 two GPUs of a given size; on a CPU the same map, every GPU replaced by the CPU, runs through accelerate's
 hooks, and the scorer, lm-eval, the rank search with its block-input cache, LASER and the perplexity
 give exactly what the model gives in one piece."""
@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from helpers import LINEARS, LLAMA, LogitAgreement, fresh_model, random_batches, search_settings
-from sfsd.compress import apply_plan
+from sfsd.decompose.compress import apply_plan
+from sfsd.decompose.plan import new_plan
 from sfsd.errors import ConfigError
-from sfsd.evaluate import evaluate_lmeval_detailed
+from sfsd.evaluate.harness import evaluate_lmeval_detailed
+from sfsd.evaluate.perplexity import perplexity
+from sfsd.evaluate.scoring import score_multiple_choice
 from sfsd.io import model_digest
-from sfsd.perplexity import perplexity
-from sfsd.placement import (
+from sfsd.model.placement import (
     HEADROOM,
     device_map_over,
     gpus_needed,
@@ -24,10 +26,9 @@ from sfsd.placement import (
     spread,
     weight_bytes,
 )
-from sfsd.plan import model_shapes, new_plan
-from sfsd.scoring import score_multiple_choice
-from sfsd.search import SearchRecord, surgical_search
-from sfsd.search_run import FactorCache
+from sfsd.model.shapes import model_shapes
+from sfsd.search.algorithm import SearchRecord, surgical_search
+from sfsd.search.run import FactorCache
 
 
 def test_gpus_needed_counts_the_weights_at_the_headroom():
@@ -66,7 +67,7 @@ def _on_cpu(device_map: dict) -> dict:
 
 
 def test_auto_spreads_over_the_gpus_only_when_the_first_is_too_small(tiny4, monkeypatch):
-    import sfsd.placement as placement_module
+    import sfsd.model.placement as placement_module
 
     model = fresh_model(tiny4[0])
     size = weight_bytes(model)

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sfsd.cli import main as sfsd_main
+from sfsd.cli.main import main as sfsd_main
 from sfsd.io import load_tensors, read_json, read_metadata, save_tensors
 from helpers import CORPUS, bad_config, build_tiny_model, copy_workflow, one_error_line, planned_jobs, snakemake
 

@@ -14,17 +14,17 @@ import time
 import pytest
 import torch
 
-from sfsd.arch import LINEAR_ORDER, SEARCH_ORDER, linear_order
-from sfsd.block_cache import BlockCache
 from sfsd.defaults import default
 from sfsd.errors import ConfigError
+from sfsd.evaluate.rows import mean_metric
+from sfsd.evaluate.scoring import score_multiple_choice
 from sfsd.io import model_digest
-from sfsd.rows import mean_metric
-from sfsd.scoring import score_multiple_choice
-from sfsd.plan import model_shapes
-from sfsd.objectives import AccuracyObjective
-from sfsd.search import SearchRecord, candidate_ranks, choose_rank, search_order, surgical_search
-from sfsd.search_run import FactorCache
+from sfsd.model.registry import LINEAR_ORDER, SEARCH_ORDER, linear_order
+from sfsd.model.shapes import model_shapes
+from sfsd.search.algorithm import SearchRecord, candidate_ranks, choose_rank, search_order, surgical_search
+from sfsd.search.block_cache import BlockCache
+from sfsd.search.objectives import AccuracyObjective
+from sfsd.search.run import FactorCache
 
 from helpers import (
     LINEARS,
@@ -220,7 +220,7 @@ def test_accuracy_objective_uses_each_tasks_paper_metric(tiny4, arc_requests):
 
 
 def test_search_metric_undefined_for_a_target_fails_before_scoring(tiny4, arc_requests, tmp_path, capsys):
-    from sfsd.cli import main
+    from sfsd.cli.main import main
 
     out = tmp_path / "s" / "weight-accuracy-boolq"
     args = _cli(tiny4, arc_requests, out)[3:]  # without `python -m sfsd`

@@ -8,15 +8,16 @@ import math
 import pytest
 import torch
 
-from sfsd.lowrank import cut_factors, from_factors, linear_path, replace_module
-from sfsd.rows import mean_metric
-from sfsd.scoring import encode_requests, score_multiple_choice
+from sfsd.decompose.lowrank import cut_factors, from_factors, linear_path, replace_module
+from sfsd.decompose.methods import Factors, max_rank
+from sfsd.decompose.plan import count_params, layer_key
+from sfsd.evaluate.rows import mean_metric
+from sfsd.evaluate.scoring import encode_requests, score_multiple_choice
 from sfsd.io import model_digest
-from sfsd.methods import Factors, max_rank
-from sfsd.plan import count_params, layer_key, model_shapes
-from sfsd.objectives import AccuracyObjective, KLObjective, LoglikObjective
-from sfsd.search import SearchRecord, candidate_ranks, released_rank, search_order, surgical_search
-from sfsd.search_run import FactorCache, SearchState
+from sfsd.model.shapes import model_shapes
+from sfsd.search.algorithm import SearchRecord, candidate_ranks, released_rank, search_order, surgical_search
+from sfsd.search.objectives import AccuracyObjective, KLObjective, LoglikObjective
+from sfsd.search.run import FactorCache, SearchState
 
 from helpers import LINEARS, LLAMA, RankBudget, fresh_model, random_batches, search_settings
 

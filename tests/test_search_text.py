@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from helpers import CORPUS, build_tiny_model, copy_workflow, planned_jobs, snakemake
-from sfsd.arch import get_arch, groups_for
-from sfsd.calibration import CalibrationSettings, sample_texts, tokenize
-from sfsd.collect import collect_input_moments
-from sfsd.factor_cache import save_factor_cache
-from sfsd.lmeval_tasks import export_local_tasks
-from sfsd.splits import split_doc_ids
+from sfsd.decompose.factor_cache import save_factor_cache
+from sfsd.evaluate.items import PPL_DOC_IDS
+from sfsd.evaluate.perplexity import search_text_conflict
+from sfsd.features.calibration import CalibrationSettings, sample_texts, tokenize
+from sfsd.features.collect import collect_input_moments
 from sfsd.io import model_digest
-from sfsd.items import PPL_DOC_IDS
-from sfsd.perplexity import search_text_conflict
+from sfsd.model.registry import get_arch, groups_for
+from sfsd.tasks.lmeval import export_local_tasks
+from sfsd.tasks.splits import split_doc_ids
 
 LLAMA = get_arch("LlamaForCausalLM")
 LINEARS = list(LLAMA.linears)
@@ -73,7 +73,7 @@ def test_text_file_search_tunes_on_the_leading_documents_the_evaluation_never_sc
     them), scores exactly the other documents (the per-item file's perplexity doc ids)."""
     import pyarrow.parquet as pq
 
-    from sfsd.cli import main
+    from sfsd.cli.main import main
 
     t = tiny_search
     ppl = ["--ppl-window", "16", "--ppl-search-fraction", str(FRACTION), "--ppl-path", str(t["text"]),
@@ -111,9 +111,9 @@ def test_wikitext2_search_tunes_on_its_leading_rows(tiny_search, tmp_path, monke
     hub's WikiText-2 test rows (a stand-in here, offline) and tunes on the leading fraction of them."""
     import datasets
 
-    from sfsd.cli import main
+    from sfsd.cli.main import main
 
-    from sfsd.perplexity import WIKITEXT2
+    from sfsd.evaluate.perplexity import WIKITEXT2
 
     rows, hub = [f"{CORPUS[i % 5]} ({i})" for i in range(10)], datasets.load_dataset
 

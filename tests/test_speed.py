@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from helpers import LLAMA, run_cli
-from sfsd.compress import save_compressed
+from sfsd.decompose.compress import save_compressed
+from sfsd.decompose.factor_cache import apply_cached_plan, save_factor_cache
+from sfsd.decompose.plan import new_plan
 from sfsd.errors import DataError
-from sfsd.factor_cache import apply_cached_plan, save_factor_cache
-from sfsd.plan import new_plan
-from sfsd.placement import weight_bytes
-from sfsd.speed import SpeedSettings, _decode, measure, speed_rows, speed_table
+from sfsd.evaluate.speed import SpeedSettings, _decode, measure, speed_rows, speed_table
+from sfsd.model.placement import weight_bytes
 
 
 def test_weight_bytes_counts_a_tied_tensor_once():
@@ -62,7 +62,7 @@ def test_rss_peak_sees_an_allocation():
     block touched and freed inside the `with` raises the sampled peak by about that much."""
     code = textwrap.dedent("""
         import torch
-        from sfsd.speed import RssPeak
+        from sfsd.evaluate.speed import RssPeak
         with RssPeak() as rss:
             start = rss.peak
             block = torch.ones(64 * 2**20 // 8, dtype=torch.float64)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sfsd.errors import DataError, NumericalError
-from sfsd.stats import (
+from sfsd.features.stats import (
     InputMoments,
     check_finite,
     covariance_factor,

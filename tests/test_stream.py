@@ -1,4 +1,4 @@
-"""Block-streamed stage 1 (sfsd/stream.py): the statistics equal the whole-model pass bit for bit on
+"""Block-streamed stage 1 (sfsd/model/stream.py): the statistics equal the whole-model pass bit for bit on
 every supported family of decoder, the stage writes the same files either way, `auto` streams when the
 weights do not fit, and a model whose weights exceed an imposed memory limit is collected under it."""
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from helpers import STAT_TEXTS, build_tiny_model, deep_llama, one_thread, run_capped
-from sfsd.arch import get_arch
-from sfsd.calibration import tokenize
-from sfsd.collect import collect_input_moments, collect_streamed, run_collect
-from sfsd.stream import fits_device, host_available
+from sfsd.features.calibration import tokenize
+from sfsd.features.collect import collect_input_moments, collect_streamed, run_collect
 from sfsd.io import load_tensors, read_json, save_tensors
-from sfsd.models import load_model, load_tokenizer
+from sfsd.model.loading import load_model, load_tokenizer
+from sfsd.model.registry import get_arch
+from sfsd.model.stream import fits_device, host_available
 from sfsd.provenance import tokenizer_digest
 
 FAMILIES = ["LlamaForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM", "GPTJForCausalLM"]
@@ -58,7 +58,7 @@ def test_hidden_states_past_their_budgets_go_to_host_memory_then_disk(tiny_llama
                                   progress=False)
     one_batch = 4 * 40 * model.config.hidden_size * 4
     before = set(Path(tempfile.gettempdir()).glob("sfsd-hidden-*"))
-    with caplog.at_level(logging.INFO, logger="sfsd.stream"):
+    with caplog.at_level(logging.INFO, logger="sfsd.model.stream"):
         spilled = collect_streamed(tiny_llama, spec, groups, tokens["input_ids"], tokens["attention_mask"], 4,
                                    progress=False, hidden_bytes=(one_batch, one_batch))
     assert _equal(whole, spilled)
@@ -129,10 +129,10 @@ def test_auto_streams_when_the_weights_do_not_fit(tiny_llama, monkeypatch):
 # `budget` MB (helpers.CAP_MEMORY), then collect.
 CAPPED = """
     import os
-    from sfsd.arch import get_arch
-    from sfsd.collect import collect_input_moments, collect_streamed
-    from sfsd.models import load_model
-    from sfsd.stream import empty_model
+    from sfsd.model.registry import get_arch
+    from sfsd.features.collect import collect_input_moments, collect_streamed
+    from sfsd.model.loading import load_model
+    from sfsd.model.stream import empty_model
     folder, mode, budget, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     tokens = torch.load(os.path.join(out, "tokens.pt"))
     spec = get_arch("LlamaForCausalLM")

@@ -1,4 +1,4 @@
-"""The factor cache and compression one block at a time (sfsd/stream.py `BlockStream`): the same files as
+"""The factor cache and compression one block at a time (sfsd/model/stream.py `BlockStream`): the same files as
 with the whole model in memory, a compressed model written shard by shard that every loader reads, and
 (slow) a model whose weights exceed an imposed memory limit cached and compressed under it."""
 
@@ -19,9 +19,9 @@ from helpers import (
     run_capped,
     run_cli,
 )
-from sfsd.arch import get_arch
-from sfsd.compress import load_compressed
-from sfsd.factor_cache import compress_from_cache, save_factor_cache
+from sfsd.decompose.compress import load_compressed
+from sfsd.decompose.factor_cache import compress_from_cache, save_factor_cache
+from sfsd.decompose.plan import new_plan
 from sfsd.io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -32,9 +32,9 @@ from sfsd.io import (
     model_digest,
     read_parameters,
 )
-from sfsd.models import load_model
-from sfsd.plan import new_plan
-from sfsd.stream import BlockStream, WholeModel, open_blocks
+from sfsd.model.loading import load_model
+from sfsd.model.registry import get_arch
+from sfsd.model.stream import BlockStream, WholeModel, open_blocks
 
 CPU = torch.device("cpu")
 
@@ -164,10 +164,10 @@ def test_open_blocks_follows_the_setting(tiny_llama, monkeypatch):
 # model first).
 CAPPED = """
     import json, os
-    from sfsd.arch import get_arch
-    from sfsd.factor_cache import compress_from_cache, save_factor_cache
+    from sfsd.model.registry import get_arch
+    from sfsd.decompose.factor_cache import compress_from_cache, save_factor_cache
     from sfsd.io import model_digest
-    from sfsd.stream import BlockStream, open_blocks
+    from sfsd.model.stream import BlockStream, open_blocks
     folder, mode, budget, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     spec = get_arch("LlamaForCausalLM")
     digest = model_digest(folder)

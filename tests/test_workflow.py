@@ -65,8 +65,9 @@ def test_stage_outputs(finished_run):
     # plans at the budget, and compressed models that load back with their plan
     plan = read_json(workdir / "results" / "tiny" / "plans" / "feature-b80.json")
     assert 0.75 < plan["notes"]["params_fraction"] <= 0.8
-    from sfsd.compress import load_compressed
-    from sfsd.plan import count_params, model_shapes
+    from sfsd.decompose.compress import load_compressed
+    from sfsd.decompose.plan import count_params
+    from sfsd.model.shapes import model_shapes
 
     model, saved_plan = load_compressed(workdir / "results" / "tiny" / "compressed" / "feature-b80")
     assert sum(p.numel() for p in model.parameters()) == count_params(model_shapes(tiny_model_dir(finished_run)),
@@ -178,14 +179,14 @@ def test_every_command_imports_only_modules_its_rule_digests(finished_run):
             text = log.read_text()
             if "import time:" not in text:  # remade by a later test's run, without the import log
                 continue
-            imported = set(re.findall(r"^import time:.*\| +sfsd\.(\w+)\s*$", text, re.M))
+            imported = set(re.findall(r"^import time:.*\| +sfsd\.([\w.]+)\s*$", text, re.M))
             assert imported, log
             assert imported <= set(command_modules(command, package)), (rule, imported - set(command_modules(command, package)))
             checked += 1
     assert checked >= 10
 
 
-@pytest.mark.parametrize("module", ["eigen", "items", "compare", "calibration"])
+@pytest.mark.parametrize("module", ["features.eigen", "evaluate.items", "report.compare", "features.calibration"])
 def test_editing_a_module_reruns_exactly_the_rules_whose_commands_import_it(finished_run, module):
     """A dry run after an edit: every rule whose command imports the module is planned, and no other rule
     has changed params (rules downstream of a changed job rerun only for their updated inputs)."""
@@ -194,7 +195,7 @@ def test_editing_a_module_reruns_exactly_the_rules_whose_commands_import_it(fini
     snakefile, workdir, config = finished_run
     commands = rule_commands(snakefile)
     package = snakefile.parent / "workflow" / "sfsd"
-    path = package / f"{module}.py"
+    path = package / f"{module.replace('.', '/')}.py"
     original = path.read_text()
     path.write_text(original + "\n# an edit of this module\n")
     try:
@@ -208,9 +209,9 @@ def test_editing_a_module_reruns_exactly_the_rules_whose_commands_import_it(fini
     assert {r for r, reason in jobs if "Params have changed" not in reason} - {"all"} <= \
         {r for r, reason in jobs if "Input files updated by another job" in reason}
     assert importing & {r for r in commands if (workdir / "results" / "logs" / r).exists()} <= planned
-    if module == "eigen":
+    if module == "features.eigen":
         assert "collect_features" not in planned and "eigendecompose" in own_change
-    if module == "calibration":  # evaluation and the search read the calibration texts' ids
+    if module == "features.calibration":  # evaluation and the search read the calibration texts' ids
         assert {"calibration_texts", "evaluate_model"} <= planned
 
 

@@ -19,16 +19,17 @@ from pathlib import Path
 
 import torch
 
-from sfsd.allocate import layer_spectra, spectral_plan
-from sfsd.arch import architecture_of, get_arch
-from sfsd.calibration import read_texts
-from sfsd.collect import block_file
-from sfsd.compress import BlockFile
-from sfsd.factor_cache import apply_cached_plan, factor_spectrum
+from sfsd.decompose.allocate import layer_spectra, spectral_plan
+from sfsd.decompose.compress import BlockFile
+from sfsd.decompose.factor_cache import apply_cached_plan, factor_spectrum
+from sfsd.decompose.plan import budget_plan, count_params
+from sfsd.evaluate.perplexity import perplexity, perplexity_texts, split_texts
+from sfsd.features.calibration import read_texts
+from sfsd.features.collect import block_file
 from sfsd.io import model_digest
-from sfsd.models import load_model
-from sfsd.perplexity import perplexity, perplexity_texts, split_texts
-from sfsd.plan import budget_plan, count_params, model_shapes
+from sfsd.model.loading import load_model
+from sfsd.model.registry import architecture_of, get_arch
+from sfsd.model.shapes import model_shapes
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dense_tokens, embedded_model_dir  # noqa: E402
 
-from sfsd.arch import architecture_of, blocks_of, get_arch, groups_for, select_linears  # noqa: E402
-from sfsd.collect import collect_input_moments  # noqa: E402
-from sfsd.models import load_model  # noqa: E402
+from sfsd.features.collect import collect_input_moments  # noqa: E402
+from sfsd.model.loading import load_model  # noqa: E402
+from sfsd.model.registry import architecture_of, blocks_of, get_arch, groups_for, select_linears  # noqa: E402
 
 
 def macs_per_token(model, spec, groups: list[str], seq_len: int) -> dict[str, float]:

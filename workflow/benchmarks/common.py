@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from sfsd.calibration import CalibrationSettings, sample_texts, tokenize
-from sfsd.models import convert_embedded, load_tokenizer
+from sfsd.features.calibration import CalibrationSettings, sample_texts, tokenize
+from sfsd.model.loading import convert_embedded, load_tokenizer
 
 DEFAULT_MODEL_DIR = Path("results/models/smollm2-135m")
 

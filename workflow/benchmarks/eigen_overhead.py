@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from sfsd.arch import get_arch, select_linears
-from sfsd.collect import block_file, load_block_moments
-from sfsd.eigen import run_eigen
+from sfsd.features.collect import block_file, load_block_moments
+from sfsd.features.eigen import run_eigen
+from sfsd.features.stats import output_moments
 from sfsd.io import read_json, read_parameters
-from sfsd.stats import output_moments
+from sfsd.model.registry import get_arch, select_linears
 
 
 def main() -> None:

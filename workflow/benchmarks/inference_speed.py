@@ -1,6 +1,6 @@
 """Inference cost of the dense model and every compressed variant, in one run: prefill tokens/s, decode
 tokens/s at batch 1 and at the largest batch, weight bytes and peak memory, each as a ratio to the
-dense model (sfsd/speed.py; the same measurement as the workflow's inference_speed rule).
+dense model (sfsd/evaluate/speed.py; the same measurement as the workflow's inference_speed rule).
 
 Each model runs in its own process (`python -m sfsd inference-speed`), one after the other, with every
 thread given, on the device given (`auto`: the first CUDA device where there is one, else the CPU; the
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from sfsd.defaults import default
-from sfsd.speed import speed_rows, speed_table
+from sfsd.evaluate.speed import speed_rows, speed_table
 
 
 def main() -> None:

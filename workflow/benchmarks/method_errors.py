@@ -23,11 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sfsd.arch import architecture_of, get_arch, linear_of  # noqa: E402
-from sfsd.calibration import CalibrationSettings, sample_texts, tokenize  # noqa: E402
-from sfsd.collect import block_file, load_block_moments  # noqa: E402
-from sfsd.io import load_tensors  # noqa: E402
-from sfsd.methods import (  # noqa: E402
+from sfsd.decompose.methods import (  # noqa: E402
     asvd,
     feature_space,
     max_rank,
@@ -36,7 +32,11 @@ from sfsd.methods import (  # noqa: E402
     weight_space,
     whitened,
 )
-from sfsd.models import load_model  # noqa: E402
+from sfsd.features.calibration import CalibrationSettings, sample_texts, tokenize  # noqa: E402
+from sfsd.features.collect import block_file, load_block_moments  # noqa: E402
+from sfsd.io import load_tensors  # noqa: E402
+from sfsd.model.loading import load_model  # noqa: E402
+from sfsd.model.registry import architecture_of, get_arch, linear_of  # noqa: E402
 
 
 def held_out_texts(used_path: Path, n: int, seed: int) -> list[str]:

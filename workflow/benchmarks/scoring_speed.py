@@ -31,13 +31,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import embedded_model_dir  # noqa: E402
 
-from sfsd.evaluate import evaluate_lmeval_detailed  # noqa: E402
-from sfsd.lmeval_tasks import source_by_name  # noqa: E402
-from sfsd.models import load_model, resolve_device  # noqa: E402
-from sfsd.scoring import build_requests, check_against_lmeval, encode_requests, forward_work, \
+from sfsd.evaluate.harness import evaluate_lmeval_detailed  # noqa: E402
+from sfsd.evaluate.scoring import build_requests, check_against_lmeval, encode_requests, forward_work, \
     lmeval_max_length, score_multiple_choice  # noqa: E402
-from sfsd.splits import read_split_ids  # noqa: E402
-from sfsd.tasks import TASKS  # noqa: E402
+from sfsd.model.loading import load_model
+from sfsd.model.placement import resolve_device
+from sfsd.tasks.lmeval import source_by_name  # noqa: E402
+from sfsd.tasks.registry import TASKS  # noqa: E402
+from sfsd.tasks.splits import read_split_ids  # noqa: E402
 
 
 def best_time(fn, repeats: int):

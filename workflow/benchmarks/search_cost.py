@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from sfsd.search_settings import SearchSettings
-from sfsd.search_run import run_search
-from sfsd.tasks import TASKS
+from sfsd.search.run import run_search
+from sfsd.search.settings import SearchSettings
+from sfsd.tasks.registry import TASKS
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Writes (once, reused) a random-weight Llama of a few billion parameters as bfloat16 safetensors shards
 with the embedded model's tokenizer, and a smaller one of the same family. Then, each in a fresh process
-(MALLOC_ARENA_MAX=1 and a fixed MALLOC_MMAP_THRESHOLD_, see --mmap-threshold-mb), `sfsd.collect.run_collect`
+(MALLOC_ARENA_MAX=1 and a fixed MALLOC_MMAP_THRESHOLD_, see --mmap-threshold-mb), `sfsd.features.collect.run_collect`
 with the workflow's default layers and collection settings on the CPU: the small model whole and streamed
 without a cap; the large model streamed and whole under an address-space cap (RLIMIT_AS, set after a
 warm-up) of the warmed-up process plus a budget far below its weights (the whole load should fail: the
@@ -47,10 +47,10 @@ def llama_config(shape: str, vocab: int):
 
 def probe(config) -> dict:
     """Parameter counts and the dimensions of the workflow's input groups (default layers), read from a
-    one-block copy of `config` on the meta device and `sfsd.arch`'s spec of the architecture."""
+    one-block copy of `config` on the meta device and `sfsd.model.registry`'s spec of the architecture."""
     from transformers import AutoModelForCausalLM
 
-    from sfsd.arch import architecture_of, blocks_of, get_arch, groups_for, select_linears
+    from sfsd.model.registry import architecture_of, blocks_of, get_arch, groups_for, select_linears
     from sfsd.defaults import default
 
     one = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
@@ -124,7 +124,7 @@ def child(model_dir: str, tokens: str, out: str, mode: str, budget_gb: float) ->
     import transformers
     from accelerate import init_empty_weights
 
-    from sfsd.collect import run_collect
+    from sfsd.features.collect import run_collect
     from sfsd.defaults import default
 
     # warm up on a tiny model (the lazy imports, a first forward): an empty copy of the large model here
@@ -239,7 +239,7 @@ def main() -> None:
     from common import dense_tokens, embedded_model_dir
     from transformers import AutoConfig
 
-    from sfsd.calibration import tokens_digest
+    from sfsd.features.calibration import tokens_digest
     from sfsd.defaults import default
     from sfsd.io import save_tensors
     from sfsd.provenance import tokenizer_digest

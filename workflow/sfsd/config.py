@@ -18,8 +18,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from .defaults import SCHEMA_PATH, block_range, schema
-from .errors import ConfigError
+from sfsd.defaults import SCHEMA_PATH, block_range, schema
+from sfsd.errors import ConfigError
 
 TASK_EXPORT = Path("results") / "tasks"  # rules/evaluate.smk's export_tasks output, under the working folder
 PREPARED_MODELS = Path("results") / "models"  # rules/models.smk's prepared embedded / hub models
@@ -66,9 +66,9 @@ def _model_config(name: str, model: Mapping, root: Path) -> dict | None:
 
 
 def _check_models(config: Mapping, root: Path) -> None:
-    from .arch import REGISTRY, SEARCH_ORDER, check_linears, get_arch, select_linears
-    from .errors import SfsdError
-    from .models import EMBEDDED
+    from sfsd.model.registry import REGISTRY, SEARCH_ORDER, check_linears, get_arch, select_linears
+    from sfsd.errors import SfsdError
+    from sfsd.model.loading import EMBEDDED
 
     for name, m in config["models"].items():
         arch = None
@@ -91,7 +91,7 @@ def _check_models(config: Mapping, root: Path) -> None:
                 select_linears(spec, config["layers"])
                 order = config["search"]["order"]
                 unknown = [n for n in order if n not in spec.linears]
-                if unknown and tuple(order) != SEARCH_ORDER:  # the default adapts (sfsd.search.search_order)
+                if unknown and tuple(order) != SEARCH_ORDER:  # the default adapts (sfsd.search.algorithm.search_order)
                     raise ConfigError(f"search.order names {unknown}, not Linear layers of {arch}; "
                                       f"use {', '.join(spec.linears)}")
             except SfsdError as err:
@@ -184,7 +184,7 @@ def _check_search(config: Mapping) -> None:
         raise ConfigError(f"search.targets.{empty[0]} is empty while search.modes lists {empty[0]}; name a target "
                           "or drop the mode")
     if "perplexity" in search["modes"]:
-        from .perplexity import search_text_conflict
+        from sfsd.evaluate.perplexity import search_text_conflict
 
         for target in search["targets"]["perplexity"]:
             conflict = search_text_conflict(target, config["evaluation"]["perplexity"], config["calibration"])
@@ -194,8 +194,8 @@ def _check_search(config: Mapping) -> None:
 
 def _check_metrics(config: Mapping) -> None:
     """evaluation.metric, search.metric and laser.metric against the tasks they score: a metric lm-eval's
-    task config does not define (acc_norm for boolq or winogrande) names the key (sfsd.tasks.task_metric)."""
-    from .tasks import task_metric
+    task config does not define (acc_norm for boolq or winogrande) names the key (sfsd.tasks.registry.task_metric)."""
+    from sfsd.tasks.registry import task_metric
 
     def check(key: str, tasks) -> None:
         for task in tasks:
@@ -215,7 +215,7 @@ def _check_metrics(config: Mapping) -> None:
 
 
 def _check_evaluation(config: Mapping, root: Path) -> None:
-    from .perplexity import calibration_conflict
+    from sfsd.evaluate.perplexity import calibration_conflict
 
     ppl = config["evaluation"]["perplexity"]
     if ppl["source"] in ("text_file", "jsonl_file") and (not ppl["path"] or not (root / ppl["path"]).is_file()):
@@ -232,7 +232,7 @@ def laser_models(config: Mapping) -> list[str]:
 
 
 def _check_laser(config: Mapping, root: Path) -> None:
-    from .laser_study import format_rate
+    from sfsd.laser.study import format_rate
 
     laser, models = config["laser"], config["models"]
     if not laser["enabled"]:

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import DataError
+from sfsd.errors import DataError
 
 
 @contextlib.contextmanager

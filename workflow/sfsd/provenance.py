@@ -17,8 +17,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from . import __version__
-from .errors import DataError
+from sfsd import __version__
+from sfsd.errors import DataError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # files of a Hugging Face tokenizer: the tokens depend on these and nothing else of the model folder
@@ -30,65 +30,92 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def code_version() -> str:
     """'<package version>+<sha256 of every module of the package>' (12 hex digits)."""
     h = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.glob("*.py")):
-        h.update(path.name.encode())
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        h.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
         h.update(path.read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"
 
 
-def _relative_imports(tree) -> set[str]:
-    """Package modules imported anywhere in `tree` (module level or inside functions): `from .x import`,
-    `from . import x`."""
+def module_file(module: str, package_dir: str | os.PathLike = PACKAGE_DIR) -> Path | None:
+    """The source of package module `module` (dotted, relative to the package: 'features.eigen', or a
+    subpackage 'features' for its __init__.py); None where no such module exists."""
+    base = Path(package_dir).joinpath(*module.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def package_imports(tree, module: str = "", package_dir: str | os.PathLike = PACKAGE_DIR) -> set[str]:
+    """Package modules (dotted, relative to the package) imported anywhere in `tree`, module level or
+    inside functions: `from sfsd.x.y import name` gives x.y, and x.y.name where that is a module itself;
+    `import sfsd.x.y` gives x.y; relative imports are resolved against `module`, the importing module.
+    Every module comes with the subpackages that hold it (importing sfsd.x.y runs x/__init__.py)."""
     import ast
 
-    out: set[str] = set()
+    found: set[str] = set()
+    here = module.split(".")[:-1] if module else []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                out.add(node.module.split(".")[0])
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = here[: len(here) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            elif node.module and (node.module == "sfsd" or node.module.startswith("sfsd.")):
+                parts = node.module.split(".")[1:]
             else:
-                out.update(alias.name for alias in node.names)
-    return out
+                continue
+            base = ".".join(parts)
+            if base:
+                found.add(base)
+            found.update(f"{base}.{a.name}".lstrip(".") for a in node.names
+                         if module_file(f"{base}.{a.name}".lstrip("."), package_dir))
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("sfsd."))
+    out: set[str] = set()
+    for name in found:
+        parts = name.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {m for m in out if module_file(m, package_dir)}
+
+
+CLI_PACKAGE = "cli"  # the subpackage of the command line; every command imports all of its modules
 
 
 def command_modules(command: str, package_dir: str | os.PathLike = PACKAGE_DIR) -> list[str]:
-    """The package modules that `python -m sfsd <command>` can run: the entry points (cli.py and the
-    cli_*.py command modules, whose module-level imports every command runs), the modules its
-    `cmd_<command>` function (and the helpers of its own module it calls) imports, and every package module
-    those import, transitively. A rule puts their digest (`command_digest`) into its params, so an edit of
-    any of them reruns it and an edit of any other module does not."""
+    """The package modules (dotted, relative to the package) that `python -m sfsd <command>` can run:
+    the entry points (every module of cli/, whose module-level imports every command runs), the modules
+    its `cmd_<command>` function (and the helpers of its own module it calls) imports, and every package
+    module those import, transitively. A rule puts their digest (`command_digest`) into its params, so an
+    edit of any of them reruns it and an edit of any other module does not."""
     import ast
 
     package_dir = Path(package_dir)
-    cli_names = ["cli", *sorted(p.stem for p in package_dir.glob("cli_*.py"))]
-    trees = {m: ast.parse((package_dir / f"{m}.py").read_text()) for m in cli_names}
+    cli_names = sorted(f"{CLI_PACKAGE}.{p.stem}" for p in (package_dir / CLI_PACKAGE).glob("*.py")
+                       if p.stem != "__init__")
+    trees = {m: ast.parse(module_file(m, package_dir).read_text()) for m in cli_names}
     name = "cmd_" + command.replace("-", "_")
     owner = next((m for m in cli_names for n in trees[m].body if isinstance(n, ast.FunctionDef) and n.name == name),
                  None)
     if owner is None:
-        raise KeyError(f"sfsd has no command {command!r} (no {name} in {', '.join(f'{m}.py' for m in cli_names)})")
-    modules = {"__init__", "__main__", *cli_names}
-    for tree in trees.values():  # what every command imports before it runs
-        modules |= _relative_imports(ast.Module(body=[n for n in tree.body if not isinstance(n, ast.FunctionDef)],
-                                                type_ignores=[]))
+        raise KeyError(f"sfsd has no command {command!r} (no {name} in "
+                       f"{', '.join(m.replace('.', '/') + '.py' for m in cli_names)})")
+    modules = {"__init__", "__main__", CLI_PACKAGE, *cli_names}
+    for module, tree in trees.items():  # what every command imports before it runs
+        modules |= package_imports(ast.Module(body=[n for n in tree.body if not isinstance(n, ast.FunctionDef)],
+                                              type_ignores=[]), module, package_dir)
     functions = {n.name: n for n in trees[owner].body if isinstance(n, ast.FunctionDef)}
     seen_functions, todo = set(), [name]
     while todo:  # the command function and the helpers of its module it calls
         fn = functions[todo.pop()]
         seen_functions.add(fn.name)
-        modules |= _relative_imports(fn)
+        modules |= package_imports(fn, owner, package_dir)
         todo += [n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id in functions
                  and n.id not in seen_functions and n.id != fn.name]
-
-    def is_module(name: str) -> bool:  # `from . import __version__` names an attribute, not a module
-        return (package_dir / f"{name}.py").is_file()
-
-    modules = {m for m in modules if is_module(m)}
     pending = sorted(modules - {"__init__", "__main__", *cli_names})
     while pending:  # transitively through the package
         module = pending.pop()
-        for dep in _relative_imports(ast.parse((package_dir / f"{module}.py").read_text())):
-            if dep not in modules and is_module(dep):
+        for dep in package_imports(ast.parse(module_file(module, package_dir).read_text()), module, package_dir):
+            if dep not in modules:
                 modules.add(dep)
                 pending.append(dep)
     return sorted(modules)
@@ -99,7 +126,7 @@ def command_digest(command: str, package_dir: str | os.PathLike = PACKAGE_DIR) -
     h = hashlib.sha256()
     for module in command_modules(command, package_dir):
         h.update(module.encode())
-        h.update((Path(package_dir) / f"{module}.py").read_bytes())
+        h.update(module_file(module, package_dir).read_bytes())
     return h.hexdigest()[:12]
 
 

@@ -1,0 +1,52 @@
+"""Thin entry points that the Snakemake rules call (`python -m sfsd <stage> ...`).
+
+Each stage also runs on its own outside Snakemake. Errors a user can fix print as one line
+("error: ...") with exit status 2; outputs are written atomically, so a failed stage leaves none.
+The subcommands live by stage in `cli/stages.py` (model to compressed model), `cli/evaluate.py` (scoring
+and the search) and `cli/report.py` (figures, tables and the LASER study); `sfsd.provenance.command_modules`
+finds a subcommand's code there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sfsd.cli import evaluate, report, stages
+from sfsd.errors import SfsdError
+
+COMMAND_MODULES = (stages, evaluate, report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sfsd", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads for torch (the job's share of cores; unset lets MKL/OpenMP oversubscribe, which on "
+             "small machines makes eigh/SVD several times slower)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    try:
+        args.func(args)
+    except SfsdError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

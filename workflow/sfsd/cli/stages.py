@@ -1,0 +1,351 @@
+"""`python -m sfsd` subcommands of stages 0-3: the model, calibration text and tokens, statistics
+(collect), eigendecompositions, factor caches, rank plans and compressed models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from sfsd.cli.options import METHOD_CHOICES, csv_list
+from sfsd.defaults import block_range, choices, default
+from sfsd.errors import ConfigError
+
+
+def add_parsers(sub) -> None:
+    """This module's subcommands, on the subparsers of `sfsd.cli.main.build_parser`."""
+    p = sub.add_parser("prepare-model", help="convert the embedded model or download a hub model")
+    p.add_argument("--source", choices=["embedded", "hub"], required=True)
+    p.add_argument("--name", required=True, help="embedded model name or hub repo id")
+    p.add_argument("--revision", default="main")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("calibration-texts", help="sample calibration documents (seeded, no replacement)")
+    p.add_argument("--settings", required=True, help="JSON object of sfsd.features.calibration.CalibrationSettings fields")
+    p.add_argument("--out", required=True, help="JSONL output")
+    p.set_defaults(func=cmd_calibration_texts)
+
+    p = sub.add_parser("architectures", help="supported decoders: blocks, Linear layers, input groups, LASER names")
+    p.add_argument("names", nargs="*", help="HF architecture names to inspect (default: the supported ones)")
+    p.set_defaults(func=cmd_architectures)
+
+    p = sub.add_parser("tokenize", help="tokenize calibration texts into padded batches with a mask")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--texts", required=True)
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("collect", help="stage 1: per-block input moments of the target Linear layers")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--layers", required=True, help="comma-separated layer keywords")
+    p.add_argument("--dtype", default=default("collection.dtype"))
+    p.add_argument("--device", default=default("device"))
+    p.add_argument("--batch-size", type=int, default=default("collection.batch_size"))
+    p.add_argument("--flush-every", type=int, default=default("collection.flush_every"),
+                   help="batches summed in float32 before the float64 reduce")
+    add_streamed(p, "the device")
+    p.add_argument("--out", required=True, help="output folder (block_XXX.safetensors + manifest.json)")
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("eigen", help="stage 2: eigendecomposition of one block's output covariances")
+    p.add_argument("--features", required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--layers", required=True, help="comma-separated short Linear names")
+    p.add_argument("--save-dtype", default=default("eigen.save_dtype"))
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_eigen)
+
+    p = sub.add_parser("factor-cache", help="full-rank factors of one method, from which any plan is cut")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--results", required=True, help="results/<model> (holds eigen/ and features/)")
+    p.add_argument("--method", choices=METHOD_CHOICES, required=True)
+    p.add_argument("--layers", required=True)
+    p.add_argument("--jitter", type=float, default=1e-6, help="relative Cholesky jitter (whitened)")
+    add_streamed(p, "the memory")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_factor_cache)
+
+    p = sub.add_parser("make-plan", help="a rank plan reaching a parameter budget: uniform, spectral or searched")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--method", choices=METHOD_CHOICES, required=True)
+    p.add_argument("--params-fraction", type=float, required=True, help="target fraction of parameters kept")
+    p.add_argument("--first-block", type=int, default=default("compression.first_block"),
+                   help="compress blocks first_block..last only")
+    p.add_argument("--layers", required=True)
+    p.add_argument("--convention", choices=["model", "decoder_linear"], default=default("compression.convention"))
+    p.add_argument("--bias-compensation", choices=["intended", "none"],
+                   default=default("compression.bias_compensation"))
+    p.add_argument("--allocation", choices=["uniform", "spectral", "searched"], default="uniform",
+                   help="uniform: one keep ratio; spectral: ranks from the cached spectra (sfsd.decompose.allocate); searched: "
+                        "a search's plan at the budget, its unsearched layers allocated spectrally")
+    p.add_argument("--factors", help="factor cache root (results/<model>/factors): spectral and searched")
+    p.add_argument("--search", help="search output folder: searched")
+    p.add_argument("--budget-label", help="the budget's name (e.g. p54): the search's checkpoint of that budget")
+    p.add_argument("--spectral-groups", choices=("type", "global"), default=default("compression.spectral_groups"),
+                   help="spectral: move rank across depth within each Linear type, or anywhere")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_make_plan)
+
+    p = sub.add_parser("compress", help="apply a rank plan (cut from the factor cache) and save the model")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--factors", required=True, help="folder holding <method>/block_NNN.safetensors")
+    add_streamed(p, "the memory")
+    p.add_argument("--out", required=True, help="compressed folder (weights written shard by shard, one block at a time)")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eigen-summary", help="energy-vs-rank summary of all blocks' eigenvalues")
+    p.add_argument("--out", required=True)
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=cmd_eigen_summary)
+
+
+def add_streamed(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument("--streamed", choices=choices("streamed"), default=default("streamed"),
+                   help=f"read the model one block at a time (auto: when its weights do not fit {where})")
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> None:
+    from sfsd.model.loading import convert_embedded, download_hub_model
+
+    if args.source == "embedded":
+        convert_embedded(args.name, args.out)
+    else:
+        download_hub_model(args.name, args.revision, args.out)
+
+
+def cmd_calibration_texts(args: argparse.Namespace) -> None:
+    from sfsd.features.calibration import CalibrationSettings, sample_texts
+    from sfsd.io import atomic_path
+
+    raw = json.loads(args.settings)
+    if "tasks" in raw:
+        raw["tasks"] = tuple(raw["tasks"])
+    docs = sample_texts(CalibrationSettings(**raw))
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    logging.info("wrote %d calibration texts to %s", len(docs), args.out)
+
+
+def cmd_architectures(args: argparse.Namespace) -> None:
+    from sfsd.model.registry import REGISTRY, SUPPORTED, get_arch
+
+    for name in args.names or SUPPORTED:
+        spec = get_arch(name)
+        print(f"{name} ({'registry' if name in REGISTRY else 'inspected'})")
+        print(f"  blocks: {spec.blocks}  decoder: {spec.decoder}  lm_head: {spec.lm_head}")
+        print("  linears: " + ", ".join(f"{short}={path}" for short, path in spec.linears.items()))
+        print("  input groups: " + " | ".join(f"{g}: {' '.join(m)}" for g, m in spec.input_groups.items()))
+        print("  laser: " + ", ".join(f"{t}={','.join(m) or '-'}" for t, m in spec.laser_types.items()))
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from sfsd.features.calibration import read_texts, tokenize, tokens_digest
+    from sfsd.io import file_digest, model_digest, save_tensors
+    from sfsd.model.loading import load_tokenizer
+    from sfsd.provenance import stamp, tokenizer_digest
+
+    docs = read_texts(args.texts)
+    tokens = tokenize([d["text"] for d in docs], load_tokenizer(args.model_dir), args.seq_len)
+    digest = tokens_digest(tokens)
+    save_tensors(
+        args.out,
+        tokens,
+        {"digest": digest, "seq_len": args.seq_len, "tokens": int(tokens["attention_mask"].sum()),
+         "sequences": int(tokens["input_ids"].shape[0]),
+         **stamp(model_digest(args.model_dir), digest, {"seq_len": args.seq_len},
+                 tokenizer_digest=tokenizer_digest(args.model_dir), texts_digest=file_digest(args.texts)[:16])},
+    )
+    logging.info("tokenized %d texts into %d real tokens (digest %s)", len(docs),
+                 int(tokens["attention_mask"].sum()), digest)
+
+
+def cmd_collect(args: argparse.Namespace) -> None:
+    from sfsd.features.collect import run_collect
+
+    run_collect(
+        args.model_dir, args.tokens, args.out, model_name=args.model_name, layers=csv_list(args.layers),
+        dtype=args.dtype, device=args.device, batch_size=args.batch_size, flush_every=args.flush_every,
+        streamed=args.streamed,
+    )
+
+
+def cmd_eigen(args: argparse.Namespace) -> None:
+    from sfsd.features.eigen import run_eigen
+
+    result = run_eigen(args.features, args.model_dir, args.out, csv_list(args.layers), args.save_dtype)
+    logging.info("block %d: eigh %.2f s", result["block"], result["eigh_seconds"])
+
+
+def cmd_eigen_summary(args: argparse.Namespace) -> None:
+    from sfsd.features.eigen import summarize
+    from sfsd.io import write_json
+
+    write_json(args.out, summarize([Path(p) for p in args.inputs]))
+
+
+def cmd_factor_cache(args: argparse.Namespace) -> None:
+    from sfsd.model.registry import select_linears
+    from sfsd.decompose.compress import cached_statistics
+    from sfsd.decompose.factor_cache import save_factor_cache
+    from sfsd.io import atomic_dir, model_digest
+    from sfsd.model.stream import open_blocks
+
+    digest = model_digest(args.model_dir)
+    source = open_blocks(args.model_dir, args.streamed)
+    spec = source.spec
+    eigen, features = cached_statistics(args.results, model_digest=digest)
+    with atomic_dir(args.out) as tmp:
+        paths = save_factor_cache(source, spec, args.method, select_linears(spec, csv_list(args.layers)), tmp, eigen,
+                                  features, model_digest=digest, jitter=args.jitter)
+    logging.info("wrote %d blocks of %s factors at rank kappa-1", len(paths), args.method)
+
+
+def cmd_make_plan(args: argparse.Namespace) -> None:
+    from sfsd.model.registry import get_arch, select_linears
+    from sfsd.io import model_digest, write_json
+    from sfsd.decompose.plan import budget_plan, count_params
+    from sfsd.model.shapes import model_shapes
+    from sfsd.provenance import stamp
+
+    shapes = model_shapes(args.model_dir)
+    spec = get_arch(shapes.architecture)
+    first = block_range(args.first_block, None, shapes.n_blocks, "--first-block").start
+    linears = select_linears(spec, csv_list(args.layers))
+    digest = model_digest(args.model_dir)
+    header = dict(model=args.model_name, model_digest=digest, architecture=shapes.architecture,
+                  bias_compensation=args.bias_compensation)
+    settings = {"method": args.method, "params_fraction": args.params_fraction, "first_block": first,
+                "layers": csv_list(args.layers), "convention": args.convention, "bias_compensation": args.bias_compensation,
+                "allocation": args.allocation}
+    calibration = None  # a uniform plan reads no statistics
+    if args.allocation == "uniform":
+        plan = budget_plan(spec, shapes, linears, args.params_fraction, args.method, blocks=range(first, shapes.n_blocks),
+                           convention=args.convention, **header)
+    else:
+        plan, calibration = _allocated_plan(args, spec, shapes, linears, range(first, shapes.n_blocks), digest, header)
+        settings["search"] = args.search
+    plan["notes"]["counts"] = count_params(shapes, plan)
+    plan["notes"]["provenance"] = stamp(digest, calibration, settings)
+    write_json(args.out, plan)
+    logging.info("%s plan %s: %.4f of the %s parameters", args.allocation, args.out, plan["notes"]["params_fraction"],
+                 args.convention)
+
+
+def _allocated_plan(args, spec, shapes, linears, blocks: range, digest, header) -> tuple[dict, str | None]:
+    """A spectral plan, or a searched one: the search's own plan where it landed on the budget
+    (checkpoints/<label>.json), else its decisions completed by the spectral allocation of the rest."""
+    from pathlib import Path
+
+    from sfsd.decompose.allocate import layer_spectra, spectral_plan
+    from sfsd.decompose.compress import BlockFile
+    from sfsd.decompose.factor_cache import factor_spectrum
+    from sfsd.features.collect import block_file
+    from sfsd.io import read_json
+    from sfsd.decompose.plan import budget_plan, count_params, layer_key
+
+    if not args.factors:
+        raise ConfigError(f"make-plan --allocation {args.allocation} needs --factors (the factor cache root)")
+    files: dict[int, BlockFile] = {}
+
+    def read(block: int, linear: str):
+        if block not in files:
+            files[block] = BlockFile(Path(args.factors) / args.method / block_file(block), digest)
+        return factor_spectrum(files[block], linear, args.bias_compensation)
+
+    fixed, uniform = {}, None
+    keys = [layer_key(b, n) for b in blocks for n in linears]
+    if args.allocation == "searched":
+        if not args.search or not args.budget_label:
+            raise ConfigError("make-plan --allocation searched needs --search (a search folder) and --budget-label")
+        uniform = budget_plan(spec, shapes, linears, args.params_fraction, args.method,
+                              blocks=blocks, convention=args.convention, **header)
+        size = count_params(shapes, uniform)[args.convention]["compressed"]
+        landed = Path(args.search) / "checkpoints" / f"{args.budget_label}.json"
+        plan = read_json(landed) if landed.is_file() else None
+        if plan is not None and plan.get("notes", {}).get("builder") == "search-budget":
+            plan = _to_size(shapes, plan, size, args.convention)
+            plan["notes"].update({"builder": "searched", "search": args.search, "completed_layers": 0,
+                                  "params_fraction": _fraction(shapes, plan, args.convention)})
+            searched = read_json(Path(args.search) / "plan.json").get("notes", {}).get("provenance", {})
+            return plan, searched.get("calibration_digest")
+        fixed = _feasible_prefix(Path(args.search), shapes, keys, args.method, size, args.convention, header)
+    keys = [k for k in keys if k not in fixed]
+    spectra = layer_spectra(spec, shapes, keys, read)
+    plan = spectral_plan(spec, shapes, linears, args.params_fraction, args.method, spectra,
+                         blocks=blocks, convention=args.convention, fixed=fixed,
+                         groups=args.spectral_groups, uniform=uniform, **header)
+    if args.allocation == "searched":
+        plan["notes"].update({"builder": "searched", "search": args.search, "completed_layers": len(spectra)})
+    calibration = {f.metadata.get("calibration_digest") for f in files.values()}
+    return plan, (calibration.pop() if len(calibration) == 1 else None)
+
+
+def _to_size(shapes, plan: dict, size: int, convention: str) -> dict:
+    """A search's plan landed on a budget, its crossing layer's rank lowered (never below the rank the
+    search accepted) until the plan keeps at most `size` parameters: the uniform plan's count, which lies
+    under the budget by up to a rank step per layer, so every allocation compares at the same size."""
+    from sfsd.decompose.plan import count_params, largest_fitting
+
+    notes = plan.get("notes", {})
+    key, accepted = notes.get("crossing_layer"), notes.get("accepted_rank")
+    entry = plan["layers"].get(key, {})
+    if entry.get("rank") is None or accepted is None:
+        return plan
+
+    def fits(rank: int) -> bool:
+        return count_params(shapes, {**plan, "layers": {**plan["layers"], key: {**entry, "rank": rank}}})[convention][
+            "compressed"] <= size
+
+    plan["layers"][key] = {**entry, "rank": largest_fitting(fits, min(accepted, entry["rank"]), entry["rank"])}
+    return plan
+
+
+def _feasible_prefix(search, shapes, keys, method: str, size: int, convention: str, header) -> dict:
+    """The search's decisions, in its order, up to the last one that still lets the layers it did not
+    decide reach `size` parameters at rank 1 (a search that ends above the budget after covering every
+    targeted layer keeps only its top decisions; the spectral allocation takes the rest)."""
+    from sfsd.io import read_json
+    from sfsd.decompose.plan import count_params, new_plan
+
+    decided = read_json(search / "plan.json")["layers"]
+    log_path = search / "log.jsonl"
+    order = [json.loads(line)["layer"] for line in log_path.read_text().splitlines()] if log_path.is_file() \
+        else list(decided)
+    order = [k for k in order if k in decided]
+    for n in range(len(order), -1, -1):
+        fixed = {k: decided[k] for k in order[:n]}
+        trial = new_plan({**{k: {"method": method, "rank": 1} for k in keys if k not in fixed}, **fixed}, **header)
+        if count_params(shapes, trial)[convention]["compressed"] <= size:
+            if n < len(order):
+                logging.info("the search's first %d of %d decisions fit the budget; the rest is allocated spectrally",
+                             n, len(order))
+            return fixed
+    return {}
+
+
+def _fraction(shapes, plan, convention: str) -> float:
+    from sfsd.decompose.plan import count_params
+
+    return count_params(shapes, plan)[convention]["fraction"]
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from sfsd.decompose.factor_cache import compress_from_cache
+    from sfsd.io import model_digest, read_json
+    from sfsd.model.loading import load_tokenizer
+    from sfsd.model.stream import open_blocks
+
+    digest = model_digest(args.model_dir)
+    source = open_blocks(args.model_dir, args.streamed)
+    applied = compress_from_cache(source, read_json(args.plan), args.factors, args.out, model_digest=digest,
+                                  tokenizer=load_tokenizer(args.model_dir))
+    logging.info("compressed %d layers into %s", len(applied["layers"]), args.out)

@@ -1,0 +1,178 @@
+"""The statistics math, as pure functions on tensors (no files, no global device).
+
+Features are the OUTPUTS of a Linear, y = W x (+ b). Because y is linear in x, the output mean and
+covariance follow exactly from the input moments:
+    E[y]   = W E[x] + b
+    Cov[y] = W (E[x x^T] - E[x] E[x]^T) W^T
+so collection only hooks the inputs, and Linear layers that share an input (q/k/v, gate/up) share
+one accumulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sfsd.errors import DataError, NumericalError
+
+
+@dataclass
+class InputMoments:
+    """Running sums over tokens of one Linear input: sum x x^T, sum x, sum |x| and the token count.
+
+    Batches are multiplied in float32 on the compute device into a staging sum, which `flush`
+    reduces into the float64 totals on the CPU: fast GEMMs, no precision lost over many batches,
+    and no float64 matrices held on a GPU (a 7B model would need ~44 GB of them)."""
+
+    xxt: torch.Tensor  # (d, d) float64, CPU
+    xsum: torch.Tensor  # (d,) float64, CPU
+    count: int
+    xabs: torch.Tensor | None = None  # (d,) float64, CPU; None in statistics collected without it
+    _staged_xxt: torch.Tensor | None = None
+    _staged_xsum: torch.Tensor | None = None
+    _staged_xabs: torch.Tensor | None = None
+    _staged_batches: int = 0
+
+    @classmethod
+    def zeros(cls, dim: int) -> "InputMoments":
+        return cls(
+            xxt=torch.zeros(dim, dim, dtype=torch.float64),
+            xsum=torch.zeros(dim, dtype=torch.float64),
+            count=0,
+            xabs=torch.zeros(dim, dtype=torch.float64),
+        )
+
+    def update(self, x: torch.Tensor, flush_every: int = 1) -> None:
+        """Add a (tokens, d) batch of inputs; flush to float64 every `flush_every` batches."""
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] == 0:
+            return
+        xf = x.float()
+        if self._staged_xxt is None:
+            d = xf.shape[1]
+            self._staged_xxt = torch.zeros(d, d, dtype=torch.float32, device=xf.device)
+            self._staged_xsum = torch.zeros(d, dtype=torch.float64, device=xf.device)
+            self._staged_xabs = torch.zeros(d, dtype=torch.float64, device=xf.device)
+        self._staged_xxt.addmm_(xf.T, xf)
+        self._staged_xsum += xf.sum(dim=0, dtype=torch.float64)
+        self._staged_xabs += xf.abs().sum(dim=0, dtype=torch.float64)
+        self.count += x.shape[0]
+        self._staged_batches += 1
+        if self._staged_batches >= flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._staged_batches == 0:
+            return
+        staged = self._staged_xxt.to("cpu", torch.float64)
+        self.xxt += (staged + staged.T) / 2  # a float32 X^T X from gemm need not be exactly symmetric
+        self.xsum += self._staged_xsum.cpu()
+        if self.xabs is not None:
+            self.xabs += self._staged_xabs.cpu()
+        self._staged_xxt.zero_()
+        self._staged_xsum.zero_()
+        self._staged_xabs.zero_()
+        self._staged_batches = 0
+
+    def mean(self) -> torch.Tensor:
+        self.flush()
+        return self.xsum / self.count
+
+    def mean_abs(self) -> torch.Tensor:
+        """E|x_j| per input channel (ASVD's activation scale)."""
+        self.flush()
+        if self.xabs is None:
+            raise DataError("these input statistics lack sum |x| (collected by an older version); rerun collection")
+        return self.xabs / self.count
+
+    def second_moment(self) -> torch.Tensor:
+        self.flush()
+        return self.xxt / self.count
+
+    def covariance(self) -> torch.Tensor:
+        m = self.mean()
+        return self.second_moment() - torch.outer(m, m)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise a NumericalError naming the first tensor that holds NaN or Inf."""
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise NumericalError(
+                f"{where}: {name} has {bad} NaN/Inf value(s); activations overflowed or the input is corrupt "
+                "(collect in float32/bfloat16 instead of float16, or check the calibration text)"
+            )
+
+
+def output_mean(weight: torch.Tensor, bias: torch.Tensor | None, x_mean: torch.Tensor) -> torch.Tensor:
+    """E[y] = W E[x] + b, in float64."""
+    mu = weight.double() @ x_mean
+    return mu if bias is None else mu + bias.double()
+
+
+def output_covariance(weight: torch.Tensor, x_cov: torch.Tensor) -> torch.Tensor:
+    """Cov[y] = W Cov[x] W^T, in float64. Symmetric up to round-off; eigh reads its lower triangle."""
+    w = weight.double()
+    return (w @ x_cov) @ w.T
+
+
+def output_moments(
+    weight: torch.Tensor, bias: torch.Tensor | None, x_mean: torch.Tensor, x_cov: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (out,) and covariance (out, out) of y = W x + b from the input mean and covariance
+    (InputMoments.mean() / .covariance(), shared by the Linear layers that read one input)."""
+    return output_mean(weight, bias, x_mean), output_covariance(weight, x_cov)
+
+
+def covariance_factor(x_cov: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor L of an input covariance (Cov[x] = L L^T), or None when it is not
+    positive definite (then callers use the plain eigh path)."""
+    factor, info = torch.linalg.cholesky_ex(x_cov.double())
+    return factor if int(info) == 0 else None
+
+
+@dataclass
+class Eigen:
+    values: torch.Tensor  # (n,) descending, clamped at 0
+    vectors: torch.Tensor  # (n, n), column i belongs to values[i]
+    n_clamped: int  # negative round-off eigenvalues set to 0
+    min_raw: float  # most negative eigenvalue before clamping (0 if none)
+
+
+def eigh_descending(cov: torch.Tensor) -> Eigen:
+    """Eigendecomposition of a symmetric PSD matrix in float64, eigenvalues in descending order.
+
+    Negative eigenvalues are round-off of a PSD matrix: they are counted and clamped to zero."""
+    values, vectors = torch.linalg.eigh(cov.double())
+    values = values.flip(0)
+    vectors = vectors.flip(1)
+    negative = values < 0
+    min_raw = float(values.min()) if bool(negative.any()) else 0.0
+    return Eigen(values.clamp_min(0.0), vectors, int(negative.sum()), min_raw)
+
+
+def output_eigen(weight: torch.Tensor, x_cov: torch.Tensor, x_factor: torch.Tensor | None = None) -> Eigen:
+    """Eigendecomposition (float64, descending) of the output covariance C = W Cov[x] W^T.
+
+    A Linear that widens (out > in, e.g. gate/up projections) has C = A A^T with A = W L of rank
+    <= in (L = `covariance_factor`): the SVD A = U S Q^T gives the nonzero eigenpairs (S^2, U)
+    without forming C, more accurately (no squaring) and faster than an out x out eigh; the other
+    out - in eigenvalues are exactly 0, with an orthonormal completion of U as their eigenvectors.
+    Otherwise (or without a factor) C is formed and passed to eigh."""
+    out_features, in_features = weight.shape
+    if x_factor is None or out_features <= in_features:
+        return eigh_descending(output_covariance(weight, x_cov))
+    a = weight.double() @ x_factor
+    u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    complete, _ = torch.linalg.qr(u, mode="complete")
+    vectors = torch.cat([u, complete[:, in_features:]], dim=1)
+    values = torch.cat([s.square(), s.new_zeros(out_features - in_features)])
+    return Eigen(values, vectors, 0, 0.0)
+
+
+def energy_kept(values: torch.Tensor) -> torch.Tensor:
+    """Fraction of the feature variance captured by the top-r directions, for r = 1..n."""
+    total = values.sum()
+    return values.cumsum(0) / total if total > 0 else torch.ones_like(values)
