@@ -15,6 +15,7 @@ checkpoint collect_features:
         device=config["device"],
         batch_size=config["collection"]["batch_size"],
         flush_every=config["collection"]["flush_every"],
+        staging=config["collection"]["staging"],
         streamed=config["streamed"],
         code=command_version("collect"),
     conda:
@@ -31,6 +32,7 @@ checkpoint collect_features:
     shell:
         "python -m sfsd --threads {threads} collect --model-dir {input.model:q} --model-name {wildcards.model} "
         "--tokens {input.tokens:q} --layers {params.layers} --dtype {params.dtype} --device {params.device} "
-        "--batch-size {params.batch_size} --flush-every {params.flush_every} --streamed {params.streamed} "
+        "--batch-size {params.batch_size} --flush-every {params.flush_every} --staging {params.staging} "
+        "--streamed {params.streamed} "
         "--out {output.features:q} "
         "> {log:q} 2>&1"

@@ -126,3 +126,105 @@ def test_block_files_hold_sum_abs_and_older_files_still_load(tiny_llama, calibra
         loaded["attn_in"].mean_abs()
     assert sfsd_main(["--threads", "1", "eigen", "--features", str(old), "--model-dir", str(tiny_llama),
                       "--layers", "q_proj,down_proj", "--out", str(tmp_path / "eigen.safetensors")]) == 0
+    # --staging host: the same files bit for bit (flush_every 1), the staging decided in the manifest
+    assert json.loads((features / "manifest.json").read_text())["staging"] == "device"  # auto, on the CPU
+    assert sfsd_main(["--threads", "1", "collect", "--model-dir", str(tiny_llama), "--model-name", "tiny",
+                      "--tokens", str(tokens), "--layers", "q_proj,down_proj", "--device", "cpu",
+                      "--batch-size", "4", "--staging", "host", "--out", str(tmp_path / "host")]) == 0
+    assert json.loads((tmp_path / "host" / "manifest.json").read_text())["staging"] == "host"
+    for b in range(2):
+        a, b_ = load_tensors(features / block_file(b))[0], load_tensors(tmp_path / "host" / block_file(b))[0]
+        assert a.keys() == b_.keys() and all(torch.equal(a[k], b_[k]) for k in a)
+
+
+def test_choose_staging_by_its_formula():
+    """auto: device when n_blocks x sum_d (4 d^2 + 16 d) <= half the free memory, else host."""
+    from sfsd.features.stats import choose_staging, staging_bytes
+
+    llama3_8b = [4096, 4096, 4096, 14336]  # attn_in, attn_out, mlp_in, mlp_out
+    assert staging_bytes(llama3_8b) == 3 * (4 * 4096**2 + 16 * 4096) + 4 * 14336**2 + 16 * 14336
+    assert 32 * staging_bytes(llama3_8b) == 32_762_757_120  # the 33 GB every block would hold on the GPU
+    assert choose_staging(32, llama3_8b, 80e9) == "device"
+    assert choose_staging(32, llama3_8b, 2 * 32_762_757_120) == "device"  # exactly half: still fits
+    assert choose_staging(32, llama3_8b, 2 * 32_762_757_120 - 1) == "host"
+    assert choose_staging(32, llama3_8b, 40e9) == "host"
+    assert choose_staging(2, [32, 48], 1e6) == "device" and choose_staging(2, [32, 48], 1e4) == "host"
+
+
+def _live_staging_counter(monkeypatch):
+    """Patches InputMoments.update to record, at each call, how many staging buffers exist at once (those
+    of the other accumulators still alive, plus the one this batch needs)."""
+    from sfsd.features.stats import InputMoments
+
+    seen, peak = [], [0]
+    original = InputMoments.update
+
+    def update(self, x, *args, **kwargs):
+        if not any(m is self for m in seen):
+            seen.append(self)
+        alive = sum(m._staged_xxt is not None for m in seen if m is not self)
+        peak[0] = max(peak[0], alive + 1)
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(InputMoments, "update", update)
+    return seen, peak
+
+
+@pytest.mark.parametrize("flush_every", [1, 3])
+def test_host_staging_equals_device_staging_and_hooked_activations(model_and_tokens, monkeypatch, flush_every):
+    """Host staging holds one input's buffers at a time (device: all 2 blocks x 4 inputs for the whole pass).
+    flush_every 1: the same arithmetic, bit-identical statistics. flush_every 3: host skips the float32 sum
+    over 3 batches, so the two differ by at most the rounding of those sums: batches x 2^-23 x sum |x_i x_j|."""
+    model, tokens = model_and_tokens
+    spec = get_arch("LlamaForCausalLM")
+    groups = ["attn_in", "attn_out", "mlp_in", "mlp_out"]
+    runs = {}
+    for staging in ("device", "host"):
+        seen, peak = _live_staging_counter(monkeypatch)
+        runs[staging] = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"],
+                                              batch_size=1, flush_every=flush_every, progress=False,
+                                              staging=staging)
+        assert peak[0] == (1 if staging == "host" else 2 * 4), staging
+        assert len(seen) == 8 and all(m._staged_xxt is None for m in seen)  # freed once the pass is done
+        monkeypatch.undo()
+    batches = len(TEXTS)  # batch_size 1
+    differ = False
+    for block in range(2):
+        for group, first in [("attn_in", "k_proj"), ("attn_out", "o_proj"), ("mlp_in", "up_proj"),
+                             ("mlp_out", "down_proj")]:
+            device, host = runs["device"][block][group], runs["host"][block][group]
+            assert host.count == device.count == int(tokens["attention_mask"].sum())
+            x = hooked(model, spec, tokens, block, first)
+            if flush_every == 1:
+                for name in ("xxt", "xsum", "xabs"):
+                    assert torch.equal(getattr(host, name), getattr(device, name)), (block, group, name)
+            else:
+                bound = batches * 2.0**-23 * (x.abs().T @ x.abs())
+                assert bool(((host.xxt - device.xxt).abs() <= bound).all()), (block, group)
+                differ = differ or not torch.equal(host.xxt, device.xxt)
+                torch.testing.assert_close(host.xsum, device.xsum, rtol=1e-12, atol=1e-9)
+            torch.testing.assert_close(host.xxt, x.T @ x, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(host.xsum, x.sum(0), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(host.xabs, x.abs().sum(0), rtol=1e-5, atol=1e-4)
+    assert differ == (flush_every > 1)  # the float32 sums over batches are really skipped
+
+
+def test_auto_staging_follows_the_free_memory(model_and_tokens, monkeypatch):
+    """On the CPU, auto stages on the device (here: host memory) while every block's buffers take at most half
+    of what is left beside the float64 totals, else host; an unknown value is refused."""
+    import sfsd.features.collect as collect
+    from sfsd.errors import ConfigError
+    from sfsd.features.stats import staging_bytes
+
+    model, _ = model_and_tokens
+    spec = get_arch("LlamaForCausalLM")
+    groups = ["attn_in", "mlp_out"]  # widths 32 and 48
+    totals = 2 * sum(8 * d * d + 16 * d for d in (32, 48))
+    staged = 2 * staging_bytes([32, 48])
+    monkeypatch.setattr(collect, "host_available", lambda: totals + 2 * staged)
+    assert collect.resolve_staging(model, spec, groups, "auto") == "device"
+    monkeypatch.setattr(collect, "host_available", lambda: totals + 2 * staged - 1)
+    assert collect.resolve_staging(model, spec, groups, "auto") == "host"
+    assert collect.resolve_staging(model, spec, groups, "device") == "device"
+    with pytest.raises(ConfigError, match="collection.staging 'gpu' is unknown"):
+        collect.resolve_staging(model, spec, groups, "gpu")

@@ -41,7 +41,7 @@ _REQUIRED = {
 }
 _MIRRORED = {
     "collect": {"dtype": "collection.dtype", "device": "device", "batch_size": "collection.batch_size",
-                "flush_every": "collection.flush_every"},
+                "flush_every": "collection.flush_every", "staging": "collection.staging"},
     "make-plan": {"first_block": "compression.first_block", "convention": "compression.convention",
                   "bias_compensation": "compression.bias_compensation",
                   "spectral_groups": "compression.spectral_groups"},

@@ -43,6 +43,21 @@ def test_streamed_statistics_equal_the_whole_model_pass(architecture, tmp_path):
     assert sum(acc.count for acc in whole[0].values()) == len(groups) * int(tokens["attention_mask"].sum())
 
 
+@pytest.mark.parametrize("staging", ["device", "host"])
+def test_streamed_statistics_equal_the_whole_model_pass_at_each_staging(tiny_llama, staging):
+    """flush_every 2 over 5 batches (the last flush at the end of each block's pass) and either staging:
+    the streamed pass and the whole-model pass do the same arithmetic, bit-identical moments."""
+    model, tokenizer = load_model(tiny_llama, device="cpu")
+    spec = get_arch("LlamaForCausalLM")
+    tokens = tokenize(STAT_TEXTS * 2, tokenizer, seq_len=40)  # 10 sequences: 5 batches of 2
+    groups = list(spec.input_groups)
+    whole = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"], 2,
+                                  flush_every=2, progress=False, staging=staging)
+    streamed = collect_streamed(tiny_llama, spec, groups, tokens["input_ids"], tokens["attention_mask"], 2,
+                                flush_every=2, progress=False, staging=staging)
+    assert _equal(whole, streamed)
+
+
 def test_hidden_states_past_their_budgets_go_to_host_memory_then_disk(tiny_llama, caplog):
     """With room on the "device" for one batch's hidden states and in host memory for one more, the
     others go to disk, and the moments stay bit-identical; the temporary files are removed."""

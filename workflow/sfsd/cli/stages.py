@@ -48,6 +48,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=default("collection.batch_size"))
     p.add_argument("--flush-every", type=int, default=default("collection.flush_every"),
                    help="batches summed in float32 before the float64 reduce")
+    p.add_argument("--staging", choices=choices("collection.staging"), default=default("collection.staging"),
+                   help="float32 staging of every block on the device, or each batch reduced at once (host); "
+                        "auto: device when it takes at most half the free device memory")
     add_streamed(p, "the device")
     p.add_argument("--out", required=True, help="output folder (block_XXX.safetensors + manifest.json)")
     p.set_defaults(func=cmd_collect)
@@ -174,7 +177,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     run_collect(
         args.model_dir, args.tokens, args.out, model_name=args.model_name, layers=csv_list(args.layers),
         dtype=args.dtype, device=args.device, batch_size=args.batch_size, flush_every=args.flush_every,
-        streamed=args.streamed,
+        streamed=args.streamed, staging=args.staging,
     )
 
 

@@ -17,25 +17,31 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from sfsd.defaults import choices
 from sfsd.errors import ConfigError, NumericalError
-from sfsd.features.stats import InputMoments, check_finite
+from sfsd.features.stats import InputMoments, check_finite, choose_staging, staging_bytes
 from sfsd.io import atomic_dir, load_tensors, model_digest, save_tensors, write_json
 from sfsd.model.loading import load_model, model_config, resolve_dtype
 from sfsd.model.placement import input_device, placement
 from sfsd.model.placement import resolve_device
 from sfsd.model.registry import architecture_of, blocks_of, get_arch, groups_for, select_linears
 from sfsd.model.spec import ArchSpec
-from sfsd.model.stream import streamed_moments, use_stream
+from sfsd.model.stream import host_available, streamed_moments, use_stream
 from sfsd.provenance import require, stamp, tokenizer_digest
 
 log = logging.getLogger(__name__)
 
+STAGING = choices("collection.staging")  # the `collection.staging` setting's values, from the config schema
+
+
 class _Statistics:
     """The statistics hooks of stage 1: per block and input group, the moments of the real (unpadded)
-    tokens of the batch being run (`select` sets which)."""
+    tokens of the batch being run (`select` sets which). With `release` (staging "host") every batch is
+    reduced into the float64 totals at once and its staging buffers freed (`InputMoments.update`)."""
 
-    def __init__(self, spec: ArchSpec, groups: list[str], n_blocks: int, flush_every: int) -> None:
-        self.spec, self.groups, self.flush_every = spec, groups, flush_every
+    def __init__(self, spec: ArchSpec, groups: list[str], n_blocks: int, flush_every: int,
+                 release: bool = False) -> None:
+        self.spec, self.groups, self.flush_every, self.release = spec, groups, flush_every, release
         self.moments: list[dict[str, InputMoments]] = [{} for _ in range(n_blocks)]
         self.valid: torch.Tensor | None = None  # flat indices of the real tokens of the current batch
 
@@ -52,7 +58,7 @@ class _Statistics:
                 acc = self.moments[b].get(group)
                 if acc is None:
                     acc = self.moments[b][group] = InputMoments.zeros(x.shape[-1])
-                acc.update(x, flush_every=self.flush_every)
+                acc.update(x, flush_every=1 if self.release else self.flush_every, release=self.release)
 
             return hook
 
@@ -60,9 +66,9 @@ class _Statistics:
             make_hook(g)) for g in self.groups]
 
     def finish_block(self, b: int) -> dict[str, InputMoments]:
-        """Block b's final moments (flushed, checked finite)."""
+        """Block b's final moments (flushed, staging buffers freed, checked finite)."""
         for g, acc in self.moments[b].items():
-            acc.flush()
+            acc.flush(release=True)
             check_finite({f"{g}.xxt": acc.xxt, f"{g}.xsum": acc.xsum, f"{g}.xabs": acc.xabs}, f"block {b}")
         return self.moments[b]
 
@@ -84,6 +90,35 @@ def _batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: 
     return out
 
 
+def resolve_staging(model: torch.nn.Module, spec: ArchSpec, groups: list[str], staging: str) -> str:
+    """The `collection.staging` setting decided for a model in memory (logged): device or host as given,
+    auto by `stats.choose_staging` on each device that holds blocks (all must fit, else host). Free memory:
+    a CUDA device's; on the CPU what the host has left once the float64 totals (8 d^2 + 16 d per input
+    and block), which both stagings keep there, are counted."""
+    if staging not in STAGING:
+        raise ConfigError(f"collection.staging {staging!r} is unknown; use one of {', '.join(STAGING)}")
+    if staging != "auto":
+        return staging
+    blocks = blocks_of(model, spec)
+    widths = [blocks[0].get_submodule(spec.linears[spec.input_groups[g][0]]).in_features for g in groups]
+    on_device: dict[torch.device, int] = {}
+    for block in blocks:
+        where = next(block.parameters()).device
+        on_device[where] = on_device.get(where, 0) + 1
+    chosen = []
+    for where, n in on_device.items():
+        if where.type == "cuda":
+            free = torch.cuda.mem_get_info(where)[0]
+        else:
+            free = host_available() - len(blocks) * sum(8 * d * d + 16 * d for d in widths)
+        chosen.append(choose_staging(n, widths, free))
+        log.info("staging %d block(s) on %s takes %.3g GB; %.3g GB free there", n, where,
+                 n * staging_bytes(widths) / 1e9, free / 1e9)
+    mode = "device" if all(c == "device" for c in chosen) else "host"
+    log.info("staging: %s (collection.staging: auto)", mode)
+    return mode
+
+
 def collect_input_moments(
     model: torch.nn.Module,
     spec: ArchSpec,
@@ -93,14 +128,22 @@ def collect_input_moments(
     batch_size: int,
     flush_every: int = 1,
     progress: bool = True,
+    staging: str = "auto",
 ) -> list[dict[str, InputMoments]]:
     """Moments of the inputs of `groups` in every block, over the unpadded tokens only.
+
+    `staging` (`resolve_staging`): "device" keeps every block's float32 staging buffers on the device for
+    the whole pass, reduced into float64 every `flush_every` batches; "host" reduces every batch into the
+    float64 totals (on the CPU) at once and frees its buffers, so at most one input's are held. With
+    `flush_every` 1 both do the same arithmetic (bit-identical statistics); above 1, host skips the
+    float32 sum over batches (a difference within float32 round-off of those sums); auto decides.
 
     NaN/Inf inputs (float16 overflow, corrupt weights) stop the pass at the first float64 flush that
     holds them, naming the block, the input group and the batch: a 7B run fails in seconds, not hours."""
     device = input_device(model)
     blocks = blocks_of(model, spec)
-    stats = _Statistics(spec, groups, len(blocks), flush_every)
+    release = resolve_staging(model, spec, groups, staging) == "host"
+    stats = _Statistics(spec, groups, len(blocks), flush_every, release)
     handles = [h for b, block in enumerate(blocks) for h in stats.hooks(b, block)]
     decoder = model.get_submodule(spec.decoder)
     try:
@@ -110,12 +153,13 @@ def collect_input_moments(
                 stats.select(mask)
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
                 bar.update(int(mask.sum()))
-                if (batch + 1) % flush_every == 0:  # just flushed: the float64 sums are on the CPU
+                if release or (batch + 1) % flush_every == 0:  # just flushed: the float64 sums are on the CPU
                     _check_batch(stats.moments, spec, batch, batch_size, next(model.parameters()).dtype)
     finally:
         for h in handles:
             h.remove()
-    return stats.finish()
+    with torch.inference_mode():  # the sums were made there: the last flush adds to them in place
+        return stats.finish()
 
 
 def collect_streamed(
@@ -131,22 +175,26 @@ def collect_streamed(
     on_block: Callable[[int, dict[str, InputMoments]], None] | None = None,
     progress: bool = True,
     hidden_bytes: tuple[float, float] | None = None,
+    staging: str = "auto",
 ) -> int | list[dict[str, InputMoments]]:
     """`collect_input_moments` with one block in memory at a time (`sfsd.model.stream`): the same batches, the
     same hooks, bit-identical moments. With `on_block(b, moments)` each block's moments are handed over
     (and dropped here) as soon as its block is done, and the number of blocks is returned; without it,
     the moments of every block. `hidden_bytes`: where the hidden states between blocks may live
-    (`stream.streamed_moments`)."""
+    (`stream.streamed_moments`). Only the current block's staging buffers exist here, so `staging` auto
+    is device; host is honoured (each batch reduced at once, as in `collect_input_moments`)."""
+    release = _streamed_staging(staging) == "host"
     batches = _batches(input_ids, attention_mask, batch_size, device)
-    stats = _Statistics(spec, groups, 0, flush_every)  # grows as the blocks come
+    stats = _Statistics(spec, groups, 0, flush_every, release)  # grows as the blocks come
     kept: list[dict[str, InputMoments]] = []
 
     def checked(batch: int) -> None:
-        if (batch + 1) % flush_every == 0:
+        if release or (batch + 1) % flush_every == 0:
             _check_batch(stats.moments, spec, batch, batch_size, dtype)
 
     def done(b: int) -> None:
-        moments = stats.finish_block(b)
+        with torch.inference_mode():  # the sums were made there: the last flush adds to them in place
+            moments = stats.finish_block(b)
         if on_block is None:
             kept.append(moments)
         else:
@@ -158,6 +206,13 @@ def collect_streamed(
                                 dtype, device, after_batch=checked, after_block=done, progress=progress,
                                 hidden_bytes=hidden_bytes)
     return n_blocks if on_block is not None else kept
+
+
+def _streamed_staging(staging: str) -> str:
+    """The `collection.staging` setting of a streamed pass: host as given, else device (one block's buffers)."""
+    if staging not in STAGING:
+        raise ConfigError(f"collection.staging {staging!r} is unknown; use one of {', '.join(STAGING)}")
+    return "host" if staging == "host" else "device"
 
 
 def _check_batch(moments: list[dict[str, InputMoments]], spec: ArchSpec, batch: int, batch_size: int,
@@ -188,10 +243,13 @@ def run_collect(
     batch_size: int = 8,
     flush_every: int = 1,
     streamed: str = "auto",
+    staging: str = "auto",
 ) -> dict:
     """Load model and tokens, collect, write block_XXX.safetensors files and manifest.json. `streamed`:
     always / never run the model one block at a time (`sfsd.model.stream`), or auto: when its weights would
-    not fit the device (`stream.fits_device`); the statistics are the same either way."""
+    not fit the device (`stream.fits_device`); the statistics are the same either way. `staging`: where the
+    float32 staging buffers live (`collect_input_moments`; auto: `resolve_staging`), recorded in the
+    manifest as decided."""
     digest = model_digest(model_dir)  # refuses a truncated checkpoint before the (long) load
     config = model_config(model_dir)
     arch = architecture_of(config)
@@ -201,6 +259,7 @@ def run_collect(
     model = None if stream else load_model(model_dir, dtype=dtype, device=device)[0]
     linears = select_linears(spec, layers)
     groups = groups_for(spec, linears)
+    staged = _streamed_staging(staging) if stream else resolve_staging(model, spec, groups, staging)
     if batch_size < 1:
         raise ConfigError(f"collection.batch_size must be >= 1, got {batch_size}")
     tokens, tok_meta = load_tensors(tokens_path, ["input_ids", "attention_mask"])
@@ -214,7 +273,7 @@ def run_collect(
     log.info("collecting %s inputs on %s (%s)", groups, device_used, dtype)
     n_tokens = int(tokens["attention_mask"].sum())
     settings = {"layers": list(layers), "dtype": dtype, "device": device, "batch_size": batch_size,
-                "flush_every": flush_every}
+                "flush_every": flush_every, "staging": staging}
     common = {
         "model": model_name,
         "architecture": arch,
@@ -236,10 +295,10 @@ def run_collect(
         if stream:  # each block's statistics are written, and dropped, as soon as its block is done
             n_blocks = collect_streamed(model_dir, spec, groups, tokens["input_ids"], tokens["attention_mask"],
                                         batch_size, flush_every, resolve_dtype(dtype), torch_device,
-                                        on_block=write_block)
+                                        on_block=write_block, staging=staged)
         else:
             moments = collect_input_moments(model, spec, groups, tokens["input_ids"], tokens["attention_mask"],
-                                            batch_size, flush_every)
+                                            batch_size, flush_every, staging=staged)
             for b, per_block in enumerate(moments):
                 write_block(b, per_block)
             n_blocks = len(moments)
@@ -251,6 +310,7 @@ def run_collect(
             "linears": linears,
             "device": device_used,
             "streamed": stream,
+            "staging": staged,
             "seconds": round(seconds, 2),
             "tokens_per_second": round(n_tokens / seconds, 1),
         }

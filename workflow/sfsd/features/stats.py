@@ -10,6 +10,7 @@ one accumulator.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,8 @@ class InputMoments:
 
     Batches are multiplied in float32 on the compute device into a staging sum, which `flush`
     reduces into the float64 totals on the CPU: fast GEMMs, no precision lost over many batches,
-    and no float64 matrices held on a GPU (a 7B model would need ~44 GB of them)."""
+    and no float64 matrices held on a GPU (a 7B model would need ~44 GB of them). With `release`,
+    the staging buffers are freed after each flush instead of kept for the next batch (`choose_staging`)."""
 
     xxt: torch.Tensor  # (d, d) float64, CPU
     xsum: torch.Tensor  # (d,) float64, CPU
@@ -43,8 +45,10 @@ class InputMoments:
             xabs=torch.zeros(dim, dtype=torch.float64),
         )
 
-    def update(self, x: torch.Tensor, flush_every: int = 1) -> None:
-        """Add a (tokens, d) batch of inputs; flush to float64 every `flush_every` batches."""
+    def update(self, x: torch.Tensor, flush_every: int = 1, release: bool = False) -> None:
+        """Add a (tokens, d) batch of inputs; flush to float64 every `flush_every` batches (with
+        `release`, the staging buffers are freed at each flush: `flush_every=1, release=True` holds them
+        only while this batch is added)."""
         x = x.reshape(-1, x.shape[-1])
         if x.shape[0] == 0:
             return
@@ -60,20 +64,26 @@ class InputMoments:
         self.count += x.shape[0]
         self._staged_batches += 1
         if self._staged_batches >= flush_every:
-            self.flush()
+            self.flush(release)
 
-    def flush(self) -> None:
+    def flush(self, release: bool = False) -> None:
+        """Reduce the staged sums into the float64 totals; `release` frees the staging buffers too."""
         if self._staged_batches == 0:
+            if release:
+                self._staged_xxt = self._staged_xsum = self._staged_xabs = None
             return
         staged = self._staged_xxt.to("cpu", torch.float64)
         self.xxt += (staged + staged.T) / 2  # a float32 X^T X from gemm need not be exactly symmetric
         self.xsum += self._staged_xsum.cpu()
         if self.xabs is not None:
             self.xabs += self._staged_xabs.cpu()
+        self._staged_batches = 0
+        if release:
+            self._staged_xxt = self._staged_xsum = self._staged_xabs = None
+            return
         self._staged_xxt.zero_()
         self._staged_xsum.zero_()
         self._staged_xabs.zero_()
-        self._staged_batches = 0
 
     def mean(self) -> torch.Tensor:
         self.flush()
@@ -93,6 +103,29 @@ class InputMoments:
     def covariance(self) -> torch.Tensor:
         m = self.mean()
         return self.second_moment() - torch.outer(m, m)
+
+
+STAGING_SHARE = 0.5  # of the free memory the staging buffers of every block may take (`choose_staging`)
+
+
+def staging_bytes(widths: Sequence[int]) -> int:
+    """Bytes of one block's staging buffers (`InputMoments`): per distinct Linear input of width d, the
+    float32 sum of x x^T (4 d^2) and the float64 sums of x and |x| (16 d)."""
+    return sum(4 * d * d + 16 * d for d in widths)
+
+
+def choose_staging(n_blocks: int, widths: Sequence[int], free_bytes: float, share: float = STAGING_SHARE) -> str:
+    """The staging of stage 1's whole-model pass, `collection.staging: auto` decided (the only place it is):
+
+        "device"  when  n_blocks * sum_d (4 d^2 + 16 d)  <=  share * free_bytes,  else "host",
+
+    `widths` being the input widths d of one block's distinct Linear inputs, `free_bytes` the memory free
+    where the staging buffers live (the compute device, once the model is on it) and `share` 0.5 (the rest
+    is left to the activations). "device": every block keeps its staging buffers for the whole pass (no
+    allocation per batch); "host": each block's buffers live only while its batch is reduced into the
+    float64 totals, so at most one input's are held at a time. Llama-3-8B (32 blocks, widths 4096 x 3 and
+    14336) needs 32.76 GB to stage on the device: "device" with at least 65.53 GB free."""
+    return "device" if n_blocks * staging_bytes(widths) <= share * free_bytes else "host"
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
