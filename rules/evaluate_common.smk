@@ -23,7 +23,7 @@ def perplexity_args(wildcards, input):
     if ppl["source"] == "none":
         return "--ppl-source none"
     # the leading search_fraction of the documents belongs to the rank search: never scored here
-    args = (f"--ppl-source {ppl['source']} --ppl-window {ppl['window']} "
+    args = (f"--ppl-source {ppl['source']} --ppl-window {ppl['window']} --ppl-bos {ppl['bos']} "
             f"--ppl-search-fraction {config['splits']['search_fraction']} --ppl-max-docs {ppl['max_docs']}")
     if ppl["source"] in ("text_file", "jsonl_file"):
         args += f" --ppl-path {shlex.quote(str(input.ppl_text))} --ppl-text-field {shlex.quote(ppl['text_field'])}"

@@ -29,6 +29,8 @@ rule search:
         # tunes on its leading documents, the evaluate stage scores the rest
         ppl=lambda wc: f"--ppl-window {config['evaluation']['perplexity']['window']} "
         f"--ppl-search-fraction {config['splits']['search_fraction']}"
+        # where BOS goes in the windows: only a perplexity search scores windows (its change reruns no other)
+        + (f" --ppl-bos {config['evaluation']['perplexity']['bos']}" if wc.mode == "perplexity" else "")
         + f" --ppl-max-docs {config['evaluation']['perplexity']['max_docs']}"
         + (
             f" --ppl-path {shlex.quote(str(config['evaluation']['perplexity']['path']))}"

@@ -358,11 +358,11 @@ def test_parquet_round_trip_and_combine(tmp_path):
     assert got[0]["lm_eval_version"] and got[0]["torch_version"]
     assert got[0]["seed"] == 3 and got[0]["model"] == "tiny"
     ppl = {"ppl": 44.0, "nll": math.log(44.0), "tokens": 1016, "windows": 8, "window": 128, "stride": 128,
-           "window_nll": [127 * math.log(44.0)] * 8, "window_tokens": [127] * 8}
+           "bos": "first_window", "window_nll": [127 * math.log(44.0)] * 8, "window_tokens": [127] * 8}
     row = perplexity_row(ppl, "lambada", docs=[{"doc_id": "lambada/1"}, {"doc_id": "lambada/2"}])
     # windows of equal NLL: no spread, so the interval is the point itself
     assert row["ci_low"] == pytest.approx(44.0) and row["ci_high"] == pytest.approx(44.0)
-    assert row["ppl_docs"] == 2 and len(row["ppl_docs_digest"]) == 16
+    assert row["ppl_docs"] == 2 and len(row["ppl_docs_digest"]) == 16 and row["ppl_bos"] == "first_window"
     b = write_rows(tmp_path / "b.parquet", [row], {"model": "tiny", "method": "dense"})
     both = combine([a, b])
     assert both.num_rows == 3 and both.column("window").to_pylist() == [None, None, 128]

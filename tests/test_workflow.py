@@ -54,11 +54,12 @@ def test_stage_outputs(finished_run):
     assert int(stats["attn_in.count"]) == manifest["tokens"] > 0
     assert meta["calibration_digest"] == manifest["calibration_digest"]
     eig, meta = load_tensors(results / "eigen" / "block_000.safetensors")
-    shapes = {"q_proj": 32, "k_proj": 16, "v_proj": 16, "o_proj": 32, "gate_proj": 48, "up_proj": 48, "down_proj": 32}
-    for linear, out in shapes.items():
-        assert eig[f"{linear}.eigenvectors"].shape == (out, out)
+    shapes = {"q_proj": (32, 32), "k_proj": (16, 32), "v_proj": (16, 32), "o_proj": (32, 32), "gate_proj": (48, 32),
+              "up_proj": (48, 32), "down_proj": (32, 48)}  # (out, in): the top min(in, out) eigenpairs are stored
+    for linear, (out, inp) in shapes.items():
+        assert eig[f"{linear}.eigenvectors"].shape == (out, min(out, inp))
         values = eig[f"{linear}.eigenvalues"]
-        assert values.shape == (out,) and bool((values[:-1] >= values[1:]).all())
+        assert values.shape == (min(out, inp),) and bool((values[:-1] >= values[1:]).all())
         assert eig[f"{linear}.mean"].shape == (out,)
     summary = read_json(results / "eigen" / "summary.json")
     assert [b["block"] for b in summary["blocks"]] == [0, 1]

@@ -5,7 +5,8 @@ with groups `type` (the default: rank moves across depth within each Linear type
 greedy over every layer), and optionally the searched plans under results/<model>/plans/, applies each
 to the embedded model and prints, per plan, the parameters kept, the summed normalised output error the
 spectral allocation minimises, and LAMBADA perplexity (128-token windows) on the first N of the test
-passages (those no search scored), with the ratio to the uniform plan's.
+passages (those no search scored), with the ratio to the uniform plan's; BOS placed in the windows as
+`evaluation.perplexity.bos` places it (`--bos`, default from the schema: auto, the model family's protocol).
 
     snakemake --cores 2      # once, for results/<model>/factors (with spectra), plans and calibration texts
     python workflow/benchmarks/allocation_ppl.py [--method feature --budget 0.806 --docs 100]
@@ -23,12 +24,13 @@ from sfsd.decompose.allocate import layer_spectra, spectral_plan
 from sfsd.decompose.compress import BlockFile
 from sfsd.decompose.factor_cache import apply_cached_plan, factor_spectrum
 from sfsd.decompose.plan import budget_plan, count_params
+from sfsd.defaults import choices, default
 from sfsd.evaluate.perplexity import perplexity, perplexity_texts, split_texts
 from sfsd.features.calibration import read_texts
 from sfsd.features.collect import block_file
 from sfsd.io import model_digest
 from sfsd.model.loading import load_model
-from sfsd.model.registry import architecture_of, get_arch
+from sfsd.model.registry import architecture_of, get_arch, perplexity_bos
 from sfsd.model.shapes import model_shapes
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -43,6 +45,8 @@ def main() -> None:
     parser.add_argument("--first-block", type=int, default=4, help="as compression.first_block")
     parser.add_argument("--docs", type=int, default=100, help="test passages scored (LAMBADA, after the searched 20%)")
     parser.add_argument("--plans", nargs="*", default=[], help="more plan files to score (e.g. searched plans)")
+    parser.add_argument("--bos", choices=choices("evaluation.perplexity.bos"),
+                        default=default("evaluation.perplexity.bos"), help="as evaluation.perplexity.bos")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,14 +69,15 @@ def main() -> None:
 
     calibration = [d["doc_id"] for d in read_texts(args.results / "calibration" / "texts.jsonl")]
     docs = split_texts(perplexity_texts("lambada", exclude_ids=calibration, max_docs=300), 0.2)["test"][:args.docs]
+    bos = perplexity_bos(args.bos, json.loads((model_dir / "config.json").read_text()).get("model_type"))
     print(f"{args.model}, {args.method}, budget {args.budget}, blocks {args.first_block}-{shapes.n_blocks - 1}; "
-          f"LAMBADA perplexity on {len(docs)} test passages, 128-token windows")
+          f"LAMBADA perplexity on {len(docs)} test passages, 128-token windows, BOS {bos.replace('_', ' ')}")
     print(f"{'plan':<34}{'params %':>9}{'norm. error':>13}{'ppl':>10}{'vs uniform':>12}")
     reference = None
     for name, plan in plans.items():
         model, tokenizer = load_model(model_dir, device="cpu")
         apply_cached_plan(model, get_arch(architecture_of(model.config)), plan, factors, model_digest=digest)
-        ppl = perplexity(model, tokenizer, docs, 128, batch_size=8)["ppl"]
+        ppl = perplexity(model, tokenizer, docs, 128, batch_size=8, bos=bos)["ppl"]
         reference = reference or ppl
         ranks = {k: e.get("rank") for k, e in plan["layers"].items()}
         error = sum(spectra[k].error(r) for k, r in ranks.items() if k in spectra)

@@ -7,9 +7,12 @@ import argparse
 import logging
 
 from sfsd.cli.options import METHOD_CHOICES, METRIC_HELP, csv_list, optional
-from sfsd.defaults import default
+from sfsd.defaults import choices, default
 from sfsd.errors import ConfigError
 from sfsd.tasks.registry import METRIC_CHOICES
+
+PPL_BOS_HELP = ("where BOS goes in the perplexity windows: every_window (BOS + window-1 text tokens), "
+                "first_window (the tokenizer's own, once at the start of the text), auto (the model family's)")
 
 
 def add_parsers(sub) -> None:
@@ -52,6 +55,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--ppl-source", default=default("evaluation.perplexity.source"),
                    help="lambada, coqa, wikitext2, text_file, jsonl_file or none")
     p.add_argument("--ppl-window", type=int, default=default("evaluation.perplexity.window"))
+    p.add_argument("--ppl-bos", choices=choices("evaluation.perplexity.bos"),
+                   default=default("evaluation.perplexity.bos"), help=PPL_BOS_HELP)
     p.add_argument("--ppl-max-docs", type=optional(int), default=default("evaluation.perplexity.max_docs"),
                    help="first N documents (none: all)")
     p.add_argument("--ppl-search-fraction", type=float, default=None,
@@ -162,6 +167,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--curve-every", type=int, default=default("search.curve_every"),
                    help="evaluate the test split every N finished blocks")
     p.add_argument("--ppl-window", type=int, default=default("evaluation.perplexity.window"))
+    p.add_argument("--ppl-bos", choices=choices("evaluation.perplexity.bos"),
+                   default=default("evaluation.perplexity.bos"), help=PPL_BOS_HELP)
     p.add_argument("--ppl-max-docs", type=optional(int), default=default("evaluation.perplexity.max_docs"),
                    help="first N perplexity documents (none: all)")
     p.add_argument("--ppl-search-fraction", type=float, required=True,
@@ -241,7 +248,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise ConfigError("--ppl-search-fraction is required with a perplexity source (the search part of the "
                               "text, splits.search_fraction; 0 scores every document)")
         ppl_docs = split_texts(texts, args.ppl_search_fraction)["test"] if args.ppl_search_fraction else texts
-        ppl = perplexity(model, tokenizer, ppl_docs, args.ppl_window)
+        ppl = perplexity(model, tokenizer, ppl_docs, args.ppl_window, bos=args.ppl_bos)
         rows.append(perplexity_row(ppl, args.ppl_source, docs=ppl_docs))
 
     # what the compressed weights were cut from (the factor caches' calibration), recorded per row
@@ -252,7 +259,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                             calibration_digest=provenance.get("calibration_digest"))
     if args.items_out:
         write_items(args.items_out, item_rows(doc_scores, ppl, args.ppl_source, args.split), common,
-                    [d["doc_id"] for d in ppl_docs])
+                    [d["doc_id"] for d in ppl_docs], ppl_bos=ppl["bos"] if ppl else None)
     write_rows(args.out, rows, common)
     logging.info("evaluated %s/%s: %d rows", args.model_name, args.variant, len(rows))
 
@@ -356,7 +363,8 @@ def cmd_search(args: argparse.Namespace) -> None:
                settings=settings, layers=csv_list(args.layers), tasks_dir=args.tasks_dir, splits_file=args.splits,
                task_source=args.task_source,
                tasks=csv_list(args.tasks), search_limit=args.search_limit, curve_limit=args.curve_limit,
-               curve_every=args.curve_every, ppl_window=args.ppl_window, ppl_max_docs=args.ppl_max_docs,
+               curve_every=args.curve_every, ppl_window=args.ppl_window, ppl_bos=args.ppl_bos,
+               ppl_max_docs=args.ppl_max_docs,
                ppl_search_fraction=args.ppl_search_fraction, ppl_path=args.ppl_path,
                ppl_text_field=args.ppl_text_field, calibration_texts=args.calibration_texts,
                batch_size=args.batch_size, device=args.device, cache=not args.no_cache,

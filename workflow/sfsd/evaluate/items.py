@@ -9,8 +9,9 @@ can be compared item by item (`sfsd.report.compare`). The evaluate stage writes,
 - unit "window": a perplexity window (`item` = its index), with its summed negative log-likelihood
   `nll` and scored `tokens`.
 
-The file's metadata holds the format name and the ids of the perplexity documents (in order), so two
-variants' windows are paired only when they come from the same text.
+The file's metadata holds the format name, the ids of the perplexity documents (in order) and where BOS
+went in the windows (`ppl_bos`), so two variants' windows are paired only when they come from the same text
+under the same protocol.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ DOCS_COLUMNS = tuple(DOCS_SCHEMA)
 # the columns every row of one file shares (one file = one variant)
 VARIANT_COLUMNS = ("model", "method", "plan", "params_model_fraction")
 PPL_DOC_IDS = "ppl_doc_ids"  # metadata key: the perplexity documents' ids, in order
+PPL_BOS = "ppl_bos"  # metadata key: the windows' BOS protocol (every_window, first_window)
 
 
 def item_rows(doc_scores: Iterable[Mapping], ppl: Mapping | None = None, ppl_source: str | None = None,
@@ -57,16 +59,17 @@ def item_rows(doc_scores: Iterable[Mapping], ppl: Mapping | None = None, ppl_sou
 
 
 def write_items(path: str | os.PathLike, rows: Sequence[Mapping], common: Mapping,
-                ppl_doc_ids: Sequence[str] = ()) -> Path:
+                ppl_doc_ids: Sequence[str] = (), ppl_bos: str | None = None) -> Path:
     """Write `item_rows` (each with the VARIANT_COLUMNS of `common`) as the per-item Parquet file,
-    atomically."""
+    atomically; `ppl_bos` is the perplexity result's `bos` (None without perplexity)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not rows:
         raise DataError(f"no per-item scores to write to {path}")
     schema = pa.schema([(c, pa.type_for_alias(t)) for c, t in DOCS_SCHEMA.items()],
-                       metadata={"format": DOCS_FORMAT, PPL_DOC_IDS: json.dumps(list(ppl_doc_ids))})
+                       metadata={"format": DOCS_FORMAT, PPL_DOC_IDS: json.dumps(list(ppl_doc_ids)),
+                                 PPL_BOS: json.dumps(ppl_bos)})
     head = {k: common.get(k) for k in VARIANT_COLUMNS}
     table = pa.Table.from_pylist([{c: {**head, **r}.get(c) for c in DOCS_COLUMNS} for r in rows], schema=schema)
     with atomic_path(path) as tmp:

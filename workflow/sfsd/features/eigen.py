@@ -1,7 +1,11 @@
 """Stage 2: per block and per target Linear, the output mean and covariance from the cached input
 moments, and its eigendecomposition (float64, descending). One job per block, single-threaded by
 default: LAPACK's eigh is several times slower with 2 MKL threads than with 1 on small machines,
-so Snakemake runs blocks in parallel instead."""
+so Snakemake runs blocks in parallel instead.
+
+Only the top min(in, out) eigenpairs are stored (`stored_rank`): the covariance W Cov[x] W^T has rank
+<= in, and no plan keeps a factored rank above kappa - 1 < min(in, out) (`decompose.methods.max_rank`),
+so a widening Linear's zero-eigenvalue completion (out - in columns) would be written and never read."""
 
 from __future__ import annotations
 
@@ -38,6 +42,11 @@ def check_symmetric(xxt: torch.Tensor, where: str) -> None:
     if worst > ASYMMETRY_TOLERANCE:
         raise NumericalError(f"{where}: x x^T is not symmetric (relative asymmetry {worst:.3e} > "
                              f"{ASYMMETRY_TOLERANCE:.0e}); the statistics are corrupt: rerun collection")
+
+
+def stored_rank(out_features: int, in_features: int) -> int:
+    """Eigenpairs an eigen file keeps per Linear: min(in, out), the rank its output covariance can have."""
+    return min(out_features, in_features)
 
 
 def run_eigen(
@@ -82,7 +91,7 @@ def run_eigen(
         weight = params[spec.param_name(block, linear, "weight")]
         mu = output_mean(weight, params.get(bias_name), x_mean)
         started = time.perf_counter()
-        eig = output_eigen(weight, x_cov, x_factor)
+        eig = output_eigen(weight, x_cov, x_factor, complete=False)
         eigh_seconds += time.perf_counter() - started
         if not torch.isfinite(eig.values).all():
             raise NumericalError(f"block {block} {linear}: eigendecomposition gave NaN/Inf")
@@ -100,11 +109,12 @@ def run_eigen(
         if eig.n_clamped:
             log.info("block %d %s: clamped %d round-off negative eigenvalue(s), min %.3e", block, linear,
                      eig.n_clamped, eig.min_raw)
-        tensors[f"{linear}.eigenvalues"] = eig.values
-        tensors[f"{linear}.eigenvectors"] = eig.vectors.to(resolve_dtype(save_dtype))
+        keep = stored_rank(*weight.shape)
+        tensors[f"{linear}.eigenvalues"] = eig.values[:keep].contiguous()
+        tensors[f"{linear}.eigenvectors"] = eig.vectors[:, :keep].to(resolve_dtype(save_dtype)).contiguous()
         tensors[f"{linear}.mean"] = mu
-        report[linear] = {"dim": int(eig.values.numel()), "n_clamped": eig.n_clamped, "min_raw": eig.min_raw,
-                          "top": top}
+        report[linear] = {"dim": int(weight.shape[0]), "stored": keep, "n_clamped": eig.n_clamped,
+                          "min_raw": eig.min_raw, "top": top}
     save_tensors(
         out_path,
         tensors,
@@ -122,7 +132,8 @@ def run_eigen(
 
 def summarize(paths: list) -> dict:
     """Per block and Linear: dimension, clamped count, and the rank that keeps 90/95/99% of the
-    output variance; the energy curve itself is sampled at 20 evenly spaced ranks."""
+    output variance; the energy curve itself is sampled at 20 evenly spaced ranks of the output dimension
+    (the eigenvalues past the stored ones are 0: `stored_rank`)."""
     from sfsd.io import load_tensors
 
     blocks = []
@@ -133,8 +144,8 @@ def summarize(paths: list) -> dict:
         layers = {}
         for linear in meta["linears"]:
             values = tensors[f"{linear}.eigenvalues"]
-            energy = energy_kept(values)
-            n = values.numel()
+            n = int(meta["layers"][linear].get("dim", values.numel()))
+            energy = energy_kept(torch.cat([values, values.new_zeros(n - values.numel())]))
             sample = sorted({max(1, round(n * i / 20)) for i in range(1, 21)})
             layers[linear] = {
                 "dim": n,

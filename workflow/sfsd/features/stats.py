@@ -168,8 +168,8 @@ def covariance_factor(x_cov: torch.Tensor) -> torch.Tensor | None:
 
 @dataclass
 class Eigen:
-    values: torch.Tensor  # (n,) descending, clamped at 0
-    vectors: torch.Tensor  # (n, n), column i belongs to values[i]
+    values: torch.Tensor  # (k,) descending, clamped at 0 (k = n, or fewer: `output_eigen(complete=False)`)
+    vectors: torch.Tensor  # (n, k), column i belongs to values[i]
     n_clamped: int  # negative round-off eigenvalues set to 0
     min_raw: float  # most negative eigenvalue before clamping (0 if none)
 
@@ -186,21 +186,25 @@ def eigh_descending(cov: torch.Tensor) -> Eigen:
     return Eigen(values.clamp_min(0.0), vectors, int(negative.sum()), min_raw)
 
 
-def output_eigen(weight: torch.Tensor, x_cov: torch.Tensor, x_factor: torch.Tensor | None = None) -> Eigen:
+def output_eigen(weight: torch.Tensor, x_cov: torch.Tensor, x_factor: torch.Tensor | None = None,
+                 complete: bool = True) -> Eigen:
     """Eigendecomposition (float64, descending) of the output covariance C = W Cov[x] W^T.
 
     A Linear that widens (out > in, e.g. gate/up projections) has C = A A^T with A = W L of rank
     <= in (L = `covariance_factor`): the SVD A = U S Q^T gives the nonzero eigenpairs (S^2, U)
     without forming C, more accurately (no squaring) and faster than an out x out eigh; the other
-    out - in eigenvalues are exactly 0, with an orthonormal completion of U as their eigenvectors.
+    out - in eigenvalues are exactly 0, with an orthonormal completion of U as their eigenvectors
+    (`complete=False`: left out, and the out x out QR that makes them skipped: the in pairs are all).
     Otherwise (or without a factor) C is formed and passed to eigh."""
     out_features, in_features = weight.shape
     if x_factor is None or out_features <= in_features:
         return eigh_descending(output_covariance(weight, x_cov))
     a = weight.double() @ x_factor
     u, s, _ = torch.linalg.svd(a, full_matrices=False)
-    complete, _ = torch.linalg.qr(u, mode="complete")
-    vectors = torch.cat([u, complete[:, in_features:]], dim=1)
+    if not complete:
+        return Eigen(s.square(), u, 0, 0.0)
+    q, _ = torch.linalg.qr(u, mode="complete")
+    vectors = torch.cat([u, q[:, in_features:]], dim=1)
     values = torch.cat([s.square(), s.new_zeros(out_features - in_features)])
     return Eigen(values, vectors, 0, 0.0)
 

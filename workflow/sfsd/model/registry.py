@@ -5,7 +5,8 @@ input"; they never spell `model.model.layers[i].self_attn...` themselves.
 
 `get_arch(name)`: an explicit REGISTRY entry first; otherwise the spec found by inspecting the
 transformers class (`sfsd.model.inspection`: blocks, Linear layers in forward order, input groups from a
-probe's forward pass), completed by what inspection cannot decide, kept here as data (LASER_NAMES).
+probe's forward pass), completed by what inspection cannot decide, kept here as data (LASER_NAMES). Other per-family facts are
+data here too: where perplexity windows put BOS (PPL_BOS, `perplexity_bos`).
 Fused Linears (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's query_key_value) are one layer each.
 """
 
@@ -110,6 +111,36 @@ SEARCH_ORDER = LINEAR_ORDER[::-1]
 
 # The architectures tested end to end (tests/test_architectures.py), listed by `python -m sfsd architectures`.
 SUPPORTED = (*REGISTRY, *LASER_NAMES)
+
+
+# Where BOS goes when perplexity text is cut into windows (`sfsd.evaluate.perplexity`), per model_type:
+# "every_window" = each window is BOS + window-1 text tokens; "first_window" = the text is tokenized once with
+# the tokenizer's own special tokens (a Llama tokenizer's BOS opens the first window only: SVD-LLM's protocol).
+# Gemma models are trained to see BOS first and fall apart without it (Gemma-3-270M, LAMBADA, 30 windows of 128
+# tokens: perplexity 321 with BOS on the first window only, 48 with BOS on every window), so they get it on
+# every window, as lm-eval's rolling log-likelihood gives each window its prefix token. A model_type without an
+# entry keeps the first-window protocol. `evaluation.perplexity.bos: auto` reads this table.
+PPL_BOS_PROTOCOLS = ("every_window", "first_window")
+PPL_BOS: dict[str, str] = {
+    "gemma": "every_window",
+    "gemma2": "every_window",
+    "gemma3": "every_window",
+    "gemma3_text": "every_window",
+}
+PPL_BOS_OTHERS = "first_window"
+
+
+def perplexity_bos(setting: str, model_type: str | None) -> str:
+    """The BOS protocol of perplexity windows (one of PPL_BOS_PROTOCOLS): `setting` itself, or for "auto" the
+    family's (PPL_BOS by model_type, a compressed folder's `sfsd_` prefix dropped; PPL_BOS_OTHERS otherwise)."""
+    from sfsd.model.hf_modeling import MODEL_TYPE_PREFIX
+
+    if setting in PPL_BOS_PROTOCOLS:
+        return setting
+    if setting != "auto":
+        raise ConfigError(f"evaluation.perplexity.bos {setting!r} is unknown; choose auto, "
+                          f"{', '.join(PPL_BOS_PROTOCOLS)}")
+    return PPL_BOS.get(str(model_type or "").removeprefix(MODEL_TYPE_PREFIX), PPL_BOS_OTHERS)
 
 
 def get_arch(architecture: str) -> ArchSpec:

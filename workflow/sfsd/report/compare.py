@@ -22,7 +22,7 @@ import numpy as np
 
 from sfsd.decompose.variants import METHOD_NAMES, parse_variant
 from sfsd.errors import ConfigError, DataError
-from sfsd.evaluate.items import DOCS_COLUMNS, DOCS_FORMAT, PPL_DOC_IDS, VARIANT_COLUMNS
+from sfsd.evaluate.items import DOCS_COLUMNS, DOCS_FORMAT, PPL_BOS, PPL_DOC_IDS, VARIANT_COLUMNS
 
 LEVEL = 0.95
 _CHUNK = 1 << 22  # resampled values held at once (per column), whatever the number of documents
@@ -214,6 +214,10 @@ def compare_pair(a: Mapping, b: Mapping, metric: str, n_boot: int = 2000, seed: 
     if shared and a.get("ppl_doc_ids") != b.get("ppl_doc_ids"):
         raise DataError(f"cannot pair {a['plan']} with {b['plan']}: their perplexity windows come from different "
                         "documents; evaluate both with the same evaluation.perplexity and splits settings")
+    if shared and a.get("ppl_bos") != b.get("ppl_bos"):
+        raise DataError(f"cannot pair {a['plan']} with {b['plan']}: their perplexity windows put BOS differently "
+                        f"({a.get('ppl_bos') or 'unrecorded'} vs {b.get('ppl_bos') or 'unrecorded'}); evaluate both "
+                        "with the same evaluation.perplexity.bos")
     for source in shared:
         wa, wb = a["windows"][source], b["windows"][source]
         if not np.array_equal(wa["tokens"], wb["tokens"]):
@@ -289,7 +293,8 @@ def _column(table, name: str, dtype) -> np.ndarray:
 
 def read_docs(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
     """{variant: {"model", "method", "plan", "params_model_fraction", "split", "docs": {task: {"item",
-    "acc", "acc_norm"}}, "windows": {source: {"item", "nll", "tokens"}}}} of one model's docs files
+    "acc", "acc_norm"}}, "windows": {source: {"item", "nll", "tokens"}}, "ppl_doc_ids", "ppl_bos"}} of one
+    model's docs files
     (results/{model}/eval/{variant}.docs.parquet, format sfsd-docs-1), items sorted within each task."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -329,7 +334,9 @@ def read_docs(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
             raise DataError(f"{path}: unknown unit(s) {sorted(map(str, units - {'doc', 'window'}))}; "
                             "expected doc or window")
         ppl_ids = (table.schema.metadata or {}).get(PPL_DOC_IDS.encode(), b"[]")
-        entry = {**head, "path": str(path), "docs": {}, "windows": {}, "ppl_doc_ids": json.loads(ppl_ids)}
+        ppl_bos = (table.schema.metadata or {}).get(PPL_BOS.encode(), b"null")
+        entry = {**head, "path": str(path), "docs": {}, "windows": {}, "ppl_doc_ids": json.loads(ppl_ids),
+                 "ppl_bos": json.loads(ppl_bos)}
         for unit, key, fields in (("doc", "docs", ("acc", "acc_norm")), ("window", "windows", ("nll", "tokens"))):
             part = table.filter(pc.equal(table.column("unit"), unit))
             for task in part.column("task").unique().to_pylist():
@@ -371,6 +378,8 @@ def comparisons_table(doc_paths: Sequence[str | os.PathLike], metric: str, out_m
                     "bootstrapped over windows; below 1 means a predicts the text better.")
     footer = "Docs per task: " + ", ".join(f"{t} {n}" for t, n in notes["n_docs"].items()) + "."
     if notes["n_windows"]:
-        footer += " Perplexity windows: " + ", ".join(f"{s} {n}" for s, n in notes["n_windows"].items()) + "."
+        footer += " Perplexity windows: " + ", ".join(f"{s} {n}" for s, n in notes["n_windows"].items())
+        bos = sorted({str(v.get("ppl_bos") or "unrecorded") for v in variants.values() if v["windows"]})
+        footer += f" (BOS: {', '.join(b.replace('_', ' ') for b in bos)})."
     write_table(csv_rows, out_md, out_csv, caption=caption, footer=footer, md_rows=md_rows)
     return csv_rows

@@ -61,6 +61,31 @@ def average_ci95(stderrs: Iterable) -> float | None:
     return round(Z95 * 100.0 * math.sqrt(sum(s * s for s in ses)) / len(ses), 2)
 
 
+def ppl_protocols(rows: Iterable[Mapping]) -> dict[tuple[str, int | None], str]:
+    """{(source, window): where BOS went in the windows (`ppl_bos`: every_window, first_window)} of the
+    perplexity rows, for the caption. Perplexities of one source and window measured under two protocols
+    are never put side by side: one DataError line naming a variant of each."""
+    seen: dict[tuple[str, int | None], dict[str, str]] = defaultdict(dict)
+    for r in rows:
+        if r.get("metric") == "ppl":
+            seen[(r["task"], r.get("window"))].setdefault(str(r.get("ppl_bos") or "unrecorded"), r.get("plan"))
+    for (source, window), by_bos in seen.items():
+        if len(by_bos) > 1:
+            which = ", ".join(f"{plan} BOS {bos}" for bos, plan in sorted(by_bos.items()))
+            raise DataError(f"{source} perplexities ({window}-token windows) were measured under different BOS "
+                            f"protocols ({which}); evaluate every variant with the same evaluation.perplexity.bos")
+    return {key: next(iter(by_bos)) for key, by_bos in seen.items()}
+
+
+def ppl_caption(protocols: Mapping[tuple[str, int | None], str]) -> str:
+    """How the perplexity windows were cut, for a caption ('; lambada 128-token windows: BOS + window-1 text
+    tokens in every window'; empty without perplexity)."""
+    what = {"every_window": "BOS + window-1 text tokens in every window",
+            "first_window": "the text tokenized once, the tokenizer's BOS (if any) opening the first window only"}
+    return "".join(f"; {source} {window}-token windows: {what.get(bos, 'BOS ' + bos)}"
+                   for (source, window), bos in protocols.items())
+
+
 def metric_column(metric: str, metrics: Mapping[str, str]) -> str:
     """The name a `metric` setting takes in a column: the one metric every task of `metrics` ({task:
     resolved metric}) resolves to (acc_norm for piqa and arc_easy under "paper"), else the setting itself
@@ -88,7 +113,9 @@ def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test
     row's stderr x 100; None when unknown), `average` and `average_ci95` (1.96 x sqrt(sum of the task
     stderr^2) / n_tasks x 100), `ppl_<source>_<window>` and, when the perplexity row carries them,
     `ppl_<source>_<window>_ci_low` / `_ci_high`. `write_table` merges each interval into its score's
-    Markdown cell (`56.0 ± 6.9`, `40.1 [38.2, 42.3]`)."""
+    Markdown cell (`56.0 ± 6.9`, `40.1 [38.2, 42.3]`). Perplexities measured under different BOS protocols
+    are refused (`ppl_protocols`); notes["ppl_bos"] names the one of each perplexity column."""
+    protocols = ppl_protocols(rows)
     by_variant: dict[tuple[str, str], dict] = {}
     notes: dict[str, set] = defaultdict(set)
     metrics: dict[str, str] = {}
@@ -145,6 +172,7 @@ def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test
         table.append(row)
     out = {k: sorted(s) for k, s in notes.items()}
     out["metrics"] = {t: metrics[t] for t in TASKS if t in metrics}
+    out["ppl_bos"] = protocols
     return table, out
 
 
@@ -155,7 +183,8 @@ def paper_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLi
     write_table(table, out_md, out_csv,
                 caption=f"Zero-shot {metric_caption(metric, notes['metrics'])} (x100) on the test split, "
                 "± the 95% interval (1.96 standard errors; the average's from the tasks' standard errors); "
-                "perplexity with its 95% interval in brackets where known; params over the whole model "
+                f"perplexity with its 95% interval in brackets where known{ppl_caption(notes['ppl_bos'])}; "
+                "params over the whole model "
                 "(embeddings and lm_head included, as in the SFSD paper) and over decoder Linear layers (as in "
                 "SVD-LLM); MACs per token of the Linear layers (lm_head included).",
                 footer=f"Docs per task: {', '.join(notes.get('n', []))}. Limit per task: "
@@ -231,7 +260,9 @@ def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: st
     1.96 x sqrt(sum of the task stderr^2) / n_tasks x 100; None when a stderr is unknown), its change from
     the baseline, and perplexity (with `ppl_ci_low` / `ppl_ci_high` where its row carries an interval).
     metric: a setting of `sfsd.tasks.registry.METRIC_CHOICES`, resolved per task by `task_metric` ("paper": acc for
-    boolq and winogrande, acc_norm for the others)."""
+    boolq and winogrande, acc_norm for the others). Perplexities measured under different BOS protocols are
+    refused (`ppl_protocols`)."""
+    ppl_protocols(rows)
     variants: dict[str, dict] = {}
     resolved: dict[str, str] = {}
     for r in rows:
@@ -310,12 +341,14 @@ def methods_table(results: str | os.PathLike, metric: str, out_md: str | os.Path
     table = methods_table_rows(rows, metric)
     tasks = sorted({r["task"] for r in rows if r["task"] in TASKS and r["metric"] == task_metric(r["task"], metric)})
     ppl = sorted({f"{r['task']}, {r.get('window')}-token windows" for r in rows if r["metric"] == "ppl"})
+    protocols = ppl_caption(ppl_protocols(rows)).removeprefix("; ")
     what = metric_caption(metric, {t: task_metric(t, metric) for t in tasks})
     write_table(table, out_md, out_csv, cell=_methods_cell,
                 caption=f"Methods at equal parameter budgets: average zero-shot {what} (x100, test split) over "
                 f"{', '.join(tasks)}, ± its 95% interval (1.96 x sqrt(sum of the task standard errors^2) / "
                 f"n_tasks); change from the uncompressed model in points; perplexity on {'; '.join(ppl) or 'none'}"
-                " (95% interval in brackets where known). Parameters over the whole model.")
+                f" (95% interval in brackets where known{'; ' + protocols if protocols else ''}). Parameters over "
+                "the whole model.")
     return table
 
 

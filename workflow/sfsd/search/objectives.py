@@ -139,7 +139,8 @@ class KLObjective(AccuracyObjective):
 
 @dataclass
 class PerplexityObjective:
-    """Perplexity of the search text over fixed windows (see sfsd.evaluate.perplexity)."""
+    """Perplexity of the search text over fixed windows (see sfsd.evaluate.perplexity), BOS placed as `bos`
+    says (evaluation.perplexity.bos: the evaluation's protocol)."""
 
     tokenizer: object
     texts: list
@@ -147,11 +148,13 @@ class PerplexityObjective:
     eps: float = 0.005
     batch_size: int = 8
     name: str = "ppl"
+    bos: str = "auto"
 
     def score(self, model: nn.Module) -> float:
         from sfsd.evaluate.perplexity import perplexity
 
-        return perplexity(model, self.tokenizer, self.texts, self.window, batch_size=self.batch_size)["ppl"]
+        return perplexity(model, self.tokenizer, self.texts, self.window, batch_size=self.batch_size,
+                          bos=self.bos)["ppl"]
 
     def threshold(self, baseline: float, step: int) -> float:
         return baseline * (1.0 + self.eps) ** step

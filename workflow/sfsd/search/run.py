@@ -153,6 +153,7 @@ def run_search(
     curve_limit: int | None,
     curve_every: int = 1,
     ppl_window: int = 128,
+    ppl_bos: str = "auto",
     ppl_max_docs: int | None = 300,
     ppl_search_fraction: float,
     ppl_path: str | None = None,
@@ -167,10 +168,12 @@ def run_search(
 ) -> dict:
     """Run the search of `settings` and write its outputs into `out_dir` (atomically); return the summary.
     A perplexity search reads the text of `sfsd.evaluate.perplexity.perplexity_texts(settings.target)`; the
-    text_file / jsonl_file targets read `ppl_path` (its `ppl_text_field`), the file of evaluation.perplexity."""
+    text_file / jsonl_file targets read `ppl_path` (its `ppl_text_field`), the file of evaluation.perplexity;
+    its windows put BOS where `ppl_bos` (evaluation.perplexity.bos) says, as the evaluate stage's do."""
     from sfsd.features.calibration import read_texts
     from sfsd.tasks.lmeval import source_by_name
     from sfsd.model.loading import load_model
+    from sfsd.model.registry import perplexity_bos
     from sfsd.evaluate.perplexity import perplexity, perplexity_texts, split_texts
     from sfsd.model.shapes import model_shapes
     from sfsd.evaluate.rows import summarize_scores
@@ -196,7 +199,8 @@ def run_search(
         # search on the first part, as SFSD does on WikiText-2; the curve scores (curve_limit of) the rest,
         # the text the evaluate stage scores for every variant
         ppl_docs = (docs["search"], docs["test"][:curve_limit] if curve_limit else docs["test"])
-        objective = PerplexityObjective(tokenizer, ppl_docs[0], ppl_window, settings.eps, batch_size)
+        ppl_bos = perplexity_bos(ppl_bos, model.config.model_type)  # the protocol, resolved once and recorded
+        objective = PerplexityObjective(tokenizer, ppl_docs[0], ppl_window, settings.eps, batch_size, bos=ppl_bos)
         inputs = [d["doc_id"] for d in ppl_docs[0]]
     else:
         target_tasks = list(tasks) if settings.target == AVERAGE else [settings.target]
@@ -214,7 +218,9 @@ def run_search(
         kind = {"accuracy": AccuracyObjective, "loglik": LoglikObjective, "kl": KLObjective}[settings.mode]
         objective = kind(tokenizer, enc, settings.metric, settings.tolerance(), batch_size)
         inputs = ids
-    settings = SearchSettings(**{**asdict(settings), "inputs": _digest([digest, inputs, search_limit])})
+    # a perplexity search's scores depend on its windows too: a resumed state must have been scored on the same
+    scored_on = [digest, inputs, search_limit] + ([ppl_window, ppl_bos] if ppl_docs is not None else [])
+    settings = SearchSettings(**{**asdict(settings), "inputs": _digest(scored_on)})
 
     if with_curve:
         test_ids, n_docs = read_split_ids(splits_file, list(tasks), "test", curve_limit, task_source)
@@ -225,7 +231,7 @@ def run_search(
         # whole inputs, as the objective (the block-forward counters count whole sequences)
         rows = summarize_scores(score_multiple_choice(m, tokenizer, test_enc, batch_size, share_prefix=False))
         if ppl_docs is not None:
-            r = perplexity(m, tokenizer, ppl_docs[1], ppl_window, batch_size=batch_size)
+            r = perplexity(m, tokenizer, ppl_docs[1], ppl_window, batch_size=batch_size, bos=ppl_bos)
             rows.append({"task": settings.target, "split": "test", "metric": "ppl", "value": r["ppl"],
                          "stderr": None, "n": r["tokens"], "scorer": "native"})
         return [{k: r[k] for k in ("task", "split", "metric", "value", "n")} for r in rows]
@@ -246,6 +252,7 @@ def run_search(
     summary = {**result.summary, "model": model_name, "search": name, "settings": asdict(settings),
                "device": placement(model), "search_limit": search_limit,
                "curve_limit": curve_limit,
+               **({"ppl_window": ppl_window, "ppl_bos": ppl_bos} if ppl_docs is not None else {}),
                # the documents every decision was made on (never scored by the evaluate stage)
                "search_docs": inputs}
     _write_outputs(out_dir, result, summary, model_name, name, settings)
