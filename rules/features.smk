@@ -11,7 +11,7 @@ checkpoint collect_features:
         features=directory("results/{model}/features"),
     params:
         layers=",".join(config["layers"]),
-        dtype=config["collection"]["dtype"],
+        dtype=collection_dtype(),  # collection.dtype, or dtype where that is auto
         device=config["device"],
         batch_size=config["collection"]["batch_size"],
         flush_every=config["collection"]["flush_every"],
@@ -36,3 +36,39 @@ checkpoint collect_features:
         "--streamed {params.streamed} "
         "--out {output.features:q} "
         "> {log:q} 2>&1"
+
+
+# Beside stage 1: per targeted Linear, G = E[g g^T] of the gradient of the summed token NLL at its output
+# (sfsd/features/gradients.py): one forward and backward pass over the calibration tokens. Read only by the
+# loss allocation (compression.allocations: loss); a model that does not fit the device is refused.
+rule collect_gradients:
+    input:
+        model=model_dir,
+        tokens=rules.tokenize_calibration.output.tokens,
+    output:
+        gradients=directory("results/{model}/gradients"),
+    params:
+        layers=",".join(config["layers"]),
+        full=str(config["gradients"]["full"]).lower(),
+        dtype=config["gradients"]["dtype"],
+        device=config["device"],
+        batch_size=config["gradients"]["batch_size"],
+        streamed=config["streamed"],
+        code=command_version("gradients"),
+    conda:
+        "../envs/gpu-stages.yaml"
+    log:
+        "results/logs/collect_gradients/{model}.log",
+    benchmark:
+        "results/benchmarks/collect_gradients/{model}.tsv"
+    threads: 2
+    resources:
+        # float32 weights, their activations and gradients for one batch, and the float64 totals of G
+        mem_mb=lambda wc, attempt: int(model_params_b(wc.model) * 1e9 * 4 * 3 / 1e6 + 4000) * attempt,
+        runtime=lambda wc: int(20 + 60 * model_params_b(wc.model)),
+        gpu=gpu_wanted(),
+    shell:
+        "python -m sfsd --threads {threads} gradients --model-dir {input.model:q} --model-name {wildcards.model} "
+        "--tokens {input.tokens:q} --layers {params.layers} --full {params.full} --dtype {params.dtype} "
+        "--device {params.device} --batch-size {params.batch_size} --streamed {params.streamed} "
+        "--out {output.gradients:q} > {log:q} 2>&1"

@@ -55,6 +55,20 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (block_XXX.safetensors + manifest.json)")
     p.set_defaults(func=cmd_collect)
 
+    p = sub.add_parser("gradients", help="beside stage 1: per Linear E[g g^T] of the LM loss's gradient at its output")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--layers", required=True, help="comma-separated layer keywords")
+    p.add_argument("--full", choices=["auto", "true", "false"], default=str(default("gradients.full")).lower(),
+                   help="the whole G per Linear, its diagonal, or auto: the whole G when it fits the host memory")
+    p.add_argument("--dtype", choices=choices("gradients.dtype"), default=default("gradients.dtype"))
+    p.add_argument("--device", default=default("device"))
+    p.add_argument("--batch-size", type=int, default=default("gradients.batch_size"))
+    add_streamed(p, "the device; this stage then refuses it")
+    p.add_argument("--out", required=True, help="output folder (block_XXX.safetensors + manifest.json)")
+    p.set_defaults(func=cmd_gradients)
+
     p = sub.add_parser("eigen", help="stage 2: eigendecomposition of one block's output covariances")
     p.add_argument("--features", required=True)
     p.add_argument("--model-dir", required=True)
@@ -179,6 +193,14 @@ def cmd_collect(args: argparse.Namespace) -> None:
         dtype=args.dtype, device=args.device, batch_size=args.batch_size, flush_every=args.flush_every,
         streamed=args.streamed, staging=args.staging,
     )
+
+
+def cmd_gradients(args: argparse.Namespace) -> None:
+    from sfsd.features.gradients import run_gradients
+
+    run_gradients(args.model_dir, args.tokens, args.out, model_name=args.model_name, layers=csv_list(args.layers),
+                  full=args.full, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+                  streamed=args.streamed)
 
 
 def cmd_eigen(args: argparse.Namespace) -> None:

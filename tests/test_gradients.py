@@ -1,0 +1,113 @@
+"""Output-gradient statistics (sfsd.features.gradients): the hooked gradients equal a direct autograd
+computation of dL/dy, padding never enters them, the memory bound, and the stage's files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfsd.errors import ConfigError
+from sfsd.features.calibration import tokenize
+from sfsd.features.gradients import (
+    collect_output_gradients,
+    full_fits,
+    gradient_bytes,
+    output_gradient,
+    resolve_full,
+    run_gradients,
+    token_losses,
+)
+from sfsd.io import load_tensors, read_json, save_tensors
+from sfsd.model.loading import load_model
+from sfsd.model.registry import get_arch, linear_of
+
+SPEC = get_arch("LlamaForCausalLM")
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "A man is sitting on a roof.",
+         "Question: What do plants need to grow?\nAnswer: water and light", "Once upon a time"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokens(tiny_llama):
+    model, tokenizer = load_model(tiny_llama, device="cpu")
+    tokens = tokenize(TEXTS, tokenizer, seq_len=24)
+    assert int(tokens["attention_mask"][:, -1].sum()) < len(TEXTS)  # some rows are padded
+    return model, tokens
+
+
+def direct_gradients(model, tokens, block: int, linear: str) -> torch.Tensor:
+    """dL/dy of one Linear at every real token, L the summed NLL of each sequence run ALONE (no padding
+    anywhere), by retaining the output's gradient."""
+    rows = []
+    for ids, mask in zip(tokens["input_ids"], tokens["attention_mask"]):
+        n = int(mask.sum())
+        seen = {}
+        layer = linear_of(model, SPEC, block, linear)
+        h = layer.register_forward_hook(lambda _m, _i, out: seen.setdefault("y", out))
+        embeds = model.get_input_embeddings()(ids[None, :n]).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits
+        h.remove()
+        seen["y"].retain_grad()
+        torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:n], reduction="sum").backward()
+        rows.append(seen["y"].grad[0].double())
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_gradients_equal_autograd_per_sequence(model_and_tokens, full):
+    """G = (1/N) sum_t g g^T over the real tokens equals the direct computation, sequence by sequence
+    without padding (so the padded batches leak nothing), for a Linear of each kind; the loss is the
+    summed NLL and the parameters keep their requires_grad."""
+    model, tokens = model_and_tokens
+    before = [p.requires_grad for p in model.parameters()]
+    moments, summary = collect_output_gradients(model, SPEC, ["q_proj", "v_proj", "down_proj"], tokens["input_ids"],
+                                                tokens["attention_mask"], batch_size=3, full=full, progress=False)
+    assert [p.requires_grad for p in model.parameters()] == before
+    n = int(tokens["attention_mask"].sum())
+    assert summary["tokens"] == n and summary["predicted_tokens"] == n - len(TEXTS)
+    for block, linear in [(0, "q_proj"), (1, "v_proj"), (1, "down_proj")]:
+        g = direct_gradients(model, tokens, block, linear)
+        acc = moments[block][linear]
+        assert acc.count == n
+        expected = g.T @ g / n if full else g.square().mean(0)
+        torch.testing.assert_close(acc.second_moment(), expected, rtol=2e-4, atol=1e-5 * float(expected.abs().max()))
+        torch.testing.assert_close(acc.gsum, g.sum(0), rtol=2e-4, atol=1e-5 * float(g.abs().sum(0).max()))
+
+
+def test_token_losses_sum_real_predictions():
+    """Two sequences, the second padded after 2 tokens: 3 + 1 predictions, uniform logits give log V each."""
+    logits = torch.zeros(2, 4, 5)
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    loss, n = token_losses(logits, ids, mask)
+    assert n == 4 and float(loss) == pytest.approx(4 * torch.log(torch.tensor(5.0)).item())
+
+
+def test_memory_bound():
+    """8 (d^2 + d) bytes per Linear for the whole G, 16 d for the diagonal; auto = full when it takes at
+    most half the free memory."""
+    assert gradient_bytes([2, 3], True) == 8 * (4 + 2 + 9 + 3)
+    assert gradient_bytes([2, 3], False) == 16 * 5
+    assert full_fits([10], 2 * 8 * 110) and not full_fits([10], 2 * 8 * 110 - 1)
+    assert resolve_full("auto", [10], 1e9) and not resolve_full("auto", [10], 100)
+    assert resolve_full("true", [10], 0) and not resolve_full("false", [10], 1e12) and resolve_full(True, [1], 0)
+    with pytest.raises(ConfigError):
+        resolve_full("sometimes", [1], 1)
+
+
+def test_stage_writes_blocks_and_manifest(tiny_llama, model_and_tokens, tmp_path):
+    """run_gradients writes one file per block with G per Linear and the provenance of stage 1."""
+    from sfsd.features.calibration import tokens_digest
+    from sfsd.provenance import tokenizer_digest
+
+    _, tokens = model_and_tokens
+    path = tmp_path / "tokens.safetensors"
+    save_tensors(path, tokens, {"digest": tokens_digest(tokens), "tokenizer_digest": tokenizer_digest(tiny_llama)})
+    out = tmp_path / "gradients"
+    run_gradients(tiny_llama, path, out, "tiny", ["q_proj", "down_proj"], full="false", device="cpu", batch_size=2)
+    manifest = read_json(out / "manifest.json")
+    assert manifest["n_blocks"] == 2 and manifest["full"] is False and manifest["linears"] == ["q_proj", "down_proj"]
+    tensors, meta = load_tensors(out / "block_001.safetensors")
+    assert meta["calibration_digest"] == tokens_digest(tokens) and meta["model_digest"]
+    assert meta["tokens"] == int(tokens["attention_mask"].sum())
+    assert output_gradient(tensors, "down_proj").ndim == 1
+    assert sorted(tensors) == ["down_proj.gdiag", "down_proj.gsum", "q_proj.gdiag", "q_proj.gsum"]

@@ -1,0 +1,269 @@
+"""Output-gradient statistics, a cached stage beside stage 1: per targeted Linear, the second moment of
+the gradient of the language-model loss with respect to the Linear's OUTPUT, which the loss criterion
+(`sfsd.decompose.criteria`) weighs each layer's output error with.
+
+The loss. L = sum over the calibration sequences and their predicted positions of the token negative
+log-likelihood (nats; position t predicts token t + 1; a position is predicted when both tokens are real,
+so padding never enters it): a SUM, not a mean, so a token's gradient does not depend on how the tokens
+are batched. For each targeted Linear y = W x + b and each real token t, g_t = dL/dy_t (the output at t
+feeds every later position's prediction through attention; all of that is in g_t). The stage stores
+
+    G = (1/N) sum_t g_t g_t^T          (per token; N = the real tokens, the same N as stage 1's counts)
+
+(`<linear>.ggt`, float64), or only its diagonal (`<linear>.gdiag`), and sum_t g_t (`<linear>.gsum`, E[g]
+is ~0 at a trained model: the first-order term the criterion leaves out). Under K-FAC's assumption (g
+independent of x) a change dy_t = D x_t of the layer's outputs then raises L by about
+N/2 tr(G D C D^T), C = E[x x^T], and the mean NLL per predicted token by N/N_pred times 1/2 tr(G D C D^T)
+(`tokens` and `predicted_tokens` are in every file's metadata).
+
+One forward and backward pass of the model over the calibration tokens (about three forward passes of
+compute): parameters frozen (`requires_grad_(False)`), the input embeddings made to require a gradient,
+and on each targeted Linear a forward hook that puts a tensor hook on its output, which receives dL/dy;
+the gradients of padded positions are dropped (they are 0: right padding feeds no real prediction).
+Each batch's g^T g is formed in float32 on the compute device and added into float64 totals on the CPU.
+
+`gradients.full`: true = the whole G (out x out per Linear), false = its diagonal, auto = the whole G when
+its float64 totals fit (`full_fits`). The model must fit the device: a model that `stream.use_stream`
+would stream is refused with one line (streaming the backward pass block by block is not implemented).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sfsd.errors import ConfigError, DataError
+from sfsd.features.collect import block_file
+from sfsd.features.stats import check_finite
+from sfsd.io import atomic_dir, load_tensors, model_digest, save_tensors, write_json
+from sfsd.model.loading import load_model, model_config
+from sfsd.model.placement import input_device, placement, resolve_device
+from sfsd.model.registry import architecture_of, blocks_of, get_arch, select_linears
+from sfsd.model.spec import ArchSpec
+from sfsd.model.stream import host_available, use_stream
+from sfsd.provenance import require, stamp, tokenizer_digest
+
+log = logging.getLogger(__name__)
+
+LOSS = "sum of token NLLs (nats) over predicted real tokens; G = (1/tokens) sum_t g_t g_t^T, g_t = dL/dy_t"
+FULL_FRACTION = 0.5  # auto: the whole G when its float64 totals take at most this part of the free host memory
+
+
+def gradient_bytes(out_features: Iterable[int], full: bool) -> int:
+    """Bytes of the float64 totals the stage holds on the host: 8 * sum_l (d_l^2 + d_l) for the whole G
+    (G and sum g of every Linear l, d_l its output features), 8 * sum_l 2 d_l for the diagonal. (Besides
+    them the device holds one transient d_l x d_l float32 product at a time.)"""
+    return sum(8 * (d * d + d) if full else 16 * d for d in out_features)
+
+
+def full_fits(out_features: Iterable[int], available_bytes: float, fraction: float = FULL_FRACTION) -> bool:
+    """`gradients.full: auto`: the whole G when gradient_bytes(out_features, full=True) <= fraction x
+    available_bytes (the host memory free to the stage)."""
+    return gradient_bytes(out_features, True) <= fraction * available_bytes
+
+
+def resolve_full(setting: str | bool, out_features: Sequence[int], available_bytes: float) -> bool:
+    """The `gradients.full` setting (true / false / auto, as a string or a bool) decided."""
+    if isinstance(setting, bool):
+        return setting
+    if setting not in ("auto", "true", "false"):
+        raise ConfigError(f"gradients.full {setting!r} is unknown; use auto, true or false")
+    return setting == "true" or (setting == "auto" and full_fits(out_features, available_bytes))
+
+
+class GradientMoments:
+    """Running float64 totals of one Linear's output gradients: sum g g^T (full) or sum g^2 (diagonal),
+    sum g, and the token count."""
+
+    def __init__(self, dim: int, full: bool) -> None:
+        self.full = full
+        self.gg = torch.zeros((dim, dim) if full else (dim,), dtype=torch.float64)
+        self.gsum = torch.zeros(dim, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, g: torch.Tensor) -> None:
+        """Add a (tokens, d) batch of gradients."""
+        g = g.reshape(-1, g.shape[-1]).float()
+        if self.full:
+            staged = g.T @ g
+            self.gg += ((staged + staged.T) / 2).to("cpu", torch.float64)
+        else:
+            self.gg += g.square().sum(0, dtype=torch.float64).cpu()
+        self.gsum += g.sum(0, dtype=torch.float64).cpu()
+        self.count += g.shape[0]
+
+    def second_moment(self) -> torch.Tensor:
+        """G = E[g g^T] (full) or its diagonal, per token."""
+        return self.gg / max(self.count, 1)
+
+
+def token_losses(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of the NLLs, number of predictions) of a right-padded batch: position t predicts token t + 1
+    where both are real tokens (float32 log-softmax)."""
+    targets = input_ids[:, 1:].to(logits.device)
+    valid = (mask[:, 1:] * mask[:, :-1]).to(logits.device).bool()
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll * valid.reshape(-1)).sum(), int(valid.sum())
+
+
+def _batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Longest first, each batch cut after its last real token (right padding changes no real token)."""
+    lengths = attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        rows = order[start: start + batch_size]
+        width = int(lengths[rows].max())
+        out.append((input_ids[rows, :width], attention_mask[rows, :width]))
+    return out
+
+
+def collect_output_gradients(
+    model: torch.nn.Module,
+    spec: ArchSpec,
+    linears: list[str],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    batch_size: int,
+    full: bool,
+    progress: bool = True,
+) -> tuple[list[dict[str, GradientMoments]], dict]:
+    """Per block and targeted Linear, the moments of g = dL/dy over the real tokens (L the summed NLL:
+    module docstring), and a summary: `loss` (summed NLL), `predicted_tokens`, `tokens`. The model's
+    parameters are frozen for the pass (and their requires_grad restored after it)."""
+    if batch_size < 1:
+        raise ConfigError(f"gradients.batch_size must be >= 1, got {batch_size}")
+    blocks = blocks_of(model, spec)
+    moments = [{name: None for name in linears} for _ in blocks]
+    state: dict = {}
+    handles = []
+
+    def make_hook(b: int, name: str):
+        def forward_hook(_module, _inputs, output):
+            valid = state["valid"]
+
+            def grad_hook(grad):
+                g = grad.reshape(-1, grad.shape[-1]).index_select(0, valid.to(grad.device))
+                acc = moments[b][name]
+                if acc is None:
+                    acc = moments[b][name] = GradientMoments(grad.shape[-1], full)
+                acc.update(g)
+
+            if output.requires_grad:
+                output.register_hook(grad_hook)
+        return forward_hook
+
+    for b, block in enumerate(blocks):
+        for name in linears:
+            handles.append(block.get_submodule(spec.linears[name]).register_forward_hook(make_hook(b, name)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    device = input_device(model)
+    embed = model.get_input_embeddings()
+    total, predicted = 0.0, 0
+    try:
+        with torch.enable_grad(), tqdm(total=int(attention_mask.sum()), unit="tok", unit_scale=True,
+                                       disable=not progress, desc="gradients") as bar:
+            for ids, mask in _batches(input_ids, attention_mask, batch_size):
+                ids, mask = ids.to(device), mask.to(device)
+                state["valid"] = mask.reshape(-1).nonzero().squeeze(1)
+                embeds = embed(ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+                loss, n = token_losses(logits, ids, mask)
+                if not torch.isfinite(loss):
+                    raise DataError(f"the calibration loss is {float(loss)}: the model's weights or dtype overflow "
+                                    "(collect gradients in float32)")
+                loss.backward()
+                total, predicted = total + float(loss.detach()), predicted + n
+                bar.update(int(mask.sum()))
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    missing = [f"{b}.{n}" for b, per in enumerate(moments) for n, acc in per.items() if acc is None]
+    if missing:
+        raise DataError(f"no gradient reached {missing[:3]}; these layers do not feed the loss")
+    for b, per in enumerate(moments):
+        check_finite({f"{n}.gg": acc.gg for n, acc in per.items()}, f"gradients of block {b}")
+    return moments, {"loss": total, "predicted_tokens": predicted, "tokens": int(attention_mask.sum())}
+
+
+def run_gradients(
+    model_dir: str | os.PathLike,
+    tokens_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model_name: str,
+    layers: list[str],
+    full: str = "auto",
+    dtype: str = "float32",
+    device: str = "auto",
+    batch_size: int = 4,
+    streamed: str = "auto",
+) -> dict:
+    """Load model and tokens, collect the output gradients, write block_NNN.safetensors and manifest.json
+    (the layout of stage 1's features/, `collect.block_file`)."""
+    digest = model_digest(model_dir)
+    config = model_config(model_dir)
+    arch = architecture_of(config)
+    spec = get_arch(arch)
+    torch_device = resolve_device(device)
+    if use_stream(model_dir, streamed, dtype, torch_device):
+        raise ConfigError(f"gradients: {model_name} does not fit {torch_device} whole (streamed {streamed}); the backward "
+                          "pass is not streamed block by block: run this stage on a device that holds the model")
+    tokens, tok_meta = load_tensors(tokens_path, ["input_ids", "attention_mask"])
+    require(tokens_path, tok_meta, "tokenize_calibration", tokenizer_digest=tokenizer_digest(model_dir))
+    model = load_model(model_dir, dtype=dtype, device=device)[0]
+    linears = select_linears(spec, layers)
+    n_blocks = len(blocks_of(model, spec))
+    outs = [model.get_submodule(f"{spec.blocks}.0.{spec.linears[n]}").out_features for n in linears] * n_blocks
+    use_full = resolve_full(full, outs, host_available())
+    log.info("output gradients of %s on %s (%s), %s G (%.2f GB of float64 totals)", linears, placement(model), dtype,
+             "full" if use_full else "diagonal", gradient_bytes(outs, use_full) / 1e9)
+    started = time.perf_counter()
+    moments, summary = collect_output_gradients(model, spec, linears, tokens["input_ids"], tokens["attention_mask"],
+                                                batch_size, use_full)
+    seconds = time.perf_counter() - started
+    settings = {"layers": list(layers), "full": str(full).lower(), "dtype": dtype, "device": device,
+                "batch_size": batch_size}
+    common = {"model": model_name, "architecture": arch, "full": use_full, "loss": LOSS,
+              "tokens": summary["tokens"], "predicted_tokens": summary["predicted_tokens"], "dtype": dtype,
+              **stamp(digest, tok_meta.get("digest"), settings, tokenizer_digest=tok_meta.get("tokenizer_digest"))}
+    key = "ggt" if use_full else "gdiag"
+    with atomic_dir(out_dir) as tmp:
+        for b, per in enumerate(moments):
+            tensors = {}
+            for n, acc in per.items():
+                tensors[f"{n}.{key}"] = acc.second_moment()
+                tensors[f"{n}.gsum"] = acc.gsum
+            save_tensors(Path(tmp) / block_file(b), tensors, {**common, "block": b, "linears": linears})
+        write_json(Path(tmp) / "manifest.json", {
+            **common, "n_blocks": n_blocks, "linears": linears, "device": placement(model),
+            "mean_nll": summary["loss"] / max(summary["predicted_tokens"], 1), "seconds": round(seconds, 2),
+            "tokens_per_second": round(summary["tokens"] / seconds, 1)})
+    log.info("gradients of %d tokens in %.1f s, mean NLL %.4f", summary["tokens"], seconds,
+             summary["loss"] / max(summary["predicted_tokens"], 1))
+    return common
+
+
+def output_gradient(block, linear: str) -> torch.Tensor:
+    """G of one Linear (float64) from a gradients block file (a mapping of its tensors, e.g.
+    `compress.BlockFile`): the (d, d) matrix, or its (d,) diagonal where the stage stored only that."""
+    for key in ("ggt", "gdiag"):
+        try:
+            return block[f"{linear}.{key}"].double()
+        except (KeyError, DataError):
+            continue
+    raise DataError(f"the output gradients lack {linear}; rerun collect_gradients with this layer")
+
+
+__all__ = ["FULL_FRACTION", "GradientMoments", "LOSS", "collect_output_gradients", "full_fits", "gradient_bytes",
+           "output_gradient", "resolve_full", "run_gradients", "token_losses"]
