@@ -1,7 +1,9 @@
 """All file access of the library: atomic writes, safetensors with metadata, checkpoint weights.
 
 Every writer goes through a temporary name in the same folder and an os.replace, so a job killed
-mid-write leaves no file under the final name that a rerun could mistake for a finished output.
+mid-write leaves no file under the final name that a rerun could mistake for a finished output; what it
+renames gets the permissions the umask gives ordinary files (`share_permissions`), not the private ones of
+a temporary file.
 """
 
 from __future__ import annotations
@@ -22,9 +24,37 @@ from safetensors.torch import save_file
 from sfsd.errors import DataError
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask can only be read by
+    setting it, which would briefly give files made by other threads other permissions)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def share_permissions(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a folder, everything in it) the permissions the umask gives what open() and
+    mkdir() make: mkstemp and mkdtemp make 0600 files and 0700 folders (as do some writers inside a folder,
+    e.g. transformers' save_pretrained), which others could not read in a shared results folder. Folders and
+    executable files get 0777, other files 0666, less the umask (0755 and 0644 under umask 022)."""
+    mask = umask()
+    path = Path(path)
+    items = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for item in items:
+        if item.is_symlink():
+            continue
+        executable = item.is_dir() or item.stat().st_mode & 0o100
+        os.chmod(item, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success rename it to `path`, on failure delete it."""
+    """Yield a temporary sibling path; on success rename it to `path` (with the umask's permissions,
+    `share_permissions`), on failure delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,6 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        share_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -40,12 +71,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `path` as a whole."""
+    """Yield a temporary sibling folder; on success it replaces `path` as a whole, it and everything in it
+    with the umask's permissions (`share_permissions`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        share_permissions(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
