@@ -291,3 +291,38 @@ def test_comparisons_refuse_windows_of_two_protocols(tmp_path):
                                         r"differently \(first_window vs every_window\); evaluate both with the "
                                         "same evaluation.perplexity.bos"):
         comparisons_table(mixed, "paper", tmp_path / "x.md", tmp_path / "x.csv", n_boot=10)
+
+
+# ------------------------------------------------------------------------- the workflow
+
+
+def test_the_setting_reaches_the_evaluation_and_perplexity_search_commands(tmp_path, tiny_llama,
+                                                                        calibration_text_file):
+    """A dry run of the real Snakefile: evaluate_model and a perplexity search run with --ppl-bos of the
+    setting (a rule's params are its rerun trigger, so changing the setting reruns them); a KL search,
+    which scores no perplexity window, does not get it (a change does not rerun it)."""
+    import re
+
+    from helpers import new_run, snakemake
+
+    snakefile, workdir = new_run(tmp_path)
+    config = {
+        "models": {"tiny": {"source": "local", "path": str(tiny_llama)}},
+        "calibration": {"source": "text_file", "path": str(calibration_text_file), "num_samples": 8, "seq_len": 32},
+        "device": "cpu",
+        "compression": {"budgets": {"b80": 0.8}, "first_block": 0},
+        "evaluation": {"tasks": ["arc_easy"], "limit": 4, "perplexity": {"source": "lambada", "window": 32}},
+        "search": {"enabled": True, "methods": ["feature"], "modes": ["kl", "perplexity"], "first_block": -1},
+        "laser": {"enabled": False},
+    }
+    targets = ["results/tiny/eval/base.parquet", "results/tiny/search/feature-perplexity-lambada/summary.json",
+               "results/tiny/search/feature-kl-average/summary.json"]
+    for setting in ("auto", "every_window"):
+        config["evaluation"]["perplexity"]["bos"] = setting
+        out = snakemake(snakefile, workdir, config, "--dry-run", "--printshellcmds", "--forceall", *targets).stdout
+        evaluate = re.search(r"python -m sfsd .* evaluate .*", out).group(0)
+        searches = re.findall(r"python -m sfsd .* search .*--mode (\w+).*", out)
+        assert f"--ppl-bos {setting} " in evaluate, evaluate
+        assert sorted(searches) == ["kl", "perplexity"]
+        for line in re.findall(r"python -m sfsd .* search .*", out):
+            assert (f"--ppl-bos {setting}" in line) == ("--mode perplexity" in line), line
