@@ -295,12 +295,16 @@ def test_comparisons_table(docs_files, tmp_path):
     assert "boolq acc, piqa acc_norm, arc_easy acc_norm" in text
     assert "Docs per task: boolq 40, piqa 40, arc_easy 40." in text and "lambada 12" in text
     header = next(line for line in text.splitlines() if line.startswith("| a |"))
-    assert header == ("| a | b | a_params_% | b_params_% | average | boolq | piqa | arc_easy | ppl_ratio_lambada "
-                      "| n_docs |")
+    assert header == ("| a | b | a_params_% | b_params_% | average | informative | boolq | piqa | arc_easy "
+                      "| ppl_ratio_lambada | n_docs |")
     fw_line = next(line for line in text.splitlines() if line.startswith("| feature-p54 | weight-p54 |"))
     cells = [c.strip() for c in fw_line.strip("|").split("|")]
-    assert cells[4].startswith("+10.0 [") and cells[9] == "120"
-    assert cells[8] == "0.250 [0.250, 0.250]"
+    assert cells[4].startswith("+10.0 [") and cells[10] == "120"
+    assert cells[9] == "0.250 [0.250, 0.250]"
+    # these files record no gold labels: no majority-class rate, so no task is known to be informative
+    assert cells[5] == "" and fw["informative_diff"] is None
+    assert "Informative average: none, the dense model is informative on no task" in text
+    assert "boolq: majority-class rate unknown (rerun its evaluation)" in text
     assert C.format_diff(C.Interval(2.1, -0.4, 4.6)) == "+2.1 [-0.4, 4.6]"
     assert C.format_diff(C.Interval(-0.04, -0.04, 0.0)) == "+0.0 [0.0, 0.0]"
     # the same seed, the same table; another seed, other intervals

@@ -428,11 +428,14 @@ def test_paper_table_names_each_tasks_metric_and_shows_95_intervals(tmp_path):
     paper_table(tmp_path / "results.parquet", "paper", tmp_path / "t.md", tmp_path / "t.csv")
     csv_header = (tmp_path / "t.csv").read_text().splitlines()[0].split(",")
     assert csv_header[6:] == ["boolq_acc", "boolq_acc_ci95", "piqa_acc_norm", "piqa_acc_norm_ci95", "average",
-                              "average_ci95", "ppl_lambada_128", "ppl_lambada_128_ci_low", "ppl_lambada_128_ci_high"]
+                              "average_ci95", "informative_average", "informative_average_ci95", "ppl_lambada_128",
+                              "ppl_lambada_128_ci_low", "ppl_lambada_128_ci_high"]
     md = (tmp_path / "t.md").read_text()
-    assert "| boolq acc | piqa acc_norm | average | ppl_lambada_128 |" in md
-    assert "| 56.0 ± 6.9 | 62.0 ± 4.9 | 59.0 ± 4.2 | 40.0 [38.5, 41.7] |" in md
-    assert "| 50.0 | 50.0 | 50.0 | 60.0 |" in md  # no stderr, no interval: the value alone
+    assert "| boolq acc | piqa acc_norm | average | informative_average | ppl_lambada_128 |" in md
+    # these rows carry no majority-class rate: no task is known to be informative, and the footer says so
+    assert "| 56.0 ± 6.9 | 62.0 ± 4.9 | 59.0 ± 4.2 |  | 40.0 [38.5, 41.7] |" in md
+    assert "| 50.0 | 50.0 | 50.0 |  | 60.0 |" in md  # no stderr, no interval: the value alone
+    assert "Informative average: none, the dense model is informative on no task" in md
     acc, _ = paper_table_rows(rows, "acc")
     assert (acc[0]["boolq_acc"], acc[0]["piqa_acc"]) == (56.0, 30.0)
     with pytest.raises(ConfigError, match="no acc_norm for boolq"):

@@ -213,9 +213,11 @@ def test_methods_table(tmp_path):
     assert table[1]["avg_acc_norm"] == pytest.approx(50.0) and table[1]["delta_vs_baseline"] == pytest.approx(-5.0)
     assert table[4]["ppl"] == 2.5e6
     md = (tmp_path / "m.md").read_text()
-    assert "| b50 | Weight space (SVD) | uniform | weight-b50 | 0.5 | 50.0 | 30.0 | -25.0 | 2.5e+06 |" in md
+    # rows without a majority-class rate: no task is known to be informative, so no informative average
+    assert "| b50 | Weight space (SVD) | uniform | weight-b50 | 0.5 | 50.0 | 30.0 | -25.0 |  |  | 2.5e+06 |" in md
     assert (tmp_path / "m.csv").read_text().splitlines()[0] == \
-        "budget,method,allocation,variant,params_M,params_%,avg_acc_norm,avg_acc_norm_ci95,delta_vs_baseline,ppl"
+        "budget,method,allocation,variant,params_M,params_%,avg_acc_norm,avg_acc_norm_ci95,delta_vs_baseline," \
+        "informative_avg_acc_norm,informative_avg_acc_norm_ci95,informative_delta_vs_baseline,ppl"
     assert table[1]["avg_acc_norm_ci95"] is None  # rows without a stderr: no interval, the value alone
 
 
@@ -248,10 +250,11 @@ def test_methods_table_resolves_the_paper_metric_per_task(tmp_path):
     assert feat["delta_vs_baseline"] == pytest.approx(-10.0)
     assert (base["ppl_ci_low"], base["ppl_ci_high"]) == (38.5, 41.7) and "ppl_ci_low" not in feat
     assert (tmp_path / "m.csv").read_text().splitlines()[0] == \
-        "budget,method,allocation,variant,params_M,params_%,avg_paper,avg_paper_ci95,delta_vs_baseline,ppl,ppl_ci_low,ppl_ci_high"
+        "budget,method,allocation,variant,params_M,params_%,avg_paper,avg_paper_ci95,delta_vs_baseline," \
+        "informative_avg_paper,informative_avg_paper_ci95,informative_delta_vs_baseline,ppl,ppl_ci_low,ppl_ci_high"
     md = (tmp_path / "m.md").read_text()
-    assert "| dense | Baseline |  | base | 1.0 | 100.0 | 65.0 ± 4.9 | 0.0 | 40.0 [38.5, 41.7] |" in md
-    assert "| b80 | Feature space (SFSD) | uniform | feature-b80 | 0.8 | 80.0 | 55.0 ± 4.9 | -10.0 | 60.0 |" in md
+    assert "| dense | Baseline |  | base | 1.0 | 100.0 | 65.0 ± 4.9 | 0.0 |  |  | 40.0 [38.5, 41.7] |" in md
+    assert "| b80 | Feature space (SFSD) | uniform | feature-b80 | 0.8 | 80.0 | 55.0 ± 4.9 | -10.0 |  |  | 60.0 |" in md
     assert "boolq acc, piqa acc_norm" in md.splitlines()[0]  # the caption says which metric each task used
     acc = T.methods_table_rows(paper_rows(), "acc")
     assert acc[0]["avg_acc"] == pytest.approx(35.0)

@@ -208,7 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from sfsd.features.calibration import read_texts
     from sfsd.decompose.compress import load_compressed
     from sfsd.evaluate.harness import evaluate_lmeval_detailed
-    from sfsd.evaluate.items import item_rows, write_items
+    from sfsd.evaluate.items import item_rows, with_golds, write_items
     from sfsd.io import checkpoint_metadata, model_digest
     from sfsd.tasks.lmeval import source_by_name
     from sfsd.model.loading import load_model, load_tokenizer
@@ -216,7 +216,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from sfsd.model.placement import placement
     from sfsd.decompose.plan import count_params, new_plan
     from sfsd.model.shapes import model_shapes
-    from sfsd.evaluate.rows import common_columns, perplexity_row, summarize_scores, write_rows
+    from sfsd.evaluate.rows import common_columns, perplexity_row, summarize_scores, with_floor_rates, write_rows
     from sfsd.evaluate.scoring import build_requests, score_multiple_choice
     from sfsd.tasks.splits import read_split_ids
 
@@ -231,13 +231,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     tasks = csv_list(args.tasks)
     ids, n_docs = read_split_ids(args.splits, tasks, args.split, args.limit, args.task_source)
     source = source_by_name(args.task_source, args.tasks_dir)
+    requests = build_requests(source, tasks, ids, n_docs=n_docs)  # lm-eval's own requests and gold labels
     if args.scorer == "lm_eval":
         rows, doc_scores = evaluate_lmeval_detailed(model, tokenizer, source, tasks, ids, batch_size=args.batch_size,
                                                     n_docs=n_docs)
     else:
-        doc_scores = score_multiple_choice(model, tokenizer, build_requests(source, tasks, ids, n_docs=n_docs),
-                                           batch_size=args.batch_size)
+        doc_scores = score_multiple_choice(model, tokenizer, requests, batch_size=args.batch_size)
         rows = summarize_scores(doc_scores)
+    # each document's gold and choice count, and each task's majority-class rate and chance (the tables'
+    # informative average compares the dense model with them)
+    doc_scores = with_golds(doc_scores, requests)
+    rows = with_floor_rates(rows, doc_scores)
     ppl, ppl_docs = None, []
     if args.ppl_source != "none":
         exclude = [d["doc_id"] for d in read_texts(args.calibration_texts)] if args.calibration_texts else []

@@ -5,7 +5,9 @@ can be compared item by item (`sfsd.report.compare`). The evaluate stage writes,
 `results/<model>/eval/<variant>.docs.parquet` with one row per scored item:
 
 - unit "doc": a multiple-choice document (`item` = its doc id), with `acc` and `acc_norm` (null where
-  lm-eval defines no acc_norm for the task: BoolQ, WinoGrande);
+  lm-eval defines no acc_norm for the task: BoolQ, WinoGrande), its `gold` choice index (null for a
+  document with several right answers) and its number of `choices`, from which the majority-class rate
+  and chance of the documents scored follow (`sfsd.tasks.baselines`);
 - unit "window": a perplexity window (`item` = its index), with its summed negative log-likelihood
   `nll` and scored `tokens`.
 
@@ -31,7 +33,8 @@ DOCS_FORMAT = "sfsd-docs-1"
 DOCS_SCHEMA = {
     "model": "string", "method": "string", "plan": "string", "params_model_fraction": "float64",
     "task": "string", "split": "string", "unit": "string", "item": "int64",
-    "acc": "float64", "acc_norm": "float64", "nll": "float64", "tokens": "int64",
+    "acc": "float64", "acc_norm": "float64", "gold": "int64", "choices": "int64", "nll": "float64",
+    "tokens": "int64",
 }
 DOCS_COLUMNS = tuple(DOCS_SCHEMA)
 # the columns every row of one file shares (one file = one variant)
@@ -40,17 +43,33 @@ PPL_DOC_IDS = "ppl_doc_ids"  # metadata key: the perplexity documents' ids, in o
 PPL_BOS = "ppl_bos"  # metadata key: the windows' BOS protocol (every_window, first_window)
 
 
+def with_golds(doc_scores: Iterable[Mapping], requests: Iterable) -> list[dict]:
+    """Each document's scores with its `gold` (the choice index, or a tuple of them) and its number of
+    `choices`, from the requests it was scored on (`sfsd.evaluate.scoring.build_requests`: lm-eval's own gold);
+    DataError for a scored document that no request describes."""
+    by_doc = {(r.task, r.split, int(r.doc_id)): r for r in requests}
+    out = []
+    for d in doc_scores:
+        request = by_doc.get((d["task"], d.get("split"), int(d["doc_id"])))
+        if request is None:
+            raise DataError(f"{d['task']} doc {d['doc_id']} ({d.get('split')}) was scored but not requested")
+        out.append({**d, "gold": request.gold, "choices": len(request.pairs)})
+    return out
+
+
 def item_rows(doc_scores: Iterable[Mapping], ppl: Mapping | None = None, ppl_source: str | None = None,
               split: str = "test") -> list[dict]:
     """Rows of one evaluated model: a "doc" row per scored document ({task, split, doc_id, acc[,
-    acc_norm]}, from the native scorer or lm-eval's logged samples) and a "window" row per perplexity
-    window of `ppl` (a `sfsd.evaluate.perplexity.perplexity` result)."""
+    acc_norm], gold, choices}, from the native scorer or lm-eval's logged samples, `with_golds`) and a
+    "window" row per perplexity window of `ppl` (a `sfsd.evaluate.perplexity.perplexity` result)."""
     out = []
     for d in doc_scores:
         norm = "acc_norm" in lmeval_metrics(d["task"]) and d.get("acc_norm") is not None
+        gold = d.get("gold")
         out.append({"task": d["task"], "split": d.get("split") or split, "unit": "doc", "item": int(d["doc_id"]),
                     "acc": float(d["acc"]), "acc_norm": float(d["acc_norm"]) if norm else None,
-                    "nll": None, "tokens": None})
+                    "gold": None if gold is None or isinstance(gold, (tuple, list)) else int(gold),
+                    "choices": d.get("choices"), "nll": None, "tokens": None})
     if ppl is not None:
         for w, (nll, tokens) in enumerate(zip(ppl["window_nll"], ppl["window_tokens"], strict=True)):
             out.append({"task": ppl_source, "split": "test", "unit": "window", "item": w, "acc": None,

@@ -1,6 +1,7 @@
 """Results as Parquet rows: one row per model/method/plan/task/split/metric.
 
-`summarize_scores` makes the rows of the native scorer's per-document scores (`sfsd.evaluate.scoring`) and
+`summarize_scores` makes the rows of the native scorer's per-document scores (`sfsd.evaluate.scoring`),
+`with_floor_rates` adds each task's majority-class rate and chance (`majority`, `chance`), and
 `mean_metric` their average over tasks (the paper's "average" column, the rank search's criterion);
 `write_rows(path, rows, common)` writes them (the ROW_SCHEMA columns always present, with fixed types),
 `read_rows` / `combine(paths)` read them back; `common_columns` are the columns every row of one
@@ -47,6 +48,16 @@ def summarize_scores(scores: Sequence[Mapping], metrics: Sequence[str] | None = 
     return rows
 
 
+def with_floor_rates(rows: Sequence[Mapping], doc_scores: Sequence[Mapping]) -> list[dict]:
+    """`rows` with, on each task's rows, the `majority` and `chance` rates (fractions) of the documents
+    scored (`sfsd.tasks.baselines.floor_rates` of the scores, which carry gold and choices:
+    `sfsd.evaluate.items.with_golds`): what the tables' informative average compares the dense model with."""
+    from sfsd.tasks.baselines import floor_rates
+
+    rates = floor_rates(doc_scores) if doc_scores else {}
+    return [{**r, **rates[r["task"]]} if r.get("metric") != "ppl" and r["task"] in rates else dict(r) for r in rows]
+
+
 def mean_metric(scores: Sequence[Mapping], metric: str = "paper", tasks: Iterable[str] | None = None) -> float:
     """The unweighted mean over tasks of each task's mean `metric` (the paper's "average" column): the
     number the rank search compares against baseline - delta. metric: a setting of
@@ -87,6 +98,7 @@ def perplexity_row(result: Mapping, source: str, split: str = "test", docs: Sequ
 ROW_SCHEMA = {
     "model": "string", "method": "string", "plan": "string", "task": "string", "split": "string",
     "metric": "string", "value": "float64", "stderr": "float64", "n": "int64", "limit": "int64",
+    "majority": "float64", "chance": "float64",
     "scorer": "string", "params_model": "int64", "params_model_dense": "int64",
     "params_model_fraction": "float64", "params_decoder_linear": "int64",
     "params_decoder_linear_dense": "int64", "params_decoder_linear_fraction": "float64",

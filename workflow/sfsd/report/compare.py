@@ -3,7 +3,10 @@
 Every variant of a model (base, <method>-<budget>, ...: `sfsd.decompose.variants`) is scored on the
 same documents, so two variants are compared pairwise: the per-document differences are resampled (the
 documents with replacement, within each task) and the 2.5/97.5 percentiles of the resampled differences
-give a 95% interval. Perplexity is compared as the ratio ppl_a / ppl_b over the same windows.
+give a 95% interval. The same resamples give the difference of the informative average (the mean over
+the tasks where the base model's 95% interval lies above the task's majority-class rate and chance:
+`sfsd.report.informative`, decided from the base model's documents alone). Perplexity is compared as the
+ratio ppl_a / ppl_b over the same windows.
 
 The functions on numpy arrays are pure; `read_docs` and `comparisons_table` at the bottom are the only
 ones that touch files (the per-item files results/{model}/eval/{variant}.docs.parquet, format
@@ -23,6 +26,7 @@ import numpy as np
 from sfsd.decompose.variants import METHOD_NAMES, parse_variant
 from sfsd.errors import ConfigError, DataError
 from sfsd.evaluate.items import DOCS_COLUMNS, DOCS_FORMAT, PPL_BOS, PPL_DOC_IDS, VARIANT_COLUMNS
+from sfsd.report.informative import Verdict, informative_note, informative_tasks, task_verdict
 
 LEVEL = 0.95
 _CHUNK = 1 << 22  # resampled values held at once (per column), whatever the number of documents
@@ -75,31 +79,41 @@ def _paired(name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def paired_bootstrap(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], n_boot: int = 2000,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, subset: Sequence[str] | None = None) -> dict:
     """Difference a - b of the task-averaged score of two models scored on the same documents.
 
     a[task], b[task]: per-document scores of the same documents in the same order (tasks in the order
     given by `a`). The average is the unweighted mean over tasks (the paper's average column). The
     documents are resampled with replacement within each task (stratified), `n_boot` times, from
     numpy.random.default_rng(seed); every task's interval and the average's come from the same resamples.
-    Returns {"average": Interval, "tasks": {task: Interval}, "n": {task: documents}}."""
+    `subset`: tasks whose unweighted mean is also compared ("subset", from the same resamples; None when
+    `subset` is None or empty: the informative average). Returns {"average": Interval, "subset": Interval |
+    None, "tasks": {task: Interval}, "n": {task: documents}}."""
     _check_resamples(n_boot)
     if list(a) != list(b):
         raise DataError(f"paired scores cover different tasks ({', '.join(a)} vs {', '.join(b)})")
     if not a:
         raise DataError("paired scores cover no task")
+    unknown = [t for t in subset or () if t not in a]
+    if unknown:
+        raise DataError(f"the tasks {', '.join(unknown)} of the subset are not among the paired tasks ({', '.join(a)})")
     rng = np.random.default_rng(seed)
-    tasks, samples, n = {}, [], {}
+    tasks, samples, n = {}, {}, {}
     for task in a:
         diff = _paired(task, a[task], b[task])
         if diff.size == 0:
             raise DataError(f"{task}: no documents to compare")
         n[task] = diff.size
         resampled = resampled_sums(diff, n_boot, rng)[0] / diff.size
-        samples.append(resampled)
+        samples[task] = resampled
         tasks[task] = Interval(float(diff.sum() / diff.size), *_percentiles(resampled))
-    average = float(np.mean([t.value for t in tasks.values()]))
-    return {"average": Interval(average, *_percentiles(np.mean(samples, axis=0))), "tasks": tasks, "n": n}
+
+    def mean_of(names) -> Interval:
+        value = float(np.mean([tasks[t].value for t in names]))
+        return Interval(value, *_percentiles(np.mean([samples[t] for t in names], axis=0)))
+
+    return {"average": mean_of(list(tasks)), "subset": mean_of(list(subset)) if subset else None, "tasks": tasks,
+            "n": n}
 
 
 def perplexity(nll: np.ndarray, tokens: np.ndarray) -> float:
@@ -198,14 +212,39 @@ def variant_scores(variant: Mapping, metric: str) -> dict[str, np.ndarray]:
     return out
 
 
-def compare_pair(a: Mapping, b: Mapping, metric: str, n_boot: int = 2000, seed: int = 0) -> dict:
+def dense_verdicts(variants: Mapping[str, Mapping], metric: str) -> dict[str, Verdict] | None:
+    """{task: Verdict} of the informative average, decided from the base variant's documents alone: its
+    mean score and standard error (sample standard deviation / sqrt(n), lm-eval's) per task, against the
+    majority-class rate and chance of its documents' gold labels and choice counts (unknown where the docs
+    file does not record them); None without a base variant."""
+    from sfsd.tasks.baselines import chance_rate, majority_rate
+
+    base = variants.get("base")
+    if base is None:
+        return None
+    out = {}
+    for task, values in variant_scores(base, metric).items():
+        docs = base["docs"][task]
+        se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else None
+        gold, choices = docs.get("gold"), docs.get("choices")
+        known = gold is not None and choices is not None and not (np.isnan(gold).any() or np.isnan(choices).any())
+        majority = majority_rate([int(g) for g in gold]) if known else None
+        chance = chance_rate([int(c) for c in choices]) if known else None
+        out[task] = task_verdict(task, float(values.mean()), se, majority, chance)
+    return out
+
+
+def compare_pair(a: Mapping, b: Mapping, metric: str, n_boot: int = 2000, seed: int = 0,
+                 informative: Sequence[str] = ()) -> dict:
     """Paired differences (x100 points) and perplexity ratios of two variants as read by read_docs; the
-    same seed for every pair, so the pairs share their resamples."""
+    same seed for every pair, so the pairs share their resamples. `informative`: the tasks of the
+    informative average ("subset"; `dense_verdicts`)."""
     check_paired(a["plan"], {t: d["item"] for t, d in a["docs"].items()},
                  b["plan"], {t: d["item"] for t, d in b["docs"].items()})
     tasks = task_order(a["docs"])
     sa, sb = variant_scores(a, metric), variant_scores(b, metric)
-    acc = paired_bootstrap({t: 100 * sa[t] for t in tasks}, {t: 100 * sb[t] for t in tasks}, n_boot, seed)
+    acc = paired_bootstrap({t: 100 * sa[t] for t in tasks}, {t: 100 * sb[t] for t in tasks}, n_boot, seed,
+                           subset=list(informative))
     ppl = {}
     shared = [s for s in task_order(a["windows"]) if s in b["windows"]]
     if shared:
@@ -253,17 +292,20 @@ def comparison_rows(variants: Mapping[str, Mapping], metric: str, n_boot: int = 
                         "and at least one compressed model")
     tasks = task_order(t for v in variants.values() for t in v["docs"])
     sources = task_order(s for v in variants.values() for s in v["windows"])
+    verdicts = dense_verdicts(variants, metric)
+    informative = informative_tasks(verdicts or {}, tasks)
     csv_rows, md_rows = [], []
     n_docs: dict[str, int] = {}
     n_windows: dict[str, int] = {}
     for name_a, name_b in pairs:
         a, b = variants[name_a], variants[name_b]
-        result = compare_pair(a, b, metric, n_boot, seed)
+        result = compare_pair(a, b, metric, n_boot, seed, informative)
         n_docs.update(result["n"])
         common = {"a": name_a, "b": name_b, "a_params_%": round(100 * a["params_model_fraction"], 1),
                   "b_params_%": round(100 * b["params_model_fraction"], 1)}
         csv_row, md_row = dict(common), dict(common)
-        for key, iv in (("average", result["average"]), *((t, result["tasks"].get(t)) for t in tasks)):
+        for key, iv in (("average", result["average"]), ("informative", result["subset"]),
+                        *((t, result["tasks"].get(t)) for t in tasks)):
             for part, attr in (("diff", "value"), ("low", "low"), ("high", "high")):
                 csv_row[f"{key}_{part}"] = None if iv is None else round(getattr(iv, attr), 4)
             md_row[key] = None if iv is None else format_diff(iv)
@@ -280,7 +322,7 @@ def comparison_rows(variants: Mapping[str, Mapping], metric: str, n_boot: int = 
         csv_rows.append(csv_row)
         md_rows.append(md_row)
     notes = {"tasks": tasks, "metrics": {t: task_metric(t, metric) for t in tasks}, "n_docs": n_docs,
-             "n_windows": n_windows, "pairs": len(pairs)}
+             "n_windows": n_windows, "pairs": len(pairs), "informative": informative_note(verdicts, tasks)}
     return csv_rows, md_rows, notes
 
 
@@ -293,7 +335,7 @@ def _column(table, name: str, dtype) -> np.ndarray:
 
 def read_docs(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
     """{variant: {"model", "method", "plan", "params_model_fraction", "split", "docs": {task: {"item",
-    "acc", "acc_norm"}}, "windows": {source: {"item", "nll", "tokens"}}, "ppl_doc_ids", "ppl_bos"}} of one
+    "acc", "acc_norm", "gold", "choices"}}, "windows": {source: {"item", "nll", "tokens"}}, "ppl_doc_ids", "ppl_bos"}} of one
     model's docs files
     (results/{model}/eval/{variant}.docs.parquet, format sfsd-docs-1), items sorted within each task."""
     import pyarrow.compute as pc
@@ -337,7 +379,8 @@ def read_docs(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
         ppl_bos = (table.schema.metadata or {}).get(PPL_BOS.encode(), b"null")
         entry = {**head, "path": str(path), "docs": {}, "windows": {}, "ppl_doc_ids": json.loads(ppl_ids),
                  "ppl_bos": json.loads(ppl_bos)}
-        for unit, key, fields in (("doc", "docs", ("acc", "acc_norm")), ("window", "windows", ("nll", "tokens"))):
+        for unit, key, fields in (("doc", "docs", ("acc", "acc_norm", "gold", "choices")),
+                                  ("window", "windows", ("nll", "tokens"))):
             part = table.filter(pc.equal(table.column("unit"), unit))
             for task in part.column("task").unique().to_pylist():
                 rows = part.filter(pc.equal(part.column("task"), task))
@@ -368,7 +411,9 @@ def comparisons_table(doc_paths: Sequence[str | os.PathLike], metric: str, out_m
     caption = (
         f"Paired comparisons of the {model} variants scored on the same test documents: a - b of the zero-shot "
         f"score in x100 points (metric setting {metric}: {metrics}); average = difference of the unweighted mean "
-        f"over the {len(notes['tasks'])} tasks. Intervals in brackets: 95% paired bootstrap (2.5/97.5 percentiles "
+        f"over the {len(notes['tasks'])} tasks; informative = the same over the tasks where the base model scores "
+        "above what a constant answer or chance gets (in the footer). Intervals in brackets: 95% paired bootstrap "
+        "(2.5/97.5 percentiles "
         f"of B={n_boot} resamples of the documents with replacement within each task, "
         f"numpy.random.default_rng seed {seed}, the same resamples for every pair). a_params_% / b_params_%: "
         "parameters kept over the whole model."
@@ -381,5 +426,6 @@ def comparisons_table(doc_paths: Sequence[str | os.PathLike], metric: str, out_m
         footer += " Perplexity windows: " + ", ".join(f"{s} {n}" for s, n in notes["n_windows"].items())
         bos = sorted({str(v.get("ppl_bos") or "unrecorded") for v in variants.values() if v["windows"]})
         footer += f" (BOS: {', '.join(b.replace('_', ' ') for b in bos)})."
+    footer += " " + notes["informative"]
     write_table(csv_rows, out_md, out_csv, caption=caption, footer=footer, md_rows=md_rows)
     return csv_rows

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from sfsd.errors import DataError
 from sfsd.evaluate.items import Z95
 from sfsd.io import atomic_path
+from sfsd.report.informative import Verdict, informative_note, informative_tasks, task_verdict
 from sfsd.tasks.registry import ACCURACY_METRICS, TASKS, task_metric
 
 METHOD_ORDER = {"baseline": 0, "feature": 1, "weight": 2, "whitened": 3, "asvd": 4, "laser": 5, "vendi": 6}
@@ -28,6 +29,34 @@ def complete_variants(by_variant: dict) -> dict:
     bases = [v for (method, _), v in by_variant.items() if method == "baseline"] or list(by_variant.values())
     wanted = max((set(v["scores"]) for v in bases), key=len)  # LASER's own baseline point is one task
     return {k: v for k, v in by_variant.items() if wanted <= set(v["scores"])}
+
+
+def dense_verdicts(variants: Mapping) -> dict[str, Verdict] | None:
+    """{task: Verdict} of the informative average (`sfsd.report.informative`), decided from the dense model
+    alone: the variant of method "baseline" (plan "base" first), its scores {task: (x100 score, stderr)}
+    and its rows' task rates {task: (majority, chance)}; None without a dense model."""
+    dense = sorted((v for v in variants.values() if v["method"] == "baseline"), key=lambda v: v["plan"] != "base")
+    if not dense:
+        return None
+    v = dense[0]
+    return {t: task_verdict(t, score / 100.0, finite_number(se), *v["rates"].get(t, (None, None)))
+            for t, (score, se) in v["scores"].items()}
+
+
+def informative_mean(v: Mapping, kept: Sequence[str]) -> float | None:
+    """One variant's mean score (x100) over the informative tasks `kept`; None when there is none (or the
+    variant lacks one)."""
+    if not kept or any(t not in v["scores"] for t in kept):
+        return None
+    return sum(v["scores"][t][0] for t in kept) / len(kept)
+
+
+def informative_columns(v: Mapping, kept: Sequence[str], name: str) -> dict:
+    """`name` (`informative_mean`, rounded) and `name`_ci95 (as `average_ci95`) of one variant."""
+    mean = informative_mean(v, kept)
+    if mean is None:
+        return {name: None, f"{name}{CI95}": None}
+    return {name: round(mean, 2), f"{name}{CI95}": average_ci95(v["scores"][t][1] for t in kept)}
 
 
 CI95 = "_ci95"  # column suffix: half-width of the 95% interval of the column it follows (points x100)
@@ -114,7 +143,10 @@ def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test
     stderr^2) / n_tasks x 100), `ppl_<source>_<window>` and, when the perplexity row carries them,
     `ppl_<source>_<window>_ci_low` / `_ci_high`. `write_table` merges each interval into its score's
     Markdown cell (`56.0 ± 6.9`, `40.1 [38.2, 42.3]`). Perplexities measured under different BOS protocols
-    are refused (`ppl_protocols`); notes["ppl_bos"] names the one of each perplexity column."""
+    are refused (`ppl_protocols`); notes["ppl_bos"] names the one of each perplexity column.
+    `informative_average` and its `_ci95`: the same over the tasks where the dense model's 95% interval lies
+    above the task's majority-class rate and chance (`sfsd.report.informative`; None when it is above on no
+    task, or there is no dense model); notes["informative"] names them and each excluded task's reason."""
     protocols = ppl_protocols(rows)
     by_variant: dict[tuple[str, str], dict] = {}
     notes: dict[str, set] = defaultdict(set)
@@ -122,7 +154,7 @@ def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test
     for r in rows:
         key = (r["method"], r["plan"])
         v = by_variant.setdefault(key, {"method": r["method"], "plan": r["plan"], "scores": {}, "ppl": None,
-                                        "notes": defaultdict(set)})
+                                        "rates": {}, "notes": defaultdict(set)})
         v.update({k: r.get(k) for k in ("params_model", "params_model_fraction", "params_decoder_linear_fraction",
                                           "macs_per_token")})
         if r["metric"] == "ppl":
@@ -135,6 +167,7 @@ def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test
             metrics[r["task"]] = task_metric(r["task"], metric)
         if r["metric"] == metrics[r["task"]]:
             v["scores"][r["task"]] = (100.0 * r["value"], r.get("stderr"))
+            v["rates"][r["task"]] = (finite_number(r.get("majority")), finite_number(r.get("chance")))
             v["notes"]["n"].add(f"{r['task']} {r['n']}")
             v["notes"]["scorer"].add(str(r.get("scorer")))
             v["notes"]["limit"].add(str(r.get("limit")))
@@ -145,6 +178,9 @@ def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test
     for v in by_variant.values():  # the caption speaks of the models in the table only
         for key, values in v["notes"].items():
             notes[key] |= values
+    verdicts = dense_verdicts(by_variant)
+    all_tasks = [t for t in TASKS if any(t in v["scores"] for v in by_variant.values())]
+    kept = informative_tasks(verdicts or {}, all_tasks)
     table = []
     for (method, plan), v in sorted(by_variant.items(), key=lambda kv: (
             kv[0][0] != "baseline", -(kv[1]["params_model"] or 0), METHOD_ORDER.get(kv[0][0], 9), kv[0][1])):
@@ -162,6 +198,7 @@ def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test
             **cells,
             "average": round(sum(v["scores"][t][0] for t in tasks) / len(tasks), 2) if tasks else None,
             f"average{CI95}": average_ci95(v["scores"][t][1] for t in tasks) if tasks else None,
+            **informative_columns(v, kept, "informative_average"),
         }
         if v["ppl"] is not None:
             value, source, window, low, high = v["ppl"]
@@ -173,6 +210,7 @@ def paper_table_rows(rows: list[dict], metric: str = "paper", split: str = "test
     out = {k: sorted(s) for k, s in notes.items()}
     out["metrics"] = {t: metrics[t] for t in TASKS if t in metrics}
     out["ppl_bos"] = protocols
+    out["informative"] = informative_note(verdicts, all_tasks)
     return table, out
 
 
@@ -183,13 +221,15 @@ def paper_table(results: str | os.PathLike, metric: str, out_md: str | os.PathLi
     write_table(table, out_md, out_csv,
                 caption=f"Zero-shot {metric_caption(metric, notes['metrics'])} (x100) on the test split, "
                 "± the 95% interval (1.96 standard errors; the average's from the tasks' standard errors); "
+                "average: the paper's, over every task; informative_average: over the tasks where the dense "
+                "model scores above what a constant answer or chance gets (below); "
                 f"perplexity with its 95% interval in brackets where known{ppl_caption(notes['ppl_bos'])}; "
                 "params over the whole model "
                 "(embeddings and lm_head included, as in the SFSD paper) and over decoder Linear layers (as in "
                 "SVD-LLM); MACs per token of the Linear layers (lm_head included).",
                 footer=f"Docs per task: {', '.join(notes.get('n', []))}. Limit per task: "
                 f"{', '.join(notes.get('limit', []))}. Scorer: {', '.join(notes.get('scorer', []))} "
-                f"(lm-eval {', '.join(notes.get('lm_eval', []))}).")
+                f"(lm-eval {', '.join(notes.get('lm_eval', []))}). {notes['informative']}")
 
 
 def _cell(value) -> str:
@@ -252,7 +292,8 @@ def write_table(rows: list[dict], out_md: str | os.PathLike, out_csv: str | os.P
 
 # ------------------------------------------------------------------------- methods at equal budgets
 
-def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: str = "test") -> list[dict]:
+def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: str = "test",
+                       notes: dict | None = None) -> list[dict]:
     """Methods x budgets from the combined results: one row per evaluated model (baseline first, then by
     budget from the largest and by method), with parameters, the average test metric over the tasks
     every model was scored on (`avg_<m>`, x100; m the one metric all those tasks resolve to, else the
@@ -261,13 +302,16 @@ def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: st
     the baseline, and perplexity (with `ppl_ci_low` / `ppl_ci_high` where its row carries an interval).
     metric: a setting of `sfsd.tasks.registry.METRIC_CHOICES`, resolved per task by `task_metric` ("paper": acc for
     boolq and winogrande, acc_norm for the others). Perplexities measured under different BOS protocols are
-    refused (`ppl_protocols`)."""
+    refused (`ppl_protocols`). `informative_avg_<m>` (with `_ci95`) and `informative_delta_vs_baseline`:
+    the same over the tasks where the dense model's 95% interval lies above the task's majority-class rate
+    and chance (`sfsd.report.informative`; None when there is none); `notes`, when given, receives
+    "informative": the caption's sentence naming those tasks and each excluded one's reason."""
     ppl_protocols(rows)
     variants: dict[str, dict] = {}
     resolved: dict[str, str] = {}
     for r in rows:
         v = variants.setdefault(r["plan"], {"method": r["method"], "plan": r["plan"], "scores": {}, "ppl": None,
-                                            "params_model": r.get("params_model"),
+                                            "rates": {}, "params_model": r.get("params_model"),
                                             "fraction": r.get("params_model_fraction")})
         if r["metric"] == "ppl":
             v["ppl"] = (r["value"], finite_number(r.get("ci_low")), finite_number(r.get("ci_high")))
@@ -276,6 +320,7 @@ def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: st
                 resolved[r["task"]] = task_metric(r["task"], metric)
             if r["metric"] == resolved[r["task"]]:
                 v["scores"][r["task"]] = (100.0 * r["value"], r.get("stderr"))
+                v["rates"][r["task"]] = (finite_number(r.get("majority")), finite_number(r.get("chance")))
     if not variants:
         raise DataError("the results hold no rows; run the evaluation rules first")
     variants = {plan: v for (_, plan), v in complete_variants(
@@ -285,6 +330,11 @@ def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: st
         raise DataError(f"no task was scored ({metric}, {split} split) for every model; rerun the evaluation")
     base = next((v for v in variants.values() if v["method"] == "baseline"), None)
     label = metric_column(metric, {t: resolved[t] for t in common})
+    verdicts = dense_verdicts(variants)
+    ordered = [t for t in TASKS if t in common]
+    kept = informative_tasks(verdicts or {}, ordered)
+    if notes is not None:
+        notes["informative"] = informative_note(verdicts, ordered)
 
     def average(v):
         return sum(v["scores"][t][0] for t in common) / len(common)
@@ -315,6 +365,9 @@ def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: st
             f"avg_{label}": round(avg, 2),
             f"avg_{label}_ci95": average_ci95(v["scores"][t][1] for t in sorted(common)),
             "delta_vs_baseline": None if base is None else round(avg - average(base), 2),
+            **informative_columns(v, kept, f"informative_avg_{label}"),
+            "informative_delta_vs_baseline": None if base is None or not kept else round(
+                informative_mean(v, kept) - informative_mean(base, kept), 2),
             "ppl": None if v["ppl"] is None else round(v["ppl"][0], 2),
         }
         if v["ppl"] is not None and v["ppl"][1] is not None and v["ppl"][2] is not None:
@@ -338,7 +391,8 @@ def methods_table(results: str | os.PathLike, metric: str, out_md: str | os.Path
     `methods_table_rows`. The Markdown shows the average as `50.0 ± 3.1` (95% interval) and perplexity
     with its interval in brackets where known; the CSV keeps them in separate columns."""
     rows = read_parquet_rows(results, "combined results")
-    table = methods_table_rows(rows, metric)
+    notes: dict = {}
+    table = methods_table_rows(rows, metric, notes=notes)
     tasks = sorted({r["task"] for r in rows if r["task"] in TASKS and r["metric"] == task_metric(r["task"], metric)})
     ppl = sorted({f"{r['task']}, {r.get('window')}-token windows" for r in rows if r["metric"] == "ppl"})
     protocols = ppl_caption(ppl_protocols(rows)).removeprefix("; ")
@@ -346,9 +400,10 @@ def methods_table(results: str | os.PathLike, metric: str, out_md: str | os.Path
     write_table(table, out_md, out_csv, cell=_methods_cell,
                 caption=f"Methods at equal parameter budgets: average zero-shot {what} (x100, test split) over "
                 f"{', '.join(tasks)}, ± its 95% interval (1.96 x sqrt(sum of the task standard errors^2) / "
-                f"n_tasks); change from the uncompressed model in points; perplexity on {'; '.join(ppl) or 'none'}"
+                f"n_tasks); change from the uncompressed model in points; the same over the informative tasks "
+                f"(informative_avg); perplexity on {'; '.join(ppl) or 'none'}"
                 f" (95% interval in brackets where known{'; ' + protocols if protocols else ''}). Parameters over "
-                "the whole model.")
+                f"the whole model. {notes['informative']}")
     return table
 
 
