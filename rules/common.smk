@@ -49,8 +49,8 @@ wildcard_constraints:
     method=METHODS_RE,
     budget=BUDGETS_RE,
     # variant and plan names: sfsd/decompose/variants.py
-    plan=rf"({METHODS_RE})-(spectral-)?({BUDGETS_RE})|search-({METHODS_RE})-({MODES_RE})-[a-zA-Z0-9_]+-({BUDGETS_RE})",
-    variant=rf"base|({METHODS_RE})-(spectral-)?[a-zA-Z0-9_]+|search-({METHODS_RE})-({MODES_RE})-[a-zA-Z0-9_]+(-[a-zA-Z0-9_]+)?",
+    plan=rf"({METHODS_RE})-(spectral-|loss-)?({BUDGETS_RE})|search-({METHODS_RE})-({MODES_RE})-[a-zA-Z0-9_]+-({BUDGETS_RE})",
+    variant=rf"base|({METHODS_RE})-(spectral-|loss-)?[a-zA-Z0-9_]+|search-({METHODS_RE})-({MODES_RE})-[a-zA-Z0-9_]+(-[a-zA-Z0-9_]+)?",
     mode=MODES_RE,
     target=r"[a-zA-Z0-9_]+",
 
@@ -129,7 +129,7 @@ def blocks_of_model(model):
 
 def budget_variants():
     """Every compressed variant at a parameter budget: each method under each allocation of
-    compression.allocations (uniform, spectral), and each configured search landed on or completed to each
+    compression.allocations (uniform, spectral, loss), and each configured search landed on or completed to each
     budget when search.budgets is on (names: sfsd/decompose/variants.py)."""
     comp = config["compression"]
     names = [f"{m}-{b}" if a == "uniform" else f"{m}-{a}-{b}" for b in comp["budgets"] for m in comp["methods"]

@@ -1,5 +1,5 @@
 # Compressed models: full-rank factors per method (computed once, with each layer's spectrum), rank
-# plans at parameter budgets (uniform, spectral; searched ones in search.smk), and the compressed models
+# plans at parameter budgets (uniform, spectral, loss; searched ones in search.smk), and the compressed models
 # cut from the factors (safetensors + plan.json). Variant names: sfsd/decompose/variants.py.
 
 
@@ -82,6 +82,69 @@ rule spectral_plan:
         runtime=10,
     shell:
         "python -m sfsd --threads {threads} make-plan --allocation spectral --factors {params.factors:q} "
+        "--spectral-groups {params.groups} "
+        "--model-dir {input.model:q} --model-name {wildcards.model} --method {wildcards.method} "
+        "--params-fraction {params.fraction} --first-block {params.first_block} --layers {params.layers} "
+        "--convention {params.convention} --bias-compensation {params.bias} --out {output.plan:q} > {log:q} 2>&1"
+
+
+rule loss_spectra:
+    """Per factor method, every layer's predicted loss increase at every rank (sfsd/decompose/criteria.py):
+    the factor cache, stage 1's input statistics and the output gradients (collect_gradients)."""
+    input:
+        factors=rules.factor_cache.output.factors,
+        features="results/{model}/features",
+        gradients="results/{model}/gradients",
+        model=model_dir,
+    output:
+        loss=directory("results/{model}/loss/{method}"),
+    params:
+        layers=",".join(config["layers"]),
+        results=lambda wc, input: Path(input.features).parent,
+        factors=lambda wc, input: Path(input.factors).parent,
+        bias=config["compression"]["bias_compensation"],
+        code=command_version("loss-spectra"),
+    conda:
+        "../envs/cpu-stages.yaml"
+    log:
+        "results/logs/loss_spectra/{model}/{method}.log",
+    benchmark:
+        "results/benchmarks/loss_spectra/{model}/{method}.tsv"
+    threads: 1
+    resources:
+        # one block's weights (the model is read a block at a time) and one layer's float64 G, C and products
+        mem_mb=lambda wc, attempt: int(model_params_b(wc.model) * 1e9 * 4 / 1e6 / 16 + 3000) * attempt,
+        runtime=lambda wc: int(10 + 30 * model_params_b(wc.model)),
+    shell:
+        "python -m sfsd --threads {threads} loss-spectra --model-dir {input.model:q} --results {params.results:q} "
+        "--factors {params.factors:q} --method {wildcards.method} --layers {params.layers} "
+        "--bias-compensation {params.bias} --out {output.loss:q} > {log:q} 2>&1"
+
+
+rule loss_plan:
+    input:
+        loss=rules.loss_spectra.output.loss,
+        model=model_dir,
+    output:
+        plan="results/{model}/plans/{method}-loss-{budget}.json",
+    params:
+        layers=",".join(config["layers"]),
+        fraction=lambda wc: config["compression"]["budgets"][wc.budget],
+        first_block=config["compression"]["first_block"],
+        convention=config["compression"]["convention"],
+        bias=config["compression"]["bias_compensation"],
+        loss=lambda wc, input: Path(input.loss).parent,
+        groups=config["compression"]["spectral_groups"],
+        code=command_version("make-plan"),
+    conda:
+        "../envs/cpu-stages.yaml"
+    log:
+        "results/logs/loss_plan/{model}/{method}-{budget}.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m sfsd --threads {threads} make-plan --allocation loss --loss {params.loss:q} "
         "--spectral-groups {params.groups} "
         "--model-dir {input.model:q} --model-name {wildcards.model} --method {wildcards.method} "
         "--params-fraction {params.fraction} --first-block {params.first_block} --layers {params.layers} "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sfsd.cli.options import METHOD_CHOICES, csv_list
 from sfsd.defaults import block_range, choices, default
-from sfsd.errors import ConfigError
+from sfsd.errors import ConfigError, DataError
 
 
 def add_parsers(sub) -> None:
@@ -98,16 +98,29 @@ def add_parsers(sub) -> None:
     p.add_argument("--convention", choices=["model", "decoder_linear"], default=default("compression.convention"))
     p.add_argument("--bias-compensation", choices=["intended", "none"],
                    default=default("compression.bias_compensation"))
-    p.add_argument("--allocation", choices=["uniform", "spectral", "searched"], default="uniform",
-                   help="uniform: one keep ratio; spectral: ranks from the cached spectra (sfsd.decompose.allocate); searched: "
+    p.add_argument("--allocation", choices=["uniform", "spectral", "loss", "searched"], default="uniform",
+                   help="uniform: one keep ratio; spectral: ranks from the cached spectra (sfsd.decompose.allocate); loss: "
+                        "ranks from the predicted loss increase (sfsd.decompose.criteria); searched: "
                         "a search's plan at the budget, its unsearched layers allocated spectrally")
     p.add_argument("--factors", help="factor cache root (results/<model>/factors): spectral and searched")
+    p.add_argument("--loss", help="loss criterion root (results/<model>/loss, command loss-spectra): loss")
     p.add_argument("--search", help="search output folder: searched")
     p.add_argument("--budget-label", help="the budget's name (e.g. p54): the search's checkpoint of that budget")
     p.add_argument("--spectral-groups", choices=("type", "global"), default=default("compression.spectral_groups"),
                    help="spectral: move rank across depth within each Linear type, or anywhere")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_make_plan)
+
+    p = sub.add_parser("loss-spectra", help="the predicted loss increase of every rank of every layer (one factor method)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--results", required=True, help="results/<model> (holds features/ and gradients/)")
+    p.add_argument("--factors", required=True, help="factor cache root (results/<model>/factors)")
+    p.add_argument("--method", choices=METHOD_CHOICES, required=True)
+    p.add_argument("--layers", required=True)
+    p.add_argument("--bias-compensation", choices=["intended", "none"],
+                   default=default("compression.bias_compensation"))
+    p.add_argument("--out", required=True, help="output folder (block_NNN.safetensors with <linear>.loss)")
+    p.set_defaults(func=cmd_loss_spectra)
 
     p = sub.add_parser("compress", help="apply a rank plan (cut from the factor cache) and save the model")
     p.add_argument("--model-dir", required=True)
@@ -270,16 +283,34 @@ def _allocated_plan(args, spec, shapes, linears, blocks: range, digest, header) 
     (checkpoints/<label>.json), else its decisions completed by the spectral allocation of the rest."""
     from pathlib import Path
 
-    from sfsd.decompose.allocate import layer_spectra, spectral_plan
+    from sfsd.decompose.allocate import curve_spectra, layer_spectra, spectral_plan
     from sfsd.decompose.compress import BlockFile
     from sfsd.decompose.factor_cache import factor_spectrum
     from sfsd.features.collect import block_file
     from sfsd.io import read_json
     from sfsd.decompose.plan import budget_plan, count_params, layer_key
 
+    files: dict[int, BlockFile] = {}
+    if args.allocation == "loss":
+        if not args.loss:
+            raise ConfigError("make-plan --allocation loss needs --loss (the loss criterion root, command loss-spectra)")
+
+        def curve(block: int, linear: str):
+            if block not in files:
+                files[block] = BlockFile(Path(args.loss) / args.method / block_file(block), digest)
+                made = files[block].metadata.get("settings", {}).get("bias_compensation")
+                if made != args.bias_compensation:
+                    raise DataError(f"{files[block].path} predicts the loss with bias compensation {made}, not "
+                                    f"{args.bias_compensation}; rerun loss-spectra")
+            return files[block][f"{linear}.loss"]
+
+        spectra = curve_spectra(spec, shapes, [layer_key(b, n) for b in blocks for n in linears], curve)
+        plan = spectral_plan(spec, shapes, linears, args.params_fraction, args.method, spectra, blocks=blocks,
+                             convention=args.convention, groups=args.spectral_groups, criterion="loss", **header)
+        calibration = {f.metadata.get("calibration_digest") for f in files.values()}
+        return plan, (calibration.pop() if len(calibration) == 1 else None)
     if not args.factors:
         raise ConfigError(f"make-plan --allocation {args.allocation} needs --factors (the factor cache root)")
-    files: dict[int, BlockFile] = {}
 
     def read(block: int, linear: str):
         if block not in files:
@@ -361,6 +392,26 @@ def _fraction(shapes, plan, convention: str) -> float:
     from sfsd.decompose.plan import count_params
 
     return count_params(shapes, plan)[convention]["fraction"]
+
+
+def cmd_loss_spectra(args: argparse.Namespace) -> None:
+    from sfsd.decompose.compress import BlockFile, cached_statistics
+    from sfsd.decompose.criteria import save_loss_spectra
+    from sfsd.features.collect import block_file
+    from sfsd.io import atomic_dir, model_digest
+    from sfsd.model.registry import select_linears
+    from sfsd.model.stream import open_blocks
+
+    digest = model_digest(args.model_dir)
+    source = open_blocks(args.model_dir, "always")  # one block's weights at a time: all this stage reads
+    _, features = cached_statistics(args.results, model_digest=digest)
+    with atomic_dir(args.out) as tmp:
+        paths = save_loss_spectra(
+            source, source.spec, args.method, select_linears(source.spec, csv_list(args.layers)), tmp,
+            lambda b: BlockFile(Path(args.factors) / args.method / block_file(b), digest), features,
+            lambda b: BlockFile(Path(args.results) / "gradients" / block_file(b), digest),
+            model_digest=digest, bias_compensation=args.bias_compensation)
+    logging.info("wrote the loss criterion of %d blocks of %s", len(paths), args.method)
 
 
 def cmd_compress(args: argparse.Namespace) -> None:

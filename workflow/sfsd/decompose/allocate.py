@@ -17,6 +17,10 @@ fraction of output energy lost, so wide and narrow layers weigh alike) subject t
 budget, greedily (`greedy_ranks`): every targeted layer starts at rank 1 and the step with the largest
 normalised error saved per parameter is taken while it fits, on each layer's convex hull of error
 against parameters (the last step, rank kappa - 1 -> dense, saves all that is left).
+
+The loss allocation (`compression.allocations: loss`) runs the same greedy on each layer's predicted
+increase of the LM loss at every rank (`sfsd.decompose.criteria`, `LayerSpectrum.from_curve`), NOT
+normalised by the layer's energy: the loss is already comparable across layers.
 """
 
 from __future__ import annotations
@@ -50,13 +54,15 @@ def output_energy(weight: Tensor, moment: Tensor) -> float:
 
 @dataclass(frozen=True)
 class LayerSpectrum:
-    """One Linear's normalised gains: gains[i] = fraction of its output energy that rank i+1 adds
-    (length kappa - 1); `rest` = what the ranks beyond kappa - 1 (the dense layer) add."""
+    """One Linear's gains: gains[i] = what rank i+1 saves (length kappa - 1) out of `total`, the error at
+    rank 0; `rest` = what the dense layer saves beyond rank kappa - 1. Energy spectra (`from_energy`) are
+    normalised (total 1: fractions of the output energy); loss curves (`from_curve`) are not."""
 
     in_features: int
     out_features: int
     gains: tuple[float, ...]
     rest: float
+    total: float = 1.0
 
     @classmethod
     def from_energy(cls, in_features: int, out_features: int, gains: Tensor, energy: float) -> LayerSpectrum:
@@ -68,9 +74,22 @@ class LayerSpectrum:
         g = (g / scale).clamp_min(0.0)
         return cls(in_features, out_features, tuple(float(x) for x in g), max(0.0, 1.0 - float(g.sum())))
 
+    @classmethod
+    def from_curve(cls, in_features: int, out_features: int, curve: Tensor) -> LayerSpectrum:
+        """From a layer's error at ranks 0..kappa-1 (e.g. `criteria.loss_curve`), as it is: no
+        normalisation, and a rank may save a negative amount (a method's next component need not lower
+        the loss); the greedy's convex hull steps over such ranks."""
+        kappa = max_rank(in_features, out_features)
+        c = curve.double().clamp_min(0.0)
+        if c.numel() < kappa:
+            raise ConfigError(f"a {out_features}x{in_features} layer needs its error at {kappa} ranks, got {c.numel()}")
+        gains = c[:-1] - c[1:]
+        return cls(in_features, out_features, tuple(float(x) for x in gains[: kappa - 1]), float(c[kappa - 1]),
+                   float(c[0]))
+
     def error(self, rank: int | None) -> float:
-        """Normalised error at `rank` (None = dense: 0)."""
-        return 0.0 if rank is None else max(0.0, 1.0 - sum(self.gains[:rank]))
+        """Error at `rank` (None = dense: 0): normalised for energy spectra, the loss for loss curves."""
+        return 0.0 if rank is None else max(0.0, self.total - sum(self.gains[:rank]))
 
 
 def _layer_params(in_features: int, out_features: int, rank: int | None, bias: tuple[int, int]) -> int:
@@ -181,6 +200,7 @@ def spectral_plan(
     bias_compensation: str = "intended",
     groups: str = "type",
     uniform: Mapping | None = None,
+    criterion: str = "energy",
     **header,
 ) -> dict:
     """A plan of `method` whose parameter count is at most that of the uniform plan at
@@ -192,12 +212,16 @@ def spectral_plan(
     keeps the parameters the uniform plan (`plan.budget_plan`) gives it, minus its fixed layers', and the
     greedy moves rank across depth only (as SVD-LLM V2 allocates within a layer type), then what is left
     of the budget goes to the best steps of any layer; when fixed layers take more than a type's share,
-    the allocation is global. `uniform`: that uniform plan when the caller has it already.
+    the allocation is global. `uniform`: that uniform plan when the caller has it already. `criterion`:
+    what the spectra measure, "energy" (normalised output energy, builder "spectral") or "loss" (the
+    predicted loss increase, `LayerSpectrum.from_curve`, builder "loss"); the plan's notes carry the sum.
     ConfigError when even rank 1 on every free layer exceeds the target."""
     if method not in FACTOR_METHODS:
         raise ConfigError(f"spectral allocation needs a factor method ({', '.join(FACTOR_METHODS)}), not {method!r}")
     if convention not in ("model", "decoder_linear"):
         raise ConfigError(f"convention {convention!r} is unknown; use 'model' or 'decoder_linear'")
+    if criterion not in ("energy", "loss"):
+        raise ConfigError(f"allocation criterion {criterion!r} is unknown; use 'energy' or 'loss'")
     fixed = {k: dict(v) for k, v in (fixed or {}).items()}
     free = [layer_key(b, n) for b, n in _targets(spec, shapes.n_blocks, linears, blocks)
             if layer_key(b, n) not in fixed]
@@ -239,9 +263,10 @@ def spectral_plan(
     plan = new_plan(layers, bias_compensation=bias_compensation, **header)
     reached = count_params(shapes, plan)[convention]
     error = sum(spectra[k].error(r) for k, r in ranks.items())
-    plan["notes"] = {"builder": "spectral", "groups": groups, "convention": convention, "target_params_fraction": target_params_fraction,
+    builder, error_key = {"energy": ("spectral", "normalised_error"), "loss": ("loss", "predicted_loss")}[criterion]
+    plan["notes"] = {"builder": builder, "groups": groups, "convention": convention, "target_params_fraction": target_params_fraction,
                      "params_fraction": reached["fraction"], "fixed_layers": len(fixed), "free_layers": len(free),
-                     "normalised_error": error, **header.get("notes", {})}
+                     error_key: error, **header.get("notes", {})}
     return plan
 
 
@@ -297,4 +322,23 @@ def layer_spectra(
     return out
 
 
-__all__ = ["LayerSpectrum", "captured_energy", "greedy_ranks", "layer_spectra", "output_energy", "spectral_plan"]
+def curve_spectra(
+    spec: ArchSpec,
+    shapes: ModelShapes,
+    keys: Iterable[str],
+    read,
+) -> dict[str, LayerSpectrum]:
+    """{plan key: LayerSpectrum.from_curve} of `keys`, `read(block, linear)` giving one layer's error at
+    ranks 0..kappa-1 (e.g. `<linear>.loss` of a loss-criterion block file, `criteria.save_loss_spectra`)."""
+    from sfsd.decompose.plan import parse_layer_key
+
+    out = {}
+    for key in keys:
+        block, linear = parse_layer_key(key, spec, shapes.n_blocks)
+        out_f, in_f = shapes.linears[linear]
+        out[key] = LayerSpectrum.from_curve(in_f, out_f, read(block, linear))
+    return out
+
+
+__all__ = ["LayerSpectrum", "captured_energy", "curve_spectra", "greedy_ranks", "layer_spectra", "output_energy",
+           "spectral_plan"]

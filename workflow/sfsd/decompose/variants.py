@@ -3,6 +3,7 @@
     base                                   the uncompressed model
     <method>-<budget>                      uniform allocation at a parameter budget (e.g. feature-p54)
     <method>-spectral-<budget>             spectral allocation (sfsd.decompose.allocate) at that budget
+    <method>-loss-<budget>                 loss allocation (sfsd.decompose.criteria) at that budget
     search-<method>-<mode>-<target>        the surgical search with its tolerance (size not fixed)
     search-<method>-<mode>-<target>-<budget>   the search landed on (or completed to) that budget
 
@@ -14,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 METHOD_NAMES = ("feature", "weight", "whitened", "asvd")  # plan.FACTOR_METHODS (a test keeps them equal)
-ALLOCATIONS = ("uniform", "spectral", "searched")
+ALLOCATIONS = ("uniform", "spectral", "loss", "searched")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """kind: base | uniform | spectral | searched (at a budget) | search (tolerance only) | other."""
+    """kind: base | uniform | spectral | loss | searched (at a budget) | search (tolerance only) | other."""
 
     kind: str
     method: str | None = None
@@ -28,7 +29,8 @@ class Variant:
 
     @property
     def allocation(self) -> str | None:
-        return {"uniform": "uniform", "spectral": "spectral", "searched": "searched", "search": "searched"}.get(self.kind)
+        return {"uniform": "uniform", "spectral": "spectral", "loss": "loss", "searched": "searched",
+                "search": "searched"}.get(self.kind)
 
 
 def parse_variant(name: str) -> Variant:
@@ -39,8 +41,8 @@ def parse_variant(name: str) -> Variant:
     if parts[0] == "search" and len(parts) in (4, 5) and parts[1] in METHOD_NAMES and all(parts[2:]):
         search = f"{parts[2]}-{parts[3]}"
         return Variant("searched", parts[1], parts[4], search) if len(parts) == 5 else Variant("search", parts[1], None, search)
-    if len(parts) == 3 and parts[0] in METHOD_NAMES and parts[1] == "spectral" and parts[2]:
-        return Variant("spectral", parts[0], parts[2])
+    if len(parts) == 3 and parts[0] in METHOD_NAMES and parts[1] in ("spectral", "loss") and parts[2]:
+        return Variant(parts[1], parts[0], parts[2])
     if len(parts) == 2 and parts[0] in METHOD_NAMES and parts[1]:
         return Variant("uniform", parts[0], parts[1])
     return Variant("other")
@@ -50,8 +52,8 @@ def variant_name(method: str, budget: str, allocation: str = "uniform", search: 
     """The variant name of a method at a budget under an allocation (`search` = <mode>-<target>)."""
     if allocation == "uniform":
         return f"{method}-{budget}"
-    if allocation == "spectral":
-        return f"{method}-spectral-{budget}"
+    if allocation in ("spectral", "loss"):
+        return f"{method}-{allocation}-{budget}"
     if allocation == "searched" and search:
         return f"search-{method}-{search}-{budget}"
     raise ValueError(f"no variant name for allocation {allocation!r} (search {search!r})")

@@ -23,8 +23,9 @@ the gradients of padded positions are dropped (they are 0: right padding feeds n
 Each batch's g^T g is formed in float32 on the compute device and added into float64 totals on the CPU.
 
 `gradients.full`: true = the whole G (out x out per Linear), false = its diagonal, auto = the whole G when
-its float64 totals fit (`full_fits`). The model must fit the device: a model that `stream.use_stream`
-would stream is refused with one line (streaming the backward pass block by block is not implemented).
+its float64 totals fit (`full_fits`). The model must fit the device: with `streamed` always, or auto
+where its weights take more than `placement.HEADROOM` of the device's free memory, the stage stops with
+one line (streaming the backward pass block by block is not implemented).
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ from sfsd.errors import ConfigError, DataError
 from sfsd.features.collect import block_file
 from sfsd.features.stats import check_finite
 from sfsd.io import atomic_dir, load_tensors, model_digest, save_tensors, write_json
-from sfsd.model.loading import load_model, model_config
+from sfsd.model.loading import load_model, model_config, resolve_dtype
 from sfsd.model.placement import input_device, placement, resolve_device
 from sfsd.model.registry import architecture_of, blocks_of, get_arch, select_linears
 from sfsd.model.spec import ArchSpec
-from sfsd.model.stream import host_available, use_stream
+from sfsd.model.stream import host_available
 from sfsd.provenance import require, stamp, tokenizer_digest
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,9 @@ def run_gradients(
     arch = architecture_of(config)
     spec = get_arch(arch)
     torch_device = resolve_device(device)
-    if use_stream(model_dir, streamed, dtype, torch_device):
+    if streamed not in ("auto", "always", "never"):
+        raise ConfigError(f"streamed {streamed!r} is unknown; use auto, always or never")
+    if streamed == "always" or (streamed == "auto" and not _fits(model_dir, dtype, torch_device)):
         raise ConfigError(f"gradients: {model_name} does not fit {torch_device} whole (streamed {streamed}); the backward "
                           "pass is not streamed block by block: run this stage on a device that holds the model")
     tokens, tok_meta = load_tensors(tokens_path, ["input_ids", "attention_mask"])
@@ -252,6 +255,18 @@ def run_gradients(
     log.info("gradients of %d tokens in %.1f s, mean NLL %.4f", summary["tokens"], seconds,
              summary["loss"] / max(summary["predicted_tokens"], 1))
     return common
+
+
+def _fits(model_dir: str | os.PathLike, dtype: str, device: torch.device) -> bool:
+    """Whether the weights at `dtype` take at most `placement.HEADROOM` of the memory free on `device`
+    (a CUDA device's free memory, else the host's); the activations of a batch come on top."""
+    from sfsd.model.placement import HEADROOM
+    from sfsd.model.shapes import model_shapes
+
+    need = model_shapes(model_dir).total_params * resolve_dtype(dtype).itemsize
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available()
+    log.info("weights %.2f GB at %s; %.2f GB free on %s", need / 1e9, dtype, free / 1e9, device)
+    return need <= HEADROOM * free
 
 
 def output_gradient(block, linear: str) -> torch.Tensor:

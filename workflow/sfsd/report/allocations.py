@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from sfsd.errors import DataError
 
-ALLOCATION_STYLE = {"uniform": ("-", "o"), "spectral": ("--", "s"), "searched": (":", "^")}
+ALLOCATION_STYLE = {"uniform": ("-", "o"), "spectral": ("--", "s"), "loss": ("-.", "D"), "searched": (":", "^")}
 SEARCH_MARKERS = ("^", "v", "<", ">", "P", "X")  # one per search of a method, in name order
 
 
@@ -23,7 +23,7 @@ def allocation_lines(table: Sequence[Mapping]) -> dict[tuple[str, str, str], lis
     lines: dict[tuple[str, str, str], list[Mapping]] = defaultdict(list)
     for row in table:
         v = parse_variant(row.get("variant", ""))
-        if v.kind in ("uniform", "spectral", "searched"):
+        if v.kind in ("uniform", "spectral", "loss", "searched"):
             lines[(row["method"], v.allocation, v.search or "")].append(row)
     return {k: sorted(rows, key=lambda r: r["params_%"]) for k, rows in sorted(lines.items())}
 

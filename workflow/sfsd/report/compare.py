@@ -140,8 +140,8 @@ def paired_ppl_ratio(nll_a: np.ndarray, tokens_a: np.ndarray, nll_b: np.ndarray,
 def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
     """The (a, b) pairs compared, a - b, from the variants present (names: `sfsd.decompose.variants`): at each budget
     (in order of first appearance) every pair of uniform methods (in `METHOD_NAMES` order: feature vs
-    weight, feature vs whitened, ...); per method at each budget, the spectral and the searched
-    allocations vs uniform and searched vs spectral (equal sizes); each tolerance search vs the uniform
+    weight, feature vs whitened, ...); per method at each budget, the spectral, loss and searched
+    allocations vs uniform, loss vs spectral and searched vs spectral (equal sizes); each tolerance search vs the uniform
     variant of its method at each budget; then every variant vs base."""
     present = list(dict.fromkeys(variants))
     by: dict[tuple[str, str, str], list[str]] = {}  # (kind, method, budget) -> names
@@ -149,7 +149,7 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
     searches: list[tuple[str, str]] = []
     for name in present:
         v = parse_variant(name)
-        if v.kind in ("uniform", "spectral", "searched"):
+        if v.kind in ("uniform", "spectral", "loss", "searched"):
             by.setdefault((v.kind, v.method, v.budget), []).append(name)
             budgets += [v.budget] if v.budget not in budgets else []
         elif v.kind == "search":
@@ -162,10 +162,11 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
                   for m2 in methods[i + 1:]]
         for m in METHOD_NAMES:
             spectral = by.get(("spectral", m, budget), [])
+            loss = by.get(("loss", m, budget), [])
             searched = by.get(("searched", m, budget), [])
             if (m, budget) in uniform:
-                pairs += [(name, uniform[(m, budget)]) for name in spectral + searched]
-            pairs += [(s, sp) for s in searched for sp in spectral]
+                pairs += [(name, uniform[(m, budget)]) for name in spectral + loss + searched]
+            pairs += [(s, sp) for s in loss + searched for sp in spectral]
     for name, method in searches:
         pairs += [(name, uniform[(method, b)]) for b in budgets if (method, b) in uniform]
     if "base" in present:

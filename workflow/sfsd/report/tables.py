@@ -349,10 +349,10 @@ def methods_table_rows(rows: Sequence[Mapping], metric: str = "paper", split: st
     for v in variants.values():
         group_size[budget(v)] = max(group_size[budget(v)], v["fraction"] or 0)
     out = []
-    allocation_order = {"uniform": 0, "spectral": 1, "searched": 2}
+    allocation_order = {"uniform": 0, "spectral": 1, "loss": 2, "searched": 3}
     for v in sorted(variants.values(), key=lambda v: (v["method"] != "baseline", -group_size[budget(v)], budget(v),
                                                        METHOD_ORDER.get(v["method"], 9),
-                                                       allocation_order.get(parse_variant(v["plan"]).allocation, 3),
+                                                       allocation_order.get(parse_variant(v["plan"]).allocation, 4),
                                                        v["plan"])):
         avg = average(v)
         row = {

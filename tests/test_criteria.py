@@ -1,0 +1,221 @@
+"""The loss criterion (sfsd.decompose.criteria): on a Linear followed by a quadratic loss with a known
+Hessian, the predicted loss increase of every rank equals the measured one for every factor method; the
+additive per-component form holds exactly where the theory says; the loss allocation's spectra and plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfsd.decompose.allocate import LayerSpectrum, curve_spectra, greedy_ranks, spectral_plan
+from sfsd.decompose.compress import BlockFile, factors_for
+from sfsd.decompose.criteria import additive_gains, kfac_loss_curve, loss_curve, method_quadratic, save_loss_spectra
+from sfsd.decompose.factor_cache import factor_entry, full_rank_factors, save_factor_cache
+from sfsd.decompose.methods import max_rank
+from sfsd.decompose.plan import FACTOR_METHODS, budget_plan, count_params
+from sfsd.features.collect import block_file
+from sfsd.features.gradients import collect_output_gradients
+from sfsd.features.stats import eigh_descending, output_moments
+from sfsd.model.registry import get_arch
+
+SPEC = get_arch("LlamaForCausalLM")
+
+
+def _symmetric_root(m: torch.Tensor, power: float) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(m)
+    return (vectors * values.pow(power)) @ vectors.T
+
+
+def quadratic_case(n=600, d_in=10, d_out=7, seed=0):
+    """Inputs x (n, d_in), a Linear (W, b), a Hessian H (SPD, not diagonal) and targets t = y + e whose
+    residuals e have mean 0, are orthogonal to every input column (sum_t e_t x_t^T = 0) and have second
+    moment H^-1, all exactly on these n samples. For L(y) = 1/2 (y - t)^T H (y - t), g = H (y - t) = -H e,
+    so G = E[g g^T] = H exactly, and the first-order term of any affine change of y sums to 0."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=gen, dtype=torch.float64) * torch.logspace(-1, 1, d_in, dtype=torch.float64) + 0.4
+    weight = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    bias = torch.randn(d_out, generator=gen, dtype=torch.float64)
+    a = torch.randn(d_out, d_out, generator=gen, dtype=torch.float64)
+    hessian = a @ a.T / d_out + 0.3 * torch.eye(d_out, dtype=torch.float64)
+    z = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1))
+    z = z - q @ (q.T @ z)
+    e = z @ _symmetric_root(z.T @ z / n, -0.5) @ _symmetric_root(hessian, -0.5)
+    y = x @ weight.T + bias
+    return x, weight, bias, hessian, y + e
+
+
+def statistics(x, weight, bias, linear="q_proj"):
+    """The eigen and feature entries the cached files hold, from the samples themselves."""
+    xxt, xsum = x.T @ x, x.sum(0)
+    features = {"attn_in.xxt": xxt, "attn_in.xsum": xsum, "attn_in.xabs": x.abs().sum(0),
+                "attn_in.count": torch.tensor(x.shape[0])}
+    mean = xsum / x.shape[0]
+    mu, cov = output_moments(weight, bias, mean, xxt / x.shape[0] - torch.outer(mean, mean))
+    eig = eigh_descending(cov)
+    return {f"{linear}.eigenvalues": eig.values, f"{linear}.eigenvectors": eig.vectors, f"{linear}.mean": mu}, features
+
+
+def measured_increase(x, t, hessian, weight, bias, w_hat, b_hat) -> float:
+    """Mean over the samples of L(y_hat) - L(y), L(y) = 1/2 (y - t)^T H (y - t)."""
+    def loss(w, b):
+        r = x @ w.T + (0 if b is None else b) - t
+        return 0.5 * float(((r @ hessian) * r).sum(1).mean())
+
+    return loss(w_hat, b_hat) - loss(weight, bias)
+
+
+@pytest.mark.parametrize("method,compensation", [(m, "intended") for m in FACTOR_METHODS] + [("feature", "none")])
+def test_criterion_equals_the_true_increase_of_a_quadratic_loss(method, compensation):
+    """With full G the criterion of every rank equals the measured mean loss increase to round-off
+    (rel 1e-8), for every factor method (feature space also without bias compensation): the first-order
+    term vanishes by construction, the loss is exactly quadratic and G = H, so nothing is approximated."""
+    x, weight, bias, hessian, t = quadratic_case()
+    eigen, features = statistics(x, weight, bias)
+    y = x @ weight.T + bias
+    grad = (hessian @ (y - t).T).T
+    g_moment = grad.T @ grad / x.shape[0]
+    torch.testing.assert_close(g_moment, hessian, rtol=1e-9, atol=1e-12)
+    entry = full_rank_factors(weight, bias, method, eigen=eigen, features=features, linear="q_proj", group="attn_in")
+    curve = loss_curve(weight, bias, method, entry, features, "attn_in", g_moment, bias_compensation=compensation)
+    top = max_rank(x.shape[1], weight.shape[0]) - 1
+    assert curve.shape == (top + 1,)
+    assert float(curve[0]) == pytest.approx(measured_increase(x, t, hessian, weight, bias, 0 * weight,
+                                                              _rank0_bias(method, compensation, eigen, bias)), rel=1e-8)
+    for rank in range(1, top + 1):
+        f = factors_for(weight, bias, method, rank, eigen=eigen, features=features, linear="q_proj", group="attn_in",
+                        bias_compensation=compensation)[0]
+        w_hat, b_hat = f.dense()
+        assert float(curve[rank]) == pytest.approx(measured_increase(x, t, hessian, weight, bias, w_hat, b_hat),
+                                                   rel=1e-8, abs=1e-12), rank
+
+
+def _rank0_bias(method, compensation, eigen, bias):
+    """The bias of a rank-0 layer: feature space (intended) keeps the output mean, without compensation
+    nothing; the other methods keep the layer's bias."""
+    if method != "feature":
+        return bias
+    return eigen["q_proj.mean"] if compensation == "intended" else None
+
+
+@pytest.mark.parametrize("method,exact", [("feature", True), ("whitened", True), ("weight", False), ("asvd", False)])
+def test_additive_form_is_exact_only_where_the_components_are_uncorrelated(method, exact):
+    """The per-component sum 1/2 (s_i^T G s_i)(f_i^T C f_i) equals the curve's decrements for feature space
+    and whitened SVD (f_i^T C f_j = 0 for i != j) and differs from them for weight-space SVD and ASVD,
+    whose cross terms the curve keeps."""
+    x, weight, bias, hessian, _ = quadratic_case(seed=1)
+    eigen, features = statistics(x, weight, bias)
+    entry = full_rank_factors(weight, bias, method, eigen=eigen, features=features, linear="q_proj", group="attn_in")
+    n = x.shape[0]
+    w, f, s, c = method_quadratic(method, weight, bias, entry["first"], entry["second"], x.T @ x / n, x.mean(0))
+    curve = kfac_loss_curve(w, f, s, c, hessian)
+    additive = additive_gains(f, s, c, hessian)
+    decrements = curve[:-1] - curve[1:]
+    if exact:
+        torch.testing.assert_close(additive, decrements, rtol=1e-7, atol=1e-10 * float(curve[0]))
+    else:
+        assert not torch.allclose(additive, decrements, rtol=1e-3)
+
+
+def test_feature_space_closed_form_and_diagonal_g():
+    """Feature space: loss(r) = 1/2 sum_{i>r} lambda_i u_i^T G u_i; with a diagonal G the (d,) vector and
+    the matrix diag(G) give the same curve."""
+    x, weight, bias, hessian, _ = quadratic_case(seed=2)
+    eigen, features = statistics(x, weight, bias)
+    entry = full_rank_factors(weight, bias, "feature", eigen=eigen, features=features, linear="q_proj", group="attn_in")
+    lam, u = eigen["q_proj.eigenvalues"], eigen["q_proj.eigenvectors"]
+    per = lam * ((u.T @ hessian) * u.T).sum(1)
+    curve = loss_curve(weight, bias, "feature", entry, features, "attn_in", hessian)
+    expected = 0.5 * torch.stack([per[r:].sum() for r in range(curve.numel())])
+    torch.testing.assert_close(curve, expected, rtol=1e-9, atol=1e-12)
+    diag = hessian.diagonal()
+    torch.testing.assert_close(loss_curve(weight, bias, "feature", entry, features, "attn_in", diag),
+                               loss_curve(weight, bias, "feature", entry, features, "attn_in", torch.diag(diag)))
+
+
+def test_loss_spectrum_and_greedy_follow_the_loss():
+    """from_curve keeps the curve as it is (error(r) = loss(r), dense 0, no normalisation); two layers of
+    one shape whose curves differ by a factor 100 and one budget of 3 rank steps: the greedy gives every
+    step to the layer whose loss they lower most, where a normalised criterion would see no difference."""
+    curve = torch.tensor([16.0, 8.0, 4.0, 2.0, 0.5], dtype=torch.float64)  # a 10x10 layer: kappa 5
+    small = LayerSpectrum.from_curve(10, 10, curve)
+    big = LayerSpectrum.from_curve(10, 10, 100 * curve)
+    assert [small.error(r) for r in range(5)] + [small.error(None)] == [16.0, 8.0, 4.0, 2.0, 0.5, 0.0]
+    assert big.total == 1600.0 and small.rest == 0.5
+    ranks = greedy_ranks({"0.q_proj": small, "1.q_proj": big}, slack=3 * 20, fill=False)
+    assert ranks == {"0.q_proj": 1, "1.q_proj": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_loss(tiny_stats, tmp_path_factory):
+    """The tiny model's factor caches, gradients and loss spectra of every method."""
+    model, tokens = tiny_stats["model"], tiny_stats["tokens"]
+    linears = list(SPEC.linears)
+    moments, _ = collect_output_gradients(model, SPEC, linears, tokens["input_ids"], tokens["attention_mask"],
+                                          batch_size=4, full=True, progress=False)
+    gradients = {b: {f"{n}.ggt": acc.second_moment() for n, acc in per.items()} for b, per in enumerate(moments)}
+    root = tmp_path_factory.mktemp("loss")
+    for method in FACTOR_METHODS:
+        save_factor_cache(model, SPEC, method, linears, root / "factors" / method, tiny_stats["eigen"],
+                          tiny_stats["features"], model_digest=tiny_stats["digest"])
+        save_loss_spectra(model, SPEC, method, linears, root / "loss" / method,
+                          lambda b, m=method: BlockFile(root / "factors" / m / block_file(b), tiny_stats["digest"]),
+                          tiny_stats["features"], gradients, model_digest=tiny_stats["digest"])
+    return {"root": root, "linears": linears, "gradients": gradients, **tiny_stats}
+
+
+@pytest.mark.parametrize("method", FACTOR_METHODS)
+def test_loss_plan_at_the_uniform_size(tiny_loss, method):
+    """Each block file holds every Linear's curve (kappa values, starting at tr(G W C W^T)/2 > 0); the loss
+    plan keeps at most the uniform plan's parameters, is named by its builder, and predicts no more loss
+    than the uniform plan by its own criterion."""
+    shapes, root, linears = tiny_loss["shapes"], tiny_loss["root"], tiny_loss["linears"]
+    files = {b: BlockFile(root / "loss" / method / block_file(b), tiny_loss["digest"]) for b in range(shapes.n_blocks)}
+    keys = [f"{b}.{n}" for b in range(shapes.n_blocks) for n in linears]
+    spectra = curve_spectra(SPEC, shapes, keys, lambda b, n: files[b][f"{n}.loss"])
+    for key, s in spectra.items():
+        out_f, in_f = shapes.linears[key.split(".", 1)[1]]
+        assert len(s.gains) == max_rank(in_f, out_f) - 1 and s.total > 0
+    uniform = budget_plan(SPEC, shapes, linears, 0.8, method)
+    plan = spectral_plan(SPEC, shapes, linears, 0.8, method, spectra, criterion="loss", groups="global")
+    assert plan["notes"]["builder"] == "loss"
+    assert count_params(shapes, plan)["model"]["compressed"] <= count_params(shapes, uniform)["model"]["compressed"]
+    predicted = sum(spectra[k].error(e.get("rank")) for k, e in uniform["layers"].items())
+    assert plan["notes"]["predicted_loss"] <= predicted + 1e-12
+    entry = factor_entry(BlockFile(root / "factors" / method / block_file(0), tiny_loss["digest"]), "o_proj")
+    assert entry["first"].shape[0] == len(spectra["0.o_proj"].gains)
+
+
+def test_commands_make_a_loss_plan(tiny_llama, tmp_path):
+    """The stage's commands on files: collect, gradients, factor-cache, loss-spectra, then make-plan
+    --allocation loss writes a plan of the loss builder at the uniform plan's size (whitened SVD, which
+    reads no eigendecomposition)."""
+    from sfsd.cli.main import main as sfsd_main
+    from sfsd.features.calibration import tokenize, tokens_digest
+    from sfsd.io import read_json, save_tensors
+    from sfsd.model.loading import load_tokenizer
+    from sfsd.model.shapes import model_shapes
+    from sfsd.provenance import tokenizer_digest
+
+    from helpers import CORPUS
+
+    tokens = tokenize(CORPUS[:12], load_tokenizer(tiny_llama), seq_len=32)
+    path = tmp_path / "tokens.safetensors"
+    save_tensors(path, tokens, {"digest": tokens_digest(tokens), "tokenizer_digest": tokenizer_digest(tiny_llama)})
+    res, m = tmp_path / "tiny", str(tiny_llama)
+    common = ["--model-dir", m, "--model-name", "tiny", "--tokens", str(path), "--layers", "proj", "--device", "cpu"]
+    assert sfsd_main(["collect", *common, "--out", str(res / "features")]) in (0, None)
+    assert sfsd_main(["gradients", *common, "--full", "true", "--out", str(res / "gradients")]) in (0, None)
+    assert sfsd_main(["factor-cache", "--model-dir", m, "--results", str(res), "--method", "whitened", "--layers", "proj",
+                      "--out", str(res / "factors" / "whitened")]) in (0, None)
+    assert sfsd_main(["loss-spectra", "--model-dir", m, "--results", str(res), "--factors", str(res / "factors"),
+                      "--method", "whitened", "--layers", "proj", "--out", str(res / "loss" / "whitened")]) in (0, None)
+    plan_args = ["make-plan", "--model-dir", m, "--model-name", "tiny", "--method", "whitened", "--params-fraction", "0.8",
+                 "--first-block", "0", "--layers", "proj"]
+    assert sfsd_main([*plan_args, "--allocation", "loss", "--loss", str(res / "loss"), "--out", str(res / "loss.json")]) in (0, None)
+    assert sfsd_main([*plan_args, "--out", str(res / "uniform.json")]) in (0, None)
+    plan, uniform = read_json(res / "loss.json"), read_json(res / "uniform.json")
+    assert plan["notes"]["builder"] == "loss" and plan["notes"]["predicted_loss"] > 0
+    assert plan["notes"]["provenance"]["calibration_digest"] == tokens_digest(tokens)
+    shapes = model_shapes(tiny_llama)
+    assert count_params(shapes, plan)["model"]["compressed"] <= count_params(shapes, uniform)["model"]["compressed"]
