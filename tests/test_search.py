@@ -135,6 +135,81 @@ def test_cached_block_inputs_equal_a_full_forward(tiny4):
         cache.close()
 
 
+def _held_bytes_probe(model, cache):
+    """The most bytes the cache's recorded inputs took at the end of any batch (a pre-hook on the final
+    norm, which runs once per batch after every block), counted from the tensors it holds."""
+    peak = [0]
+
+    def probe(module, args):
+        peak[0] = max(peak[0], sum(t.numel() * t.element_size() for t in cache.states.values()))
+
+    return peak, model.model.norm.register_forward_pre_hook(probe)
+
+
+@pytest.mark.parametrize("complete", [False, True])
+def test_block_cache_never_holds_more_than_its_bound(tiny4, complete):
+    """Three batches of 4 x 12 x 32 float32 block inputs (6144 bytes each): a bound of 2.5 batches keeps
+    none of them (they would not fit) and never held more than the bound on the way; the bound of all
+    three (equal) keeps them all, and feeds the model exactly."""
+    folder, _, _, _ = tiny4
+    model = fresh_model(folder)
+    batches = random_batches()
+    one = 4 * 12 * model.config.hidden_size * 4
+    with torch.no_grad():
+        full = [model(b, use_cache=False).logits for b in batches]
+    run = lambda: [model(b, use_cache=False).logits for b in batches]  # noqa: E731
+    for bound, fits in ((2.5 * one, False), (3 * one, True)):
+        cache = BlockCache(model, LLAMA, max_bytes=bound)
+        peak, handle = _held_bytes_probe(model, cache)
+        try:
+            cache.record(2, run, complete=complete)
+            assert peak[0] <= bound and cache.held <= bound
+            if complete:
+                assert peak[0] == (3 if fits else 2) * one  # the third batch is sized before it is kept
+            assert (cache.block == 2, cache.exceeded, cache.held, len(cache.states)) == (
+                (True, False, 3 * one, 3) if fits else (False, True, 0, 0))
+            with cache.cached(), torch.no_grad():  # fed the recorded inputs, or full forwards
+                assert all(torch.equal(model(b, use_cache=False).logits, f) for b, f in zip(batches, full))
+        finally:
+            handle.remove()
+            cache.close()
+
+
+def test_search_results_equal_with_without_and_past_the_cache_bound(tiny4, monkeypatch):
+    """The same plan and scores without the cache, with it, and with a bound below the block inputs of the
+    two batches (the cache then never holds more than the bound, tries to record only once, in the baseline
+    pass, and costs what full forwards cost)."""
+    from sfsd.search import block_cache
+
+    folder, _, _, factors = tiny4
+    held = [0]
+    store = block_cache.BlockCache._store
+
+    def counted(self, hidden):
+        store(self, hidden)
+        held[0] = max(held[0], sum(t.numel() * t.element_size() for t in self.states.values()))
+
+    monkeypatch.setattr(block_cache.BlockCache, "_store", counted)
+    runs = {}
+    one = 4 * 12 * 32 * 4  # one batch's block input
+    for name, cache, bound in (("none", False, 4 * 2**30), ("cache", True, 4 * 2**30), ("bound", True, 1.5 * one)):
+        model, held[0] = fresh_model(folder), 0
+        res = surgical_search(model, LLAMA, model_shapes(model), ["o_proj", "down_proj"],
+                              FactorCache(factors, "weight", model_digest(folder)),
+                              LogitAgreement(model, 1e-5, random_batches(1, n=2)), search_settings(),
+                              SearchRecord(), cache=cache, cache_max_bytes=bound, progress=False)
+        runs[name] = (res.plan["layers"], [t for r in res.layers for t in r["tried"]], res.summary)
+        if name == "bound":
+            assert 0 < held[0] <= bound
+    assert runs["none"][:2] == runs["cache"][:2] == runs["bound"][:2]
+    assert {e["method"] for e in runs["none"][0].values()} == {"weight", "dense"}  # some layers cut, some kept
+    none, cached, bounded = (runs[k][2] for k in ("none", "cache", "bound"))
+    assert bounded["search_block_forwards"] == none["search_block_forwards"] > cached["search_block_forwards"]
+    # blocks 3 and 2: block 2's inputs are not recorded once block 3's (the same size) did not fit
+    assert bounded["forwards"] == none["forwards"] and cached["forwards"]["inputs"] > 0
+    assert bounded["cache_peak_mb"] == 0
+
+
 def test_bisection_with_cache_picks_the_linear_scan_ranks(tiny4, tmp_path):
     folder, _, _, factors = tiny4
     results = {}

@@ -336,7 +336,8 @@ class SurgicalSearch:
                 break
             if block != current_block:
                 current_block = block
-                if self.cache and self.recorded != block:  # every batch any scorer of this search will run
+                # every batch any scorer of this search will run; once inputs did not fit, none will
+                if self.cache and self.recorded != block and not self.runner.exceeded:
                     self.runner.record(block, lambda: [o.score(self.model) for o in (self.objective, *self.chunks)])
                     self.recorded = block
             record = self.decide(step, block, linear)
