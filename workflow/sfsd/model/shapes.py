@@ -51,18 +51,21 @@ def _arch_and_config(source):
     raise TypeError(f"cannot read model shapes from {type(source).__name__}")
 
 
+def meta_model(source) -> torch.nn.Module:
+    """The model of a transformers config (object or config.json dict) or a model folder, instantiated on
+    the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _arch_and_config(source)
+    get_arch(architecture_of(config))  # unsupported architecture fails here
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def model_shapes(source) -> ModelShapes:
     """ModelShapes of a DENSE model: an nn.Module, a transformers config (object or config.json dict),
     or a model folder. Configs are instantiated on the meta device (no memory, no weights)."""
-    if isinstance(source, torch.nn.Module):
-        model = source
-    else:
-        from transformers import AutoModelForCausalLM
-
-        config = _arch_and_config(source)
-        get_arch(architecture_of(config))  # unsupported architecture fails here
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+    model = source if isinstance(source, torch.nn.Module) else meta_model(source)
     architecture = architecture_of(model.config)
     spec = get_arch(architecture)
     blocks = blocks_of(model, spec)

@@ -1,0 +1,165 @@
+"""Which mode each stage runs in, and what would make a stage fit that fits in none (pure functions).
+
+`candidates(stage, ...)` lists the modes the code can run a stage in under the settings, in the order it
+prefers them: stage 1 whole with every block's staging on the device, streamed with one block's staging on
+the device, whole with the staging of one input at a time (the float64 totals on the host), streamed so;
+the factor cache and compression whole, then streamed (`streamed: auto`; `always`/`never` keep one); the
+GPU stages on as many GPUs as hold the weights (device auto). `plan_stage` returns the first candidate
+that fits the machine; when none does, the one that comes closest, with `fix` set to the first change of
+`FIXES` (a setting, or GPUs of device auto) under which the same formulas fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sfsd.resources.needs import (
+    MAX_GPUS,
+    STAGING_SHARE,
+    CUDA_CONTEXT_BYTES,
+    Machine,
+    ModelSize,
+    Settings,
+    StageNeed,
+    collect,
+    compress,
+    eigen,
+    factor_cache,
+    gpu_stage,
+    prepare,
+    staging_bytes,
+)
+
+STAGES = ("prepare_model", "collect_features", "eigendecompose", "factor_cache", "compress_model",
+          "evaluate_model", "check_scorer", "search", "laser_point", "inference_speed")
+
+# the setting that sets each GPU stage's batch (Settings field, config key)
+BATCH_KEYS = {"collect_features": ("collect_batch", "collection.batch_size"),
+              "evaluate_model": ("eval_batch", "evaluation.batch_size"),
+              "check_scorer": ("eval_batch", "evaluation.batch_size"),
+              "search": ("search_batch", "search.batch_size"),
+              "laser_point": ("laser_batch", "laser.batch_size"),
+              "inference_speed": ("speed_batch", "speed.batch_sizes")}
+
+
+def _streamed_options(streamed: str) -> list[bool]:
+    return {"always": [True], "never": [False]}.get(streamed, [False, True])
+
+
+def staging_on_device(size: ModelSize, s: Settings, m: Machine) -> bool:
+    """collection.staging auto for the whole-model pass (the rule of features/stats.py choose_staging):
+    device when every block's staging takes at most half the device memory left beside the weights."""
+    if not (s.gpu and m.gpu_bytes is not None):
+        return True  # on the CPU both stagings are host memory; device keeps one buffer per input
+    free = m.gpu_bytes - size.total_params * s.collect_itemsize - CUDA_CONTEXT_BYTES
+    return size.n_blocks * staging_bytes(size) <= STAGING_SHARE * free
+
+
+def candidates(stage: str, size: ModelSize, s: Settings, m: Machine, method: str = "feature",
+               source: str = "hub", jobs: int = 1) -> list[StageNeed]:
+    """The modes a stage can run in under the settings, in the order the code prefers them."""
+    if stage == "prepare_model":
+        return [prepare(size, s, source)]
+    if stage == "collect_features":
+        if s.staging == "auto":
+            whole = [(False, "device")] if staging_on_device(size, s, m) else []
+            order = whole + [(True, "device"), (False, "host")]
+        else:
+            order = [(False, s.staging), (True, s.staging)]
+        allowed = _streamed_options(s.streamed)
+        return [collect(size, s, m, streamed, staging) for streamed, staging in order if streamed in allowed]
+    if stage == "eigendecompose":
+        return [eigen(size, s)]
+    if stage == "factor_cache":
+        return [factor_cache(size, s, streamed, method) for streamed in _streamed_options(s.streamed)]
+    if stage == "compress_model":
+        return [compress(size, s, streamed) for streamed in _streamed_options(s.streamed)]
+    return [gpu_stage(size, s, m, stage, jobs=jobs)]
+
+
+def every_mode(stage: str, size: ModelSize, s: Settings, m: Machine, **kw) -> list[StageNeed]:
+    """Every mode of a stage whatever the settings choose (the table shows them all): stage 1 in its four
+    combinations of whole/streamed and device/host staging, the factor cache and compression whole and
+    streamed."""
+    if stage == "collect_features":
+        return [collect(size, s, m, streamed, staging) for staging in ("device", "host") for streamed in (False, True)]
+    if stage in ("factor_cache", "compress_model"):
+        return candidates(stage, size, replace(s, streamed="auto"), m, **kw)
+    return candidates(stage, size, s, m, **kw)
+
+
+def _overshoot(need: StageNeed, m: Machine) -> float:
+    device = need.device_bytes / m.gpu_bytes if need.gpus and m.gpu_bytes else 0.0
+    return max(device, need.host_bytes / m.host_bytes, need.gpus / max(m.gpus, 1))
+
+
+def _first_fitting(stage: str, size: ModelSize, s: Settings, m: Machine, **kw) -> StageNeed | None:
+    return next((n for n in candidates(stage, size, s, m, **kw) if n.fits(m)), None)
+
+
+def _halvings(value: int) -> list[int]:
+    out = []
+    while value > 1:
+        value //= 2
+        out.append(value)
+    return out
+
+
+def _fixes(stage: str, s: Settings, m: Machine, kw: dict) -> list[tuple[str, Settings, Machine, dict]]:
+    """Changes to try, in order: (what to set, the settings and machine with it, the stage's keywords)."""
+    out: list[tuple[str, Settings, Machine, dict]] = []
+    if stage in ("collect_features", "factor_cache", "compress_model") and s.streamed == "never":
+        out.append(("streamed: always", replace(s, streamed="always"), m, kw))
+    if stage == "collect_features":
+        if s.staging != "host":
+            out.append(("collection.staging: host", replace(s, staging="host"), m, kw))
+        field, key = BATCH_KEYS[stage]
+        out += [(f"{key}: {b}", replace(s, **{field: b}), m, kw) for b in _halvings(getattr(s, field))]
+        out += [(f"calibration.num_samples: {n} (less calibration)", replace(s, samples=n), m, kw)
+                for n in _halvings(s.samples)]
+        if s.collect_itemsize > 2:
+            out.append(("collection.dtype: bfloat16", replace(s, collect_itemsize=2), m, kw))
+    elif stage in BATCH_KEYS:
+        field, key = BATCH_KEYS[stage]
+        out += [(f"{key}: {b}", replace(s, **{field: b}), m, kw) for b in _halvings(getattr(s, field))]
+        if s.gpu and m.gpu_bytes is not None:
+            for n in range(2, MAX_GPUS + 1):
+                more = replace(m, gpus=max(m.gpus, n))
+                out.append((f"device: auto on a node with {n} GPUs of {m.gpu_bytes / 1e9:g} GB",
+                            replace(s, fixed_device=False), more, kw))
+        if stage == "search":
+            out += [(f"search.cache_max_mb: {mb}", replace(s, search_cache_bytes=mb * 1e6), m, kw)
+                    for mb in _halvings(int(s.search_cache_bytes / 1e6))]
+    if stage in ("factor_cache", "compress_model") or stage in BATCH_KEYS and stage != "collect_features":
+        if s.itemsize > 2:
+            out.append(("dtype: bfloat16", replace(s, itemsize=2), m, kw))
+    return out
+
+
+def plan_stage(stage: str, size: ModelSize, s: Settings, m: Machine, **kw) -> StageNeed:
+    """The mode a stage runs in on machine `m`: the first candidate that fits; else the closest, its `fix`
+    the first change (`_fixes`) under which a candidate fits, or the memory it would take."""
+    options = candidates(stage, size, s, m, **kw)
+    if not options:
+        raise ValueError(f"{stage}: no mode under streamed {s.streamed!r} and staging {s.staging!r}")
+    chosen = next((n for n in options if n.fits(m)), None)
+    if chosen is not None:
+        return chosen
+    best = min(options, key=lambda n: _overshoot(n, m))
+    for what, s2, m2, kw2 in _fixes(stage, s, m, kw):
+        if _first_fitting(stage, size, s2, m2, **kw2) is not None:
+            return replace(best, fix=what)
+    return replace(best, fix=shortfall(best, m))
+
+
+def shortfall(need: StageNeed, m: Machine) -> str:
+    """What a need takes beyond the machine, as the fix of last resort."""
+    parts = []
+    if need.gpus and (m.gpu_bytes is None or need.device_bytes > m.gpu_bytes):
+        parts.append(f"a GPU with {need.device_bytes / 1e9:.1f} GB")
+    if need.gpus > m.gpus:
+        parts.append(f"{need.gpus} GPUs")
+    if need.host_bytes > m.host_bytes:
+        parts.append(f"{need.host_bytes / 1e9:.1f} GB of host memory")
+    return "a machine with " + " and ".join(parts or ["more memory"])
+

@@ -1,0 +1,366 @@
+"""Each stage's peak memory and disk, as pure functions of a model's shapes, the settings and a machine.
+
+One formula per stage (`collect`, `eigen`, `factor_cache`, `compress`, `gpu_stage`, `prepare`), each giving
+a `StageNeed` for one mode: the peak bytes on the fullest GPU (`device_bytes`), in host memory
+(`host_bytes`) and written to disk (`disk_bytes` per job, `disk_total` for all of the stage's jobs).
+`plan_stage` tries a stage's modes in the order the code prefers them and returns the first that fits the
+machine; when none does, the best one with `fix` naming the setting that would make it fit (found by
+running the same formula again with that setting changed).
+
+Every number is a prediction from shapes, not a measurement; what a formula leaves out is said in its
+docstring. Two terms every stage has: `PROCESS_BYTES` of host memory for the interpreter and its
+libraries, and `CUDA_CONTEXT_BYTES` on each GPU it uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from sfsd.model.placement import gpus_needed
+from sfsd.model.stream import HIDDEN_SHARE
+
+PROCESS_BYTES = 1.5e9  # the interpreter with torch, transformers and lm-eval (0.25 GB with torch's CPU build)
+CUDA_CONTEXT_BYTES = 0.5e9  # CUDA context and kernels on each GPU a job uses (not measured here)
+STAGING_SHARE = 0.5  # collection.staging auto: device when every block's staging takes at most this of the
+#                      device memory left beside the weights (sfsd/features/stats.py choose_staging)
+SHARD_BYTES = 5 * 2**30  # a compressed folder's weight shards (sfsd/decompose/compress.py SHARD_BYTES)
+TASK_TOKENS = 512  # context of one multiple-choice document (an assumption: most BoolQ passages, the
+#                    longest of the six tasks, are shorter)
+CHOICE_TOKENS = 128  # positions per document whose logits the native scorer computes (its choices' tokens)
+MAX_GPUS = 8  # GPUs of one node, the most a fix suggests
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What the formulas read of a model: its shapes, and how its checkpoint is stored.
+
+    `linears`: (name, out, in) of each decomposed Linear of a block; `groups`: (input group, width) of
+    their distinct inputs; `embed_params`: the parameters a streamed pass loads besides its block (input
+    embedding, final norm, and the lm_head when it is tied); `head_params`: an untied lm_head's."""
+
+    n_blocks: int
+    hidden: int
+    heads: int
+    kv_width: int
+    mlp: int
+    vocab: int
+    linears: tuple[tuple[str, int, int], ...]
+    groups: tuple[tuple[str, int], ...]
+    block_params: int
+    embed_params: int
+    head_params: int
+    stored_bytes: int
+
+    @property
+    def total_params(self) -> int:
+        return self.n_blocks * self.block_params + self.embed_params + self.head_params
+
+
+
+def llama_like(params_b: float, stored_itemsize: int = 2) -> ModelSize:
+    """A Llama-shaped stand-in for a model known only by its parameter count (a hub model not downloaded
+    yet): 32 blocks of width d (multiple of 128), MLP 2.6875 d, full attention, a 32000-token vocabulary
+    and an untied lm_head, d solved from 32 (4 d^2 + 3 x 2.6875 d^2) + 2 x 32000 d = params. An estimate:
+    the real shapes replace it once the model is on disk."""
+    a, b = 32 * (4 + 3 * 2.6875), 2 * 32000
+    d = max(128, round((-b + math.sqrt(b * b + 4 * a * params_b * 1e9)) / (2 * a) / 128) * 128)
+    mlp = round(2.6875 * d / 128) * 128
+    linears = (("q_proj", d, d), ("k_proj", d, d), ("v_proj", d, d), ("o_proj", d, d),
+               ("gate_proj", mlp, d), ("up_proj", mlp, d), ("down_proj", d, mlp))
+    block = 4 * d * d + 3 * d * mlp + 2 * d
+    size = ModelSize(32, d, max(1, d // 128), d, mlp, 32000, linears,
+                     (("attn_in", d), ("attn_out", d), ("mlp_in", d), ("mlp_out", mlp)), block, 32000 * d + d,
+                     32000 * d, 0)
+    return replace(size, stored_bytes=size.total_params * stored_itemsize)
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings the formulas read (bytes per element of each dtype; `compressed`: the fraction of the
+    parameters each written compressed folder keeps; `eval_context`: tokens per scored sequence)."""
+
+    itemsize: int = 4  # the model's run dtype (factor cache, compression, evaluation, search, LASER, speed)
+    collect_itemsize: int = 4
+    gpu: bool = True  # the GPU stages run on a GPU (device is not cpu and one is present)
+    fixed_device: bool = False  # device cuda or cuda:N: one GPU per job, never spread
+    streamed: str = "auto"
+    staging: str = "auto"
+    samples: int = 128
+    seq_len: int = 128
+    collect_batch: int = 8
+    eigen_itemsize: int = 4
+    eigen_threads: int = 1
+    methods: tuple[str, ...] = ("feature",)
+    factor_itemsize: int = 4  # factors are cached in float32
+    compressed: tuple[float, ...] = ()
+    eval_batch: int = 8
+    eval_context: int = TASK_TOKENS
+    ppl_window: int = 128  # perplexity's window (0: no perplexity), logits at each of its positions
+    search_batch: int = 8
+    search_cache_bytes: float = 4096e6
+    laser_batch: int = 16
+    speed_batch: int = 8
+    speed_tokens: tuple[int, int] = (128, 32)  # prompt, decoded
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Memory of one GPU (None: the stages run on the CPU), the GPUs a job may use, host memory and the
+    free disk of results/ (None: not checked), in bytes."""
+
+    gpu_bytes: float | None
+    gpus: int
+    host_bytes: float
+    disk_bytes: float | None = None
+
+
+@dataclass(frozen=True)
+class StageNeed:
+    """A stage's predicted peak in one mode: bytes on the fullest GPU and in host memory, bytes written by
+    one job and by all `jobs`, GPUs and threads per job; `why` names the terms, `fix` (None: it fits) the
+    setting that would make it fit."""
+
+    stage: str
+    mode: str
+    device_bytes: float
+    host_bytes: float
+    disk_bytes: float
+    disk_total: float
+    gpus: int = 0
+    threads: int = 1
+    jobs: int = 1
+    why: str = ""
+    fix: str | None = None
+
+    def fits(self, machine: Machine) -> bool:
+        device_ok = self.gpus == 0 or (machine.gpu_bytes is not None and self.gpus <= machine.gpus
+                                       and self.device_bytes <= machine.gpu_bytes)
+        return device_ok and self.host_bytes <= machine.host_bytes
+
+
+# ---- terms shared by the formulas -------------------------------------------------------------------------
+
+def moments_bytes(size: ModelSize) -> int:
+    """One block's statistics as stage 1 keeps and writes them: per input of width d, float64 x x^T, sum x
+    and sum |x| (8 d^2 + 16 d)."""
+    return sum(8 * d * d + 16 * d for _, d in size.groups)
+
+
+def staging_bytes(size: ModelSize) -> int:
+    """One block's float32 staging sums on the compute device: per input 4 d^2 + 16 d."""
+    return sum(4 * d * d + 16 * d for _, d in size.groups)
+
+
+def hidden_bytes(size: ModelSize, s: Settings) -> int:
+    """The calibration tokens' hidden states between blocks (streamed stage 1): samples x seq_len x hidden."""
+    return s.samples * s.seq_len * size.hidden * s.collect_itemsize
+
+
+def forward_bytes(size: ModelSize, rows: int, ctx: int, itemsize: int) -> int:
+    """One block's activations for `rows` sequences of `ctx` tokens: residual, norm, attention output and
+    q/k/v (4 hidden + 2 kv wide), gate, up and their product (3 mlp), and the attention scores (rows x
+    heads x ctx^2, as the eager and math kernels hold them; flash kernels hold none)."""
+    width = 4 * size.hidden + 2 * size.kv_width + 3 * size.mlp
+    return rows * ctx * width * itemsize + rows * size.heads * ctx * ctx * itemsize
+
+
+def kv_cache_bytes(size: ModelSize, rows: int, ctx: int, itemsize: int) -> int:
+    return 2 * rows * ctx * size.n_blocks * size.kv_width * itemsize
+
+
+def logits_bytes(size: ModelSize, rows: int, positions: int) -> int:
+    """float32 logits and their log-softmax at `positions` of `rows` sequences."""
+    return 2 * rows * positions * size.vocab * 4
+
+
+def eigen_file_bytes(out: int, inp: int, save_itemsize: int) -> int:
+    """One Linear's entries of an eigen file: min(in, out) eigenvector columns at `eigen.save_dtype`,
+    float64 eigenvalues and output mean."""
+    return out * min(out, inp) * save_itemsize + 16 * out
+
+
+def eigh_work_bytes(out: int, inp: int) -> int:
+    """float64 working set of one Linear's eigendecomposition (sfsd/features/stats.py output_eigen): out x out
+    covariance, its eigenvectors and LAPACK's workspace (4 out^2); a widening Linear (out > in) takes the
+    thin SVD of W L instead (W L, its copy and U: 3 out x in; V^T: in^2). Leaves out: a widening Linear
+    whose input covariance is not positive definite, which takes the out x out path."""
+    return 8 * 4 * out * out if out <= inp else 8 * (3 * out * inp + inp * inp)
+
+
+def svd_work_bytes(out: int, inp: int) -> int:
+    """float64 working set of a thin SVD of an out x in matrix: the input and its copy, U, V^T and S."""
+    m = min(out, inp)
+    return 8 * (2 * out * inp + m * (out + inp) + m)
+
+
+def factors_block_bytes(size: ModelSize, itemsize: int) -> int:
+    """One block of a factor cache: per Linear both factors at rank kappa - 1 (kappa = in out / (in + out)),
+    the float64 gains of each rank, and output mean and bias."""
+    total = 0
+    for _, out, inp in size.linears:
+        top = max(1, out * inp // (out + inp) - 1)
+        total += top * (out + inp) * itemsize + 8 * top + 2 * out * itemsize
+    return total
+
+
+def compressed_params(size: ModelSize, fraction: float) -> int:
+    return int(math.ceil(fraction * size.total_params))
+
+
+def _gib(x: float) -> str:
+    return f"{x / 1e9:.1f} GB"
+
+
+# ---- the stages -------------------------------------------------------------------------------------------
+
+def prepare(size: ModelSize, s: Settings, source: str) -> StageNeed:
+    """prepare_model: a hub download writes the checkpoint as stored; the embedded model is dequantized to
+    float32, the GGUF-loaded model and its rebuilt copy both in host memory. Leaves out: the download cache."""
+    if source == "embedded":
+        host, disk = PROCESS_BYTES + 2 * 4 * size.total_params, 4 * size.total_params
+    else:
+        host, disk = PROCESS_BYTES, size.stored_bytes
+    return StageNeed("prepare_model", source, 0, host, disk, disk, why="checkpoint written")
+
+
+def collect(size: ModelSize, s: Settings, m: Machine, streamed: bool, staging: str) -> StageNeed:
+    """collect_features (stage 1), whole model or one block at a time (`streamed`), the float32 staging sums
+    of every block kept on the device (`staging` device) or only one input's at a time (host).
+
+    Whole: the weights at the collection dtype, the staging sums and one batch's activations on the device;
+    the float64 totals of every block in host memory (the model passes through host memory while it loads,
+    before the totals exist). Streamed: the embedding, one block's weights, staging and the hidden states
+    up to a quarter of the device (then a quarter of the host, then temporary files) on the device; one
+    block's totals and its weights as read on the host. On the CPU all of it is host memory. Writes the
+    float64 statistics of every block. Leaves out: the per-block mask and position tables a streamed pass
+    records, and the tokens (samples x seq_len int64)."""
+    ci = s.collect_itemsize
+    act = forward_bytes(size, s.collect_batch, s.seq_len, ci) + 8 * s.collect_batch * s.seq_len * max(
+        d for _, d in size.groups)  # the hook's float32 copy and its real tokens
+    one_input = max(4 * d * d + 16 * d for _, d in size.groups)
+    totals = moments_bytes(size)
+    weights, block, outside = size.total_params * ci, size.block_params * ci, size.embed_params * ci
+    gpu = s.gpu and m.gpu_bytes is not None
+    ctx = CUDA_CONTEXT_BYTES if gpu else 0
+    scratch = 0.0
+    if streamed:
+        staged = staging_bytes(size) if staging == "device" else one_input
+        hidden = hidden_bytes(size, s)
+        if gpu:
+            on_device = min(hidden, HIDDEN_SHARE * max(m.gpu_bytes - outside - ctx, 0))
+            on_host = min(hidden - on_device, HIDDEN_SHARE * m.host_bytes)
+            device = outside + block + staged + act + ctx + on_device
+            host = PROCESS_BYTES + totals + block + on_host
+        else:
+            on_host = min(hidden, HIDDEN_SHARE * m.host_bytes)
+            device, host = 0, PROCESS_BYTES + outside + block + staged + totals + act + on_host
+        scratch = hidden - on_host - (on_device if gpu else 0)
+        why = "one block, its statistics and the calibration hidden states"
+    else:
+        staged = size.n_blocks * staging_bytes(size) if staging == "device" else one_input
+        if gpu:
+            device, host = weights + staged + act + ctx, PROCESS_BYTES + max(weights, size.n_blocks * totals)
+        else:
+            device, host = 0, PROCESS_BYTES + weights + staged + size.n_blocks * totals + act
+        why = "weights, staging of every block" if staging == "device" else "weights, float64 totals on the host"
+    disk = size.n_blocks * totals + scratch
+    mode = f"{'streamed' if streamed else 'whole'}, staging {staging}"
+    return StageNeed("collect_features", mode, device, host, disk, disk, gpus=int(gpu), threads=2, why=why)
+
+
+def eigen(size: ModelSize, s: Settings) -> StageNeed:
+    """eigendecompose, one job per block on the CPU: the block's float64 statistics, each input's covariance
+    and Cholesky factor (kept for the Linears that share it), the block's weights as stored, the largest
+    Linear's eigendecomposition working set and the eigen entries gathered for the file. Writes the block's
+    eigen file (min(in, out) eigenvector columns)."""
+    covariances = sum(2 * 8 * d * d for _, d in size.groups)
+    weights = size.block_params * size.stored_bytes / max(size.total_params, 1)
+    work = max(eigh_work_bytes(o, i) for _, o, i in size.linears)
+    files = sum(eigen_file_bytes(o, i, s.eigen_itemsize) for _, o, i in size.linears)
+    host = PROCESS_BYTES + moments_bytes(size) + covariances + weights + work + files
+    return StageNeed("eigendecompose", "per block", 0, host, files, size.n_blocks * files, threads=s.eigen_threads,
+                     jobs=size.n_blocks, why="one block's statistics, covariances and eigh")
+
+
+def _method_work(size: ModelSize, method: str, s: Settings) -> tuple[float, float]:
+    """(statistics of one block a factor method reads, float64 working set of its largest Linear)."""
+    if method == "feature":
+        stats = sum(eigen_file_bytes(o, i, s.eigen_itemsize) for _, o, i in size.linears)
+        work = max(8 * (o * i + o * min(o, i) + min(o, i) * i) for _, o, i in size.linears)
+    else:  # weight reads the statistics for its spectra only; asvd and whitened for the factors
+        stats = moments_bytes(size)
+        extra = {"whitened": lambda i: 16 * i * i}.get(method, lambda i: 0)
+        work = max(svd_work_bytes(o, i) + extra(i) for _, o, i in size.linears)
+    return stats, work
+
+
+def factor_cache(size: ModelSize, s: Settings, streamed: bool, method: str) -> StageNeed:
+    """factor_cache of one method on the CPU: the weights at the run dtype (whole) or the modules outside the
+    blocks and one block (streamed), one block's statistics, the largest Linear's float64 working set and
+    the block's factors until they are written. Writes every block's factors (float32)."""
+    weights = (size.total_params if not streamed else size.embed_params + size.head_params + size.block_params)
+    stats, work = _method_work(size, method, s)
+    block = factors_block_bytes(size, s.factor_itemsize)
+    host = PROCESS_BYTES + weights * s.itemsize + stats + work + block
+    disk = size.n_blocks * block
+    return StageNeed("factor_cache", f"{'streamed' if streamed else 'whole'}, {method}", 0, host, disk, disk,
+                     why="weights, one block's factors")
+
+
+def compress(size: ModelSize, s: Settings, streamed: bool) -> StageNeed:
+    """compress_model, one job per compressed folder, on the CPU: the weights (whole) or the modules outside
+    the blocks and one block (streamed), one factor-cache block and the block cut from it, and the weight
+    shard being filled (at most 5 GiB). Writes the compressed folder at the run dtype; the disk of every
+    folder (`Settings.compressed`) is summed in `disk_total`."""
+    largest = max(s.compressed, default=1.0)
+    written = compressed_params(size, largest) * s.itemsize
+    weights = (size.total_params if not streamed else size.embed_params + size.head_params + 2 * size.block_params)
+    host = (PROCESS_BYTES + weights * s.itemsize + factors_block_bytes(size, s.factor_itemsize)
+            + size.block_params * s.itemsize + min(SHARD_BYTES, written))
+    total = sum(compressed_params(size, f) * s.itemsize for f in s.compressed)
+    return StageNeed("compress_model", "streamed" if streamed else "whole", 0, host, written, total,
+                     jobs=len(s.compressed), why="weights, one shard")
+
+
+GPU_STAGES = ("evaluate_model", "check_scorer", "search", "laser_point", "inference_speed")
+
+
+def gpu_stage(size: ModelSize, s: Settings, m: Machine, stage: str, jobs: int = 1) -> StageNeed:
+    """A stage that loads the whole model at the run dtype (on the host first) and runs it: the weights
+    spread over as many GPUs as hold them at 80% each (device auto, `placement.gpus_needed`; one with a
+    fixed cuda device), and on the
+    fullest GPU the activations of one batch, the KV cache, the logits and the stage's own extra:
+
+    - evaluate_model: evaluation.batch_size sequences of `eval_context` tokens, logits at every position of
+      a perplexity window, or at the choices' tokens (`CHOICE_TOKENS`);
+    - check_scorer: the same batch through lm-eval, which computes the logits at every position;
+    - search: search.batch_size sequences, logits as evaluate_model's, and the block-input cache
+      (search.cache_max_mb);
+    - laser_point: laser.batch_size sequences, logits at the choices' tokens, and the float64 SVD of the
+      largest Linear;
+    - inference_speed: the largest speed.batch_sizes with the KV cache of prompt + decoded tokens, logits at
+      the last position only.
+
+    Planned for the dense model (a compressed variant holds fewer weights). Leaves out: lm-eval's request
+    tables and the documents on the host."""
+    it = s.itemsize
+    rows, ctx, positions, extra = s.eval_batch, s.eval_context, max(s.ppl_window, CHOICE_TOKENS), 0.0
+    if stage == "check_scorer":
+        positions = ctx
+    elif stage == "search":
+        rows, extra = s.search_batch, s.search_cache_bytes
+    elif stage == "laser_point":
+        rows, positions = s.laser_batch, CHOICE_TOKENS
+        extra = max(svd_work_bytes(o, i) for _, o, i in size.linears)
+    elif stage == "inference_speed":
+        rows, ctx, positions = s.speed_batch, sum(s.speed_tokens), 1
+    act = forward_bytes(size, rows, ctx, it) + kv_cache_bytes(size, rows, ctx, it) + logits_bytes(size, rows, positions)
+    weights = size.total_params * it
+    if not (s.gpu and m.gpu_bytes is not None):
+        return StageNeed(stage, "cpu", 0, PROCESS_BYTES + weights + act + extra, 0, 0, jobs=jobs,
+                         why="weights and activations in host memory")
+    gpus = 1 if s.fixed_device else gpus_needed(weights, m.gpu_bytes)
+    device = weights / gpus + act + extra + CUDA_CONTEXT_BYTES
+    return StageNeed(stage, f"{gpus} GPU{'s' if gpus > 1 else ''}", device, PROCESS_BYTES + weights, 0, 0, gpus=gpus,
+                     jobs=jobs, why="weights, one batch's activations and logits")
