@@ -1,6 +1,8 @@
 # Helpers shared by the rules: config checks, paths, resources, code versions.
+import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -71,16 +73,67 @@ def model_dir(wildcards):
     return m["path"] if m["source"] == "local" else f"results/models/{wildcards.model}"
 
 
+def _model_folder(name):
+    m = MODELS[name]
+    return Path(m["path"]) if m["source"] == "local" else Path(f"results/models/{name}")
+
+
+def _readable_config(name):
+    """config.json of a model where it is on disk now (a hub model before its download: None)."""
+    path = _model_folder(name) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
 def model_params_b(name):
-    """Approximate parameter count (billions) for resource sizing."""
+    """Approximate parameter count (billions) for resource sizing: params_b, else counted from the
+    safetensors headers of the weights on disk (a file that is not readable: its size at 2 bytes a weight)."""
     m = MODELS[name]
     if "params_b" in m:
         return m["params_b"]
-    folder = Path(m["path"]) if m["source"] == "local" else Path(f"results/models/{name}")
-    files = list(folder.glob("*.safetensors")) if folder.exists() else []
+    files = sorted(_model_folder(name).glob("*.safetensors")) if _model_folder(name).exists() else []
     if files:
-        return sum(f.stat().st_size for f in files) / 4e9  # stored fp32 at most: an upper bound
+        return _stored_params(tuple(files)) / 1e9
     return 0.135 if m["source"] == "embedded" else 7.0
+
+
+@functools.lru_cache(maxsize=None)
+def _stored_params(files):
+    sys.path.insert(0, str(PACKAGE_DIR.parent))
+    from sfsd.errors import DataError
+    from sfsd.io import safetensors_header
+
+    total = 0
+    for f in files:
+        try:
+            header = json.loads(safetensors_header(f))
+            total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        except DataError:
+            total += f.stat().st_size // 2
+    return total
+
+
+def dtype_bytes(name):
+    """Bytes per weight of a model in the dtypes it runs in (sfsd.model.loading.run_dtype of dtype and of
+    collection.dtype; the larger), where its config.json is readable now; else 4 (float32, the most) unless
+    both settings name a 2-byte dtype."""
+    sys.path.insert(0, str(PACKAGE_DIR.parent))
+    from sfsd.model.loading import run_dtype
+
+    settings = {config["dtype"], collection_dtype()}
+    mc = _readable_config(name)
+    if mc is None and "auto" in settings:
+        return 4
+    return max(DTYPE_BYTES[run_dtype(mc or {}, s)] for s in settings)
+
+
+def collection_dtype():
+    """The dtype setting of stage 1: collection.dtype, or dtype where that is auto."""
+    return config["dtype"] if config["collection"]["dtype"] == "auto" else config["collection"]["dtype"]
+
+
 
 
 def gpu_wanted():
@@ -96,22 +149,22 @@ def gpu_wanted():
 
 def gpus_for(wildcards):
     """GPUs a GPU stage of this model asks for: none where no GPU is wanted (gpu_wanted), one with a fixed
-    cuda device, and with auto as many as hold its float32 weights at 80% of gpu_memory_gb each
-    (sfsd.model.placement.gpus_needed): the job then spreads the model over them."""
+    cuda device, and with auto as many as hold its weights in its run dtype (dtype_bytes) at 80% of
+    gpu_memory_gb each (sfsd.model.placement.gpus_needed): the job then spreads the model over them."""
     if not gpu_wanted():
         return 0
     if config["device"] != "auto":
         return 1
     from sfsd.model.placement import gpus_needed
 
-    return gpus_needed(model_params_b(wildcards.model) * 1e9 * 4, config["gpu_memory_gb"] * 1e9)
+    return gpus_needed(model_params_b(wildcards.model) * 1e9 * dtype_bytes(wildcards.model),
+                       config["gpu_memory_gb"] * 1e9)
 
 
 def collect_mem_mb(wildcards, attempt):
-    # model weights at the collection dtype + float32 staging + float64 accumulators + 2 GB headroom
+    # model weights in the run dtype + float32 staging + float64 accumulators + 2 GB headroom
     params = model_params_b(wildcards.model) * 1e9
-    bytes_per = 2 if config["collection"]["dtype"] != "float32" else 4
-    return int((params * bytes_per * 1.5) / 1e6 + 2000) * attempt
+    return int((params * dtype_bytes(wildcards.model) * 1.5) / 1e6 + 2000) * attempt
 
 
 def eigen_mem_mb(wildcards, attempt):

@@ -14,6 +14,7 @@ rule factor_cache:
         layers=",".join(config["layers"]),
         results=lambda wc, input: Path(input.features).parent,
         streamed=config["streamed"],
+        dtype=config["dtype"],
         code=command_version("factor-cache"),
     conda:
         "../envs/cpu-stages.yaml"
@@ -28,7 +29,8 @@ rule factor_cache:
         runtime=lambda wc: int(10 + 30 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} factor-cache --model-dir {input.model:q} --results {params.results:q} "
-        "--method {wildcards.method} --layers {params.layers} --streamed {params.streamed} --out {output.factors:q} "
+        "--method {wildcards.method} --layers {params.layers} --streamed {params.streamed} --dtype {params.dtype} "
+        "--out {output.factors:q} "
         "> {log:q} 2>&1"
 
 
@@ -161,6 +163,7 @@ rule compress_model:
     params:
         factors=lambda wc, input: Path(input.factors).parent,
         streamed=config["streamed"],
+        dtype=config["dtype"],
         code=command_version("compress"),
     conda:
         "../envs/cpu-stages.yaml"
@@ -171,4 +174,4 @@ rule compress_model:
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} compress --model-dir {input.model:q} --plan {input.plan:q} --factors {params.factors:q} "
-        "--streamed {params.streamed} --out {output.model:q} > {log:q} 2>&1"
+        "--streamed {params.streamed} --dtype {params.dtype} --out {output.model:q} > {log:q} 2>&1"

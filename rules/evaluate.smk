@@ -63,6 +63,7 @@ rule evaluate_model:
         scorer=config["evaluation"]["scorer"],
         batch_size=config["evaluation"]["batch_size"],
         device=config["device"],
+        dtype=config["dtype"],
         task_args=eval_task_args,
         ppl=perplexity_args,
         code=command_version("evaluate"),
@@ -82,7 +83,8 @@ rule evaluate_model:
         "python -m sfsd --threads {threads} evaluate --model-dir {input.model:q} {params.compressed} "
         "--model-name {wildcards.model} --variant {wildcards.variant} {params.task_args} "
         "--tasks {params.tasks} --splits {input.splits:q} --split {params.split} {params.limit} "
-        "--scorer {params.scorer} --batch-size {params.batch_size} --device {params.device} {params.ppl} "
+        "--scorer {params.scorer} --batch-size {params.batch_size} --device {params.device} --dtype {params.dtype} "
+        "{params.ppl} "
         "--calibration-texts {input.calibration:q} --out {output.rows:q} --items-out {output.docs:q} > {log:q} 2>&1"
 
 
@@ -101,6 +103,7 @@ rule check_scorer:
         limit=min(EVAL["check_docs"], EVAL["limit"] or EVAL["check_docs"]),
         batch_size=config["evaluation"]["batch_size"],
         device=config["device"],
+        dtype=config["dtype"],
         task_args=eval_task_args,
         code=command_version("check-scorer"),
     conda:
@@ -118,7 +121,8 @@ rule check_scorer:
     shell:
         "python -m sfsd --threads {threads} check-scorer --model-dir {input.model:q} {params.compressed} "
         "{params.task_args} --tasks {params.tasks} --splits {input.splits:q} --limit {params.limit} "
-        "--batch-size {params.batch_size} --device {params.device} --out {output.report:q} > {log:q} 2>&1"
+        "--batch-size {params.batch_size} --device {params.device} --dtype {params.dtype} --out {output.report:q} "
+        "> {log:q} 2>&1"
 
 
 rule combine_results:

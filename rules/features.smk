@@ -11,7 +11,7 @@ checkpoint collect_features:
         features=directory("results/{model}/features"),
     params:
         layers=",".join(config["layers"]),
-        dtype=config["collection"]["dtype"],
+        dtype=collection_dtype(),  # collection.dtype, or dtype where that is auto
         device=config["device"],
         batch_size=config["collection"]["batch_size"],
         flush_every=config["collection"]["flush_every"],

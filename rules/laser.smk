@@ -49,6 +49,7 @@ rule laser_point:
         limit=f"--limit {LASER['limit'] or 'none'}",
         batch_size=LASER["batch_size"],
         device=config["device"],
+        dtype=config["dtype"],
         vendi=" ".join(
             [f"--vendi-bandwidth {LASER['vendi']['bandwidth'] or 'none'}"]
             + (["--vendi-exact"] if LASER["vendi"]["exact"] else [])
@@ -71,6 +72,7 @@ rule laser_point:
         "{params.task_args} --splits {input.splits:q} --task {wildcards.task} --split {wildcards.split} "
         "--intervention {wildcards.intervention} --lname {wildcards.lname} --lnum {wildcards.lnum} "
         "--rate {wildcards.rate} {params.limit} --batch-size {params.batch_size} --device {params.device} "
+        "--dtype {params.dtype} "
         "{params.vendi} --out-scores {output.scores:q} --out-items {output.per_item:q} > {log:q} 2>&1"
 
 

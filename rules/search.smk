@@ -39,6 +39,7 @@ rule search:
             else ""
         ),
         device=config["device"],
+        dtype=config["dtype"],
         out=lambda wc, output: Path(output.summary).parent,
         code=command_version("search"),
     conda:
@@ -58,7 +59,7 @@ rule search:
         "--factors {params.factors:q} --method {wildcards.method} --mode {wildcards.mode} "
         "--target {wildcards.target} {params.settings} --layers {params.layers} {params.tasks_args} "
         "--splits {input.splits:q} --tasks {params.tasks} {params.ppl} --calibration-texts {input.calibration:q} "
-        "--device {params.device} --out {params.out:q} > {log:q} 2>&1"
+        "--device {params.device} --dtype {params.dtype} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule compress_searched:
@@ -71,6 +72,7 @@ rule compress_searched:
     params:
         factors=lambda wc, input: Path(input.factors).parent,
         streamed=config["streamed"],
+        dtype=config["dtype"],
         code=command_version("compress"),
     conda:
         "../envs/cpu-stages.yaml"
@@ -81,7 +83,8 @@ rule compress_searched:
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} compress --model-dir {input.model:q} "
-        "--plan {input.plan:q} --factors {params.factors:q} --streamed {params.streamed} --out {output.model:q} "
+        "--plan {input.plan:q} --factors {params.factors:q} --streamed {params.streamed} --dtype {params.dtype} "
+        "--out {output.model:q} "
         "> {log:q} 2>&1"
 
 

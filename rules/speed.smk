@@ -37,6 +37,7 @@ rule inference_speed:
     params:
         compressed=lambda wc, input: input.compressed or "none",
         device=config["device"],
+        dtype=config["dtype"],
         prompt_tokens=config["speed"]["prompt_tokens"],
         decode_tokens=config["speed"]["decode_tokens"],
         batch_sizes=",".join(map(str, config["speed"]["batch_sizes"])),
@@ -54,7 +55,8 @@ rule inference_speed:
         nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} inference-speed --model-dir {input.model:q} --compressed {params.compressed:q} "
-        "--variant {wildcards.variant} --device {params.device} --prompt-tokens {params.prompt_tokens} "
+        "--variant {wildcards.variant} --device {params.device} --dtype {params.dtype} "
+        "--prompt-tokens {params.prompt_tokens} "
         "--decode-tokens {params.decode_tokens} --batch-sizes {params.batch_sizes} --repeats {params.repeats} "
         "--out {output:q} > {log:q} 2>&1"
 

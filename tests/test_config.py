@@ -48,16 +48,17 @@ _MIRRORED = {
     "evaluate": {"split": "evaluation.split", "limit": "evaluation.limit", "scorer": "evaluation.scorer",
                  "batch_size": "evaluation.batch_size", "task_source": "evaluation.source",
                  "ppl_source": "evaluation.perplexity.source", "ppl_window": "evaluation.perplexity.window",
-                 "ppl_max_docs": "evaluation.perplexity.max_docs"},
+                 "ppl_max_docs": "evaluation.perplexity.max_docs", "dtype": "dtype"},
     "search": {"metric": "search.metric", "delta": "search.delta", "eps": "search.eps",
                "loglik_delta": "search.loglik_delta", "kl_max": "search.kl_max", "first_block": "search.first_block",
                "last_block": "search.last_block", "strategy": "search.strategy", "stop_at": "search.stop_at",
                "search_limit": "search.search_limit", "curve_limit": "search.curve_limit",
                "curve_every": "search.curve_every", "batch_size": "search.batch_size",
-               "cache_max_mb": "search.cache_max_mb"},
+               "cache_max_mb": "search.cache_max_mb", "dtype": "dtype"},
     "comparisons": {"seed": "evaluation.bootstrap.seed", "n_boot": "evaluation.bootstrap.resamples",
                     "metric": "evaluation.metric"},
-    "laser-point": {"batch_size": "laser.batch_size", "limit": "laser.limit", "vendi_bandwidth": "laser.vendi.bandwidth"},
+    "laser-point": {"batch_size": "laser.batch_size", "limit": "laser.limit", "vendi_bandwidth": "laser.vendi.bandwidth",
+                    "dtype": "dtype"},
 }
 
 

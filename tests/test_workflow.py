@@ -147,6 +147,24 @@ def test_calibration_setting_reruns_collection(finished_run):
     assert jobs.get("calibration_texts") == 1 and jobs.get("collect_features") == 1
 
 
+def test_dtype_setting_reruns_every_job_that_runs_the_model(finished_run):
+    """dtype reruns collection (collection.dtype auto follows it) and everything made from it, and the base
+    model's evaluation, scorer check and speed run; never the calibration text, tokens, tasks, splits or
+    uniform plans. collection.dtype alone reruns collection and what is made from it, not the base model's
+    evaluation."""
+    snakefile, workdir, config = finished_run
+    jobs = planned_jobs(snakemake(snakefile, workdir, {**config, "dtype": "bfloat16"}, "--dry-run"))
+    expected = {"collect_features": 1, "eigendecompose": 2, "factor_cache": 4, "compress_model": 8,
+                "evaluate_model": 9, "check_scorer": 2, "inference_speed": 5}
+    assert {k: jobs.get(k) for k in expected} == expected, jobs
+    assert not {"calibration_texts", "tokenize_calibration", "export_tasks", "eval_splits", "make_plan"} & set(jobs)
+    changed = {**config, "collection": {**config["collection"], "dtype": "bfloat16"}}
+    jobs = planned_jobs(snakemake(snakefile, workdir, changed, "--dry-run"))
+    expected = {"collect_features": 1, "factor_cache": 4, "compress_model": 8, "evaluate_model": 8,
+                "check_scorer": 1, "inference_speed": 4}
+    assert {k: jobs.get(k) for k in expected} == expected, jobs
+
+
 def rule_commands(snakefile: Path) -> dict[str, str]:
     """{rule: the `python -m sfsd` command its shell runs} of every rule of the workflow."""
     out = {}

@@ -48,6 +48,7 @@ def check_config(config: Mapping, root: str | Path = ".") -> None:
     _check_models(config, root)
     _check_calibration(config["calibration"], config["splits"], root)
     _check_model_limits(config, root)
+    _check_dtype(config, root)
     _check_search(config)
     _check_metrics(config)
     _check_evaluation(config, root)
@@ -167,6 +168,33 @@ def _check_model_limits(config: Mapping, root: Path) -> None:
         block_range(config["compression"]["first_block"], None, n_blocks, "compression.first_block", f"model {name}")
         if search["enabled"] and not search["full"]:
             block_range(search["first_block"], search["last_block"], n_blocks, "search.first_block", f"model {name}")
+
+
+def _check_dtype(config: Mapping, root: Path) -> None:
+    """The dtype settings (dtype; collection.dtype unless auto, which follows it): each model's run dtype
+    where its config.json is readable now (with auto, the checkpoint's own must be one the workflow runs;
+    `sfsd.model.loading.run_dtype`), then whether the device runs each dtype, where this machine can tell
+    (a CUDA device is probed only where one is visible; the stages check the rest when they load the model)."""
+    import torch
+
+    from sfsd.model.loading import check_device_dtype, run_dtype
+
+    keys = {"dtype": config["dtype"]}
+    if config["collection"]["dtype"] != "auto":
+        keys["collection.dtype"] = config["collection"]["dtype"]
+    runs: dict[str, str] = {}  # dtype -> the key that asks for it
+    for name, m in config["models"].items():
+        mc = _model_config(name, m, root)
+        for key, setting in keys.items():
+            if mc is not None or setting != "auto":
+                try:
+                    runs.setdefault(run_dtype(mc or {}, setting), key)
+                except ConfigError as err:
+                    raise ConfigError(f"models.{name}: {err}") from None
+    if config["device"].startswith("cuda") and not torch.cuda.is_available():
+        return
+    for dtype, key in runs.items():
+        check_device_dtype(dtype, config["device"], key)
 
 
 def _check_search(config: Mapping) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from sfsd.cli.options import METHOD_CHOICES, METRIC_HELP, csv_list, optional
+from sfsd.cli.options import METHOD_CHOICES, METRIC_HELP, add_dtype, csv_list, optional
 from sfsd.defaults import choices, default
 from sfsd.errors import ConfigError
 from sfsd.tasks.registry import METRIC_CHOICES
@@ -52,6 +52,7 @@ def add_parsers(sub) -> None:
                    help="native (exact, faster; checked against lm-eval by the check_scorer rule) or lm_eval")
     p.add_argument("--batch-size", type=int, default=default("evaluation.batch_size"))
     p.add_argument("--device", default=default("device"))
+    add_dtype(p)
     p.add_argument("--ppl-source", default=default("evaluation.perplexity.source"),
                    help="lambada, coqa, wikitext2, text_file, jsonl_file or none")
     p.add_argument("--ppl-window", type=int, default=default("evaluation.perplexity.window"))
@@ -76,6 +77,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--compressed", type=optional(str), default=None, help="a compressed folder; none: the dense model")
     p.add_argument("--variant", required=True, help="name written to the output (base, feature-p54, ...)")
     p.add_argument("--device", default=default("device"))
+    add_dtype(p)
     p.add_argument("--prompt-tokens", type=int, default=default("speed.prompt_tokens"))
     p.add_argument("--decode-tokens", type=int, default=default("speed.decode_tokens"))
     p.add_argument("--batch-sizes", default=",".join(map(str, default("speed.batch_sizes"))))
@@ -92,9 +94,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--tasks", required=True)
     p.add_argument("--splits", required=True)
     p.add_argument("--limit", type=int, required=True, help="first N test docs per task")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest |log-likelihood difference| per choice")
+    p.add_argument("--tolerance", type=optional(float), default=None,
+                   help="largest |log-likelihood difference| per choice (none: the model dtype's, "
+                        "sfsd.evaluate.scoring.CHECK_TOLERANCE)")
     p.add_argument("--batch-size", type=int, default=default("evaluation.batch_size"))
     p.add_argument("--device", default=default("device"))
+    add_dtype(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_check_scorer)
 
@@ -179,6 +184,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--calibration-texts", default=None, help="calibration JSONL whose docs perplexity text excludes")
     p.add_argument("--batch-size", type=int, default=default("search.batch_size"))
     p.add_argument("--device", default=default("device"))
+    add_dtype(p)
     p.add_argument("--no-cache", action="store_true", help="full forwards for every candidate (the published cost)")
     p.add_argument("--cache-max-mb", type=float, default=default("search.cache_max_mb"),
                    help="bound on the cached block inputs")
@@ -221,11 +227,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from sfsd.tasks.splits import read_split_ids
 
     if args.compressed:
-        model, plan = load_compressed(args.compressed, device=args.device)
+        model, plan = load_compressed(args.compressed, device=args.device, dtype=args.dtype)
         tokenizer = load_tokenizer(args.compressed)
         method = args.method
     else:
-        model, tokenizer = load_model(args.model_dir, device=args.device)
+        model, tokenizer = load_model(args.model_dir, dtype=args.dtype, device=args.device)
         plan, method = new_plan({}), "baseline"
     counts = count_params(model_shapes(args.model_dir), plan)
     tasks = csv_list(args.tasks)
@@ -278,9 +284,9 @@ def cmd_inference_speed(args: argparse.Namespace) -> None:
 
     before = rss_mb()
     if args.compressed:
-        model, _ = load_compressed(args.compressed, device=args.device)
+        model, _ = load_compressed(args.compressed, device=args.device, dtype=args.dtype)
     else:
-        model, _ = load_model(args.model_dir, device=args.device)
+        model, _ = load_model(args.model_dir, dtype=args.dtype, device=args.device)
     device = input_device(model)
     settings = SpeedSettings(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                              batch_sizes=tuple(int(b) for b in csv_list(args.batch_sizes)), repeats=args.repeats)
@@ -299,14 +305,14 @@ def cmd_check_scorer(args: argparse.Namespace) -> None:
     from sfsd.io import write_json
     from sfsd.tasks.lmeval import source_by_name
     from sfsd.model.loading import load_model, load_tokenizer
-    from sfsd.evaluate.scoring import build_requests, check_against_lmeval, score_multiple_choice
+    from sfsd.evaluate.scoring import CHECK_TOLERANCE, build_requests, check_against_lmeval, score_multiple_choice
     from sfsd.tasks.splits import read_split_ids
 
     if args.compressed:
-        model, _ = load_compressed(args.compressed, device=args.device)
+        model, _ = load_compressed(args.compressed, device=args.device, dtype=args.dtype)
         tokenizer = load_tokenizer(args.compressed)
     else:
-        model, tokenizer = load_model(args.model_dir, device=args.device)
+        model, tokenizer = load_model(args.model_dir, dtype=args.dtype, device=args.device)
     tasks = csv_list(args.tasks)
     ids, n_docs = read_split_ids(args.splits, tasks, "test", args.limit, args.task_source)
     source = source_by_name(args.task_source, args.tasks_dir)
@@ -314,13 +320,16 @@ def cmd_check_scorer(args: argparse.Namespace) -> None:
                                    batch_size=args.batch_size)
     _, reference = evaluate_lmeval_detailed(model, tokenizer, source, tasks, ids, batch_size=args.batch_size,
                                             n_docs=n_docs)
-    report = check_against_lmeval(native, reference, args.tolerance)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    tolerance = CHECK_TOLERANCE[dtype] if args.tolerance is None else (args.tolerance, 0.0)
+    report = check_against_lmeval(native, reference, *tolerance)
     if report["mismatches"]:
         first = report["mismatches"][0]
         raise NumericalError(f"the native scorer disagrees with lm-eval on {len(report['mismatches'])} of "
                              f"{report['docs']} documents (first: {first['task']} doc {first['doc_id']}: "
                              f"{first['what']}); score with evaluation.scorer lm_eval and report this")
-    write_json(args.out, {**report, "tasks": tasks, "docs_per_task": args.limit, "model": args.compressed or args.model_dir})
+    write_json(args.out, {**report, "tasks": tasks, "docs_per_task": args.limit, "dtype": dtype,
+                          "model": args.compressed or args.model_dir})
     logging.info("native scorer = lm-eval on %d docs (%d choices) of %s: max |diff| %.2e", report["docs"],
                  report["choices"], ", ".join(tasks), report["max_abs_diff"])
 
@@ -371,7 +380,7 @@ def cmd_search(args: argparse.Namespace) -> None:
                ppl_max_docs=args.ppl_max_docs,
                ppl_search_fraction=args.ppl_search_fraction, ppl_path=args.ppl_path,
                ppl_text_field=args.ppl_text_field, calibration_texts=args.calibration_texts,
-               batch_size=args.batch_size, device=args.device, cache=not args.no_cache,
+               batch_size=args.batch_size, device=args.device, dtype=args.dtype, cache=not args.no_cache,
                cache_max_mb=args.cache_max_mb)
 
 

@@ -3,6 +3,8 @@ config schema, `sfsd.defaults`)."""
 
 from __future__ import annotations
 
+from sfsd.defaults import choices, default
+
 # plan.FACTOR_METHODS, written out so that parsing options imports no torch (a test keeps the two equal)
 METHOD_CHOICES = ("feature", "weight", "whitened", "asvd")
 
@@ -24,3 +26,10 @@ def optional(kind: type):
 def csv_list(value: str) -> list[str]:
     """A comma-separated option as a list (blanks dropped)."""
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_dtype(p, key: str = "dtype") -> None:
+    """The `--dtype` option of a command that loads or builds a model: the setting `key` (its values and
+    default from the schema; auto = the checkpoint's own dtype, `sfsd.model.loading.run_dtype`)."""
+    p.add_argument("--dtype", choices=choices(key), default=default(key),
+                   help="the model's dtype (auto: the checkpoint's own, from its config.json; float32 when it names none)")

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from sfsd.cli.options import METRIC_HELP, csv_list, optional
+from sfsd.cli.options import METRIC_HELP, add_dtype, csv_list, optional
 from sfsd.defaults import default
 from sfsd.tasks.registry import METRIC_CHOICES
 
@@ -89,6 +89,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--limit", type=optional(int), default=default("laser.limit"), help="first N docs of the split (none: all)")
     p.add_argument("--batch-size", type=int, default=default("laser.batch_size"))
     p.add_argument("--device", default=default("device"))
+    add_dtype(p)
     p.add_argument("--vendi-bandwidth", type=optional(float), default=default("laser.vendi.bandwidth"),
                    help="RBF bandwidth (none: median distance)")
     p.add_argument("--vendi-exact", action="store_true", help="greedy on the exact order-1 Vendi score (small matrices)")
@@ -226,7 +227,7 @@ def cmd_laser_point(args: argparse.Namespace) -> None:
 
     point = GridPoint.parse(args.intervention, args.lname, args.lnum, args.rate)
     ids, n_docs = read_split_ids(args.splits, [args.task], args.split, args.limit, args.task_source)
-    model, tokenizer = load_model(args.model_dir, device=args.device)
+    model, tokenizer = load_model(args.model_dir, dtype=args.dtype, device=args.device)
     requests = build_requests(source_by_name(args.task_source, args.tasks_dir), [args.task], ids, n_docs=n_docs)
     enc = encode_requests(tokenizer, requests, lmeval_max_length(model, tokenizer))
     rows, items, common = run_point(model, tokenizer, point, enc, model_name=args.model_name,

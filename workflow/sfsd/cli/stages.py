@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from sfsd.cli.options import METHOD_CHOICES, csv_list
+from sfsd.cli.options import METHOD_CHOICES, add_dtype, csv_list
 from sfsd.defaults import block_range, choices, default
 from sfsd.errors import ConfigError, DataError
 
@@ -43,7 +43,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--model-name", required=True)
     p.add_argument("--tokens", required=True)
     p.add_argument("--layers", required=True, help="comma-separated layer keywords")
-    p.add_argument("--dtype", default=default("collection.dtype"))
+    add_dtype(p, "collection.dtype")  # the rule passes collection.dtype, or dtype where that is auto
     p.add_argument("--device", default=default("device"))
     p.add_argument("--batch-size", type=int, default=default("collection.batch_size"))
     p.add_argument("--flush-every", type=int, default=default("collection.flush_every"),
@@ -83,6 +83,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--method", choices=METHOD_CHOICES, required=True)
     p.add_argument("--layers", required=True)
     p.add_argument("--jitter", type=float, default=1e-6, help="relative Cholesky jitter (whitened)")
+    add_dtype(p)
     add_streamed(p, "the memory")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_factor_cache)
@@ -126,6 +127,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--plan", required=True)
     p.add_argument("--factors", required=True, help="folder holding <method>/block_NNN.safetensors")
+    add_dtype(p)  # the compressed folder's weights are written in it
     add_streamed(p, "the memory")
     p.add_argument("--out", required=True, help="compressed folder (weights written shard by shard, one block at a time)")
     p.set_defaults(func=cmd_compress)
@@ -238,7 +240,7 @@ def cmd_factor_cache(args: argparse.Namespace) -> None:
     from sfsd.model.stream import open_blocks
 
     digest = model_digest(args.model_dir)
-    source = open_blocks(args.model_dir, args.streamed)
+    source = open_blocks(args.model_dir, args.streamed, args.dtype)
     spec = source.spec
     eigen, features = cached_statistics(args.results, model_digest=digest)
     with atomic_dir(args.out) as tmp:
@@ -421,7 +423,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from sfsd.model.stream import open_blocks
 
     digest = model_digest(args.model_dir)
-    source = open_blocks(args.model_dir, args.streamed)
+    source = open_blocks(args.model_dir, args.streamed, args.dtype)
     applied = compress_from_cache(source, read_json(args.plan), args.factors, args.out, model_digest=digest,
                                   tokenizer=load_tokenizer(args.model_dir))
     logging.info("compressed %d layers into %s", len(applied["layers"]), args.out)

@@ -319,14 +319,15 @@ class CompressedFolder:
         model = self.model
         norm = validate_plan(plan, self.spec, len(blocks_of(model, self.spec)), linear_shapes(model, self.spec))
         self._add("", {k: v for k, v in model.state_dict().items() if not k.startswith(self.prefix)})
+        dtype = self.dtypes.pop()
         self.writer.finish({
-            "sfsd_format": FORMAT, "tied": self.tied, "dtype": self.dtypes.pop(), "model": norm.get("model"),
+            "sfsd_format": FORMAT, "tied": self.tied, "dtype": dtype, "model": norm.get("model"),
             "factors": dict(factors or {}),
             **stamp(norm.get("model_digest"), next((v["calibration_digest"] for v in (factors or {}).values()
                                                     if v.get("calibration_digest")), None),
                     {"options": norm.get("options")})})
         write_json(self.folder / PLAN_FILE, norm)
-        write_json(self.folder / "config.json", hf_config(model))
+        write_json(self.folder / "config.json", hf_config(model, dtype))
         (self.folder / MODELING_FILE).write_text(modeling_code(architecture_of(model.config)))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(self.folder)
@@ -346,12 +347,16 @@ def save_compressed(model: nn.Module, plan: Mapping, out_dir: str | os.PathLike,
     return out_dir
 
 
-def hf_config(model: nn.Module) -> dict:
+def hf_config(model: nn.Module, dtype: str | None = None) -> dict:
     """config.json of a compressed folder: the model's own config, its model_type prefixed (`sfsd_llama`),
-    transformers' auto_map pointing at modeling_sfsd.py, and the factored Linears ({path: [rank, bias]})."""
+    transformers' auto_map pointing at modeling_sfsd.py, the factored Linears ({path: [rank, bias]}), and
+    `dtype` (the folder's weights' dtype; transformers loads the folder in it), also as `torch_dtype` where
+    the model's config writes that older name."""
     low_rank = {name: [m.rank, m.second.bias is not None] for name, m in model.named_modules()
                 if isinstance(m, LowRankLinear)}
     config = model.config.to_dict()
+    if dtype is not None:
+        config.update({key: dtype for key in ("torch_dtype",) if key in config}, dtype=dtype)
     stem = MODELING_FILE.removesuffix(".py")
     return {**config, "model_type": MODEL_TYPE_PREFIX + config["model_type"], "sfsd_low_rank": low_rank,
             "auto_map": {"AutoConfig": f"{stem}.SfsdConfig", "AutoModelForCausalLM": f"{stem}.SfsdForCausalLM"}}
@@ -370,11 +375,14 @@ def modeling_code(architecture: str) -> str:
     return source.replace(default, f"BASE_ARCHITECTURE = {architecture!r}")
 
 
-def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: str = "auto") -> tuple[nn.Module, dict]:
     """Rebuild a model saved by `save_compressed`: architecture from config.json, LowRankLinear
     modules shaped by plan.json and the saved factors, then the weights, placed on `device`
-    (`placement.place_model`: auto spreads it over the GPUs when it does not fit one). Returns (model in
-    eval mode, plan). Its logits equal those of the model that was saved, bit for bit."""
+    (`placement.place_model`: auto spreads it over the GPUs when it does not fit one), in the dtype of the
+    `dtype` setting (`loading.run_dtype`: auto = the folder's own). Returns (model in eval mode, plan). In
+    the folder's dtype its logits equal those of the model that was saved, bit for bit."""
+    from sfsd.model.loading import check_device_dtype, resolve_dtype, run_dtype
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     out_dir = Path(out_dir)
@@ -390,7 +398,9 @@ def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cp
     config = CONFIG_MAPPING[base_type].from_dict(
         {k: v for k, v in saved.items() if k not in ("auto_map", "sfsd_low_rank", "model_type")})
     spec = get_arch(architecture_of(config))
-    dtype = getattr(torch, meta["dtype"])
+    name = run_dtype(saved, dtype)  # auto: config.json's dtype, the weights' (load_state_dict casts any other)
+    check_device_dtype(name, device)
+    dtype = resolve_dtype(name)
     with _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # transformers 5 ties inside init_weights, which no_init_weights skips

@@ -95,7 +95,8 @@ def save_factor_cache(
 ) -> list[Path]:
     """Write `<out_dir>/block_NNN.safetensors` with `<linear>.first/.second(/.mean/.bias)` at rank
     kappa - 1 for a factor method, so any plan of that method is cut by slicing (`apply_cached_plan`).
-    `model`: a model in memory, or a `stream.BlockStream` whose blocks are read one at a time."""
+    `model`: a model in memory, or a `stream.BlockStream` whose blocks are read one at a time, in its run
+    dtype; the cache is float32 whatever that dtype (a bfloat16 model's weights widen exactly)."""
     if method not in FACTOR_METHODS:
         raise ConfigError(f"save_factor_cache: {method!r} is not a factor method ({', '.join(FACTOR_METHODS)})")
     source = WholeModel(model) if isinstance(model, nn.Module) else model
@@ -120,7 +121,10 @@ def save_factor_cache(
                 layer = module.get_submodule(spec.linears[linear])
                 extra: dict = {}
                 with torch.no_grad():
-                    weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+                    # a bfloat16 / float16 model's weights widened (exactly): the factors are computed in
+                    # float64 and cached in float32 whatever the model's dtype, cast only when cut into a model
+                    weight, bias = (None if t is None else t.detach().to(torch.promote_types(t.dtype, torch.float32))
+                                    for t in (layer.weight, layer.bias))
                     entry = full_rank_factors(weight, bias, method, eigen=eigen, features=features, linear=linear,
                                               group=spec.group_of(linear), block=block, jitter=jitter, report=extra)
                 tensors.update({f"{linear}.{k}": v for k, v in entry.items()})

@@ -21,7 +21,7 @@ from sfsd.defaults import choices
 from sfsd.errors import ConfigError, NumericalError
 from sfsd.features.stats import InputMoments, check_finite, choose_staging, staging_bytes
 from sfsd.io import atomic_dir, load_tensors, model_digest, save_tensors, write_json
-from sfsd.model.loading import load_model, model_config, resolve_dtype
+from sfsd.model.loading import check_device_dtype, load_model, model_config, resolve_dtype, run_dtype
 from sfsd.model.placement import input_device, placement
 from sfsd.model.placement import resolve_device
 from sfsd.model.registry import architecture_of, blocks_of, get_arch, groups_for, select_linears
@@ -238,15 +238,16 @@ def run_collect(
     out_dir: str | os.PathLike,
     model_name: str,
     layers: list[str],
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "auto",
     batch_size: int = 8,
     flush_every: int = 1,
     streamed: str = "auto",
     staging: str = "auto",
 ) -> dict:
-    """Load model and tokens, collect, write block_XXX.safetensors files and manifest.json. `streamed`:
-    always / never run the model one block at a time (`sfsd.model.stream`), or auto: when its weights would
+    """Load model and tokens, collect, write block_XXX.safetensors files and manifest.json. `dtype`: the
+    model's dtype (`loading.run_dtype`: auto = the checkpoint's own; the statistics are float64 sums
+    regardless). `streamed`: always / never run the model one block at a time (`sfsd.model.stream`), or auto: when its weights would
     not fit the device (`stream.fits_device`); the statistics are the same either way. `staging`: where the
     float32 staging buffers live (`collect_input_moments`; auto: `resolve_staging`), recorded in the
     manifest as decided."""
@@ -255,6 +256,8 @@ def run_collect(
     arch = architecture_of(config)
     spec = get_arch(arch)
     torch_device = resolve_device(device)
+    dtype = run_dtype(config, dtype)  # the name the files record: float32, bfloat16 or float16
+    check_device_dtype(dtype, torch_device)
     stream = use_stream(model_dir, streamed, dtype, torch_device)
     model = None if stream else load_model(model_dir, dtype=dtype, device=device)[0]
     linears = select_linears(spec, layers)

@@ -221,16 +221,19 @@ def use_stream(model_dir: str | os.PathLike, streamed: str, dtype: str, device: 
     return stream
 
 
-def open_blocks(model_dir: str | os.PathLike, streamed: str, dtype: str = "float32",
+def open_blocks(model_dir: str | os.PathLike, streamed: str, dtype: str = "auto",
                 device: str = "cpu") -> BlockStream | WholeModel:
-    """The model of `model_dir` for a stage that works block by block: streamed or loaded whole."""
-    from sfsd.model.loading import load_model, resolve_dtype
+    """The model of `model_dir` for a stage that works block by block, streamed or loaded whole, in the dtype
+    of the `dtype` setting (`loading.run_dtype`: auto = the checkpoint's own)."""
+    from sfsd.model.loading import check_device_dtype, load_model, resolve_dtype, run_dtype
     from sfsd.model.placement import resolve_device
 
     torch_device = resolve_device(device)
-    if use_stream(model_dir, streamed, dtype, torch_device):
-        return BlockStream(model_dir, resolve_dtype(dtype), torch_device)
-    return WholeModel(load_model(model_dir, dtype=dtype, device=device)[0])
+    name = run_dtype(model_dir, dtype)
+    check_device_dtype(name, torch_device)
+    if use_stream(model_dir, streamed, name, torch_device):
+        return BlockStream(model_dir, resolve_dtype(name), torch_device)
+    return WholeModel(load_model(model_dir, dtype=name, device=device)[0])
 
 
 class HiddenStates:

@@ -161,6 +161,7 @@ def run_search(
     calibration_texts: str | None = None,
     batch_size: int = 8,
     device: str = "auto",
+    dtype: str = "auto",
     cache: bool = True,
     cache_max_mb: float = 4096,
     progress: bool = True,
@@ -181,7 +182,7 @@ def run_search(
     from sfsd.tasks.splits import read_split_ids
     from sfsd.tasks.registry import task_metrics
 
-    model, tokenizer = load_model(model_dir, device=device)
+    model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
     shapes = model_shapes(model)
     spec = get_arch(architecture_of(model.config))
     linears = select_linears(spec, list(layers))
