@@ -40,6 +40,22 @@ check_config()
 MODELS = config["models"]
 
 
+def job_machine():
+    """The machine jobs are sized for (sfsd.resources.plan.machine_of): GPUs of gpu_memory_gb where the GPU
+    stages run on one, host_memory_gb or the memory this machine has available now."""
+    from sfsd.resources.plan import machine_of
+
+    return machine_of(config, ".")
+
+
+JOB_MACHINE = job_machine()
+# Snakemake holds jobs to mem_mb only against a global limit: without --resources mem_mb=N, the machine's
+# host memory, so `--cores 8` never starts more memory-heavy jobs than it holds (a job planned above it is
+# capped to it and runs alone). mem_mb is a local resource, never summed over cluster jobs (SLURM).
+if "mem_mb" not in workflow.global_resources:
+    workflow.register_resource("mem_mb", max(1, int(JOB_MACHINE.host_bytes / 1e6)))
+
+
 METHODS_RE = "feature|weight|whitened|asvd"  # sfsd.decompose.variants.METHOD_NAMES
 MODES_RE = "accuracy|loglik|kl|perplexity"  # sfsd.search.settings.MODES
 BUDGETS_RE = "|".join(sorted(config["compression"]["budgets"])) or "(?!)"
@@ -78,15 +94,6 @@ def _model_folder(name):
     return Path(m["path"]) if m["source"] == "local" else Path(f"results/models/{name}")
 
 
-def _readable_config(name):
-    """config.json of a model where it is on disk now (a hub model before its download: None)."""
-    path = _model_folder(name) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 def model_params_b(name):
     """Approximate parameter count (billions) for resource sizing: params_b, else counted from the
     safetensors headers of the weights on disk (a file that is not readable: its size at 2 bytes a weight)."""
@@ -115,25 +122,9 @@ def _stored_params(files):
     return total
 
 
-def dtype_bytes(name):
-    """Bytes per weight of a model in the dtypes it runs in (sfsd.model.loading.run_dtype of dtype and of
-    collection.dtype; the larger), where its config.json is readable now; else 4 (float32, the most) unless
-    both settings name a 2-byte dtype."""
-    sys.path.insert(0, str(PACKAGE_DIR.parent))
-    from sfsd.model.loading import run_dtype
-
-    settings = {config["dtype"], collection_dtype()}
-    mc = _readable_config(name)
-    if mc is None and "auto" in settings:
-        return 4
-    return max(DTYPE_BYTES[run_dtype(mc or {}, s)] for s in settings)
-
-
 def collection_dtype():
     """The dtype setting of stage 1: collection.dtype, or dtype where that is auto."""
     return config["dtype"] if config["collection"]["dtype"] == "auto" else config["collection"]["dtype"]
-
-
 
 
 def gpu_wanted():
@@ -147,30 +138,38 @@ def gpu_wanted():
     return 1
 
 
-def gpus_for(wildcards):
-    """GPUs a GPU stage of this model asks for: none where no GPU is wanted (gpu_wanted), one with a fixed
-    cuda device, and with auto as many as hold its weights in its run dtype (dtype_bytes) at 80% of
-    gpu_memory_gb each (sfsd.model.placement.gpus_needed): the job then spreads the model over them."""
-    if not gpu_wanted():
-        return 0
-    if config["device"] != "auto":
-        return 1
-    from sfsd.model.placement import gpus_needed
+@functools.lru_cache(maxsize=None)
+def planned(model):
+    """Every stage's need for `model` from the resource planner (sfsd.resources.plan.job_needs: its shapes,
+    the settings, GPUs of gpu_memory_gb and host_memory_gb or this machine's memory), once per model."""
+    sys.path.insert(0, str(PACKAGE_DIR.parent))
+    from sfsd.resources.plan import job_needs
 
-    return gpus_needed(model_params_b(wildcards.model) * 1e9 * dtype_bytes(wildcards.model),
-                       config["gpu_memory_gb"] * 1e9)
+    return job_needs(config, model, ".", JOB_MACHINE)
 
 
-def collect_mem_mb(wildcards, attempt):
-    # model weights in the run dtype + float32 staging + float64 accumulators + 2 GB headroom
-    params = model_params_b(wildcards.model) * 1e9
-    return int((params * dtype_bytes(wildcards.model) * 1.5) / 1e6 + 2000) * attempt
+def stage_need(stage, wildcards):
+    return planned(wildcards.model)[f"factor_cache:{wildcards.method}" if stage == "factor_cache" else stage]
 
 
-def eigen_mem_mb(wildcards, attempt):
-    # one block's weights and float64 covariances: ~ 40 bytes per block parameter, plus headroom
-    params_per_block = model_params_b(wildcards.model) * 1e9 / 32
-    return int(params_per_block * 40 / 1e6 + 1000) * attempt
+def plan_mem_mb(stage):
+    """A rule's mem_mb: the planned peak host memory of `stage` (its chosen mode), times the attempt."""
+    return lambda wildcards, attempt: math.ceil(stage_need(stage, wildcards).host_bytes / 1e6) * attempt
+
+
+def plan_disk_mb(stage):
+    """A rule's disk_mb: what one job of `stage` writes (at least 1 MB)."""
+    return lambda wildcards: max(1, math.ceil(stage_need(stage, wildcards).disk_bytes / 1e6))
+
+
+def plan_gpus(stage):
+    """A rule's gpu: the GPUs the planner gives `stage` (0 on the CPU; device auto: those that hold the
+    weights at 80% of gpu_memory_gb each, sfsd.model.placement.gpus_needed)."""
+    return lambda wildcards: stage_need(stage, wildcards).gpus
+
+
+def plan_threads(stage):
+    return lambda wildcards: stage_need(stage, wildcards).threads
 
 
 def blocks_of_model(model):

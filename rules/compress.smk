@@ -25,7 +25,8 @@ rule factor_cache:
     # one thread: LAPACK's SVD/eigh gain little from two here, and two jobs then share the cores
     threads: 1
     resources:
-        mem_mb=collect_mem_mb,
+        mem_mb=plan_mem_mb("factor_cache"),
+        disk_mb=plan_disk_mb("factor_cache"),
         runtime=lambda wc: int(10 + 30 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} factor-cache --model-dir {input.model:q} --results {params.results:q} "
@@ -170,7 +171,8 @@ rule compress_model:
     log:
         "results/logs/compress_model/{model}/{plan}.log",
     resources:
-        mem_mb=collect_mem_mb,
+        mem_mb=plan_mem_mb("compress_model"),
+        disk_mb=plan_disk_mb("compress_model"),
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} compress --model-dir {input.model:q} --plan {input.plan:q} --factors {params.factors:q} "

@@ -17,9 +17,10 @@ rule eigendecompose:
         "results/logs/eigendecompose/{model}/block_{block}.log",
     benchmark:
         "results/benchmarks/eigendecompose/{model}/block_{block}.tsv"
-    threads: config["eigen"]["threads"]
+    threads: plan_threads("eigendecompose")
     resources:
-        mem_mb=eigen_mem_mb,
+        mem_mb=plan_mem_mb("eigendecompose"),
+        disk_mb=plan_disk_mb("eigendecompose"),
         runtime=lambda wc: int(5 + 5 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} eigen --features {input.features:q}/block_{wildcards.block}.safetensors "

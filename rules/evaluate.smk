@@ -75,9 +75,9 @@ rule evaluate_model:
         "results/benchmarks/evaluate_model/{model}/{variant}.tsv"
     threads: 1
     resources:
-        mem_mb=collect_mem_mb,
+        mem_mb=plan_mem_mb("evaluate_model"),
         runtime=lambda wc: int(30 + 30 * model_params_b(wc.model)),
-        gpu=gpus_for,
+        gpu=plan_gpus("evaluate_model"),
         nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} evaluate --model-dir {input.model:q} {params.compressed} "
@@ -114,9 +114,9 @@ rule check_scorer:
         "results/benchmarks/check_scorer/{model}/{variant}.tsv"
     threads: 1
     resources:
-        mem_mb=collect_mem_mb,
+        mem_mb=plan_mem_mb("check_scorer"),
         runtime=lambda wc: int(20 + 10 * model_params_b(wc.model)),
-        gpu=gpus_for,
+        gpu=plan_gpus("check_scorer"),
         nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} check-scorer --model-dir {input.model:q} {params.compressed} "

@@ -24,11 +24,12 @@ checkpoint collect_features:
         "results/logs/collect_features/{model}.log",
     benchmark:
         "results/benchmarks/collect_features/{model}.tsv"
-    threads: 2
+    threads: plan_threads("collect_features")
     resources:
-        mem_mb=collect_mem_mb,
+        mem_mb=plan_mem_mb("collect_features"),
+        disk_mb=plan_disk_mb("collect_features"),
         runtime=lambda wc: int(20 + 20 * model_params_b(wc.model)),
-        gpu=gpu_wanted(),
+        gpu=plan_gpus("collect_features"),
     shell:
         "python -m sfsd --threads {threads} collect --model-dir {input.model:q} --model-name {wildcards.model} "
         "--tokens {input.tokens:q} --layers {params.layers} --dtype {params.dtype} --device {params.device} "

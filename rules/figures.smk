@@ -21,7 +21,7 @@ rule spectra:
         "results/benchmarks/spectra/{model}.tsv"
     threads: 1
     resources:
-        mem_mb=eigen_mem_mb,
+        mem_mb=plan_mem_mb("eigendecompose"),  # one block's eigen file and weights at a time
         runtime=lambda wc: int(5 + 5 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} spectra --model-dir {input.model:q} --points {params.points} "

@@ -63,9 +63,9 @@ rule laser_point:
         "results/benchmarks/laser_point/{model}/{task}/{split}/{intervention}/{lname}/L{lnum}/r{rate}.tsv"
     threads: 1
     resources:
-        mem_mb=collect_mem_mb,
+        mem_mb=plan_mem_mb("laser_point"),
         runtime=lambda wc: int(20 + 30 * model_params_b(wc.model)),
-        gpu=gpus_for,
+        gpu=plan_gpus("laser_point"),
         nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} laser-point --model-dir {input.model:q} --model-name {wildcards.model} "

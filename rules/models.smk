@@ -14,7 +14,8 @@ rule prepare_model:
     log:
         "results/logs/prepare_model/{model}.log",
     resources:
-        mem_mb=lambda wc, attempt: int(model_params_b(wc.model) * 1e9 * 8 / 1e6 + 2000) * attempt,
+        mem_mb=plan_mem_mb("prepare_model"),
+        disk_mb=plan_disk_mb("prepare_model"),
         runtime=lambda wc: int(30 + 10 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} prepare-model --source {params.source} --name {params.id:q} "

@@ -50,9 +50,9 @@ rule search:
         "results/benchmarks/search/{model}/{method}-{mode}-{target}.tsv"
     threads: 2
     resources:
-        mem_mb=collect_mem_mb,
+        mem_mb=plan_mem_mb("search"),
         runtime=lambda wc: int(60 + 600 * model_params_b(wc.model)),
-        gpu=gpus_for,
+        gpu=plan_gpus("search"),
         nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} search --model-dir {input.model:q} --model-name {wildcards.model} "
@@ -79,7 +79,8 @@ rule compress_searched:
     log:
         "results/logs/compress_searched/{model}/{method}-{mode}-{target}.log",
     resources:
-        mem_mb=collect_mem_mb,
+        mem_mb=plan_mem_mb("compress_model"),
+        disk_mb=plan_disk_mb("compress_model"),
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} compress --model-dir {input.model:q} "

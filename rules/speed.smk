@@ -49,9 +49,9 @@ rule inference_speed:
         "results/logs/inference_speed/{model}/{variant}.log",
     threads: speed_threads()
     resources:
-        mem_mb=collect_mem_mb,
+        mem_mb=plan_mem_mb("inference_speed"),
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
-        gpu=gpus_for,
+        gpu=plan_gpus("inference_speed"),
         nodes=1,  # its GPUs on one node: the job is one process
     shell:
         "python -m sfsd --threads {threads} inference-speed --model-dir {input.model:q} --compressed {params.compressed:q} "

@@ -99,12 +99,16 @@ def test_profile_names_real_rules_and_resources(tmp_path, tiny_llama, calibratio
 
 
 def test_gpu_stages_ask_for_the_gpus_that_hold_the_model(tmp_path, tiny_llama, calibration_text_file):
-    """With device auto on a machine with an NVIDIA driver (a stand-in nvidia-smi on PATH), evaluation
-    asks for ceil(4 bytes x params / (0.8 x gpu_memory_gb)) GPUs: 40B parameters on 24 GB GPUs, 9; stage 1
-    streams and asks for one."""
+    """With device auto on a machine with an NVIDIA driver (a stand-in nvidia-smi on PATH), evaluation asks
+    for the GPUs the resource planner gives it: those that hold the weights in the run dtype at 80% of
+    gpu_memory_gb each. A hub model of 40B parameters not downloaded yet is planned from params_b (a
+    Llama-shaped model stored in bfloat16): 5 GPUs of 24 GB. Stage 1 streams and asks for one."""
+    from sfsd.model.placement import gpus_needed
+    from sfsd.resources.needs import llama_like
+
     snakefile, workdir = new_run(tmp_path)
     config = workflow_config(tiny_llama, calibration_text_file, device="auto", gpu_memory_gb=24)
-    config["models"]["tiny"]["params_b"] = 40
+    config["models"] = {"big": {"source": "hub", "id": "org/model-40b", "params_b": 40}}
     cfg = workdir / "test-config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     bin_dir = tmp_path / "bin"
@@ -113,14 +117,16 @@ def test_gpu_stages_ask_for_the_gpus_that_hold_the_model(tmp_path, tiny_llama, c
     (bin_dir / "nvidia-smi").chmod(0o755)
     dry = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory",
                           str(workdir), "--configfile", str(cfg), "--workflow-profile", str(PROFILE.parent),
-                          "--dry-run", "results/tiny/eval/base.parquet", "results/tiny/features"],
+                          "--dry-run", "results/big/eval/base.parquet", "results/big/features"],
                          capture_output=True, text=True, timeout=300, cwd=workdir,
                          env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     out = dry.stdout + dry.stderr
     assert dry.returncode == 0, out[-3000:]
     resources = dict(re.findall(r"^(?:rule|checkpoint|localrule|localcheckpoint) (\w+):.*?^\s+resources: ([^\n]*)",
                                 out, re.M | re.S))
-    assert re.search(r"\bgpu=9\b", resources["evaluate_model"]), resources["evaluate_model"]
+    gpus = gpus_needed(llama_like(40).total_params * 2, 24e9)
+    assert gpus == 5
+    assert re.search(rf"\bgpu={gpus}\b", resources["evaluate_model"]), resources["evaluate_model"]
     assert re.search(r"\bnodes=1\b", resources["evaluate_model"]), resources["evaluate_model"]  # one process
     assert re.search(r"\bgpu=1\b", resources["collect_features"]), resources["collect_features"]
 

@@ -3,8 +3,9 @@
 - `validate(config)`: the schema check (first violation as one line), filling in the defaults.
 - `check_config(config, root)`: what needs files, the model's own limits or several keys at once (a
   model folder without config.json, a binary calibration file, a search block range the model does not
-  have, a metric lm-eval does not define for a task, ...), as one `ConfigError` line naming the key and
-  the fix. The rules call it before any job starts; tests call it directly.
+  have, a metric lm-eval does not define for a task, a stage that fits the machine in no mode or a disk
+  too small for the outputs (`sfsd.resources.plan.check_fit`), ...), as one `ConfigError` line naming
+  the key and the fix. The rules call it before any job starts; tests call it directly.
 
 The defaults themselves and the reading of block numbers: `sfsd.defaults`.
 
@@ -41,9 +42,11 @@ def validate(config: dict) -> None:
     snakemake_validate(config, str(SCHEMA_PATH))
 
 
-def check_config(config: Mapping, root: str | Path = ".") -> None:
+def check_config(config: Mapping, root: str | Path = ".", machine=None) -> None:
     """Every check of a validated config (defaults filled) that the schema cannot make alone; the first
-    problem raises one ConfigError line. `root` is the working folder (results/ lives under it)."""
+    problem raises one ConfigError line. `root` is the working folder (results/ lives under it); `machine`
+    (a `sfsd.resources.needs.Machine`) what the resource check plans for (default: this one, with the
+    config's gpu_memory_gb and host_memory_gb)."""
     root = Path(root)
     _check_models(config, root)
     _check_calibration(config["calibration"], config["splits"], root)
@@ -53,6 +56,7 @@ def check_config(config: Mapping, root: str | Path = ".") -> None:
     _check_metrics(config)
     _check_evaluation(config, root)
     _check_laser(config, root)
+    _check_resources(config, root, machine)
 
 
 def _model_dir(name: str, model: Mapping, root: Path) -> Path:
@@ -285,3 +289,11 @@ def _check_laser(config: Mapping, root: Path) -> None:
         if bad:
             raise ConfigError(f"laser.lnums {bad} out of range: model {name} has blocks 0..{n_blocks - 1} "
                               "(-1 = every block)")
+
+
+def _check_resources(config: Mapping, root: Path, machine) -> None:
+    """A stage that fits in no mode, or results/ without the disk the stages still to run write, for the
+    models whose shapes are on disk (`sfsd.resources.plan.check_fit`)."""
+    from sfsd.resources.plan import check_fit
+
+    check_fit(config, root, machine)

@@ -3,7 +3,8 @@
 Each stage also runs on its own outside Snakemake. Errors a user can fix print as one line
 ("error: ...") with exit status 2; outputs are written atomically, so a failed stage leaves none.
 The subcommands live by stage in `cli/stages.py` (model to compressed model), `cli/evaluate.py` (scoring
-and the search) and `cli/report.py` (figures, tables and the LASER study); `sfsd.provenance.command_modules`
+and the search), `cli/report.py` (figures, tables and the LASER study) and `cli/plan.py` (the resource
+planner's table); `sfsd.provenance.command_modules`
 finds a subcommand's code there.
 """
 
@@ -13,10 +14,10 @@ import argparse
 import logging
 import sys
 
-from sfsd.cli import evaluate, report, stages
+from sfsd.cli import evaluate, plan, report, stages
 from sfsd.errors import SfsdError
 
-COMMAND_MODULES = (stages, evaluate, report)
+COMMAND_MODULES = (stages, evaluate, report, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -140,7 +140,19 @@ def add_parsers(sub) -> None:
 
 def add_streamed(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument("--streamed", choices=choices("streamed"), default=default("streamed"),
-                   help=f"read the model one block at a time (auto: when its weights do not fit {where})")
+                   help=f"read the model one block at a time (auto: when the stage does not fit {where} whole, "
+                        "as the resource planner counts it)")
+
+
+def _streamed(stage: str, args: argparse.Namespace, layers: list[str] | None = None, method: str = "feature") -> str:
+    """The --streamed option of a CPU stage decided: auto by the resource planner against host memory."""
+    import torch
+
+    from sfsd.model.loading import run_dtype
+    from sfsd.resources.decide import decide_streamed
+
+    return decide_streamed(stage, args.model_dir, args.streamed, dtype=run_dtype(args.model_dir, args.dtype),
+                           device=torch.device("cpu"), layers=layers, method=method)
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
@@ -240,7 +252,8 @@ def cmd_factor_cache(args: argparse.Namespace) -> None:
     from sfsd.model.stream import open_blocks
 
     digest = model_digest(args.model_dir)
-    source = open_blocks(args.model_dir, args.streamed, args.dtype)
+    source = open_blocks(args.model_dir, _streamed("factor_cache", args, csv_list(args.layers), args.method),
+                         args.dtype)
     spec = source.spec
     eigen, features = cached_statistics(args.results, model_digest=digest)
     with atomic_dir(args.out) as tmp:
@@ -423,7 +436,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from sfsd.model.stream import open_blocks
 
     digest = model_digest(args.model_dir)
-    source = open_blocks(args.model_dir, args.streamed, args.dtype)
+    source = open_blocks(args.model_dir, _streamed("compress_model", args), args.dtype)
     applied = compress_from_cache(source, read_json(args.plan), args.factors, args.out, model_digest=digest,
                                   tokenizer=load_tokenizer(args.model_dir))
     logging.info("compressed %d layers into %s", len(applied["layers"]), args.out)

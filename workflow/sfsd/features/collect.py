@@ -28,6 +28,7 @@ from sfsd.model.registry import architecture_of, blocks_of, get_arch, groups_for
 from sfsd.model.spec import ArchSpec
 from sfsd.model.stream import host_available, streamed_moments, use_stream
 from sfsd.provenance import require, stamp, tokenizer_digest
+from sfsd.resources.decide import decide_streamed
 
 log = logging.getLogger(__name__)
 
@@ -247,10 +248,11 @@ def run_collect(
 ) -> dict:
     """Load model and tokens, collect, write block_XXX.safetensors files and manifest.json. `dtype`: the
     model's dtype (`loading.run_dtype`: auto = the checkpoint's own; the statistics are float64 sums
-    regardless). `streamed`: always / never run the model one block at a time (`sfsd.model.stream`), or auto: when its weights would
-    not fit the device (`stream.fits_device`); the statistics are the same either way. `staging`: where the
-    float32 staging buffers live (`collect_input_moments`; auto: `resolve_staging`), recorded in the
-    manifest as decided."""
+    regardless). `streamed`: always / never run the model one block at a time (`sfsd.model.stream`), or
+    auto: the resource planner's mode on the memory free now (`sfsd.resources.decide.decide_streamed`:
+    weights, staging, statistics and activations against one block and the calibration hidden states); the
+    statistics are the same either way. `staging`: where the float32 staging buffers live
+    (`collect_input_moments`; auto: `resolve_staging`), recorded in the manifest as decided."""
     digest = model_digest(model_dir)  # refuses a truncated checkpoint before the (long) load
     config = model_config(model_dir)
     arch = architecture_of(config)
@@ -258,7 +260,8 @@ def run_collect(
     torch_device = resolve_device(device)
     dtype = run_dtype(config, dtype)  # the name the files record: float32, bfloat16 or float16
     check_device_dtype(dtype, torch_device)
-    stream = use_stream(model_dir, streamed, dtype, torch_device)
+    stream = use_stream(decide_streamed("collect_features", model_dir, streamed, dtype=dtype, device=torch_device,
+                                        layers=layers, tokens=tokens_path, batch_size=batch_size, staging=staging))
     model = None if stream else load_model(model_dir, dtype=dtype, device=device)[0]
     linears = select_linears(spec, layers)
     groups = groups_for(spec, linears)

@@ -4,7 +4,8 @@
   modules outside the blocks loaded, and `block(b)` a context that reads block b's own tensors from the
   checkpoint and drops them again on leaving. `WholeModel` offers the same two names for a model that is
   in memory, so a stage that works block by block (the factor cache, compression) has one code path;
-  `open_blocks` picks one by `streamed: auto|always|never` (auto: when the weights do not fit, `fits_device`).
+  `open_blocks` picks one by `streamed: always|never` (auto is decided before, by the resource planner:
+  `sfsd.resources.decide.decide_streamed`).
 - `streamed_moments`, block-streamed stage 1: a first pass runs the decoder over every calibration batch
   with each block replaced by a stand-in that records the block's own arguments (the hidden states and,
   per block, the mask and position tables the decoder hands it: Gemma 2 gives alternate layers other
@@ -199,39 +200,30 @@ def host_available(cgroups: Path = Path("/proc/self/cgroup"), root: Path = Path(
     return max(available, 0)
 
 
-def fits_device(model_dir: str | os.PathLike, dtype: str, device: torch.device) -> bool:
-    """Whether the model's weights at `dtype` take at most `placement.HEADROOM` of the memory free on
-    `device` (the free memory of a CUDA device; on the CPU `host_available`)."""
-    from sfsd.model.loading import resolve_dtype
-    from sfsd.model.placement import HEADROOM
-    from sfsd.model.shapes import model_shapes
-
-    need = model_shapes(model_dir).total_params * resolve_dtype(dtype).itemsize
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available()
-    log.info("weights %.2f GB at %s; %.2f GB free on %s", need / 1e9, dtype, free / 1e9, device)
-    return need <= HEADROOM * free
-
-
-def use_stream(model_dir: str | os.PathLike, streamed: str, dtype: str, device: torch.device) -> bool:
-    """The `streamed` setting decided for this model and device (logged)."""
-    if streamed not in STREAMED:
-        raise ConfigError(f"streamed {streamed!r} is unknown; use one of {', '.join(STREAMED)}")
-    stream = streamed == "always" or (streamed == "auto" and not fits_device(model_dir, dtype, device))
+def use_stream(streamed: str) -> bool:
+    """The `streamed` setting once decided, always or never (logged). auto is decided before the model is
+    opened, by the resource planner (`sfsd.resources.decide.decide_streamed`): it counts what the stage
+    holds beside the weights (statistics, hidden states, factors), which this module does not know."""
+    if streamed not in ("always", "never"):
+        raise ConfigError(f"streamed {streamed!r}: decide auto with sfsd.resources.decide.decide_streamed first "
+                          f"(values: {', '.join(STREAMED)})")
+    stream = streamed == "always"
     log.info("%s (streamed: %s)", "one block at a time" if stream else "the whole model loaded", streamed)
     return stream
 
 
 def open_blocks(model_dir: str | os.PathLike, streamed: str, dtype: str = "auto",
                 device: str = "cpu") -> BlockStream | WholeModel:
-    """The model of `model_dir` for a stage that works block by block, streamed or loaded whole, in the dtype
-    of the `dtype` setting (`loading.run_dtype`: auto = the checkpoint's own)."""
+    """The model of `model_dir` for a stage that works block by block, streamed or loaded whole (`streamed`
+    always or never, `use_stream`), in the dtype of the `dtype` setting (`loading.run_dtype`: auto = the
+    checkpoint's own)."""
     from sfsd.model.loading import check_device_dtype, load_model, resolve_dtype, run_dtype
     from sfsd.model.placement import resolve_device
 
     torch_device = resolve_device(device)
     name = run_dtype(model_dir, dtype)
     check_device_dtype(name, torch_device)
-    if use_stream(model_dir, streamed, name, torch_device):
+    if use_stream(streamed):
         return BlockStream(model_dir, resolve_dtype(name), torch_device)
     return WholeModel(load_model(model_dir, dtype=name, device=device)[0])
 

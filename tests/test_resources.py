@@ -1,0 +1,400 @@
+"""The resource planner (sfsd/resources): each formula's bytes on a hand-made two-block model, the choice of
+mode and the fix, the shapes read from safetensors headers alone (a Llama-3-8B folder without weights), the
+`plan-resources` table, the config check's one-line refusals, and `streamed: auto` decided by the planner."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from helpers import REPO, run_cli
+from sfsd.config import check_config, validate
+from sfsd.errors import ConfigError
+from sfsd.features.stats import STAGING_SHARE as FEATURES_STAGING_SHARE, choose_staging
+from sfsd.io import safetensors_header
+from sfsd.model.shapes import model_shapes
+from sfsd.resources.decide import decide_streamed
+from sfsd.resources.modes import candidates, plan_stage, staging_on_device
+from sfsd.resources.needs import (
+    CHOICE_TOKENS,
+    CUDA_CONTEXT_BYTES as CTX,
+    PROCESS_BYTES as PROC,
+    STAGING_SHARE,
+    Machine,
+    ModelSize,
+    Settings,
+    collect,
+    compress,
+    eigen,
+    eigen_file_bytes,
+    eigh_work_bytes,
+    factor_cache,
+    factors_block_bytes,
+    forward_bytes,
+    gpu_stage,
+    hidden_bytes,
+    kv_cache_bytes,
+    llama_like,
+    logits_bytes,
+    moments_bytes,
+    prepare,
+    staging_bytes,
+    svd_work_bytes,
+)
+from sfsd.resources.plan import check_fit, job_needs, plan_config, variants
+from sfsd.resources.read import model_size, read_header, tokens_shape, write_shapes_only
+
+GB = 1e9
+LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Two blocks: hidden 8, 2 heads, k/v width 4, MLP 16, vocab 32; a block holds 576 Linear weights and two
+# norms of 8 (592), the embedding and final norm 264, an untied lm_head 256: 1704 parameters, stored in bfloat16.
+TINY = ModelSize(
+    n_blocks=2, hidden=8, heads=2, kv_width=4, mlp=16, vocab=32,
+    linears=(("q_proj", 8, 8), ("k_proj", 4, 8), ("v_proj", 4, 8), ("o_proj", 8, 8), ("gate_proj", 16, 8),
+             ("up_proj", 16, 8), ("down_proj", 8, 16)),
+    groups=(("attn_in", 8), ("attn_out", 8), ("mlp_in", 8), ("mlp_out", 16)),
+    block_params=592, embed_params=264, head_params=256, stored_bytes=2 * 1704)
+SETTINGS = Settings(itemsize=4, collect_itemsize=4, samples=4, seq_len=3, collect_batch=2, eigen_itemsize=4,
+                    methods=("feature",), compressed=(0.5,), eval_batch=2, eval_context=5, ppl_window=0)
+BIG = Machine(gpu_bytes=1e9, gpus=1, host_bytes=1e12)
+
+LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+             "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def test_the_terms_on_hand_made_shapes():
+    assert TINY.total_params == 2 * 592 + 264 + 256 == 1704
+    assert moments_bytes(TINY) == 3 * (8 * 64 + 16 * 8) + (8 * 256 + 16 * 16) == 4224
+    assert staging_bytes(TINY) == 3 * (4 * 64 + 16 * 8) + (4 * 256 + 16 * 16) == 2432
+    assert hidden_bytes(TINY, SETTINGS) == 4 * 3 * 8 * 4 == 384
+    # 2 rows x 3 tokens x (4 x 8 + 2 x 4 + 3 x 16) x 4 bytes, and 2 rows x 2 heads x 3^2 scores x 4 bytes
+    assert forward_bytes(TINY, 2, 3, 4) == 2 * 3 * 88 * 4 + 2 * 2 * 9 * 4 == 2256
+    assert kv_cache_bytes(TINY, 2, 3, 4) == 2 * 2 * 3 * 2 * 4 * 4 == 384
+    assert logits_bytes(TINY, 2, 5) == 2 * 2 * 5 * 32 * 4 == 2560
+    assert eigen_file_bytes(16, 8, 4) == 16 * 8 * 4 + 16 * 16 == 768  # min(in, out) = 8 columns
+    assert eigh_work_bytes(8, 16) == 8 * 4 * 64 and eigh_work_bytes(16, 8) == 8 * (3 * 128 + 64)
+    assert svd_work_bytes(16, 8) == 8 * (2 * 128 + 8 * 24 + 8) == 3648
+    # kappa - 1 per Linear: q, o 3; k, v 1; gate, up, down 4; factors, float64 gains, mean and bias
+    assert factors_block_bytes(TINY, 4) == 2 * (3 * 16 * 4 + 24 + 64) + 2 * (12 * 4 + 8 + 32) + 2 * (
+        4 * 24 * 4 + 32 + 128) + (4 * 24 * 4 + 32 + 64) == 2304
+
+
+def test_stage_one_in_each_mode():
+    act = 2256 + 8 * 2 * 3 * 16  # one batch through a block, and the hook's float32 copy of the widest input
+    weights, block, outside = 1704 * 4, 592 * 4, 264 * 4
+    whole = collect(TINY, SETTINGS, BIG, streamed=False, staging="device")
+    assert whole.device_bytes == weights + 2 * 2432 + act + CTX
+    assert whole.host_bytes == PROC + max(weights, 2 * 4224)  # the float64 totals of both blocks
+    assert whole.disk_bytes == 2 * 4224 and whole.gpus == 1
+    host_staged = collect(TINY, SETTINGS, BIG, streamed=False, staging="host")
+    assert host_staged.device_bytes == weights + (4 * 256 + 16 * 16) + act + CTX  # one input's buffers
+    streamed = collect(TINY, SETTINGS, BIG, streamed=True, staging="device")
+    assert streamed.device_bytes == outside + block + 2432 + act + CTX + 384  # hidden states on the GPU
+    assert streamed.host_bytes == PROC + 4224 + block
+    # a GPU with 400 bytes to spare keeps a quarter of it (100) of the 384 bytes of hidden states; the host
+    # keeps a quarter of its 1000 (250); the last 34 go to temporary files
+    small = Machine(gpu_bytes=outside + CTX + 400, gpus=1, host_bytes=1000)
+    spilled = collect(TINY, SETTINGS, small, streamed=True, staging="device")
+    assert spilled.device_bytes == outside + block + 2432 + act + CTX + 100
+    assert spilled.host_bytes == PROC + 4224 + block + 250
+    assert spilled.disk_bytes == 2 * 4224 + 34
+    on_cpu = collect(TINY, replace(SETTINGS, gpu=False), BIG, streamed=False, staging="device")
+    assert (on_cpu.device_bytes, on_cpu.gpus) == (0, 0)
+    assert on_cpu.host_bytes == PROC + weights + 2 * 2432 + 2 * 4224 + act
+
+
+def test_the_other_stages():
+    files = 2 * (8 * 8 * 4 + 128) + 2 * (4 * 4 * 4 + 64) + 2 * 768 + (8 * 8 * 4 + 128)
+    e = eigen(TINY, SETTINGS)
+    assert e.disk_bytes == files == 2944 and e.disk_total == 2 * 2944 and e.jobs == 2
+    # statistics, covariance and Cholesky factor of each input, the block's bfloat16 weights, gate's SVD
+    # down's eigh (8 x 4 x 8^2 = 2048) is below gate's thin SVD (8 x (3 x 128 + 64) = 3584)
+    assert e.host_bytes == PROC + 4224 + (3 * 16 * 64 + 16 * 256) + 592 * 2 + 8 * (3 * 128 + 64) + files
+    feature = factor_cache(TINY, SETTINGS, streamed=False, method="feature")
+    assert feature.host_bytes == PROC + 1704 * 4 + 2944 + 8 * (128 + 128 + 64) + 2304
+    assert feature.disk_bytes == feature.disk_total == 2 * 2304
+    streamed = factor_cache(TINY, SETTINGS, streamed=True, method="whitened")
+    # the modules outside the blocks and one block; the input statistics; down's SVD and Cholesky factor
+    assert streamed.host_bytes == PROC + (264 + 256 + 592) * 4 + 4224 + (3648 + 16 * 256) + 2304
+    c = compress(TINY, SETTINGS, streamed=False)
+    assert c.disk_bytes == 852 * 4 and c.host_bytes == PROC + 1704 * 4 + 2304 + 592 * 4 + 852 * 4
+    assert prepare(TINY, SETTINGS, "hub").disk_bytes == 3408
+    assert prepare(TINY, SETTINGS, "embedded").host_bytes == PROC + 2 * 4 * 1704
+    ev = gpu_stage(TINY, SETTINGS, BIG, "evaluate_model")
+    act = forward_bytes(TINY, 2, 5, 4) + kv_cache_bytes(TINY, 2, 5, 4)
+    assert ev.device_bytes == 1704 * 4 + act + logits_bytes(TINY, 2, CHOICE_TOKENS) + CTX
+    assert (ev.gpus, ev.host_bytes) == (1, PROC + 1704 * 4)
+    check = gpu_stage(TINY, SETTINGS, BIG, "check_scorer")  # lm-eval: logits at every position
+    assert check.device_bytes == 1704 * 4 + act + logits_bytes(TINY, 2, 5) + CTX
+    search = gpu_stage(TINY, replace(SETTINGS, search_batch=2, search_cache_bytes=1000), BIG, "search")
+    assert search.device_bytes == ev.device_bytes + 1000
+    # device auto spreads weights of 3 GB over the GPUs that hold them at 80% each: 2 of 2 GB
+    two = gpu_stage(TINY, replace(SETTINGS, itemsize=4), Machine(2e9, 2, 1e12), "evaluate_model")
+    assert two.gpus == 1  # 6816 bytes fit one
+    big = replace(TINY, block_params=int(3e9 / 4 / 2))
+    spread = gpu_stage(big, SETTINGS, Machine(2e9, 2, 1e12), "evaluate_model")
+    assert spread.gpus == 2 and spread.device_bytes == pytest.approx(big.total_params * 4 / 2 + act + logits_bytes(
+        TINY, 2, CHOICE_TOKENS) + CTX)
+
+
+def test_modes_follow_the_settings_and_the_first_that_fits_is_chosen():
+    assert plan_stage("collect_features", TINY, SETTINGS, BIG).mode == "whole, staging device"
+    # a GPU that holds one block but not the whole model: streamed
+    tight = Machine(gpu_bytes=CTX + 12_000, gpus=1, host_bytes=1e12)
+    assert plan_stage("collect_features", TINY, SETTINGS, tight).mode == "streamed, staging device"
+    modes = [n.mode for n in candidates("collect_features", TINY, replace(SETTINGS, staging="host"), BIG)]
+    assert modes == ["whole, staging host", "streamed, staging host"]
+    assert [n.mode for n in candidates("collect_features", TINY, replace(SETTINGS, streamed="never"), BIG)] == [
+        "whole, staging device", "whole, staging host"]
+    # host memory that holds the streamed factor cache only
+    s = replace(SETTINGS, streamed="auto")
+    whole, streamed = candidates("factor_cache", TINY, s, BIG, method="feature")
+    assert plan_stage("factor_cache", TINY, s, replace(BIG, host_bytes=streamed.host_bytes)).mode == "streamed, feature"
+    assert plan_stage("factor_cache", TINY, s, replace(BIG, host_bytes=whole.host_bytes)).mode == "whole, feature"
+
+
+def test_staging_auto_is_the_rule_of_stage_one():
+    """The planner's staging auto is features/stats.py choose_staging on the memory left beside the weights."""
+    assert STAGING_SHARE == FEATURES_STAGING_SHARE
+    widths = [d for _, d in TINY.groups]
+    for free in (9_000, 9_728, 9_729, 20_000):
+        m = Machine(gpu_bytes=1704 * 4 + CTX + free, gpus=1, host_bytes=1e12)
+        assert staging_on_device(TINY, SETTINGS, m) == (choose_staging(2, widths, free) == "device"), free
+
+
+def test_a_stage_that_fits_nowhere_names_the_fix():
+    never = replace(SETTINGS, streamed="never")
+    tight = Machine(gpu_bytes=CTX + 10_000, gpus=1, host_bytes=1e12)  # streamed 9264 bytes, whole 11120 or more
+    assert plan_stage("collect_features", TINY, never, tight).fix == "streamed: always"
+    # evaluation whose logits overflow the GPU at batch 8 fits at batch 2
+    s = replace(SETTINGS, eval_batch=8)
+    fits_at_2 = gpu_stage(TINY, replace(s, eval_batch=2), BIG, "evaluate_model").device_bytes
+    need = plan_stage("evaluate_model", TINY, s, replace(BIG, gpu_bytes=fits_at_2))
+    assert need.fix == "evaluation.batch_size: 2"
+    # weights too large for one GPU with a fixed cuda device: device auto over more GPUs
+    big = replace(TINY, block_params=int(3e9 / 4 / 2))
+    need = plan_stage("evaluate_model", big, replace(SETTINGS, fixed_device=True), Machine(2.5e9, 1, 1e12))
+    assert need.fix == "device: auto on a node with 2 GPUs of 2.5 GB"
+    # device auto already: more GPUs than the weights need at 80% each are never used (placement.gpus_needed)
+    assert plan_stage("evaluate_model", big, SETTINGS, Machine(2e9, 8, 1e12)).fix.startswith("a machine with")
+    # nothing helps an eigendecomposition but memory
+    assert plan_stage("eigendecompose", TINY, SETTINGS, replace(BIG, host_bytes=100)).fix.startswith(
+        "a machine with")
+
+
+def test_llama_like_stand_in():
+    size = llama_like(6.7)
+    assert (size.hidden, size.mlp, size.n_blocks) == (4096, 11008, 32)  # LLaMA-7B's shapes
+    assert size.total_params == pytest.approx(6.74e9, rel=1e-3) and size.stored_bytes == 2 * size.total_params
+
+
+# ---- shapes from headers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama3_8b(tmp_path_factory):
+    """Llama-3-8B without its weights: config.json and a model.safetensors holding only the header."""
+    return write_shapes_only(tmp_path_factory.mktemp("llama3-8b"), LLAMA3_8B)
+
+
+def test_shapes_come_from_the_header_alone(llama3_8b):
+    file = llama3_8b / "model.safetensors"
+    header = read_header(file)
+    assert file.stat().st_size < 100_000 and len(header) == 3 + 32 * 9  # embedding, norm, lm_head, 32 blocks
+    with pytest.raises(Exception, match="truncated"):  # the weights are absent: no stage can load it
+        safetensors_header(file)
+    size = model_size(llama3_8b, LAYERS)
+    assert size.total_params == 8_030_261_248 == model_shapes(llama3_8b).total_params
+    assert size.stored_bytes == 2 * size.total_params  # bfloat16
+    assert (size.hidden, size.kv_width, size.mlp, size.vocab, size.n_blocks) == (4096, 1024, 14336, 128256, 32)
+    assert sum(d * d for _, d in size.groups) == 3 * 4096**2 + 14336**2  # 2.56e8 moments per block
+    assert size.n_blocks * staging_bytes(size) == 32_762_757_120  # the 32.7 GB of float32 staging
+    assert size.n_blocks * moments_bytes(size) == pytest.approx(65.5e9, rel=1e-3)  # float64 totals on the host
+
+
+def test_shapes_of_a_real_checkpoint_equal_the_meta_model(tiny_llama, tmp_path):
+    size = model_size(tiny_llama, LAYERS)
+    shapes = model_shapes(tiny_llama)
+    assert size.total_params == shapes.total_params
+    assert {n: (o, i) for n, o, i in size.linears} == shapes.linears
+    assert size.stored_bytes == sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little") for f in tiny_llama.glob("*.safetensors"))
+    # a folder with config.json alone is planned from the model built on the meta device
+    (tmp_path / "config.json").write_text((tiny_llama / "config.json").read_text())
+    assert model_size(tmp_path, LAYERS).total_params == size.total_params
+
+
+def test_plan_resources_table_for_a_24_gb_gpu(llama3_8b, tmp_path):
+    """The brief's example: Llama-3-8B on a 24 GB GPU streams stage 1; the whole pass with host staging
+    needs the 65.5 GB of float64 totals in host memory, so it fits 64 GB only streamed."""
+    config = tmp_path / "config.yaml"
+    config.write_text("{}\n")
+    run = run_cli("plan-resources", "--config", str(config), "--model-dir", str(llama3_8b), "--device-memory-gb", "24",
+                  "--host-memory-gb", "64", "--root", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line[2:].split("  ")[0].strip() + "|" + line[21:45].strip(): line for line in run.stdout.splitlines()
+            if line[2:20].strip() in ("collect_features", "eigendecompose", "evaluate_model")}
+    assert rows["collect_features|streamed, staging device"].startswith("*"), run.stdout
+    assert rows["collect_features|streamed, staging device"].endswith("fits")
+    assert rows["collect_features|whole, staging host"].endswith("does not fit")
+    assert rows["collect_features|whole, staging device"].endswith("does not fit")
+    assert "planned for 1 GPU of 24 GB, 64.0 GB host memory" in run.stdout and "not a measurement" in run.stdout
+    expected = plan_config(validated({"models": {"m": {"source": "local", "path": str(llama3_8b)}}}), "m", tmp_path,
+                           Machine(24e9, 1, 64e9, None))["collect_features"]
+    numbers = rows["collect_features|streamed, staging device"][45:].split()
+    assert [float(x) for x in numbers[:3]] == [round(expected.device_bytes / GB, 1), round(expected.host_bytes / GB, 1),
+                                               round(expected.disk_total / GB, 1)]
+
+
+def validated(config: dict) -> dict:
+    validate(config)
+    return config
+
+
+def test_config_check_refuses_a_stage_that_fits_in_no_mode(llama3_8b, tmp_path):
+    config = validated({"models": {"llama3": {"source": "local", "path": str(llama3_8b)}}, "streamed": "never",
+                        "device": "cuda"})
+    small = Machine(gpu_bytes=24e9, gpus=1, host_bytes=48e9, disk_bytes=None)
+    with pytest.raises(ConfigError) as err:
+        check_fit(config, tmp_path, small)
+    line = str(err.value)
+    assert "\n" not in line
+    assert line.startswith("collect_features of model llama3 fits in no mode:"), line
+    assert "GB on one 24 GB GPU" in line and "of host memory (48.0 GB)" in line and line.endswith("set streamed: always")
+
+
+def test_config_check_refuses_a_disk_too_small(llama3_8b, tmp_path):
+    config = validated({"models": {"llama3": {"source": "local", "path": str(llama3_8b)}}, "device": "cuda"})
+    machine = Machine(gpu_bytes=80e9, gpus=1, host_bytes=512e9, disk_bytes=100e9)
+    with pytest.raises(ConfigError, match=r"^results/ has 100.0 GB free, the stages still to run write \d+\.\d GB "
+                                          r"\(the most: compress_model of model llama3"):
+        check_fit(config, tmp_path, machine)
+    needs = plan_config(config, "llama3", tmp_path, machine)
+    for variant in variants(config)["written"]:  # written already: not counted again
+        (tmp_path / "results" / "llama3" / "compressed" / variant[0]).mkdir(parents=True)
+    (tmp_path / "results" / "llama3" / "features").mkdir(parents=True)
+    left = sum(n.disk_total for stage, n in needs.items() if stage not in ("compress_model", "collect_features"))
+    check_fit(config, tmp_path, replace(machine, disk_bytes=left + 1))
+    with pytest.raises(ConfigError, match="results/ has"):
+        check_fit(config, tmp_path, replace(machine, disk_bytes=left - 1))
+
+
+def test_a_model_not_downloaded_is_skipped_with_a_log_line(tmp_path, caplog):
+    config = validated({"models": {"big": {"source": "hub", "id": "org/model", "params_b": 70}}})
+    check_fit(config, tmp_path, Machine(24e9, 1, 1e9, 1e9))  # would fit nowhere; not checked yet
+    assert "checked once it is downloaded" in caplog.text
+    needs = job_needs(config, "big", tmp_path, Machine(24e9, 1, 1e9, 1e9))  # jobs sized from params_b
+    assert needs["evaluate_model"].gpus == 8  # 70B at 2 bytes over 24 GB GPUs at 80%
+
+
+def test_check_config_runs_the_resource_check(llama3_8b, tmp_path):
+    config = validated({"models": {"llama3": {"source": "local", "path": str(llama3_8b)}}, "device": "cpu",
+                        "evaluation": {"enabled": False}, "search": {"enabled": False}, "speed": {"enabled": False}})
+    with pytest.raises(ConfigError, match="fits in no mode"):
+        check_config(config, tmp_path, Machine(None, 0, 4e9, None))
+
+
+def test_streamed_auto_is_the_planners_choice(tiny_llama, tmp_path):
+    from sfsd.features.calibration import tokenize
+    from sfsd.io import save_tensors
+    from sfsd.model.loading import load_tokenizer
+
+    tokens = tmp_path / "tokens.safetensors"
+    save_tensors(tokens, tokenize(["a b c"] * 6, load_tokenizer(tiny_llama), 16), {})
+    assert tokens_shape(tokens) == (6, 16)
+    cpu = torch.device("cpu")
+    kw = dict(dtype="float32", device=cpu, layers=LAYERS, tokens=tokens, batch_size=2, staging="auto")
+    assert decide_streamed("collect_features", tiny_llama, "auto", **kw, machine=Machine(None, 0, 1e12)) == "never"
+    # host memory that holds the process and one block, not the whole pass
+    streamed = plan_stage("collect_features", model_size(tiny_llama, LAYERS),
+                          Settings(samples=6, seq_len=16, collect_batch=2, gpu=False), Machine(None, 0, 1e12))
+    whole_only = candidates("collect_features", model_size(tiny_llama, LAYERS),
+                            Settings(samples=6, seq_len=16, collect_batch=2, gpu=False), Machine(None, 0, 1e12))
+    limit = Machine(None, 0, whole_only[1].host_bytes)
+    assert streamed.mode.startswith("whole") and whole_only[1].host_bytes < whole_only[0].host_bytes
+    assert decide_streamed("collect_features", tiny_llama, "auto", **kw, machine=limit) == "always"
+    assert decide_streamed("collect_features", tiny_llama, "never", **kw, machine=limit) == "never"
+    assert decide_streamed("factor_cache", tiny_llama, "auto", dtype="float32", device=cpu,
+                           machine=Machine(None, 0, 1e12)) == "never"
+    with pytest.raises(ConfigError, match="unknown"):
+        decide_streamed("factor_cache", tiny_llama, "sometimes", dtype="float32", device=cpu)
+
+
+def test_job_needs_of_the_default_config_cover_every_rule():
+    config = validated({})
+    needs = job_needs(config, "smollm2-135m", REPO / "does-not-exist", Machine(None, 0, 16e9, None))
+    assert {"prepare_model", "collect_features", "eigendecompose", "compress_model", "evaluate_model", "check_scorer",
+            "search", "laser_point", "inference_speed"} <= set(needs)
+    assert all(f"factor_cache:{m}" in needs for m in config["compression"]["methods"])
+    assert json.dumps({k: v.host_bytes for k, v in needs.items()})  # plain numbers
+
+
+RULES_SIZED = {"prepare_model": "prepare_model", "collect_features": "collect_features",
+               "eigendecompose": "eigendecompose", "factor_cache": "factor_cache", "compress_model": "compress_model",
+               "compress_searched": "compress_model", "evaluate_model": "evaluate_model",
+               "check_scorer": "check_scorer", "search": "search", "laser_point": "laser_point",
+               "inference_speed": "inference_speed", "spectra": "eigendecompose"}
+
+
+def test_every_heavy_rule_is_sized_by_the_planner():
+    """Each rule that loads a model or its statistics takes mem_mb (and gpu) from the planner's stage."""
+    import re
+
+    text = "\n".join(p.read_text() for p in sorted((REPO / "rules").glob("*.smk")))
+    for rule, stage in RULES_SIZED.items():
+        block = re.search(rf"^(?:rule|checkpoint) {rule}:\n(.*?)(?=^(?:rule|checkpoint) |\Z)", text, re.M | re.S)[1]
+        assert f'mem_mb=plan_mem_mb("{stage}")' in block, rule
+        assert "gpu=" not in block or f'gpu=plan_gpus("{stage}")' in block, rule
+    assert "collect_mem_mb" not in text and "eigen_mem_mb" not in text and "gpus_for" not in text
+
+
+@pytest.mark.slow
+def test_snakemake_resources_are_the_planners(tmp_path, tiny_llama, calibration_text_file):
+    """A dry run: the jobs' mem_mb, disk_mb, gpu and threads are the planner's numbers for the tiny model; the
+    global mem_mb limit is the machine's host memory (host_memory_gb), so a job planned above it (a 70B hub
+    model's evaluation on the CPU) is capped to it and runs alone; --resources mem_mb=N replaces the limit."""
+    import re
+
+    from helpers import base_config, new_run, snakemake
+
+    snakefile, workdir = new_run(tmp_path)
+    config = base_config(tiny_llama, calibration_text_file)
+    config["host_memory_gb"] = 16
+    config["models"]["big"] = {"source": "hub", "id": "org/model-70b", "params_b": 70}
+    targets = ["results/tiny/eval/base.parquet", "results/tiny/features", "results/tiny/factors/whitened",
+               "results/big/eval/base.parquet"]
+    out = snakemake(snakefile, workdir, config, "--dry-run", *targets).stdout
+    jobs = re.findall(r"^(?:rule|checkpoint|localrule|localcheckpoint) (\w+):\n(.*?)^\s+resources: ([^\n]*)", out,
+                      re.M | re.S)
+    full = validated(json.loads(json.dumps(config)))
+    tiny = job_needs(full, "tiny", workdir, Machine(None, 8, 16e9, None))
+    big = job_needs(full, "big", workdir, Machine(None, 8, 16e9, None))
+    seen = set()
+    for rule, head, resources in jobs:
+        model = re.search(r"wildcards: model=(\w+)", head)
+        if rule not in RULES_SIZED or model is None:
+            continue
+        stage = RULES_SIZED[rule] + (":whitened" if rule == "factor_cache" else "")
+        need = (tiny if model[1] == "tiny" else big)[stage]
+        got = dict(re.findall(r"(\w+)=([^,]+)", resources))
+        expected = min(16000, -(-int(need.host_bytes) // 10**6))  # the global limit caps it
+        assert int(got["mem_mb"]) == expected, (rule, model[1], got)
+        assert int(got.get("gpu", 0)) == need.gpus
+        if "disk_mb" in got:
+            assert int(got["disk_mb"]) == max(1, -(-int(need.disk_bytes) // 10**6)), (rule, got)
+        threads = re.search(r"threads: (\d+)", head)
+        assert threads is None or int(threads[1]) == min(need.threads, 2), (rule, head)
+        seen.add((rule, model[1]))
+    assert {("collect_features", "tiny"), ("factor_cache", "tiny"), ("evaluate_model", "tiny"),
+            ("evaluate_model", "big")} <= seen, seen
+    assert big["evaluate_model"].host_bytes > 16e9  # capped above
+    out = snakemake(snakefile, workdir, config, "--dry-run", "results/big/eval/base.parquet", "--resources",
+                    "mem_mb=1000000").stdout
+    evaluate = re.search(r"^rule evaluate_model:\n.*?^\s+resources: ([^\n]*)", out, re.M | re.S)[1]
+    assert f"mem_mb={-(-int(big['evaluate_model'].host_bytes) // 10**6)}," in evaluate, evaluate
