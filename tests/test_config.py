@@ -35,6 +35,7 @@ _REQUIRED = {
                "accuracy", "--target", "average", "--layers", "q_proj", "--splits", "s", "--tasks", "piqa",
                "--ppl-search-fraction", "0.2", "--out", "o"],
     "comparisons": ["--out-md", "a", "--out-csv", "b", "x.parquet"],
+    "gradients": ["--model-dir", "m", "--model-name", "n", "--tokens", "t", "--layers", "q_proj", "--out", "o"],
     "laser-point": ["--model-dir", "m", "--model-name", "n", "--splits", "s", "--task", "piqa", "--split", "test",
                     "--intervention", "laser", "--lname", "fc_in", "--lnum", "1", "--rate", "9", "--out-scores", "a",
                     "--out-items", "b"],
@@ -57,6 +58,8 @@ _MIRRORED = {
                "cache_max_mb": "search.cache_max_mb", "dtype": "dtype"},
     "comparisons": {"seed": "evaluation.bootstrap.seed", "n_boot": "evaluation.bootstrap.resamples",
                     "metric": "evaluation.metric"},
+    "gradients": {"full": "gradients.full", "dtype": "gradients.dtype", "batch_size": "gradients.batch_size",
+                  "device": "device", "streamed": "streamed"},
     "laser-point": {"batch_size": "laser.batch_size", "limit": "laser.limit", "vendi_bandwidth": "laser.vendi.bandwidth",
                     "dtype": "dtype"},
 }

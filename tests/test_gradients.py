@@ -83,11 +83,11 @@ def test_token_losses_sum_real_predictions():
 
 
 def test_memory_bound():
-    """8 (d^2 + d) bytes per Linear for the whole G, 16 d for the diagonal; auto = full when it takes at
-    most half the free memory."""
-    assert gradient_bytes([2, 3], True) == 8 * (4 + 2 + 9 + 3)
+    """12 d^2 + 8 d bytes per Linear for the whole G (float64 total, float32 staging, float64 sum of g),
+    16 d for the diagonal; auto = full when that takes at most half the free memory."""
+    assert gradient_bytes([2, 3], True) == 12 * (4 + 9) + 8 * (2 + 3)
     assert gradient_bytes([2, 3], False) == 16 * 5
-    assert full_fits([10], 2 * 8 * 110) and not full_fits([10], 2 * 8 * 110 - 1)
+    assert full_fits([10], 2 * 1280) and not full_fits([10], 2 * 1280 - 1)
     assert resolve_full("auto", [10], 1e9) and not resolve_full("auto", [10], 100)
     assert resolve_full("true", [10], 0) and not resolve_full("false", [10], 1e12) and resolve_full(True, [1], 0)
     with pytest.raises(ConfigError):

@@ -20,7 +20,7 @@ One forward and backward pass of the model over the calibration tokens (about th
 compute): parameters frozen (`requires_grad_(False)`), the input embeddings made to require a gradient,
 and on each targeted Linear a forward hook that puts a tensor hook on its output, which receives dL/dy;
 the gradients of padded positions are dropped (they are 0: right padding feeds no real prediction).
-Each batch's g^T g is formed in float32 on the compute device and added into float64 totals on the CPU.
+Each batch's g^T g is formed in float32 and added into float64 totals on the CPU (`GradientMoments`).
 
 `gradients.full`: true = the whole G (out x out per Linear), false = its diagonal, auto = the whole G when
 its float64 totals fit (`full_fits`). The model must fit the device: with `streamed` always, or auto
@@ -58,10 +58,11 @@ FULL_FRACTION = 0.5  # auto: the whole G when its float64 totals take at most th
 
 
 def gradient_bytes(out_features: Iterable[int], full: bool) -> int:
-    """Bytes of the float64 totals the stage holds on the host: 8 * sum_l (d_l^2 + d_l) for the whole G
-    (G and sum g of every Linear l, d_l its output features), 8 * sum_l 2 d_l for the diagonal. (Besides
-    them the device holds one transient d_l x d_l float32 product at a time.)"""
-    return sum(8 * (d * d + d) if full else 16 * d for d in out_features)
+    """Bytes the stage's sums take on the host: 12 * sum_l d_l^2 + 8 * sum_l d_l for the whole G (the
+    float64 total of G, its float32 staging sum on a CPU run, and the float64 sum of g, of every Linear l,
+    d_l its output features), 16 * sum_l d_l for the diagonal. (A GPU run holds one transient d_l x d_l
+    float32 product on the device at a time instead of the staging sums.)"""
+    return sum(12 * d * d + 8 * d if full else 16 * d for d in out_features)
 
 
 def full_fits(out_features: Iterable[int], available_bytes: float, fraction: float = FULL_FRACTION) -> bool:
@@ -81,28 +82,49 @@ def resolve_full(setting: str | bool, out_features: Sequence[int], available_byt
 
 class GradientMoments:
     """Running float64 totals of one Linear's output gradients: sum g g^T (full) or sum g^2 (diagonal),
-    sum g, and the token count."""
+    sum g, and the token count. The whole G's batches are summed in place into a float32 staging matrix on
+    the CPU (`addmm_`, no temporaries), which is added into the float64 total every `flush_every` batches
+    (as stage 1's `InputMoments`); on a GPU each batch's product goes to the CPU at once, so no persistent
+    device memory is held."""
 
-    def __init__(self, dim: int, full: bool) -> None:
-        self.full = full
+    def __init__(self, dim: int, full: bool, flush_every: int = 8) -> None:
+        self.full, self.flush_every = full, flush_every
         self.gg = torch.zeros((dim, dim) if full else (dim,), dtype=torch.float64)
         self.gsum = torch.zeros(dim, dtype=torch.float64)
         self.count = 0
+        self._staged: torch.Tensor | None = None
+        self._batches = 0
 
     def update(self, g: torch.Tensor) -> None:
         """Add a (tokens, d) batch of gradients."""
         g = g.reshape(-1, g.shape[-1]).float()
-        if self.full:
-            staged = g.T @ g
-            self.gg += ((staged + staged.T) / 2).to("cpu", torch.float64)
+        if self.full and g.device.type == "cpu":
+            if self._staged is None:
+                self._staged = torch.zeros(self.gg.shape, dtype=torch.float32)
+            self._staged.addmm_(g.T, g)
+            self._batches += 1
+            if self._batches >= self.flush_every:
+                self.flush()
+        elif self.full:
+            self.gg += (g.T @ g).cpu()
         else:
             self.gg += g.square().sum(0, dtype=torch.float64).cpu()
         self.gsum += g.sum(0, dtype=torch.float64).cpu()
         self.count += g.shape[0]
 
+    def flush(self) -> None:
+        """Add the staged float32 batches into the float64 total."""
+        if self._staged is not None and self._batches:
+            self.gg += self._staged
+            self._staged.zero_()
+            self._batches = 0
+
     def second_moment(self) -> torch.Tensor:
-        """G = E[g g^T] (full) or its diagonal, per token."""
-        return self.gg / max(self.count, 1)
+        """G = E[g g^T] (full, symmetrised: a float32 g^T g need not be exactly symmetric) or its diagonal,
+        per token."""
+        self.flush()
+        gg = (self.gg + self.gg.T) / 2 if self.full else self.gg
+        return gg / max(self.count, 1)
 
 
 def token_losses(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -194,7 +216,7 @@ def collect_output_gradients(
     if missing:
         raise DataError(f"no gradient reached {missing[:3]}; these layers do not feed the loss")
     for b, per in enumerate(moments):
-        check_finite({f"{n}.gg": acc.gg for n, acc in per.items()}, f"gradients of block {b}")
+        check_finite({f"{n}.gg": acc.second_moment() for n, acc in per.items()}, f"gradients of block {b}")
     return moments, {"loss": total, "predicted_tokens": predicted, "tokens": int(attention_mask.sum())}
 
 
