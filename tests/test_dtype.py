@@ -331,3 +331,21 @@ def test_the_bfloat16_table_agrees_with_the_float32_one(bf16_run, tmp_path):
         assert report["mismatches"] == [] and report["docs"] == 4 * 60, report["mismatches"][:3]
         ppl = low["values"][(variant, "lambada", "ppl")] / high["values"][(variant, "lambada", "ppl")]
         assert abs(ppl - 1) <= PPL_RTOL, ppl
+
+
+def test_the_scorer_check_of_a_bfloat16_folder_takes_the_bfloat16_tolerance(bf16_run, tmp_path):
+    """check-scorer on the bfloat16 folder: the native scorer against lm-eval in bfloat16, within the
+    bfloat16 bound (`scoring.CHECK_TOLERANCE`), which the report records with the dtype."""
+    from sfsd.evaluate.scoring import CHECK_TOLERANCE
+    from sfsd.tasks.lmeval import export_local_tasks
+    from sfsd.tasks.splits import split_doc_ids
+
+    export_local_tasks(tmp_path / "tasks", ["arc_easy"])
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"tasks": {"arc_easy": split_doc_ids("arc_easy", None, 1234, 0.1, 0.2, limit=6)}}))
+    cli("check-scorer", "--model-dir", bf16_run["model"], "--compressed", bf16_run["compressed"], "--tasks-dir",
+        tmp_path / "tasks", "--tasks", "arc_easy", "--splits", splits, "--limit", 6, "--batch-size", 4,
+        "--device", "cpu", "--out", tmp_path / "check.json")
+    report = read_json(tmp_path / "check.json")
+    assert report["dtype"] == "bfloat16" and (report["tolerance"], report["rtol"]) == CHECK_TOLERANCE["bfloat16"]
+    assert report["mismatches"] == [] and report["docs"] == 6
