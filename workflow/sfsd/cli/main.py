@@ -50,4 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     except SfsdError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    log_gpu_peak()
     return 0
+
+
+def log_gpu_peak() -> None:
+    """Log the command's peak CUDA allocation over every GPU it used (the job's log then says what the
+    stage held on the device; workflow/benchmarks/paper_scale.py reads it); nothing where no GPU was used."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    logging.getLogger("sfsd").info("peak GPU memory: %.3f GB", peak / 1e9)

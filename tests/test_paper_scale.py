@@ -1,0 +1,72 @@
+"""The paper-scale benchmark's reading of a run (Snakemake's benchmark files, the commands' logged CUDA peak)
+and the peak line every command logs on a GPU, on hand-made files and a stand-in for torch.cuda."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import pytest
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "workflow" / "benchmarks"))
+import paper_scale  # noqa: E402
+
+from sfsd.cli.main import log_gpu_peak  # noqa: E402
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_measured_takes_each_rules_largest_job_and_logged_gpu_peak(tmp_path):
+    head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    bench = tmp_path / "results" / "benchmarks"
+    _write(bench / "eigendecompose" / "bench" / "block_000.tsv", head + "10.0\t0:00:10\t1024.0\t1\t1\t1\t0\t0\t1\t10\n")
+    _write(bench / "eigendecompose" / "bench" / "block_001.tsv", head + "12.5\t0:00:12\t2048.0\t1\t1\t1\t0\t0\t1\t12\n")
+    _write(bench / "search" / "bench" / "s.tsv", head + "3.0\t0:00:03\t-\t-\t-\t-\t-\t-\t-\t-\n")
+    _write(tmp_path / "results" / "logs" / "search" / "bench" / "s.log",
+           "INFO sfsd: peak GPU memory: 1.250 GB\nINFO sfsd: peak GPU memory: 0.500 GB\n")
+    got = paper_scale.measured(tmp_path)
+    assert got["eigendecompose"] == {"host": 2048 * 2**20, "device": None, "seconds": 22.5, "jobs": 2}
+    assert got["search"] == {"host": None, "device": 1.25e9, "seconds": 3.0, "jobs": 1}
+    assert set(got) == {"eigendecompose", "search"}
+
+
+def test_table_puts_prediction_beside_measurement():
+    need = types.SimpleNamespace(mode="streamed", host_bytes=2e9, device_bytes=1e9)
+    meas = {"collect_features": {"host": 1.5e9, "device": None, "seconds": 40.0, "jobs": 1}}
+    text = paper_scale.table(meas, {"collect_features": need}, "cpu")
+    assert "| collect_features | streamed | 2.00 | 1.50 | 0.75 | 1 | 40 |" in text
+    assert "predicted device GB" in paper_scale.table(meas, {"collect_features": need}, "cuda")
+
+
+class _FakeCuda:
+    def __init__(self, peaks, initialized=True):
+        self.peaks, self.initialized = peaks, initialized
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return self.initialized
+
+    def device_count(self):
+        return len(self.peaks)
+
+    def max_memory_allocated(self, i):
+        return self.peaks[i]
+
+
+@pytest.mark.parametrize("initialized", [True, False])
+def test_a_command_logs_its_peak_over_every_gpu(monkeypatch, caplog, initialized):
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=_FakeCuda([2.0e9, 3.5e9], initialized)))
+    with caplog.at_level(logging.INFO, logger="sfsd"):
+        log_gpu_peak()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == (["peak GPU memory: 3.500 GB"] if initialized else [])
+    if initialized:  # the benchmark reads the line it writes
+        assert paper_scale.PEAK_LINE.search(lines[0]).group(1) == "3.500"
