@@ -170,6 +170,8 @@ rule compress_model:
         "../envs/cpu-stages.yaml"
     log:
         "results/logs/compress_model/{model}/{plan}.log",
+    benchmark:
+        "results/benchmarks/compress_model/{model}/{plan}.tsv"
     resources:
         mem_mb=plan_mem_mb("compress_model"),
         disk_mb=plan_disk_mb("compress_model"),

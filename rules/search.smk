@@ -78,6 +78,8 @@ rule compress_searched:
         "../envs/cpu-stages.yaml"
     log:
         "results/logs/compress_searched/{model}/{method}-{mode}-{target}.log",
+    benchmark:
+        "results/benchmarks/compress_searched/{model}/{method}-{mode}-{target}.tsv"
     resources:
         mem_mb=plan_mem_mb("compress_model"),
         disk_mb=plan_disk_mb("compress_model"),

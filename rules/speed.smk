@@ -47,6 +47,8 @@ rule inference_speed:
         "../envs/gpu-stages.yaml"
     log:
         "results/logs/inference_speed/{model}/{variant}.log",
+    benchmark:
+        "results/benchmarks/inference_speed/{model}/{variant}.tsv"
     threads: speed_threads()
     resources:
         mem_mb=plan_mem_mb("inference_speed"),
