@@ -9,7 +9,7 @@ planner's device prediction.
 
     python workflow/benchmarks/paper_scale.py [--work-dir DIR] [--shape 2048,5632,40,16,4]
         [--cap-ratio 1.5 | 0] [--device cpu | cuda] [--cores 2]
-        [--layers q_proj,k_proj,v_proj,o_proj,down_proj] [--out-json FILE]
+        [--layers q_proj,k_proj,v_proj,o_proj,down_proj] [--budget 0.806] [--out-json FILE]
 
 The workflow runs as a user runs it: Snakemake on a config that points at the model folder (source local)
 with the model's own dtype (bfloat16), small calibration and evaluation sizes (`RUN_CONFIG`), one method
@@ -49,7 +49,7 @@ RUN_CONFIG = {
     "search": {"methods": ["feature"], "modes": ["kl"], "first_block": -1, "search_limit": 2, "curve_limit": 2,
                "budgets": False},
     "laser": {"enabled": False},
-    "figures": {"enabled": False},
+    "figures": {"enabled": True},  # the search-curve figure is what asks for the search
     "speed": {"enabled": True, "allocations": ["uniform"], "prompt_tokens": 32, "decode_tokens": 4,
               "batch_sizes": [1], "repeats": 1},
 }
@@ -70,9 +70,10 @@ def baseline_address_space() -> int:
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def run_config(model_dir: Path, layers: list[str], device: str) -> dict:
-    return {**RUN_CONFIG, "models": {"bench": {"source": "local", "path": str(model_dir)}}, "layers": layers,
-            "device": device, "dtype": "auto"}
+def run_config(model_dir: Path, layers: list[str], device: str, budget: float) -> dict:
+    compression = {**RUN_CONFIG["compression"], "budgets": {"keep": budget}}
+    return {**RUN_CONFIG, "compression": compression, "models": {"bench": {"source": "local", "path": str(model_dir)}},
+            "layers": layers, "device": device, "dtype": "auto"}
 
 
 def run_workflow(workdir: Path, config: dict, cores: int, cap: int | None) -> float:
@@ -161,6 +162,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--layers", default="q_proj,k_proj,v_proj,o_proj,down_proj")
+    parser.add_argument("--budget", type=float, default=0.806, help="fraction of the parameters kept (a tiny model's "
+                        "embedding may need more)")
     parser.add_argument("--shard-mb", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-json", type=Path, default=None)
@@ -184,7 +187,7 @@ def main() -> None:
         shutil.rmtree(workdir / "results")
     print(f"model {folder.name}: {weights / GB:.2f} GB of bf16 weights; cap "
           f"{'none' if cap is None else f'{cap / GB:.2f} GB of address space'}", flush=True)
-    cfg = run_config(folder, args.layers.split(","), args.device)
+    cfg = run_config(folder, args.layers.split(","), args.device, args.budget)
     wall = run_workflow(workdir, cfg, args.cores, cap)
     meas, pred = measured(workdir), predicted(workdir, cfg, cap)
     text = table(meas, pred, args.device)
