@@ -90,34 +90,37 @@ def test_stage_one_in_each_mode():
     weights, block, outside = 1704 * 4, 592 * 4, 264 * 4
     whole = collect(TINY, SETTINGS, BIG, streamed=False, staging="device")
     assert whole.device_bytes == weights + 2 * 2432 + act + CTX
-    assert whole.host_bytes == PROC + max(weights, 2 * 4224)  # the float64 totals of both blocks
+    # loading: the weights and the checkpoint's bfloat16 pages (2 x 1704); then the float64 totals of both blocks
+    assert whole.host_bytes == PROC + max(weights + 2 * 1704, 2 * 4224) == PROC + 10224
     assert whole.disk_bytes == 2 * 4224 and whole.gpus == 1
     host_staged = collect(TINY, SETTINGS, BIG, streamed=False, staging="host")
     assert host_staged.device_bytes == weights + (4 * 256 + 16 * 16) + act + CTX  # one input's buffers
     streamed = collect(TINY, SETTINGS, BIG, streamed=True, staging="device")
     assert streamed.device_bytes == outside + block + 2432 + act + CTX + 384  # hidden states on the GPU
-    assert streamed.host_bytes == PROC + 4224 + block
+    assert streamed.host_bytes == PROC + 4224 + block + 592 * 2  # one block's totals, the block and its pages
     # a GPU with 400 bytes to spare keeps a quarter of it (100) of the 384 bytes of hidden states; the host
     # keeps a quarter of its 1000 (250); the last 34 go to temporary files
     small = Machine(gpu_bytes=outside + CTX + 400, gpus=1, host_bytes=1000)
     spilled = collect(TINY, SETTINGS, small, streamed=True, staging="device")
     assert spilled.device_bytes == outside + block + 2432 + act + CTX + 100
-    assert spilled.host_bytes == PROC + 4224 + block + 250
+    assert spilled.host_bytes == PROC + 4224 + block + 592 * 2 + 250
     assert spilled.disk_bytes == 2 * 4224 + 34
     on_cpu = collect(TINY, replace(SETTINGS, gpu=False), BIG, streamed=False, staging="device")
     assert (on_cpu.device_bytes, on_cpu.gpus) == (0, 0)
-    assert on_cpu.host_bytes == PROC + weights + 2 * 2432 + 2 * 4224 + act
+    assert on_cpu.host_bytes == PROC + max(weights + 2 * 1704, weights + 2 * 2432 + 2 * 4224 + act)
 
 
 def test_the_other_stages():
     files = 2 * (8 * 8 * 4 + 128) + 2 * (4 * 4 * 4 + 64) + 2 * 768 + (8 * 8 * 4 + 128)
     e = eigen(TINY, SETTINGS)
     assert e.disk_bytes == files == 2944 and e.disk_total == 2 * 2944 and e.jobs == 2
-    # statistics, covariance and Cholesky factor of each input, the block's bfloat16 weights, gate's SVD
-    # down's eigh (8 x 4 x 8^2 = 2048) is below gate's thin SVD (8 x (3 x 128 + 64) = 3584)
-    assert e.host_bytes == PROC + 4224 + (3 * 16 * 64 + 16 * 256) + 592 * 2 + 8 * (3 * 128 + 64) + files
+    # statistics, covariance and Cholesky factor of each input, the block's bfloat16 weights (its pages and
+    # the tensors read from them), gate's SVD: down's eigh (8 x 4 x 8^2 = 2048) is below gate's thin SVD
+    # (8 x (3 x 128 + 64) = 3584)
+    assert e.host_bytes == PROC + 4224 + (3 * 16 * 64 + 16 * 256) + 2 * 592 * 2 + 8 * (3 * 128 + 64) + files
     feature = factor_cache(TINY, SETTINGS, streamed=False, method="feature")
-    assert feature.host_bytes == PROC + 1704 * 4 + 2944 + 8 * (128 + 128 + 64) + 2304
+    # the weights, and the larger of the checkpoint's pages while they load (3408) and one block's work
+    assert feature.host_bytes == PROC + 1704 * 4 + max(2 * 1704, 2944 + 8 * (128 + 128 + 64) + 2304)
     assert feature.disk_bytes == feature.disk_total == 2 * 2304
     streamed = factor_cache(TINY, SETTINGS, streamed=True, method="whitened")
     # the modules outside the blocks and one block; the input statistics; down's SVD and Cholesky factor
@@ -129,7 +132,7 @@ def test_the_other_stages():
     ev = gpu_stage(TINY, SETTINGS, BIG, "evaluate_model")
     act = forward_bytes(TINY, 2, 5, 4) + kv_cache_bytes(TINY, 2, 5, 4)
     assert ev.device_bytes == 1704 * 4 + act + logits_bytes(TINY, 2, CHOICE_TOKENS) + CTX
-    assert (ev.gpus, ev.host_bytes) == (1, PROC + 1704 * 4)
+    assert (ev.gpus, ev.host_bytes) == (1, PROC + 1704 * 4 + 1704 * 2)  # loaded on the host from its pages
     check = gpu_stage(TINY, SETTINGS, BIG, "check_scorer")  # lm-eval: logits at every position
     assert check.device_bytes == 1704 * 4 + act + logits_bytes(TINY, 2, 5) + CTX
     search = gpu_stage(TINY, replace(SETTINGS, search_batch=2, search_cache_bytes=1000), BIG, "search")

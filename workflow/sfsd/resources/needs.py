@@ -204,6 +204,12 @@ def factors_block_bytes(size: ModelSize, itemsize: int) -> int:
     return total
 
 
+def stored_bytes(size: ModelSize, params: int) -> float:
+    """The checkpoint's bytes of `params` parameters: the file pages mapped while they are read (safetensors
+    maps the file; the pages count as resident until it is closed)."""
+    return params * size.stored_bytes / max(size.total_params, 1)
+
+
 def compressed_params(size: ModelSize, fraction: float) -> int:
     return int(math.ceil(fraction * size.total_params))
 
@@ -229,10 +235,10 @@ def collect(size: ModelSize, s: Settings, m: Machine, streamed: bool, staging: s
     of every block kept on the device (`staging` device) or only one input's at a time (host).
 
     Whole: the weights at the collection dtype, the staging sums and one batch's activations on the device;
-    the float64 totals of every block in host memory (the model passes through host memory while it loads,
-    before the totals exist). Streamed: the embedding, one block's weights, staging and the hidden states
-    up to a quarter of the device (then a quarter of the host, then temporary files) on the device; one
-    block's totals and its weights as read on the host. On the CPU all of it is host memory. Writes the
+    the float64 totals of every block in host memory (the model and its checkpoint's pages pass through
+    host memory while it loads, before the totals exist). Streamed: the embedding, one block's weights,
+    staging and the hidden states up to a quarter of the device (then a quarter of the host, then
+    temporary files) on the device; one block's totals and its weights as read on the host. On the CPU all of it is host memory. Writes the
     float64 statistics of every block. Leaves out: the per-block mask and position tables a streamed pass
     records, and the tokens (samples x seq_len int64)."""
     ci = s.collect_itemsize
@@ -251,18 +257,22 @@ def collect(size: ModelSize, s: Settings, m: Machine, streamed: bool, staging: s
             on_device = min(hidden, HIDDEN_SHARE * max(m.gpu_bytes - outside - ctx, 0))
             on_host = min(hidden - on_device, HIDDEN_SHARE * m.host_bytes)
             device = outside + block + staged + act + ctx + on_device
-            host = PROCESS_BYTES + totals + block + on_host
+            host = PROCESS_BYTES + totals + block + stored_bytes(size, size.block_params) + on_host
         else:
             on_host = min(hidden, HIDDEN_SHARE * m.host_bytes)
-            device, host = 0, PROCESS_BYTES + outside + block + staged + totals + act + on_host
+            device = 0
+            host = (PROCESS_BYTES + outside + block + stored_bytes(size, size.block_params) + staged + totals + act
+                    + on_host)
         scratch = hidden - on_host - (on_device if gpu else 0)
         why = "one block, its statistics and the calibration hidden states"
     else:
         staged = size.n_blocks * staging_bytes(size) if staging == "device" else one_input
+        loading = weights + stored_bytes(size, size.total_params)  # the model and its checkpoint's pages
         if gpu:
-            device, host = weights + staged + act + ctx, PROCESS_BYTES + max(weights, size.n_blocks * totals)
+            device, host = weights + staged + act + ctx, PROCESS_BYTES + max(loading, size.n_blocks * totals)
         else:
-            device, host = 0, PROCESS_BYTES + weights + staged + size.n_blocks * totals + act
+            device = 0
+            host = PROCESS_BYTES + max(loading, weights + staged + size.n_blocks * totals + act)
         why = "weights, staging of every block" if staging == "device" else "weights, float64 totals on the host"
     disk = size.n_blocks * totals + scratch
     mode = f"{'streamed' if streamed else 'whole'}, staging {staging}"
@@ -275,7 +285,7 @@ def eigen(size: ModelSize, s: Settings) -> StageNeed:
     Linear's eigendecomposition working set and the eigen entries gathered for the file. Writes the block's
     eigen file (min(in, out) eigenvector columns)."""
     covariances = sum(2 * 8 * d * d for _, d in size.groups)
-    weights = size.block_params * size.stored_bytes / max(size.total_params, 1)
+    weights = 2 * stored_bytes(size, size.block_params)  # read from the checkpoint's pages into tensors
     work = max(eigh_work_bytes(o, i) for _, o, i in size.linears)
     files = sum(eigen_file_bytes(o, i, s.eigen_itemsize) for _, o, i in size.linears)
     host = PROCESS_BYTES + moments_bytes(size) + covariances + weights + work + files
@@ -298,11 +308,13 @@ def _method_work(size: ModelSize, method: str, s: Settings) -> tuple[float, floa
 def factor_cache(size: ModelSize, s: Settings, streamed: bool, method: str) -> StageNeed:
     """factor_cache of one method on the CPU: the weights at the run dtype (whole) or the modules outside the
     blocks and one block (streamed), one block's statistics, the largest Linear's float64 working set and
-    the block's factors until they are written. Writes every block's factors (float32)."""
+    the block's factors until they are written (beside the checkpoint's pages while the weights are read).
+    Writes every block's factors (float32)."""
     weights = (size.total_params if not streamed else size.embed_params + size.head_params + size.block_params)
     stats, work = _method_work(size, method, s)
     block = factors_block_bytes(size, s.factor_itemsize)
-    host = PROCESS_BYTES + weights * s.itemsize + stats + work + block
+    pages = stored_bytes(size, size.total_params if not streamed else size.block_params)  # while reading
+    host = PROCESS_BYTES + weights * s.itemsize + max(pages, stats + work + block)
     disk = size.n_blocks * block
     return StageNeed("factor_cache", f"{'streamed' if streamed else 'whole'}, {method}", 0, host, disk, disk,
                      why="weights, one block's factors")
@@ -316,8 +328,9 @@ def compress(size: ModelSize, s: Settings, streamed: bool) -> StageNeed:
     largest = max(s.compressed, default=1.0)
     written = compressed_params(size, largest) * s.itemsize
     weights = (size.total_params if not streamed else size.embed_params + size.head_params + 2 * size.block_params)
-    host = (PROCESS_BYTES + weights * s.itemsize + factors_block_bytes(size, s.factor_itemsize)
-            + size.block_params * s.itemsize + min(SHARD_BYTES, written))
+    pages = stored_bytes(size, size.total_params if not streamed else size.block_params)  # while reading
+    host = PROCESS_BYTES + weights * s.itemsize + max(pages, factors_block_bytes(size, s.factor_itemsize)
+                                                      + size.block_params * s.itemsize + min(SHARD_BYTES, written))
     total = sum(compressed_params(size, f) * s.itemsize for f in s.compressed)
     return StageNeed("compress_model", "streamed" if streamed else "whole", 0, host, written, total,
                      jobs=len(s.compressed), why="weights, one shard")
@@ -342,8 +355,9 @@ def gpu_stage(size: ModelSize, s: Settings, m: Machine, stage: str, jobs: int = 
     - inference_speed: the largest speed.batch_sizes with the KV cache of prompt + decoded tokens, logits at
       the last position only.
 
-    Planned for the dense model (a compressed variant holds fewer weights). Leaves out: lm-eval's request
-    tables and the documents on the host."""
+    In host memory the weights and the checkpoint's pages, which it loads from. Planned for the dense model
+    (a compressed variant holds fewer weights). Leaves out: lm-eval's request tables and the documents on
+    the host."""
     it = s.itemsize
     rows, ctx, positions, extra = s.eval_batch, s.eval_context, max(s.ppl_window, CHOICE_TOKENS), 0.0
     if stage == "check_scorer":
@@ -357,10 +371,11 @@ def gpu_stage(size: ModelSize, s: Settings, m: Machine, stage: str, jobs: int = 
         rows, ctx, positions = s.speed_batch, sum(s.speed_tokens), 1
     act = forward_bytes(size, rows, ctx, it) + kv_cache_bytes(size, rows, ctx, it) + logits_bytes(size, rows, positions)
     weights = size.total_params * it
+    pages = stored_bytes(size, size.total_params)  # the checkpoint's pages while it loads
     if not (s.gpu and m.gpu_bytes is not None):
-        return StageNeed(stage, "cpu", 0, PROCESS_BYTES + weights + act + extra, 0, 0, jobs=jobs,
+        return StageNeed(stage, "cpu", 0, PROCESS_BYTES + weights + max(pages, act + extra), 0, 0, jobs=jobs,
                          why="weights and activations in host memory")
     gpus = 1 if s.fixed_device else gpus_needed(weights, m.gpu_bytes)
     device = weights / gpus + act + extra + CUDA_CONTEXT_BYTES
-    return StageNeed(stage, f"{gpus} GPU{'s' if gpus > 1 else ''}", device, PROCESS_BYTES + weights, 0, 0, gpus=gpus,
-                     jobs=jobs, why="weights, one batch's activations and logits")
+    return StageNeed(stage, f"{gpus} GPU{'s' if gpus > 1 else ''}", device, PROCESS_BYTES + weights + pages, 0, 0,
+                     gpus=gpus, jobs=jobs, why="weights, one batch's activations and logits")
