@@ -411,9 +411,11 @@ def test_comparisons_rule_in_the_workflow(tmp_path):
     the evaluation rules out (as on a machine that holds only copied results); its outputs are default
     targets; a changed bootstrap seed reruns it."""
     snakefile, workdir = new_run(tmp_path)
-    model = tmp_path / "model"  # a local model folder: check_config reads its config.json only
+    model = tmp_path / "model"  # a local model folder: the config check and the planner read its config.json only
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2,
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                   "num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32,
+                                                   "num_attention_heads": 2, "vocab_size": 64,
                                                    "max_position_embeddings": 512}))
     config = {
         "models": {"tiny": {"source": "local", "path": str(model)}},
