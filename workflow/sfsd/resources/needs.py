@@ -30,6 +30,7 @@ TASK_TOKENS = 512  # context of one multiple-choice document (an assumption: mos
 CHOICE_TOKENS = 128  # positions per document whose logits the native scorer computes (its choices' tokens)
 MAX_GPUS = 8  # GPUs of one node, the most a fix suggests
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SAVE_DTYPE_BYTES = {**DTYPE_BYTES, "float64": 8}  # eigen.save_dtype may also keep float64
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from sfsd.errors import ConfigError
 from sfsd.resources.modes import every_mode, plan_stage
-from sfsd.resources.needs import DTYPE_BYTES, MAX_GPUS, TASK_TOKENS, Machine, ModelSize, Settings, StageNeed, llama_like
+from sfsd.resources.needs import (DTYPE_BYTES, MAX_GPUS, SAVE_DTYPE_BYTES, TASK_TOKENS, Machine, ModelSize, Settings,
+                                  StageNeed, llama_like)
 from sfsd.resources.read import disk_free, gpus_here, model_size
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def settings_of(config: Mapping, size: ModelSize, model_config: Mapping | None, 
         gpu=config["device"] != "cpu", fixed_device=config["device"].startswith("cuda"),
         streamed=config["streamed"], staging=col["staging"],
         samples=cal["num_samples"], seq_len=cal["seq_len"], collect_batch=col["batch_size"],
-        eigen_itemsize=DTYPE_BYTES[config["eigen"]["save_dtype"]], eigen_threads=config["eigen"]["threads"],
+        eigen_itemsize=SAVE_DTYPE_BYTES[config["eigen"]["save_dtype"]], eigen_threads=config["eigen"]["threads"],
         methods=tuple(dict.fromkeys([*config["compression"]["methods"],
                                      *(search["methods"] if search["enabled"] else [])])),
         compressed=tuple(_model_fraction(size, f, config["compression"]["convention"]) for f in (written or [])),
