@@ -11,7 +11,7 @@ from sfsd.decompose.allocate import LayerSpectrum, curve_spectra, greedy_ranks, 
 from sfsd.decompose.compress import BlockFile, factors_for
 from sfsd.decompose.criteria import additive_gains, kfac_loss_curve, loss_curve, method_quadratic, save_loss_spectra
 from sfsd.decompose.factor_cache import factor_entry, full_rank_factors, save_factor_cache
-from sfsd.decompose.methods import max_rank
+from sfsd.decompose.methods import feature_space, max_rank
 from sfsd.decompose.plan import FACTOR_METHODS, budget_plan, count_params
 from sfsd.features.collect import block_file
 from sfsd.features.gradients import collect_output_gradients
@@ -219,3 +219,34 @@ def test_commands_make_a_loss_plan(tiny_llama, tmp_path):
     assert plan["notes"]["provenance"]["calibration_digest"] == tokens_digest(tokens)
     shapes = model_shapes(tiny_llama)
     assert count_params(shapes, plan)["model"]["compressed"] <= count_params(shapes, uniform)["model"]["compressed"]
+
+
+def test_fisher_order_keeps_the_costliest_directions():
+    """Directions ranked by lambda_i u_i^T G u_i: keeping the top r of them, the measured increase of a
+    quadratic loss whose Hessian G weighs the low-variance output directions most is 1/2 the sum of the
+    dropped scores, never above the eigenvalue order's at any rank, and below it somewhere."""
+    from sfsd.decompose.criteria import fisher_order
+
+    x, weight, bias, _, _ = quadratic_case(seed=3)
+    eigen, _ = statistics(x, weight, bias)
+    lam, u, mu = eigen["q_proj.eigenvalues"], eigen["q_proj.eigenvectors"], eigen["q_proj.mean"]
+    hessian = (u * lam.clamp_min(1e-6).pow(-0.75)) @ u.T  # scores lambda^0.25: near-flat, order kept
+    hessian = hessian + (u[:, -2:] @ u[:, -2:].T) * 50 * float(hessian.diagonal().max())  # two weak directions matter
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(n, weight.shape[0], generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1))
+    z = z - q @ (q.T @ z)
+    t = x @ weight.T + bias + z @ _symmetric_root(z.T @ z / n, -0.5) @ _symmetric_root(hessian, -0.5)
+    order, scores = fisher_order(lam, u, hessian)
+    assert torch.all(scores[order][:-1] >= scores[order][1:]) and order.tolist() != list(range(u.shape[1]))
+    better = False
+    for rank in range(1, u.shape[1]):
+        def measured(vectors):
+            f = feature_space(weight, bias, vectors, mu, rank)
+            return measured_increase(x, t, hessian, weight, bias, *f.dense())
+        fisher, plain = measured(u[:, order]), measured(u)
+        assert fisher == pytest.approx(0.5 * float(scores[order[rank:]].sum()), rel=1e-8, abs=1e-12)
+        assert fisher <= plain * (1 + 1e-9) + 1e-12
+        better |= fisher < plain * 0.99
+    assert better

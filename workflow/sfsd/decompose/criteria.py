@@ -90,6 +90,18 @@ def additive_gains(first: Tensor, second: Tensor, moment: Tensor, grad: Tensor) 
     return 0.5 * (s * _weigh(g, s)).sum(0) * ((f @ c) * f).sum(1)
 
 
+def fisher_order(eigenvalues: Tensor, eigenvectors: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Feature space's directions ranked by their loss cost instead of their variance: (order, scores),
+    scores_i = lambda_i u_i^T G u_i (G a matrix or its diagonal), order = indices by descending score.
+    Keeping the columns `eigenvectors[:, order[:r]]` gives loss(r) = 1/2 sum of the other scores, the
+    smallest any r of these directions give (the dropped directions stay uncorrelated, so the cost is
+    additive whatever the subset); plain feature space keeps the r largest lambda_i instead."""
+    u, lam = eigenvectors.double(), eigenvalues.double().clamp_min(0.0)
+    g = grad.double().to(u.device)
+    scores = lam * (u * _weigh(g, u)).sum(0)
+    return torch.argsort(scores, descending=True, stable=True), scores
+
+
 def method_quadratic(
     method: str,
     weight: Tensor,
@@ -187,4 +199,4 @@ def save_loss_spectra(
     return paths
 
 
-__all__ = ["additive_gains", "kfac_loss_curve", "loss_curve", "method_quadratic", "save_loss_spectra"]
+__all__ = ["additive_gains", "fisher_order", "kfac_loss_curve", "loss_curve", "method_quadratic", "save_loss_spectra"]
