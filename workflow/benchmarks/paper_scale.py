@@ -113,15 +113,13 @@ def measured(workdir: Path) -> dict[str, dict]:
 def predicted(workdir: Path, config: dict, host_bytes: float | None) -> dict[str, dict]:
     """The planner's StageNeed of each measured rule's stage, for the model as run, on this machine with
     its host memory set to the cap (when there is one)."""
-    from snakemake.utils import validate
-
-    from sfsd.defaults import SCHEMA_PATH
+    from sfsd.config import validate
     from sfsd.resources.plan import machine_of, plan_config
 
     full = yaml.safe_load((REPO / "config.yaml").read_text())
     for key, value in config.items():
         full[key] = {**full[key], **value} if isinstance(value, dict) and isinstance(full.get(key), dict) else value
-    validate(full, str(SCHEMA_PATH), set_default=True)
+    validate(full)  # the schema's check, which fills in its defaults
     machine = machine_of(full, workdir)
     if host_bytes:
         machine = dataclasses.replace(machine, host_bytes=host_bytes)
