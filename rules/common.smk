@@ -13,6 +13,10 @@ PACKAGE_DIR = Path(workflow.basedir) / "workflow" / "sfsd"
 # a conda env of envs/ with --sdm conda): put this checkout's package first on their path, so the
 # stages always run the code whose digest is in their params (see command_version).
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH")])))
+# pyarrow (under datasets and lm-eval) allocates from jemalloc or mimalloc by default, which reserve about a GB
+# of address space they never touch: under an address-space limit (`ulimit -v`, as some clusters set) the
+# scoring stages would fail on memory they do not use. The system allocator reserves only what it uses.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 
 def fail(message):

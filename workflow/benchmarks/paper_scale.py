@@ -67,7 +67,15 @@ def baseline_address_space() -> int:
     is set above it, so that it bounds the memory a stage allocates, not the code it maps."""
     code = ("import torch, transformers, lm_eval, sfsd.cli.main\n"
             "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmPeak:')))")
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=run_env()).stdout)
+
+
+def run_env() -> dict:
+    """The environment of the run: offline, and one malloc arena (glibc reserves 64 MB of address space per
+    thread's arena otherwise, which an address-space cap counts though no memory is used)."""
+    return {**os.environ, "MALLOC_ARENA_MAX": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 
 def run_config(model_dir: Path, layers: list[str], device: str, budget: float) -> dict:
@@ -84,7 +92,7 @@ def run_workflow(workdir: Path, config: dict, cores: int, cap: int | None) -> fl
            "--configfile", str(workdir / "bench-config.yaml"), "--cores", str(cores), "--retries", "0"]
     if cap:
         cmd = ["prlimit", f"--as={cap}", "--", *cmd]
-    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = run_env()
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     (workdir / "snakemake.log").write_text(proc.stdout + proc.stderr)

@@ -171,13 +171,18 @@ class WholeModel:
         yield self.blocks[b]
 
 
-def host_available(cgroups: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int:
+def host_available(cgroups: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup"),
+                   address_limit: int | None = None) -> int:
     """Bytes of host memory this process may still use: the system's available memory, or less where a
-    memory cgroup (a SLURM job's --mem, a container; v1 or v2) limits the process. (`cgroups` lists the
-    process's groups, `root` is where they are mounted.)"""
+    memory cgroup (a SLURM job's --mem, a container; v1 or v2) limits the process, or where an address-space
+    limit (`ulimit -v`, RLIMIT_AS; `address_limit` overrides it) leaves less than that above the address
+    space the process already has. (`cgroups` lists the process's groups, `root` is where they are mounted.)"""
     import psutil
 
     available = psutil.virtual_memory().available
+    limit = address_limit if address_limit is not None else _address_limit()
+    if limit is not None:
+        available = min(available, limit - psutil.Process().memory_info().vms)
     try:
         lines = cgroups.read_text().splitlines()
     except OSError:
@@ -198,6 +203,14 @@ def host_available(cgroups: Path = Path("/proc/self/cgroup"), root: Path = Path(
         except (OSError, ValueError):
             pass
     return max(available, 0)
+
+
+def _address_limit() -> int | None:
+    """The soft RLIMIT_AS of this process in bytes; None where there is none."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def use_stream(streamed: str) -> bool:
