@@ -11,7 +11,7 @@ from sfsd.features.calibration import tokenize
 from sfsd.features.gradients import (
     collect_output_gradients,
     full_fits,
-    gradient_bytes,
+    gradient_sums_bytes,
     output_gradient,
     resolve_full,
     run_gradients,
@@ -85,8 +85,9 @@ def test_token_losses_sum_real_predictions():
 def test_memory_bound():
     """12 d^2 + 8 d bytes per Linear for the whole G (float64 total, float32 staging, float64 sum of g),
     16 d for the diagonal; auto = full when that takes at most half the free memory."""
-    assert gradient_bytes([2, 3], True) == 12 * (4 + 9) + 8 * (2 + 3)
-    assert gradient_bytes([2, 3], False) == 16 * 5
+    assert gradient_sums_bytes([2, 3], True) == 12 * (4 + 9) + 8 * (2 + 3)
+    assert gradient_sums_bytes([2, 3], True, staged=False) == 8 * (4 + 9) + 8 * (2 + 3)  # a GPU run stages none
+    assert gradient_sums_bytes([2, 3], False) == 16 * 5
     assert full_fits([10], 2 * 1280) and not full_fits([10], 2 * 1280 - 1)
     assert resolve_full("auto", [10], 1e9) and not resolve_full("auto", [10], 100)
     assert resolve_full("true", [10], 0) and not resolve_full("false", [10], 1e12) and resolve_full(True, [1], 0)
@@ -111,3 +112,64 @@ def test_stage_writes_blocks_and_manifest(tiny_llama, model_and_tokens, tmp_path
     assert meta["tokens"] == int(tokens["attention_mask"].sum())
     assert output_gradient(tensors, "down_proj").ndim == 1
     assert sorted(tensors) == ["down_proj.gdiag", "down_proj.gsum", "q_proj.gdiag", "q_proj.gsum"]
+
+
+# the gradient pass in a fresh process, its peak resident memory above the memory held before it: a first
+# pass loads the kernels' code, /proc/self/clear_refs resets the peak (VmHWM) to the memory held now, and
+# large blocks are mapped (MALLOC_MMAP_THRESHOLD_), so memory freed goes back and the peak is the tensors'
+MEASURE_PASS = """
+import json, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from sfsd.features.gradients import collect_output_gradients
+from sfsd.model.registry import get_arch
+torch.set_num_threads(1)
+config, rows, ctx = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+ids = torch.randint(0, config["vocab_size"], (rows, ctx))
+spec = get_arch("LlamaForCausalLM")
+def status(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+def gradient_pass():
+    collect_output_gradients(model, spec, list(spec.linears), ids, torch.ones_like(ids), rows, True, progress=False)
+gradient_pass()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+gradient_pass()
+print(status("VmHWM") - before)
+"""
+
+
+def test_the_planned_pass_is_never_under_its_measured_peak(tmp_path):
+    """The resource planner's gradient stage on the CPU (sfsd/resources/needs.py gradients, the whole G in
+    float32) against the peak memory of the pass measured in a fresh process: the prediction beyond the
+    process and the weights (one batch's activations held for the backward, the logits, the sums of G and
+    the files' copies) is at least the measured peak, and not four times it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sfsd.resources.needs import PROCESS_BYTES, Machine, Settings, backward_bytes, gradients
+    from sfsd.resources.read import model_size, write_shapes_only
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+              "intermediate_size": 704, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+              "vocab_size": 2000, "tie_word_embeddings": False, "attn_implementation": "sdpa"}
+    rows, ctx = 4, 128
+    size = model_size(write_shapes_only(tmp_path / "model", config))
+    s = Settings(gpu=False, seq_len=ctx, grad_batch=rows, grad_itemsize=4, grad_full="true")
+    need = gradients(size, s, Machine(None, 0, 1e15), full=True)
+    weights = size.total_params * 4
+    predicted = need.host_bytes - PROCESS_BYTES - weights
+    # the pass is the peak, not the loading (the float32 weights and the checkpoint's pages)
+    assert predicted > backward_bytes(size, rows, ctx, 4) and predicted > size.stored_bytes
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    run = subprocess.run([sys.executable, "-c", MEASURE_PASS, json.dumps(config), str(rows), str(ctx)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = int(run.stdout.split()[-1])
+    assert predicted / 4 < measured <= predicted, (measured, predicted)

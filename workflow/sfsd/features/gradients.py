@@ -23,9 +23,10 @@ the gradients of padded positions are dropped (they are 0: right padding feeds n
 Each batch's g^T g is formed in float32 and added into float64 totals on the CPU (`GradientMoments`).
 
 `gradients.full`: true = the whole G (out x out per Linear), false = its diagonal, auto = the whole G when
-its float64 totals fit (`full_fits`). The model must fit the device: with `streamed` always, or auto
-where its weights take more than `placement.HEADROOM` of the device's free memory, the stage stops with
-one line (streaming the backward pass block by block is not implemented).
+its sums fit (`resolve_full`, by the resource planner's rule `sfsd.resources.needs.full_fits`, which also
+sizes the job). The model must fit the device: with `streamed` always, or auto where its weights take
+more than `placement.HEADROOM` of the device's free memory, the stage stops with one line (streaming the
+backward pass block by block is not implemented).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -50,29 +51,17 @@ from sfsd.model.registry import architecture_of, blocks_of, get_arch, select_lin
 from sfsd.model.spec import ArchSpec
 from sfsd.model.stream import host_available
 from sfsd.provenance import require, stamp, tokenizer_digest
+from sfsd.resources.needs import FULL_FRACTION, full_fits, gradient_sums_bytes
 
 log = logging.getLogger(__name__)
 
 LOSS = "sum of token NLLs (nats) over predicted real tokens; G = (1/tokens) sum_t g_t g_t^T, g_t = dL/dy_t"
-FULL_FRACTION = 0.5  # auto: the whole G when its float64 totals take at most this part of the free host memory
-
-
-def gradient_bytes(out_features: Iterable[int], full: bool) -> int:
-    """Bytes the stage's sums take on the host: 12 * sum_l d_l^2 + 8 * sum_l d_l for the whole G (the
-    float64 total of G, its float32 staging sum on a CPU run, and the float64 sum of g, of every Linear l,
-    d_l its output features), 16 * sum_l d_l for the diagonal. (A GPU run holds one transient d_l x d_l
-    float32 product on the device at a time instead of the staging sums.)"""
-    return sum(12 * d * d + 8 * d if full else 16 * d for d in out_features)
-
-
-def full_fits(out_features: Iterable[int], available_bytes: float, fraction: float = FULL_FRACTION) -> bool:
-    """`gradients.full: auto`: the whole G when gradient_bytes(out_features, full=True) <= fraction x
-    available_bytes (the host memory free to the stage)."""
-    return gradient_bytes(out_features, True) <= fraction * available_bytes
 
 
 def resolve_full(setting: str | bool, out_features: Sequence[int], available_bytes: float) -> bool:
-    """The `gradients.full` setting (true / false / auto, as a string or a bool) decided."""
+    """The `gradients.full` setting (true / false / auto, as a string or a bool) decided: auto by the
+    resource planner's rule (`sfsd.resources.needs.full_fits`: the whole G when its sums take at most half
+    of `available_bytes`, the host memory free beside the loaded model), which also sizes the job."""
     if isinstance(setting, bool):
         return setting
     if setting not in ("auto", "true", "false"):
@@ -251,8 +240,8 @@ def run_gradients(
     n_blocks = len(blocks_of(model, spec))
     outs = [model.get_submodule(f"{spec.blocks}.0.{spec.linears[n]}").out_features for n in linears] * n_blocks
     use_full = resolve_full(full, outs, host_available())
-    log.info("output gradients of %s on %s (%s), %s G (%.2f GB of float64 totals)", linears, placement(model), dtype,
-             "full" if use_full else "diagonal", gradient_bytes(outs, use_full) / 1e9)
+    log.info("output gradients of %s on %s (%s), %s G (%.2f GB of sums)", linears, placement(model), dtype,
+             "full" if use_full else "diagonal", gradient_sums_bytes(outs, use_full) / 1e9)
     started = time.perf_counter()
     moments, summary = collect_output_gradients(model, spec, linears, tokens["input_ids"], tokens["attention_mask"],
                                                 batch_size, use_full)
@@ -302,5 +291,5 @@ def output_gradient(block, linear: str) -> torch.Tensor:
     raise DataError(f"the output gradients lack {linear}; rerun collect_gradients with this layer")
 
 
-__all__ = ["FULL_FRACTION", "GradientMoments", "LOSS", "collect_output_gradients", "full_fits", "gradient_bytes",
-           "output_gradient", "resolve_full", "run_gradients", "token_losses"]
+__all__ = ["FULL_FRACTION", "GradientMoments", "LOSS", "collect_output_gradients", "full_fits",
+           "gradient_sums_bytes", "output_gradient", "resolve_full", "run_gradients", "token_losses"]

@@ -3,10 +3,12 @@
 `candidates(stage, ...)` lists the modes the code can run a stage in under the settings, in the order it
 prefers them: stage 1 whole with every block's staging on the device, streamed with one block's staging on
 the device, whole with the staging of one input at a time (the float64 totals on the host), streamed so;
-the factor cache and compression whole, then streamed (`streamed: auto`; `always`/`never` keep one); the
-GPU stages on as many GPUs as hold the weights (device auto). `plan_stage` returns the first candidate
-that fits the machine; when none does, the one that comes closest, with `fix` set to the first change of
-`FIXES` (a setting, or GPUs of device auto) under which the same formulas fit.
+the output gradients with the whole G or its diagonal (gradients.full; auto by `gradients_full`, the rule
+the stage runs by; never streamed); the factor cache and compression whole, then streamed (`streamed:
+auto`; `always`/`never` keep one); the GPU stages on as many GPUs as hold the weights (device auto).
+`plan_stage` returns the first candidate that the code runs (a mode it refuses carries its `fix` already)
+and that fits the machine; when none does, the one that comes closest, with `fix` set to the first change
+of `FIXES` (a setting, or GPUs of device auto) under which the same formulas fit.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import replace
 
 from sfsd.resources.needs import (
     MAX_GPUS,
+    PROCESS_BYTES,
     STAGING_SHARE,
     CUDA_CONTEXT_BYTES,
     Machine,
@@ -25,16 +28,21 @@ from sfsd.resources.needs import (
     compress,
     eigen,
     factor_cache,
+    full_fits,
     gpu_stage,
+    gradients,
     prepare,
     staging_bytes,
 )
 
-STAGES = ("prepare_model", "collect_features", "eigendecompose", "factor_cache", "compress_model",
-          "evaluate_model", "check_scorer", "search", "laser_point", "inference_speed")
+STAGES = ("prepare_model", "collect_features", "collect_gradients", "eigendecompose", "factor_cache",
+          "compress_model", "evaluate_model", "check_scorer", "search", "laser_point", "inference_speed")
+
+GRADIENTS_UNSTREAMED = "streamed: auto (the gradient pass holds the whole model; its backward is not streamed)"
 
 # the setting that sets each GPU stage's batch (Settings field, config key)
 BATCH_KEYS = {"collect_features": ("collect_batch", "collection.batch_size"),
+              "collect_gradients": ("grad_batch", "gradients.batch_size"),
               "evaluate_model": ("eval_batch", "evaluation.batch_size"),
               "check_scorer": ("eval_batch", "evaluation.batch_size"),
               "search": ("search_batch", "search.batch_size"),
@@ -55,6 +63,17 @@ def staging_on_device(size: ModelSize, s: Settings, m: Machine) -> bool:
     return size.n_blocks * staging_bytes(size) <= STAGING_SHARE * free
 
 
+def gradients_full(size: ModelSize, s: Settings, m: Machine) -> bool:
+    """Whether the gradient stage keeps the whole G: gradients.full true or false as set; auto by the rule
+    the stage runs by (`needs.full_fits`, on the host memory it measures free once the model is loaded),
+    here on the memory predicted free then: the host memory less `PROCESS_BYTES`, and less the weights at
+    gradients.dtype where the stage runs on the CPU."""
+    if s.grad_full != "auto":
+        return s.grad_full == "true"
+    weights = 0 if s.gpu and m.gpu_bytes is not None else size.total_params * s.grad_itemsize
+    return full_fits([o for _, o, _ in size.linears] * size.n_blocks, m.host_bytes - PROCESS_BYTES - weights)
+
+
 def candidates(stage: str, size: ModelSize, s: Settings, m: Machine, method: str = "feature",
                source: str = "hub", jobs: int = 1) -> list[StageNeed]:
     """The modes a stage can run in under the settings, in the order the code prefers them."""
@@ -68,6 +87,11 @@ def candidates(stage: str, size: ModelSize, s: Settings, m: Machine, method: str
             order = [(False, s.staging), (True, s.staging)]
         allowed = _streamed_options(s.streamed)
         return [collect(size, s, m, streamed, staging) for streamed, staging in order if streamed in allowed]
+    if stage == "collect_gradients":
+        need = gradients(size, s, m, gradients_full(size, s, m))
+        if s.streamed == "always":  # the backward pass is not streamed: the stage refuses it
+            return [replace(need, fix=GRADIENTS_UNSTREAMED)]
+        return [need]
     if stage == "eigendecompose":
         return [eigen(size, s)]
     if stage == "factor_cache":
@@ -85,6 +109,8 @@ def every_mode(stage: str, size: ModelSize, s: Settings, m: Machine, **kw) -> li
         return [collect(size, s, m, streamed, staging) for staging in ("device", "host") for streamed in (False, True)]
     if stage in ("factor_cache", "compress_model"):
         return candidates(stage, size, replace(s, streamed="auto"), m, **kw)
+    if stage == "collect_gradients":
+        return [gradients(size, s, m, full) for full in (True, False)]
     return candidates(stage, size, s, m, **kw)
 
 
@@ -93,8 +119,13 @@ def _overshoot(need: StageNeed, m: Machine) -> float:
     return max(device, need.host_bytes / m.host_bytes, need.gpus / max(m.gpus, 1))
 
 
+def _runs(need: StageNeed, m: Machine) -> bool:
+    """A mode the code runs (no `fix` preset: the stage does not refuse it) and that fits the machine."""
+    return need.fix is None and need.fits(m)
+
+
 def _first_fitting(stage: str, size: ModelSize, s: Settings, m: Machine, **kw) -> StageNeed | None:
-    return next((n for n in candidates(stage, size, s, m, **kw) if n.fits(m)), None)
+    return next((n for n in candidates(stage, size, s, m, **kw) if _runs(n, m)), None)
 
 
 def _halvings(value: int) -> list[int]:
@@ -110,6 +141,15 @@ def _fixes(stage: str, s: Settings, m: Machine, kw: dict) -> list[tuple[str, Set
     out: list[tuple[str, Settings, Machine, dict]] = []
     if stage in ("collect_features", "factor_cache", "compress_model") and s.streamed == "never":
         out.append(("streamed: always", replace(s, streamed="always"), m, kw))
+    if stage == "collect_gradients":
+        if s.streamed == "always":
+            out.append((GRADIENTS_UNSTREAMED, replace(s, streamed="auto"), m, kw))
+        if s.grad_full != "false":
+            out.append(("gradients.full: false", replace(s, grad_full="false"), m, kw))
+        out += [(f"gradients.batch_size: {b}", replace(s, grad_batch=b), m, kw) for b in _halvings(s.grad_batch)]
+        if s.grad_itemsize > 2:
+            out.append(("gradients.dtype: bfloat16", replace(s, grad_itemsize=2), m, kw))
+        return out
     if stage == "collect_features":
         if s.staging != "host":
             out.append(("collection.staging: host", replace(s, staging="host"), m, kw))
@@ -142,14 +182,14 @@ def plan_stage(stage: str, size: ModelSize, s: Settings, m: Machine, **kw) -> St
     options = candidates(stage, size, s, m, **kw)
     if not options:
         raise ValueError(f"{stage}: no mode under streamed {s.streamed!r} and staging {s.staging!r}")
-    chosen = next((n for n in options if n.fits(m)), None)
+    chosen = next((n for n in options if _runs(n, m)), None)
     if chosen is not None:
         return chosen
     best = min(options, key=lambda n: _overshoot(n, m))
     for what, s2, m2, kw2 in _fixes(stage, s, m, kw):
         if _first_fitting(stage, size, s2, m2, **kw2) is not None:
             return replace(best, fix=what)
-    return replace(best, fix=shortfall(best, m))
+    return replace(best, fix=best.fix or shortfall(best, m))
 
 
 def shortfall(need: StageNeed, m: Machine) -> str:

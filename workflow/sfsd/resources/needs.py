@@ -1,7 +1,7 @@
 """Each stage's peak memory and disk, as pure functions of a model's shapes, the settings and a machine.
 
-One formula per stage (`collect`, `eigen`, `factor_cache`, `compress`, `gpu_stage`, `prepare`), each giving
-a `StageNeed` for one mode: the peak bytes on the fullest GPU (`device_bytes`), in host memory
+One formula per stage (`collect`, `gradients`, `eigen`, `factor_cache`, `compress`, `gpu_stage`, `prepare`),
+each giving a `StageNeed` for one mode: the peak bytes on the fullest GPU (`device_bytes`), in host memory
 (`host_bytes`) and written to disk (`disk_bytes` per job, `disk_total` for all of the stage's jobs).
 `plan_stage` tries a stage's modes in the order the code prefers them and returns the first that fits the
 machine; when none does, the best one with `fix` naming the setting that would make it fit (found by
@@ -15,9 +15,10 @@ libraries, and `CUDA_CONTEXT_BYTES` on each GPU it uses.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from sfsd.model.placement import gpus_needed
+from sfsd.model.placement import HEADROOM, gpus_needed
 from sfsd.model.stream import HIDDEN_SHARE
 
 PROCESS_BYTES = 1.5e9  # the interpreter with torch, transformers and lm-eval (0.25 GB with torch's CPU build)
@@ -29,6 +30,8 @@ TASK_TOKENS = 512  # context of one multiple-choice document (an assumption: mos
 #                    longest of the six tasks, are shorter)
 CHOICE_TOKENS = 128  # positions per document whose logits the native scorer computes (its choices' tokens)
 MAX_GPUS = 8  # GPUs of one node, the most a fix suggests
+FULL_FRACTION = 0.5  # gradients.full auto: the whole G when its sums take at most this part of the host memory
+#                      free beside the model (`full_fits`, the rule sfsd/features/gradients.py runs by)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SAVE_DTYPE_BYTES = {**DTYPE_BYTES, "float64": 8}  # eigen.save_dtype may also keep float64
 
@@ -98,6 +101,9 @@ class Settings:
     eval_batch: int = 8
     eval_context: int = TASK_TOKENS
     ppl_window: int = 128  # perplexity's window (0: no perplexity), logits at each of its positions
+    grad_itemsize: int = 4  # gradients.dtype (float32 whatever the run dtype)
+    grad_batch: int = 4
+    grad_full: str = "auto"  # gradients.full: auto, true or false
     search_batch: int = 8
     search_cache_bytes: float = 4096e6
     laser_batch: int = 16
@@ -173,6 +179,42 @@ def kv_cache_bytes(size: ModelSize, rows: int, ctx: int, itemsize: int) -> int:
 def logits_bytes(size: ModelSize, rows: int, positions: int) -> int:
     """float32 logits and their log-softmax at `positions` of `rows` sequences."""
     return 2 * rows * positions * size.vocab * 4
+
+
+def gradient_sums_bytes(out_features: Iterable[int], full: bool, staged: bool = True) -> int:
+    """The gradient stage's sums in host memory, over every targeted Linear l of output width d_l: the whole
+    G as a float64 total, the float32 staging sum a CPU run adds each batch into (`staged`) and the float64
+    sum of g, 12 d_l^2 + 8 d_l (8 d_l^2 + 8 d_l unstaged: a GPU run sends each batch's product to the host
+    at once); its diagonal and the sum of g, 16 d_l."""
+    return sum((12 if staged else 8) * d * d + 8 * d if full else 16 * d for d in out_features)
+
+
+def full_fits(out_features: Iterable[int], free_bytes: float, fraction: float = FULL_FRACTION) -> bool:
+    """`gradients.full: auto`, the one rule: the whole G when gradient_sums_bytes(out_features, full=True) <=
+    fraction x free_bytes, the host memory free beside the loaded model (measured where the stage runs,
+    predicted by `modes.gradients_full`)."""
+    return gradient_sums_bytes(out_features, True) <= fraction * free_bytes
+
+
+def backward_bytes(size: ModelSize, rows: int, ctx: int, itemsize: int) -> int:
+    """The peak of one batch of the gradient pass (`rows` sequences of `ctx` tokens at `itemsize`) beside
+    the weights and the sums: the forward runs through every block before the backward starts, so what
+    autograd saves is held for all blocks at once. Per block and token (counted with saved-tensor hooks on
+    the Llama blocks of transformers 5): the two norms' float32 inputs (8 hidden), hidden, the attention
+    output, q and k/v (sdpa: 2 kv wide; eager: k/v repeated to 1 hidden) and 3 MLP-wide tensors at the run
+    dtype, the float32 norm and log-sum-exp scalars; the eager kernel's float32 softmax and its copy at the
+    run dtype (rows x heads x ctx^2). Outside the blocks: the logits at the run dtype, the float32
+    log-softmax and two float32 gradients of that size in flight, the final norm and the input embeddings
+    with their gradient. In flight: the gradients of one block (4 hidden + 3 MLP wide) and a hook's copies
+    of one Linear's output gradient (its rows at the run dtype, float32 and squared)."""
+    widest = max(o for _, o, _ in size.linears)
+    tokens = rows * ctx
+    per_block = (8 * size.hidden + itemsize * (2 * size.hidden + max(size.hidden, 2 * size.kv_width) + 3 * size.mlp)
+                 + 4 * size.heads + 8)
+    scores = rows * size.heads * ctx * ctx * (4 + (itemsize if itemsize < 4 else 0))
+    outside = size.vocab * (itemsize + 16) + size.hidden * (8 + 2 * itemsize) + 64
+    in_flight = itemsize * (4 * size.hidden + 3 * size.mlp) + (itemsize + 8) * widest
+    return size.n_blocks * (tokens * per_block + scores) + tokens * (outside + in_flight)
 
 
 def eigen_file_bytes(out: int, inp: int, save_itemsize: int) -> int:
@@ -278,6 +320,43 @@ def collect(size: ModelSize, s: Settings, m: Machine, streamed: bool, staging: s
     disk = size.n_blocks * totals + scratch
     mode = f"{'streamed' if streamed else 'whole'}, staging {staging}"
     return StageNeed("collect_features", mode, device, host, disk, disk, gpus=int(gpu), threads=2, why=why)
+
+
+def gradients(size: ModelSize, s: Settings, m: Machine, full: bool) -> StageNeed:
+    """collect_gradients: one forward and backward pass of the whole model at gradients.dtype over the
+    calibration tokens, gradients.batch_size sequences of seq_len at a time (`backward_bytes`), and per
+    targeted Linear the sums of its output gradient: the whole G (`full`) or its diagonal
+    (`gradient_sums_bytes`). On a GPU: the weights, one batch's pass and (full) one Linear's float32 g^T g
+    on the device, at least the weights / `placement.HEADROOM` (the stage refuses a device whose free memory
+    holds less, sfsd/features/gradients.py `_fits`); the sums, with one product copied to the host, in
+    host memory. On the CPU all of it is host memory, the float32 staging sums included. While the files
+    are written: one block's G and its serialised copy, and the float64 temporaries of symmetrising one G.
+    With gradients.full auto, a full G is chosen where its sums take at most `FULL_FRACTION` of the host
+    memory free beside the model (`full_fits`), so that mode counts the sums / FULL_FRACTION beside it: a
+    job given this much memory chooses the full G again when it runs. The model and its checkpoint's pages
+    pass through host memory while it loads. Writes per block the float64 G (d^2 or d per Linear) and sum
+    of g. Leaves out: the tokens and their masks."""
+    it = s.grad_itemsize
+    outs = [o for _, o, _ in size.linears] * size.n_blocks
+    widest = max(outs)
+    gpu = s.gpu and m.gpu_bytes is not None
+    weights = size.total_params * it
+    act = backward_bytes(size, s.grad_batch, s.seq_len, it)
+    block_file = sum(8 * o * o + 8 * o if full else 16 * o for _, o, _ in size.linears)
+    sums = gradient_sums_bytes(outs, full, staged=not gpu) + (4 * widest * widest if full and gpu else 0)
+    if full and s.grad_full == "auto":
+        sums = max(sums, gradient_sums_bytes(outs, True) / FULL_FRACTION)
+    writing = 2 * block_file + (16 * widest * widest if full else 0)
+    loading = weights + stored_bytes(size, size.total_params)  # the model and its checkpoint's pages
+    if gpu:
+        device = CUDA_CONTEXT_BYTES + max(weights / HEADROOM, weights + act + (4 * widest * widest if full else 0))
+        host = PROCESS_BYTES + max(loading, sums + writing)
+    else:
+        device = 0
+        host = PROCESS_BYTES + max(loading, weights / HEADROOM, weights + sums + max(act, writing))
+    disk = size.n_blocks * block_file
+    return StageNeed("collect_gradients", "full G" if full else "diagonal G", device, host, disk, disk,
+                     gpus=int(gpu), threads=2, why="weights, one batch's backward pass and the sums of G")
 
 
 def eigen(size: ModelSize, s: Settings) -> StageNeed:
