@@ -41,7 +41,8 @@ checkpoint collect_features:
 
 # Beside stage 1: per targeted Linear, G = E[g g^T] of the gradient of the summed token NLL at its output
 # (sfsd/features/gradients.py): one forward and backward pass over the calibration tokens. Read only by the
-# loss allocation (compression.allocations: loss); a model that does not fit the device is refused.
+# loss allocation (compression.allocations: loss); a model that does not fit the device is refused. Sized by
+# the resource planner (sfsd/resources/needs.py gradients), whose rule the stage decides gradients.full auto by.
 rule collect_gradients:
     input:
         model=model_dir,
@@ -62,12 +63,12 @@ rule collect_gradients:
         "results/logs/collect_gradients/{model}.log",
     benchmark:
         "results/benchmarks/collect_gradients/{model}.tsv"
-    threads: 2
+    threads: plan_threads("collect_gradients")
     resources:
-        # float32 weights, their activations and gradients for one batch, and the float64 totals of G
-        mem_mb=lambda wc, attempt: int(model_params_b(wc.model) * 1e9 * 4 * 3 / 1e6 + 4000) * attempt,
+        mem_mb=plan_mem_mb("collect_gradients"),
+        disk_mb=plan_disk_mb("collect_gradients"),
         runtime=lambda wc: int(20 + 60 * model_params_b(wc.model)),
-        gpu=gpu_wanted(),
+        gpu=plan_gpus("collect_gradients"),
     shell:
         "python -m sfsd --threads {threads} gradients --model-dir {input.model:q} --model-name {wildcards.model} "
         "--tokens {input.tokens:q} --layers {params.layers} --full {params.full} --dtype {params.dtype} "

@@ -17,12 +17,14 @@ from sfsd.features.stats import STAGING_SHARE as FEATURES_STAGING_SHARE, choose_
 from sfsd.io import safetensors_header
 from sfsd.model.shapes import model_shapes
 from sfsd.resources.decide import decide_streamed
-from sfsd.resources.modes import candidates, plan_stage, staging_on_device
+from sfsd.features.gradients import resolve_full
+from sfsd.resources.modes import candidates, every_mode, gradients_full, plan_stage, staging_on_device
 from sfsd.resources.needs import (
     CHOICE_TOKENS,
     CUDA_CONTEXT_BYTES as CTX,
     PROCESS_BYTES as PROC,
     STAGING_SHARE,
+    backward_bytes,
     Machine,
     ModelSize,
     Settings,
@@ -35,6 +37,8 @@ from sfsd.resources.needs import (
     factors_block_bytes,
     forward_bytes,
     gpu_stage,
+    gradient_sums_bytes,
+    gradients,
     hidden_bytes,
     kv_cache_bytes,
     llama_like,
@@ -44,7 +48,7 @@ from sfsd.resources.needs import (
     staging_bytes,
     svd_work_bytes,
 )
-from sfsd.resources.plan import check_fit, job_needs, plan_config, variants
+from sfsd.resources.plan import check_fit, job_needs, plan_config, plan_rows, variants
 from sfsd.resources.read import model_size, read_header, tokens_shape, write_shapes_only
 
 GB = 1e9
@@ -59,7 +63,8 @@ TINY = ModelSize(
     groups=(("attn_in", 8), ("attn_out", 8), ("mlp_in", 8), ("mlp_out", 16)),
     block_params=592, embed_params=264, head_params=256, stored_bytes=2 * 1704)
 SETTINGS = Settings(itemsize=4, collect_itemsize=4, samples=4, seq_len=3, collect_batch=2, eigen_itemsize=4,
-                    methods=("feature",), compressed=(0.5,), eval_batch=2, eval_context=5, ppl_window=0)
+                    methods=("feature",), compressed=(0.5,), eval_batch=2, eval_context=5, ppl_window=0,
+                    grad_batch=2, grad_full="true")
 BIG = Machine(gpu_bytes=1e9, gpus=1, host_bytes=1e12)
 
 LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -144,6 +149,64 @@ def test_the_other_stages():
     spread = gpu_stage(big, SETTINGS, Machine(2e9, 2, 1e12), "evaluate_model")
     assert spread.gpus == 2 and spread.device_bytes == pytest.approx(big.total_params * 4 / 2 + act + logits_bytes(
         TINY, 2, CHOICE_TOKENS) + CTX)
+
+
+def test_the_gradient_stage_on_hand_made_shapes():
+    # one batch of 2 x 3 tokens through both blocks, held for the backward: per block and token 8 x 8 (norms'
+    # float32 inputs) + 4 x (2 x 8 + max(8, 2 x 4) + 3 x 16) + 4 x 2 heads + 8 = 368, the scores 2 x 2 x 3^2 x 4;
+    # outside: 32 x (4 + 16) logits and their float32 copies + 8 x 16 + 64; in flight 4 x (4 x 8 + 3 x 16) + 12 x 16
+    assert backward_bytes(TINY, 2, 3, 4) == 2 * (6 * 368 + 144) + 6 * (832 + 512) == 12768
+    # sum over the 14 Linears of d^2 = 2 x 736 and of d = 2 x 64
+    assert gradient_sums_bytes([o for _, o, _ in TINY.linears] * 2, True) == 2 * (12 * 736 + 8 * 64) == 18688
+    weights, loading, files = 1704 * 4, 1704 * 4 + 1704 * 2, 8 * 736 + 8 * 64  # one block's file, full G
+    full = gradients(TINY, SETTINGS, BIG, full=True)
+    # the device: the weights, the pass and one float32 g^T g of the widest Linear (16 x 16)
+    assert full.device_bytes == CTX + weights + 12768 + 4 * 256 and (full.gpus, full.threads) == (1, 2)
+    # the host: the float64 totals and sums of g, one product copied over; one block's G and its serialised
+    # copy, and the float64 temporaries of symmetrising the widest G
+    assert full.host_bytes == PROC + max(loading, 2 * (8 * 736 + 8 * 64) + 4 * 256 + 2 * files + 16 * 256)
+    assert full.disk_bytes == full.disk_total == 2 * files == 12800
+    diagonal = gradients(TINY, SETTINGS, BIG, full=False)
+    assert diagonal.disk_bytes == 2 * 16 * 64 and diagonal.host_bytes == PROC + loading
+    # at least the weights / placement.HEADROOM on the device: the stage refuses less free memory
+    small_batch = gradients(replace(TINY, vocab=0), replace(SETTINGS, seq_len=1, grad_batch=1), BIG, full=False)
+    assert small_batch.device_bytes == CTX + weights / 0.8
+    on_cpu = gradients(TINY, replace(SETTINGS, gpu=False), BIG, full=True)
+    assert (on_cpu.gpus, on_cpu.device_bytes) == (0, 0)
+    assert on_cpu.host_bytes == PROC + weights + 18688 + max(12768, 2 * files + 16 * 256)  # float32 staging too
+    # full auto counts the sums twice: the rule runs the full G only where they take half the free memory
+    auto = gradients(TINY, replace(SETTINGS, gpu=False, grad_full="auto"), BIG, full=True)
+    assert auto.host_bytes == PROC + weights + 2 * 18688 + 2 * files + 16 * 256
+
+
+def test_gradients_full_auto_is_the_stages_rule():
+    """gradients.full auto: the planner's choice is the stage's own (resolve_full on the host memory free once
+    the model is loaded, predicted as the host less the process and, on the CPU, the weights), and a job
+    given the planned memory of the full G chooses it again."""
+    outs = [o for _, o, _ in TINY.linears] * 2
+    s = replace(SETTINGS, grad_full="auto", gpu=False)
+    for free in (37_375, 37_376, 50_000):
+        m = Machine(None, 0, PROC + 1704 * 4 + free)
+        assert gradients_full(TINY, s, m) == resolve_full("auto", outs, free) == (free >= 37_376), free
+        assert plan_stage("collect_gradients", TINY, s, m).mode == ("full G" if free >= 37_376 else "diagonal G")
+    need = plan_stage("collect_gradients", TINY, s, Machine(None, 0, 1e12))
+    assert need.mode == "full G" and resolve_full("auto", outs, need.host_bytes - PROC - 1704 * 4)
+    assert gradients_full(TINY, replace(s, gpu=True), Machine(1e9, 1, PROC + 37_376))  # weights on the GPU
+    assert not gradients_full(TINY, replace(s, grad_full="false"), BIG) and gradients_full(TINY, SETTINGS, BIG)
+    assert [n.mode for n in every_mode("collect_gradients", TINY, s, BIG)] == ["full G", "diagonal G"]
+
+
+def test_a_gradient_stage_that_fits_nowhere_names_the_fix():
+    s = replace(SETTINGS, grad_full="auto")
+    fits_bf16 = gradients(TINY, replace(s, grad_itemsize=2), BIG, full=True).device_bytes
+    assert plan_stage("collect_gradients", TINY, s, replace(BIG, gpu_bytes=fits_bf16)).fix == (
+        "gradients.dtype: bfloat16")
+    on_cpu = replace(s, gpu=False, grad_full="true")
+    full = gradients(TINY, on_cpu, BIG, full=True)
+    assert plan_stage("collect_gradients", TINY, on_cpu, replace(BIG, host_bytes=full.host_bytes - 1)).fix == (
+        "gradients.full: false")
+    # the stage refuses streamed always (its backward pass is not streamed)
+    assert plan_stage("collect_gradients", TINY, replace(s, streamed="always"), BIG).fix.startswith("streamed: auto")
 
 
 def test_modes_follow_the_settings_and_the_first_that_fits_is_chosen():
@@ -272,6 +335,28 @@ def test_config_check_refuses_a_stage_that_fits_in_no_mode(llama3_8b, tmp_path):
     assert "GB on one 24 GB GPU" in line and "of host memory (48.0 GB)" in line and line.endswith("set streamed: always")
 
 
+def test_the_gradient_stage_is_planned_when_the_loss_allocation_is_configured(llama3_8b, tmp_path):
+    """collect_gradients runs (and is checked) only for compression.allocations: loss; the config check refuses
+    a gradient pass that fits in no mode in one line naming the stage, its need and the fix."""
+    local = {"llama3": {"source": "local", "path": str(llama3_8b)}}
+    machine = Machine(gpu_bytes=24e9, gpus=1, host_bytes=512e9, disk_bytes=None)
+    assert "collect_gradients" not in plan_config(validated({"models": local}), "llama3", tmp_path, machine)
+    assert "collect_gradients" in job_needs(validated({"models": local}), "llama3", tmp_path, machine)  # sized anyway
+    config = validated({"models": local, "device": "cuda", "compression": {"allocations": ["uniform", "loss"]}})
+    _, rows = plan_rows(config, "llama3", tmp_path, machine)
+    assert [(n.mode, chosen) for n, chosen, _ in rows if n.stage == "collect_gradients"] == [
+        ("full G", True), ("diagonal G", False)]  # 178 GB of sums fit half of the 510 GB free
+    with pytest.raises(ConfigError) as err:  # 32 GB of float32 weights on a 24 GB GPU
+        check_fit(config, tmp_path, machine)
+    line = str(err.value)
+    assert "\n" not in line, line
+    assert line.startswith("collect_gradients of model llama3 fits in no mode: full G needs "), line
+    assert "GB on one 24 GB GPU" in line and line.endswith("set gradients.dtype: bfloat16"), line
+    check_fit(config, tmp_path, replace(machine, gpu_bytes=48e9))
+    with pytest.raises(ConfigError, match=r"^collect_gradients of model llama3 fits in no mode: .*set streamed: auto"):
+        check_fit({**config, "streamed": "always"}, tmp_path, replace(machine, gpu_bytes=48e9))
+
+
 def test_config_check_refuses_a_disk_too_small(llama3_8b, tmp_path):
     config = validated({"models": {"llama3": {"source": "local", "path": str(llama3_8b)}}, "device": "cuda"})
     machine = Machine(gpu_bytes=80e9, gpus=1, host_bytes=512e9, disk_bytes=100e9)
@@ -332,14 +417,15 @@ def test_streamed_auto_is_the_planners_choice(tiny_llama, tmp_path):
 def test_job_needs_of_the_default_config_cover_every_rule():
     config = validated({})
     needs = job_needs(config, "smollm2-135m", REPO / "does-not-exist", Machine(None, 0, 16e9, None))
-    assert {"prepare_model", "collect_features", "eigendecompose", "compress_model", "evaluate_model", "check_scorer",
-            "search", "laser_point", "inference_speed"} <= set(needs)
+    assert {"prepare_model", "collect_features", "collect_gradients", "eigendecompose", "compress_model",
+            "evaluate_model", "check_scorer", "search", "laser_point", "inference_speed"} <= set(needs)
     assert all(f"factor_cache:{m}" in needs for m in config["compression"]["methods"])
     assert json.dumps({k: v.host_bytes for k, v in needs.items()})  # plain numbers
 
 
 RULES_SIZED = {"prepare_model": "prepare_model", "collect_features": "collect_features",
-               "eigendecompose": "eigendecompose", "factor_cache": "factor_cache", "compress_model": "compress_model",
+               "collect_gradients": "collect_gradients", "eigendecompose": "eigendecompose",
+               "factor_cache": "factor_cache", "compress_model": "compress_model",
                "compress_searched": "compress_model", "evaluate_model": "evaluate_model",
                "check_scorer": "check_scorer", "search": "search", "laser_point": "laser_point",
                "inference_speed": "inference_speed", "spectra": "eigendecompose"}

@@ -112,6 +112,8 @@ def settings_of(config: Mapping, size: ModelSize, model_config: Mapping | None, 
                                      *(search["methods"] if search["enabled"] else [])])),
         compressed=tuple(_model_fraction(size, f, config["compression"]["convention"]) for f in (written or [])),
         eval_batch=ev["batch_size"], eval_context=max(TASK_TOKENS, window), ppl_window=window,
+        grad_itemsize=DTYPE_BYTES[config["gradients"]["dtype"]], grad_batch=config["gradients"]["batch_size"],
+        grad_full=str(config["gradients"]["full"]).lower(),
         search_batch=search["batch_size"], search_cache_bytes=search["cache_max_mb"] * 1e6 if search["cache"] else 0.0,
         laser_batch=config["laser"]["batch_size"], speed_batch=max(speed["batch_sizes"]),
         speed_tokens=(speed["prompt_tokens"], speed["decode_tokens"]))
@@ -145,6 +147,8 @@ def stage_jobs(config: Mapping, name: str, every: bool = False) -> dict[str, dic
     if m["source"] != "local":
         out["prepare_model"] = {"source": m["source"]}
     out["collect_features"] = {}
+    if "loss" in config["compression"]["allocations"] or every:  # read by the loss allocation only
+        out["collect_gradients"] = {}
     out["eigendecompose"] = {}
     methods = dict.fromkeys([*config["compression"]["methods"],
                              *(config["search"]["methods"] if config["search"]["enabled"] else [])])
@@ -210,6 +214,7 @@ def _output(stage: str, name: str) -> Path:
     """Where a stage's outputs for model `name` go (their existence means nothing is left to write)."""
     kind, _, method = stage.partition(":")
     return {"prepare_model": PREPARED / name, "collect_features": Path("results") / name / "features",
+            "collect_gradients": Path("results") / name / "gradients",
             "eigendecompose": Path("results") / name / "eigen" / "summary.json",
             "factor_cache": Path("results") / name / "factors" / method,
             "compress_model": Path("results") / name / "compressed"}.get(kind, Path("results") / name / kind)
