@@ -357,6 +357,19 @@ def test_the_gradient_stage_is_planned_when_the_loss_allocation_is_configured(ll
         check_fit({**config, "streamed": "always"}, tmp_path, replace(machine, gpu_bytes=48e9))
 
 
+def test_a_config_json_without_model_type_is_named(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    config = validated({"models": {"m": {"source": "local", "path": str(folder)}}})
+    with pytest.raises(ConfigError) as err:
+        check_config(config, tmp_path, Machine(None, 0, 16e9, None))
+    assert str(err.value) == (f"{folder / 'config.json'} has no model_type; add \"model_type\": \"llama\" (the model "
+                              "type of LlamaForCausalLM, as transformers' config.json files name it)")
+    run = run_cli("plan-resources", "--model-dir", str(folder), "--root", str(tmp_path))
+    assert run.returncode != 0 and f"{folder / 'config.json'} has no model_type" in run.stderr, run.stderr[-2000:]
+
+
 def test_config_check_refuses_a_disk_too_small(llama3_8b, tmp_path):
     config = validated({"models": {"llama3": {"source": "local", "path": str(llama3_8b)}}, "device": "cuda"})
     machine = Machine(gpu_bytes=80e9, gpus=1, host_bytes=512e9, disk_bytes=100e9)

@@ -1,10 +1,10 @@
 """What the planner reads: a model's shapes, never its weights, and the memory and disk of this machine.
 
-- `model_size(model_dir, layers)`: the `needs.ModelSize` of a model folder, from config.json and the
-  safetensors headers (the first 8 bytes give the header's length; only the header is read, so a folder
-  whose files hold headers and no data plans like the real one). A folder with config.json and no
-  safetensors yet is read from the model built on the meta device (`model.shapes.meta_model`, no weights),
-  its dtype from config.json.
+- `model_size(model_dir, layers)`: the `needs.ModelSize` of a model folder, from config.json (one line
+  naming the file where it lacks architectures or model_type) and the safetensors headers (the first 8
+  bytes give the header's length; only the header is read, so a folder whose files hold headers and no
+  data plans like the real one). A folder with config.json and no safetensors yet is read from the model
+  built on the meta device (`model.shapes.meta_model`, no weights), its dtype from config.json.
 - `write_shapes_only(folder, config)`: such a folder for a model one does not have: config.json and a
   model.safetensors holding only the header of every tensor (plan a model before downloading it).
 - `tokens_shape`: (sequences, seq_len) of the calibration tokens, from their file's header.
@@ -94,8 +94,31 @@ def model_size(model_dir: str | os.PathLike, layers: list[str] | None = None) ->
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{folder} has no config.json; the planner reads a model's shapes from it")
     config = json.loads((folder / "config.json").read_text())
+    _check_keys(folder / "config.json", config)
     return size_from(config, checkpoint_tensors(folder) if checkpoint_files(folder) else _meta_tensors(config),
                      layers)
+
+
+def _check_keys(path: Path, config: Mapping) -> None:
+    """One ConfigError line naming `path` when its config lacks what every stage reads: the architecture,
+    and the model_type transformers builds the model by (suggested from the architecture)."""
+    archs = config.get("architectures")
+    if not archs:
+        raise ConfigError(f"{path} names no architectures; add e.g. \"architectures\": [\"LlamaForCausalLM\"]")
+    if not config.get("model_type"):
+        raise ConfigError(f"{path} has no model_type; add \"model_type\": \"{model_type_of(archs[0])}\" (the model "
+                          f"type of {archs[0]}, as transformers' config.json files name it)")
+
+
+def model_type_of(architecture: str) -> str:
+    """The transformers model_type of a causal-LM architecture class (LlamaForCausalLM: llama), the longest
+    of those mapped to it whose name is in the class's; else the architecture's name before ForCausalLM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = architecture.lower()
+    types = [t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if cls == architecture
+             and t.replace("-", "").replace("_", "") in name]
+    return max(types, key=len) if types else name.removesuffix("forcausallm").removesuffix("lmheadmodel")
 
 
 def size_from(config: Mapping, tensors: Mapping[str, tuple[str, tuple[int, ...], int]],
