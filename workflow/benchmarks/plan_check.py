@@ -2,9 +2,10 @@
 
 Writes (once, reused) a random-weight Llama stored as bfloat16 shards with the embedded model's tokenizer,
 tokenizes CoQA stories, and runs each CPU stage as its command in a fresh process (device cpu, float32, one
-thread): stage 1 whole and streamed, the eigendecomposition of block 0, the feature and whitened factor
-caches whole and streamed. Prints, per run, the planner's predicted host memory (its chosen formula with the
-mode forced), the process's peak resident memory (VmHWM) and their ratio. The predictions include
+thread): stage 1 whole and streamed, the output gradients with the whole G and its diagonal, the
+eigendecomposition of block 0, the feature and whitened factor caches whole and streamed. Prints, per run,
+the planner's predicted host memory (its chosen formula with the mode forced), the process's peak resident
+memory (VmHWM) and their ratio. The predictions include
 `PROCESS_BYTES` (1.5 GB) for the interpreter, which a CPU build of torch fills with about 0.3 GB, so the
 table also gives both without it. GPU memory is not checked here (no GPU).
 
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--gradients-batch-size", type=int, default=4)
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "sfsd-plan-check")
     args = parser.parse_args()
 
@@ -53,7 +55,7 @@ def main() -> None:
     from sfsd.io import save_tensors
     from sfsd.provenance import tokenizer_digest
     from sfsd.resources.modes import candidates
-    from sfsd.resources.needs import PROCESS_BYTES, Machine, Settings
+    from sfsd.resources.needs import PROCESS_BYTES, Machine, Settings, gradients
     from sfsd.resources.read import model_size
 
     embedded = embedded_model_dir(None)
@@ -67,7 +69,8 @@ def main() -> None:
     n = int(tokens["input_ids"].shape[0])
     size = model_size(model, LAYERS.split(","))
     s = Settings(itemsize=4, collect_itemsize=4, gpu=False, samples=n, seq_len=args.seq_len,
-                 collect_batch=args.batch_size, methods=("feature", "whitened"))
+                 collect_batch=args.batch_size, methods=("feature", "whitened"), grad_itemsize=4,
+                 grad_batch=args.gradients_batch_size)
     host = Machine(None, 0, 1e15)  # the streamed hidden states stay in memory, as on this machine
     out = args.work_dir / "out"
     common = ["--model-dir", str(model)]
@@ -79,6 +82,12 @@ def main() -> None:
         measured = peak([*collect, "--streamed", streamed, "--staging", "device", "--out", str(out / f"f-{streamed}")])
         rows.append((f"collect_features {'streamed' if streamed == 'always' else 'whole'}",
                      by_mode[f"{'streamed' if streamed == 'always' else 'whole'}, staging device"].host_bytes, measured))
+    for full in ("true", "false"):  # set, not auto: auto's full G counts its sums twice (needs.gradients)
+        need = gradients(size, replace(s, grad_full=full), host, full == "true")
+        measured = peak(["gradients", *common, "--model-name", "m", "--tokens", str(tokens_path), "--layers", LAYERS,
+                         "--full", full, "--dtype", "float32", "--device", "cpu", "--batch-size",
+                         str(args.gradients_batch_size), "--streamed", "never", "--out", str(out / f"g-{full}")])
+        rows.append((f"collect_gradients {need.mode}", need.host_bytes, measured))
     features = out / "f-never"
     results = out / "results"
     (results / "eigen").mkdir(parents=True, exist_ok=True)
