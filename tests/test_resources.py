@@ -470,7 +470,7 @@ def test_snakemake_resources_are_the_planners(tmp_path, tiny_llama, calibration_
     config["host_memory_gb"] = 16
     config["models"]["big"] = {"source": "hub", "id": "org/model-70b", "params_b": 70}
     targets = ["results/tiny/eval/base.parquet", "results/tiny/features", "results/tiny/factors/whitened",
-               "results/big/eval/base.parquet"]
+               "results/tiny/gradients", "results/big/eval/base.parquet"]
     out = snakemake(snakefile, workdir, config, "--dry-run", *targets).stdout
     jobs = re.findall(r"^(?:rule|checkpoint|localrule|localcheckpoint) (\w+):\n(.*?)^\s+resources: ([^\n]*)", out,
                       re.M | re.S)
@@ -493,8 +493,8 @@ def test_snakemake_resources_are_the_planners(tmp_path, tiny_llama, calibration_
         threads = re.search(r"threads: (\d+)", head)
         assert threads is None or int(threads[1]) == min(need.threads, 2), (rule, head)
         seen.add((rule, model[1]))
-    assert {("collect_features", "tiny"), ("factor_cache", "tiny"), ("evaluate_model", "tiny"),
-            ("evaluate_model", "big")} <= seen, seen
+    assert {("collect_features", "tiny"), ("collect_gradients", "tiny"), ("factor_cache", "tiny"),
+            ("evaluate_model", "tiny"), ("evaluate_model", "big")} <= seen, seen
     assert big["evaluate_model"].host_bytes > 16e9  # capped above
     out = snakemake(snakefile, workdir, config, "--dry-run", "results/big/eval/base.parquet", "--resources",
                     "mem_mb=1000000").stdout
