@@ -10,8 +10,6 @@ from sfsd.errors import ConfigError
 from sfsd.features.calibration import tokenize
 from sfsd.features.gradients import (
     collect_output_gradients,
-    full_fits,
-    gradient_sums_bytes,
     output_gradient,
     resolve_full,
     run_gradients,
@@ -20,6 +18,7 @@ from sfsd.features.gradients import (
 from sfsd.io import load_tensors, read_json, save_tensors
 from sfsd.model.loading import load_model
 from sfsd.model.registry import get_arch, linear_of
+from sfsd.resources.needs import full_fits, gradient_sums_bytes
 
 SPEC = get_arch("LlamaForCausalLM")
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "A man is sitting on a roof.",

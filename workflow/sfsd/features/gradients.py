@@ -51,7 +51,7 @@ from sfsd.model.registry import architecture_of, blocks_of, get_arch, select_lin
 from sfsd.model.spec import ArchSpec
 from sfsd.model.stream import host_available
 from sfsd.provenance import require, stamp, tokenizer_digest
-from sfsd.resources.needs import FULL_FRACTION, full_fits, gradient_sums_bytes
+from sfsd.resources.needs import full_fits, gradient_sums_bytes
 
 log = logging.getLogger(__name__)
 
@@ -291,5 +291,5 @@ def output_gradient(block, linear: str) -> torch.Tensor:
     raise DataError(f"the output gradients lack {linear}; rerun collect_gradients with this layer")
 
 
-__all__ = ["FULL_FRACTION", "GradientMoments", "LOSS", "collect_output_gradients", "full_fits",
-           "gradient_sums_bytes", "output_gradient", "resolve_full", "run_gradients", "token_losses"]
+__all__ = ["GradientMoments", "LOSS", "collect_output_gradients", "output_gradient", "resolve_full", "run_gradients",
+           "token_losses"]
