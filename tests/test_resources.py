@@ -23,6 +23,7 @@ from sfsd.resources.needs import (
     CHOICE_TOKENS,
     CUDA_CONTEXT_BYTES as CTX,
     PROCESS_BYTES as PROC,
+    CUDA_HOST_BYTES,
     STAGING_SHARE,
     backward_bytes,
     Machine,
@@ -48,6 +49,8 @@ from sfsd.resources.needs import (
     staging_bytes,
     svd_work_bytes,
 )
+
+GPU_PROC = PROC + CUDA_HOST_BYTES  # a process that runs on a GPU
 from sfsd.resources.plan import check_fit, job_needs, plan_config, plan_rows, variants
 from sfsd.resources.read import model_size, read_header, tokens_shape, write_shapes_only
 
@@ -96,19 +99,19 @@ def test_stage_one_in_each_mode():
     whole = collect(TINY, SETTINGS, BIG, streamed=False, staging="device")
     assert whole.device_bytes == weights + 2 * 2432 + act + CTX
     # loading: the weights and the checkpoint's bfloat16 pages (2 x 1704); then the float64 totals of both blocks
-    assert whole.host_bytes == PROC + max(weights + 2 * 1704, 2 * 4224) == PROC + 10224
+    assert whole.host_bytes == GPU_PROC + max(weights + 2 * 1704, 2 * 4224) == GPU_PROC + 10224
     assert whole.disk_bytes == 2 * 4224 and whole.gpus == 1
     host_staged = collect(TINY, SETTINGS, BIG, streamed=False, staging="host")
     assert host_staged.device_bytes == weights + (4 * 256 + 16 * 16) + act + CTX  # one input's buffers
     streamed = collect(TINY, SETTINGS, BIG, streamed=True, staging="device")
     assert streamed.device_bytes == outside + block + 2432 + act + CTX + 384  # hidden states on the GPU
-    assert streamed.host_bytes == PROC + 4224 + block + 592 * 2  # one block's totals, the block and its pages
+    assert streamed.host_bytes == GPU_PROC + 4224 + block + 592 * 2  # one block's totals, the block and its pages
     # a GPU with 400 bytes to spare keeps a quarter of it (100) of the 384 bytes of hidden states; the host
     # keeps a quarter of its 1000 (250); the last 34 go to temporary files
     small = Machine(gpu_bytes=outside + CTX + 400, gpus=1, host_bytes=1000)
     spilled = collect(TINY, SETTINGS, small, streamed=True, staging="device")
     assert spilled.device_bytes == outside + block + 2432 + act + CTX + 100
-    assert spilled.host_bytes == PROC + 4224 + block + 592 * 2 + 250
+    assert spilled.host_bytes == GPU_PROC + 4224 + block + 592 * 2 + 250
     assert spilled.disk_bytes == 2 * 4224 + 34
     on_cpu = collect(TINY, replace(SETTINGS, gpu=False), BIG, streamed=False, staging="device")
     assert (on_cpu.device_bytes, on_cpu.gpus) == (0, 0)
@@ -137,7 +140,14 @@ def test_the_other_stages():
     ev = gpu_stage(TINY, SETTINGS, BIG, "evaluate_model")
     act = forward_bytes(TINY, 2, 5, 4) + kv_cache_bytes(TINY, 2, 5, 4)
     assert ev.device_bytes == 1704 * 4 + act + logits_bytes(TINY, 2, CHOICE_TOKENS) + CTX
-    assert (ev.gpus, ev.host_bytes) == (1, PROC + 1704 * 4 + 1704 * 2)  # loaded on the host from its pages
+    assert (ev.gpus, ev.host_bytes) == (1, GPU_PROC + 1704 * 4 + 1704 * 2)  # loaded on the host from its pages
+    # on the CPU at the dtype it is stored in (bfloat16), the weights are the checkpoint's mapped pages: one copy
+    cpu = replace(SETTINGS, gpu=False)
+    act16 = forward_bytes(TINY, 2, 5, 2) + kv_cache_bytes(TINY, 2, 5, 2) + logits_bytes(TINY, 2, CHOICE_TOKENS)
+    assert gpu_stage(TINY, replace(cpu, itemsize=2), BIG, "evaluate_model").host_bytes == PROC + 1704 * 2 + act16
+    # at float32 the converted copy sits beside the pages while they are read
+    act32 = act + logits_bytes(TINY, 2, CHOICE_TOKENS)
+    assert gpu_stage(TINY, cpu, BIG, "evaluate_model").host_bytes == PROC + 1704 * 4 + max(1704 * 2, act32)
     check = gpu_stage(TINY, SETTINGS, BIG, "check_scorer")  # lm-eval: logits at every position
     assert check.device_bytes == 1704 * 4 + act + logits_bytes(TINY, 2, 5) + CTX
     search = gpu_stage(TINY, replace(SETTINGS, search_batch=2, search_cache_bytes=1000), BIG, "search")
@@ -164,10 +174,10 @@ def test_the_gradient_stage_on_hand_made_shapes():
     assert full.device_bytes == CTX + weights + 12768 + 4 * 256 and (full.gpus, full.threads) == (1, 2)
     # the host: the float64 totals and sums of g, one product copied over; one block's G and its serialised
     # copy, and the float64 temporaries of symmetrising the widest G
-    assert full.host_bytes == PROC + max(loading, 2 * (8 * 736 + 8 * 64) + 4 * 256 + 2 * files + 16 * 256)
+    assert full.host_bytes == GPU_PROC + max(loading, 2 * (8 * 736 + 8 * 64) + 4 * 256 + 2 * files + 16 * 256)
     assert full.disk_bytes == full.disk_total == 2 * files == 12800
     diagonal = gradients(TINY, SETTINGS, BIG, full=False)
-    assert diagonal.disk_bytes == 2 * 16 * 64 and diagonal.host_bytes == PROC + loading
+    assert diagonal.disk_bytes == 2 * 16 * 64 and diagonal.host_bytes == GPU_PROC + loading
     # at least the weights / placement.HEADROOM on the device: the stage refuses less free memory
     small_batch = gradients(replace(TINY, vocab=0), replace(SETTINGS, seq_len=1, grad_batch=1), BIG, full=False)
     assert small_batch.device_bytes == CTX + weights / 0.8

@@ -8,8 +8,8 @@ machine; when none does, the best one with `fix` naming the setting that would m
 running the same formula again with that setting changed).
 
 Every number is a prediction from shapes, not a measurement; what a formula leaves out is said in its
-docstring. Two terms every stage has: `PROCESS_BYTES` of host memory for the interpreter and its
-libraries, and `CUDA_CONTEXT_BYTES` on each GPU it uses.
+docstring. Terms every stage has: `PROCESS_BYTES` of host memory for the interpreter and its libraries
+(`CUDA_HOST_BYTES` more where it runs on a GPU), and `CUDA_CONTEXT_BYTES` on each GPU it uses.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from dataclasses import dataclass, replace
 from sfsd.model.placement import HEADROOM, gpus_needed
 from sfsd.model.stream import HIDDEN_SHARE
 
-PROCESS_BYTES = 1.5e9  # the interpreter with torch, transformers and lm-eval (0.25 GB with torch's CPU build)
-CUDA_CONTEXT_BYTES = 0.5e9  # CUDA context and kernels on each GPU a job uses (not measured here)
+PROCESS_BYTES = 0.75e9  # the interpreter with torch, transformers and lm-eval: 0.36 GB resident measured with
+#                         torch's CPU build (workflow/benchmarks/paper_scale.py), twice that for a CUDA build
+CUDA_CONTEXT_BYTES = 0.5e9  # CUDA context and kernels on each GPU a job uses (not measured on a GPU)
+CUDA_HOST_BYTES = 0.75e9  # host memory of a process that initialises CUDA (its libraries; not measured on a GPU)
 STAGING_SHARE = 0.5  # collection.staging auto: device when every block's staging takes at most this of the
 #                      device memory left beside the weights (sfsd/features/stats.py choose_staging)
 SHARD_BYTES = 5 * 2**30  # a compressed folder's weight shards (sfsd/decompose/compress.py SHARD_BYTES)
@@ -247,6 +249,27 @@ def factors_block_bytes(size: ModelSize, itemsize: int) -> int:
     return total
 
 
+def process_bytes(gpu: bool) -> float:
+    """Host memory of a stage's process before it holds any data: `PROCESS_BYTES`, and `CUDA_HOST_BYTES` more
+    where it runs on a GPU."""
+    return PROCESS_BYTES + (CUDA_HOST_BYTES if gpu else 0)
+
+
+def loading_bytes(size: ModelSize, itemsize: int, gpu: bool) -> float:
+    """Host memory while the whole model loads at `itemsize`: for a CPU run at the dtype it is stored in, the
+    tensors are the checkpoint's mapped pages (transformers maps safetensors without a copy: 4.0 GB of
+    bfloat16 weights scored on the CPU peak at 4.6 GB resident), so one copy; otherwise the converted
+    weights beside the pages they are read from."""
+    weights = size.total_params * itemsize
+    return weights if not gpu and mapped(size, itemsize) else weights + stored_bytes(size, size.total_params)
+
+
+def mapped(size: ModelSize, itemsize: int) -> bool:
+    """Whether the checkpoint stores the weights at `itemsize` bytes each (loaded at that size, they are its
+    pages)."""
+    return size.total_params > 0 and round(size.stored_bytes / size.total_params) == itemsize
+
+
 def stored_bytes(size: ModelSize, params: int) -> float:
     """The checkpoint's bytes of `params` parameters: the file pages mapped while they are read (safetensors
     maps the file; the pages count as resident until it is closed)."""
@@ -300,7 +323,7 @@ def collect(size: ModelSize, s: Settings, m: Machine, streamed: bool, staging: s
             on_device = min(hidden, HIDDEN_SHARE * max(m.gpu_bytes - outside - ctx, 0))
             on_host = min(hidden - on_device, HIDDEN_SHARE * m.host_bytes)
             device = outside + block + staged + act + ctx + on_device
-            host = PROCESS_BYTES + totals + block + stored_bytes(size, size.block_params) + on_host
+            host = process_bytes(gpu) + totals + block + stored_bytes(size, size.block_params) + on_host
         else:
             on_host = min(hidden, HIDDEN_SHARE * m.host_bytes)
             device = 0
@@ -310,9 +333,9 @@ def collect(size: ModelSize, s: Settings, m: Machine, streamed: bool, staging: s
         why = "one block, its statistics and the calibration hidden states"
     else:
         staged = size.n_blocks * staging_bytes(size) if staging == "device" else one_input
-        loading = weights + stored_bytes(size, size.total_params)  # the model and its checkpoint's pages
+        loading = loading_bytes(size, ci, gpu)  # the model and its checkpoint's pages
         if gpu:
-            device, host = weights + staged + act + ctx, PROCESS_BYTES + max(loading, size.n_blocks * totals)
+            device, host = weights + staged + act + ctx, process_bytes(gpu) + max(loading, size.n_blocks * totals)
         else:
             device = 0
             host = PROCESS_BYTES + max(loading, weights + staged + size.n_blocks * totals + act)
@@ -347,10 +370,10 @@ def gradients(size: ModelSize, s: Settings, m: Machine, full: bool) -> StageNeed
     if full and s.grad_full == "auto":
         sums = max(sums, gradient_sums_bytes(outs, True) / FULL_FRACTION)
     writing = 2 * block_file + (16 * widest * widest if full else 0)
-    loading = weights + stored_bytes(size, size.total_params)  # the model and its checkpoint's pages
+    loading = loading_bytes(size, it, gpu)  # the model and its checkpoint's pages
     if gpu:
         device = CUDA_CONTEXT_BYTES + max(weights / HEADROOM, weights + act + (4 * widest * widest if full else 0))
-        host = PROCESS_BYTES + max(loading, sums + writing)
+        host = process_bytes(gpu) + max(loading, sums + writing)
     else:
         device = 0
         host = PROCESS_BYTES + max(loading, weights / HEADROOM, weights + sums + max(act, writing))
@@ -435,7 +458,8 @@ def gpu_stage(size: ModelSize, s: Settings, m: Machine, stage: str, jobs: int = 
     - inference_speed: the largest speed.batch_sizes with the KV cache of prompt + decoded tokens, logits at
       the last position only.
 
-    In host memory the weights and the checkpoint's pages, which it loads from. Planned for the dense model
+    In host memory the weights and the checkpoint's pages, which it loads from (on the CPU at the stored
+    dtype the weights are those pages: `loading_bytes`). Planned for the dense model
     (a compressed variant holds fewer weights). Leaves out: lm-eval's request tables and the documents on
     the host."""
     it = s.itemsize
@@ -451,11 +475,13 @@ def gpu_stage(size: ModelSize, s: Settings, m: Machine, stage: str, jobs: int = 
         rows, ctx, positions = s.speed_batch, sum(s.speed_tokens), 1
     act = forward_bytes(size, rows, ctx, it) + kv_cache_bytes(size, rows, ctx, it) + logits_bytes(size, rows, positions)
     weights = size.total_params * it
-    pages = stored_bytes(size, size.total_params)  # the checkpoint's pages while it loads
     if not (s.gpu and m.gpu_bytes is not None):
+        # the weights, and beside them the checkpoint's pages while it loads (none where they are its pages)
+        pages = loading_bytes(size, it, False) - weights
         return StageNeed(stage, "cpu", 0, PROCESS_BYTES + weights + max(pages, act + extra), 0, 0, jobs=jobs,
                          why="weights and activations in host memory")
     gpus = 1 if s.fixed_device else gpus_needed(weights, m.gpu_bytes)
     device = weights / gpus + act + extra + CUDA_CONTEXT_BYTES
-    return StageNeed(stage, f"{gpus} GPU{'s' if gpus > 1 else ''}", device, PROCESS_BYTES + weights + pages, 0, 0,
+    host = process_bytes(True) + loading_bytes(size, it, True)  # the model passes through host memory as it loads
+    return StageNeed(stage, f"{gpus} GPU{'s' if gpus > 1 else ''}", device, host, 0, 0,
                      gpus=gpus, jobs=jobs, why="weights, one batch's activations and logits")
