@@ -22,6 +22,7 @@ include: "rules/search.smk"
 include: "rules/speed.smk"
 include: "rules/figures.smk"
 include: "rules/laser.smk"
+include: "rules/quick.smk"
 
 
 rule all:

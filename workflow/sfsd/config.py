@@ -56,6 +56,7 @@ def check_config(config: Mapping, root: str | Path = ".", machine=None) -> None:
     _check_metrics(config)
     _check_evaluation(config, root)
     _check_laser(config, root)
+    _check_quick(config)
     _check_resources(config, root, machine)
 
 
@@ -289,6 +290,13 @@ def _check_laser(config: Mapping, root: Path) -> None:
         if bad:
             raise ConfigError(f"laser.lnums {bad} out of range: model {name} has blocks 0..{n_blocks - 1} "
                               "(-1 = every block)")
+
+
+def _check_quick(config: Mapping) -> None:
+    budgets = config["compression"]["budgets"]
+    if config["quick"]["budget"] is not None and config["quick"]["budget"] not in budgets:
+        raise ConfigError(f"quick.budget {config['quick']['budget']!r} is not a name of compression.budgets "
+                          f"{sorted(budgets)}; use one of them (the quick target shares their compressed models)")
 
 
 def _check_resources(config: Mapping, root: Path, machine) -> None:
