@@ -175,14 +175,16 @@ def host_available(cgroups: Path = Path("/proc/self/cgroup"), root: Path = Path(
                    address_limit: int | None = None) -> int:
     """Bytes of host memory this process may still use: the system's available memory, or less where a
     memory cgroup (a SLURM job's --mem, a container; v1 or v2) limits the process, or where an address-space
-    limit (`ulimit -v`, RLIMIT_AS; `address_limit` overrides it) leaves less than that above the address
-    space the process already has. (`cgroups` lists the process's groups, `root` is where they are mounted.)"""
+    limit (`ulimit -v`, RLIMIT_AS; `address_limit` overrides it) is lower. The address-space limit is the
+    whole of what a job process may map, its interpreter included, as the planner's needs count it
+    (`sfsd.resources.needs.PROCESS_BYTES`). (`cgroups` lists the process's groups, `root` is where they are
+    mounted.)"""
     import psutil
 
     available = psutil.virtual_memory().available
     limit = address_limit if address_limit is not None else _address_limit()
     if limit is not None:
-        available = min(available, limit - psutil.Process().memory_info().vms)
+        available = min(available, limit)
     try:
         lines = cgroups.read_text().splitlines()
     except OSError:
