@@ -46,8 +46,9 @@ RUN_CONFIG = {
     "calibration": {"num_samples": 32, "seq_len": 128},
     "evaluation": {"limit": 4, "check_docs": 2, "batch_size": 4, "perplexity": {"max_docs": 4}},
     "compression": {"methods": ["feature"], "budgets": {"p54": 0.806}, "allocations": ["uniform"], "first_block": 0},
+    # the block-input cache at 512 MB, the fix the config check names under the cap (a cache never changes a result)
     "search": {"methods": ["feature"], "modes": ["kl"], "first_block": -1, "search_limit": 2, "curve_limit": 2,
-               "budgets": False},
+               "budgets": False, "cache_max_mb": 512},
     "laser": {"enabled": False},
     "figures": {"enabled": True},  # the search-curve figure is what asks for the search
     "speed": {"enabled": True, "allocations": ["uniform"], "prompt_tokens": 32, "decode_tokens": 4,
