@@ -131,17 +131,6 @@ def collection_dtype():
     return config["dtype"] if config["collection"]["dtype"] == "auto" else config["collection"]["dtype"]
 
 
-def gpu_wanted():
-    """gpu=1 for GPU stages: always with device cuda*, never with cpu; with auto only where this machine
-    has an NVIDIA driver (nvidia-smi), so a CPU-only workstation does not run its GPU stages one at a time (the
-    profile's gpu limit). On a cluster whose login node has no GPU, set device: cuda."""
-    if config["device"] == "cpu":
-        return 0
-    if config["device"] == "auto":
-        return int(shutil.which("nvidia-smi") is not None)  # the NVIDIA driver ships it
-    return 1
-
-
 @functools.lru_cache(maxsize=None)
 def planned(model):
     """Every stage's need for `model` from the resource planner (sfsd.resources.plan.job_needs: its shapes,
