@@ -1,19 +1,18 @@
 # Calibration: a seeded sample of texts (model-independent), then tokens per model.
 
 
+def calibration_settings():
+    """calibration_texts' settings (sfsd.features.calibration.settings_of: one home for what it reads)."""
+    from sfsd.features.calibration import settings_of
+
+    return settings_of(config)
+
+
 rule calibration_texts:
     output:
         texts="results/calibration/texts.jsonl",
     params:
-        settings=lambda wc: json.dumps(
-            {
-                **{k: v for k, v in config["calibration"].items() if k != "seq_len"},
-                "split_seed": config["splits"]["seed"],
-                "calibration_fraction": config["splits"]["calibration_fraction"],
-                "search_fraction": config["splits"]["search_fraction"],
-            },
-            sort_keys=True,
-        ),
+        settings=lambda wc: json.dumps(calibration_settings(), sort_keys=True),
         code=command_version("calibration-texts"),
     conda:
         "../envs/gpu-stages.yaml"

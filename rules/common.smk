@@ -4,7 +4,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 

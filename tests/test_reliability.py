@@ -40,7 +40,8 @@ def snakefile(tmp_path_factory) -> Path:
 # of them through Snakemake: the schema's error, a check of sfsd.config for each part of the config it
 # reads (files, the model, several keys, the LASER study), each one line before any job, no file written.
 WIRED_CASES = ["binary calibration file", "misspelt key", "batch size as a string", "first block out of range",
-               "search target not evaluated", "laser metric undefined for its task"]
+               "search target not evaluated", "laser metric undefined for its task",
+               "more calibration samples than the tasks offer", "quick budget not a compression budget"]
 
 
 @pytest.fixture(scope="module")

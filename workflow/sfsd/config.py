@@ -50,6 +50,7 @@ def check_config(config: Mapping, root: str | Path = ".", machine=None) -> None:
     root = Path(root)
     _check_models(config, root)
     _check_calibration(config["calibration"], config["splits"], root)
+    _check_calibration_size(config, root)
     _check_model_limits(config, root)
     _check_dtype(config, root)
     _check_search(config)
@@ -150,6 +151,22 @@ def _check_calibration(cal: Mapping, splits: Mapping, root: Path) -> None:
         raise ConfigError("splits.calibration_fraction is 0, so every task document is in an evaluated split and "
                           "calibration.source combination would calibrate on them; set it above 0 (default 0.1) or "
                           "choose another calibration.source")
+
+
+def _check_calibration_size(config: Mapping, root: Path) -> None:
+    """calibration.num_samples against the documents its source offers, where they are countable now: the
+    stage would otherwise take all of them, fewer than asked, and say so only in its log."""
+    from sfsd.features.calibration import available_documents, from_settings, settings_of
+
+    cal = config["calibration"]
+    settings = settings_of(config)
+    if cal["source"] in ("text_file", "jsonl_file"):
+        settings["path"] = str(root / cal["path"])
+    available = available_documents(from_settings(settings))
+    if available is not None and cal["num_samples"] > available:
+        where = " (the calibration part of each task, splits.calibration_fraction)" if cal["source"] == "combination" else ""
+        raise ConfigError(f"calibration.num_samples {cal['num_samples']} exceeds the {available} documents that "
+                          f"calibration.source {cal['source']} offers{where}; set it to {available} or less")
 
 
 def _check_model_limits(config: Mapping, root: Path) -> None:

