@@ -42,7 +42,7 @@ checkpoint collect_features:
 # Beside stage 1: per targeted Linear, G = E[g g^T] of the gradient of the summed token NLL at its output
 # (sfsd/features/gradients.py): one forward and backward pass over the calibration tokens. Read only by the
 # loss allocation (compression.allocations: loss); a model that does not fit the device is refused. Sized by
-# the resource planner (sfsd/resources/needs.py gradients), whose rule the stage decides gradients.full auto by.
+# the resource planner (sfsd/resources/loss_needs.py gradients), whose rule the stage decides gradients.full auto by.
 rule collect_gradients:
     input:
         model=model_dir,

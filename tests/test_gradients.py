@@ -141,7 +141,7 @@ print(status("VmHWM") - before)
 
 
 def test_the_planned_pass_is_never_under_its_measured_peak(tmp_path):
-    """The resource planner's gradient stage on the CPU (sfsd/resources/needs.py gradients, the whole G in
+    """The resource planner's gradient stage on the CPU (sfsd/resources/loss_needs.py gradients, the whole G in
     float32) against the peak memory of the pass measured in a fresh process: the prediction beyond the
     process and the weights (one batch's activations held for the backward, the logits, the sums of G and
     the files' copies) is at least the measured peak, and not four times it."""
@@ -150,7 +150,8 @@ def test_the_planned_pass_is_never_under_its_measured_peak(tmp_path):
     import subprocess
     import sys
 
-    from sfsd.resources.needs import PROCESS_BYTES, Machine, Settings, backward_bytes, gradients
+    from sfsd.resources.loss_needs import backward_bytes, gradients
+    from sfsd.resources.needs import PROCESS_BYTES, Machine, Settings
     from sfsd.resources.read import model_size, write_shapes_only
 
     if not os.access("/proc/self/clear_refs", os.W_OK):

@@ -19,7 +19,7 @@ MODULES = {".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix("
 MAX_LINES = 525  # "about 500": the size of a module one reads in one sitting
 MAX_MODULES = 12  # per folder: more wants a subpackage of its own
 PURE = ("search.algorithm", "decompose.methods", "features.stats", "decompose.allocate", "decompose.lowrank",
-        "search.objectives", "search.settings", "resources.needs", "resources.modes")
+        "search.objectives", "search.settings", "resources.needs", "resources.loss_needs", "resources.modes")
 # The stages in the order they may import each other: a module may import its own layer and those before
 # it, never a later one. Top-level modules other than these are the shared base every stage uses.
 LAYERS = ("model", "resources", "tasks", "features", "decompose", "evaluate", "search", "report", "laser",

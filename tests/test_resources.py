@@ -18,6 +18,7 @@ from sfsd.io import safetensors_header
 from sfsd.model.shapes import model_shapes
 from sfsd.resources.decide import decide_streamed
 from sfsd.features.gradients import resolve_full
+from sfsd.resources.loss_needs import backward_bytes, gradients
 from sfsd.resources.modes import candidates, every_mode, gradients_full, plan_stage, staging_on_device
 from sfsd.resources.needs import (
     CHOICE_TOKENS,
@@ -25,7 +26,6 @@ from sfsd.resources.needs import (
     PROCESS_BYTES as PROC,
     CUDA_HOST_BYTES,
     STAGING_SHARE,
-    backward_bytes,
     Machine,
     ModelSize,
     Settings,
@@ -39,7 +39,6 @@ from sfsd.resources.needs import (
     forward_bytes,
     gpu_stage,
     gradient_sums_bytes,
-    gradients,
     hidden_bytes,
     kv_cache_bytes,
     llama_like,

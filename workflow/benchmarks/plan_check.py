@@ -55,7 +55,8 @@ def main() -> None:
     from sfsd.io import save_tensors
     from sfsd.provenance import tokenizer_digest
     from sfsd.resources.modes import candidates
-    from sfsd.resources.needs import PROCESS_BYTES, Machine, Settings, gradients
+    from sfsd.resources.loss_needs import gradients
+    from sfsd.resources.needs import PROCESS_BYTES, Machine, Settings
     from sfsd.resources.read import model_size
 
     embedded = embedded_model_dir(None)
@@ -82,7 +83,7 @@ def main() -> None:
         measured = peak([*collect, "--streamed", streamed, "--staging", "device", "--out", str(out / f"f-{streamed}")])
         rows.append((f"collect_features {'streamed' if streamed == 'always' else 'whole'}",
                      by_mode[f"{'streamed' if streamed == 'always' else 'whole'}, staging device"].host_bytes, measured))
-    for full in ("true", "false"):  # set, not auto: auto's full G counts its sums twice (needs.gradients)
+    for full in ("true", "false"):  # set, not auto: auto's full G counts its sums twice (loss_needs.gradients)
         need = gradients(size, replace(s, grad_full=full), host, full == "true")
         measured = peak(["gradients", *common, "--model-name", "m", "--tokens", str(tokens_path), "--layers", LAYERS,
                          "--full", full, "--dtype", "float32", "--device", "cpu", "--batch-size",

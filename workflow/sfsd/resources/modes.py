@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from sfsd.resources.loss_needs import gradients
 from sfsd.resources.needs import (
     MAX_GPUS,
     PROCESS_BYTES,
@@ -30,7 +31,6 @@ from sfsd.resources.needs import (
     factor_cache,
     full_fits,
     gpu_stage,
-    gradients,
     prepare,
     staging_bytes,
 )
