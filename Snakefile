@@ -23,6 +23,7 @@ include: "rules/speed.smk"
 include: "rules/figures.smk"
 include: "rules/laser.smk"
 include: "rules/quick.smk"
+include: "rules/progress.smk"
 
 
 rule all:

@@ -37,12 +37,12 @@ def quick_run(tmp_path_factory, tiny_llama, calibration_text_file):
         "quick": {"budget": "b80", "limit": 3, "perplexity_docs": 5},
         "speed": {"prompt_tokens": 16, "decode_tokens": 4, "batch_sizes": [1], "repeats": 1},
     }
-    snakemake(snakefile, workdir, config, "quick")
-    return snakefile, workdir, config
+    proc = snakemake(snakefile, workdir, config, "quick")
+    return snakefile, workdir, config, proc
 
 
 def test_quick_writes_both_tables_from_its_own_scores(quick_run):
-    _, workdir, _ = quick_run
+    _, workdir, _, _ = quick_run
     tables = workdir / "results" / "tables" / "tiny" / "quick"
     assert {p.name for p in tables.iterdir()} >= {"table1.md", "table1.csv", "comparisons.md", "comparisons.csv"}
     rows = pd.read_parquet(workdir / "results" / "tiny" / "eval" / "quick" / "results.parquet")
@@ -56,7 +56,7 @@ def test_quick_writes_both_tables_from_its_own_scores(quick_run):
 
 
 def test_the_default_run_after_quick_computes_nothing_they_share(quick_run):
-    snakefile, workdir, config = quick_run
+    snakefile, workdir, config, _ = quick_run
     jobs = planned(snakemake(snakefile, workdir, config, "--dry-run"))
     rules = {rule for rule, _ in jobs}
     shared = {"prepare_model", "calibration_texts", "tokenize_calibration", "export_tasks", "eval_splits",
@@ -75,5 +75,17 @@ def test_the_default_run_after_quick_computes_nothing_they_share(quick_run):
 
 
 def test_quick_again_has_nothing_to_do(quick_run):
-    snakefile, workdir, config = quick_run
+    snakefile, workdir, config, _ = quick_run
     assert planned_jobs(snakemake(snakefile, workdir, config, "quick", "--dry-run")) == {}
+
+
+def test_the_run_says_its_stages_at_the_start_and_its_tables_at_the_end(quick_run):
+    *_, proc = quick_run
+    out = proc.stderr
+    plan = [line for line in out.splitlines() if line.startswith("run plan: ")]
+    # one line per stage with its jobs (no earlier timing in a fresh folder), then the total
+    assert any(line.split()[2:4] == ["collect_features", "1"] for line in plan), plan
+    assert any(line.split()[2:4] == ["evaluate_quick", "4"] for line in plan), plan
+    assert "per-block jobs are added once collect_features has run" in plan[-1]
+    assert out.index("run plan: ") < out.index("Finished job")  # before the first job ends
+    assert any(line.startswith("finished: tables in results/tables/tiny/quick") for line in out.splitlines())
