@@ -72,8 +72,13 @@ class InputMoments:
             if release:
                 self._staged_xxt = self._staged_xsum = self._staged_xabs = None
             return
-        staged = self._staged_xxt.to("cpu", torch.float64)
-        self.xxt += (staged + staged.T) / 2  # a float32 X^T X from gemm need not be exactly symmetric
+        # a float32 X^T X from gemm need not be exactly symmetric: add (S + S^T) / 2, exact in float64, through
+        # one float64 temporary (d^2 x 8 bytes; `+` and `/` would make three, 1.5 GB for a 14336-wide input)
+        staged = self._staged_xxt.to("cpu")  # the staging sum itself on a CPU run
+        total = staged.to(torch.float64)
+        total.add_(staged.T).mul_(0.5)
+        self.xxt += total
+        del staged, total
         self.xsum += self._staged_xsum.cpu()
         if self.xabs is not None:
             self.xabs += self._staged_xabs.cpu()

@@ -285,12 +285,16 @@ def collect(size: ModelSize, s: Settings, m: Machine, streamed: bool, staging: s
     host memory while it loads, before the totals exist). Streamed: the embedding, one block's weights,
     staging and the hidden states up to a quarter of the device (then a quarter of the host, then
     temporary files) on the device; one block's totals and its weights as read on the host. On the CPU all of it is host memory. Writes the
-    float64 statistics of every block. Leaves out: the per-block mask and position tables a streamed pass
-    records, and the tokens (samples x seq_len int64)."""
+    float64 statistics of every block. Each batch's staging sum of the widest input is added into its total
+    through a float64 copy on the host (8 d^2, with its float32 copy from a GPU: 12 d^2; `stats.InputMoments
+    .flush`). Leaves out: the per-block mask and position tables a streamed pass records, and the tokens
+    (samples x seq_len int64)."""
     ci = s.collect_itemsize
     act = forward_bytes(size, s.collect_batch, s.seq_len, ci) + 8 * s.collect_batch * s.seq_len * max(
         d for _, d in size.groups)  # the hook's float32 copy and its real tokens
     one_input = max(4 * d * d + 16 * d for _, d in size.groups)
+    widest = max(d for _, d in size.groups)
+    flush = (12 if s.gpu and m.gpu_bytes is not None else 8) * widest * widest
     totals = moments_bytes(size)
     weights, block, outside = size.total_params * ci, size.block_params * ci, size.embed_params * ci
     gpu = s.gpu and m.gpu_bytes is not None
@@ -303,22 +307,23 @@ def collect(size: ModelSize, s: Settings, m: Machine, streamed: bool, staging: s
             on_device = min(hidden, HIDDEN_SHARE * max(m.gpu_bytes - outside - ctx, 0))
             on_host = min(hidden - on_device, HIDDEN_SHARE * m.host_bytes)
             device = outside + block + staged + act + ctx + on_device
-            host = process_bytes(gpu) + totals + block + stored_bytes(size, size.block_params) + on_host
+            host = process_bytes(gpu) + totals + flush + block + stored_bytes(size, size.block_params) + on_host
         else:
             on_host = min(hidden, HIDDEN_SHARE * m.host_bytes)
             device = 0
-            host = (PROCESS_BYTES + outside + block + stored_bytes(size, size.block_params) + staged + totals + act
-                    + on_host)
+            host = (PROCESS_BYTES + outside + block + stored_bytes(size, size.block_params) + staged + totals + flush
+                    + act + on_host)
         scratch = hidden - on_host - (on_device if gpu else 0)
         why = "one block, its statistics and the calibration hidden states"
     else:
         staged = size.n_blocks * staging_bytes(size) if staging == "device" else one_input
         loading = loading_bytes(size, ci, gpu)  # the model and its checkpoint's pages
         if gpu:
-            device, host = weights + staged + act + ctx, process_bytes(gpu) + max(loading, size.n_blocks * totals)
+            device = weights + staged + act + ctx
+            host = process_bytes(gpu) + max(loading, size.n_blocks * totals + flush)
         else:
             device = 0
-            host = PROCESS_BYTES + max(loading, weights + staged + size.n_blocks * totals + act)
+            host = PROCESS_BYTES + max(loading, weights + staged + size.n_blocks * totals + flush + act)
         why = "weights, staging of every block" if staging == "device" else "weights, float64 totals on the host"
     disk = size.n_blocks * totals + scratch
     mode = f"{'streamed' if streamed else 'whole'}, staging {staging}"
