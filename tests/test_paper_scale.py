@@ -3,6 +3,7 @@ and the peak line every command logs on a GPU, on hand-made files and a stand-in
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import types
@@ -70,3 +71,26 @@ def test_a_command_logs_its_peak_over_every_gpu(monkeypatch, caplog, initialized
     assert lines == (["peak GPU memory: 3.500 GB"] if initialized else [])
     if initialized:  # the benchmark reads the line it writes
         assert paper_scale.PEAK_LINE.search(lines[0]).group(1) == "3.500"
+
+
+def test_digests_ignore_the_recorded_code_version_and_nothing_else(tmp_path):
+    """Two runs of the benchmark (capped and not, or one stage rerun on newer code) must compare equal where
+    their outputs are, whatever package digest they recorded."""
+    import torch
+
+    from sfsd.io import save_tensors
+
+    def run(folder, code, value):
+        results = folder / "results"
+        (results / "bench" / "plans").mkdir(parents=True)
+        (results / "bench" / "features").mkdir(parents=True)
+        (results / "bench" / "plans" / "p.json").write_text(json.dumps({"rank": 3, "code_version": code}))
+        save_tensors(results / "bench" / "features" / "block_000.safetensors", {"x": torch.full((2,), value)},
+                     {"code_version": code, "block": 0})
+        return paper_scale.digests(folder)
+
+    same = run(tmp_path / "a", "1", 1.0)
+    assert run(tmp_path / "b", "2", 1.0) == same
+    changed = run(tmp_path / "c", "1", 2.0)
+    assert changed["bench/plans/p.json"] == same["bench/plans/p.json"]
+    assert changed["bench/features/block_000.safetensors"] != same["bench/features/block_000.safetensors"]

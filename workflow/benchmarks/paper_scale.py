@@ -137,13 +137,39 @@ def predicted(workdir: Path, config: dict, host_bytes: float | None) -> dict[str
 
 
 def digests(workdir: Path) -> dict[str, str]:
-    """sha256 of every plan, factor-cache file, table and search plan of the run (the outputs two runs must
-    share); compressed weights are covered by their plans and factors."""
+    """sha256 of every plan, statistics, eigen and factor-cache file, table and search plan of the run (the
+    outputs two runs must share; compressed weights are covered by their plans and factors), less the
+    recorded `code_version` (a digest of the package's sources, which a rerun of one stage on newer code
+    changes): safetensors by their tensors and other metadata, JSON by its content."""
     results = workdir / "results"
     patterns = ("bench/plans/*.json", "bench/factors/*/*.safetensors", "bench/features/*.safetensors",
                 "bench/eigen/*.safetensors", "bench/search/*/plan.json", "tables/bench/*.csv")
-    return {str(p.relative_to(results)): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-            for pattern in patterns for p in sorted(results.glob(pattern))}
+    return {str(p.relative_to(results)): _digest(p) for pattern in patterns for p in sorted(results.glob(pattern))}
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.suffix == ".safetensors":
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            header.get("__metadata__", {}).pop("code_version", None)
+            h.update(json.dumps(header, sort_keys=True).encode())
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    elif path.suffix == ".json":
+        h.update(json.dumps(_without_code_version(json.loads(path.read_text())), sort_keys=True).encode())
+    else:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _without_code_version(value):
+    if isinstance(value, dict):
+        return {k: _without_code_version(v) for k, v in value.items() if k != "code_version"}
+    if isinstance(value, list):
+        return [_without_code_version(v) for v in value]
+    return value
 
 
 def table(meas: dict, pred: dict, device: str) -> str:
@@ -174,6 +200,8 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-json", type=Path, default=None)
+    parser.add_argument("--no-run", action="store_true",
+                        help="no workflow run: the table and digests of the finished run in the work folder")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -188,14 +216,17 @@ def main() -> None:
     cap = int(baseline_address_space() + args.cap_ratio * weights) if args.cap_ratio > 0 and args.device == "cpu" else None
     label = f"cap{args.cap_ratio:g}" if cap else "uncapped"
     workdir = args.work_dir / f"run-{args.device}-{label}"
-    if (workdir / "results").exists():
-        import shutil
-
-        shutil.rmtree(workdir / "results")
     print(f"model {folder.name}: {weights / GB:.2f} GB of bf16 weights; cap "
           f"{'none' if cap is None else f'{cap / GB:.2f} GB of address space'}", flush=True)
     cfg = run_config(folder, args.layers.split(","), args.device, args.budget)
-    wall = run_workflow(workdir, cfg, args.cores, cap)
+    if args.no_run:
+        wall = float("nan")
+    else:
+        if (workdir / "results").exists():
+            import shutil
+
+            shutil.rmtree(workdir / "results")
+        wall = run_workflow(workdir, cfg, args.cores, cap)
     meas, pred = measured(workdir), predicted(workdir, cfg, cap)
     text = table(meas, pred, args.device)
     print(f"\n{label}, {args.device}, {args.cores} cores: {wall:.0f} s in all\n{text}")
