@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 from sfsd.model.placement import gpus_needed
 from sfsd.model.stream import HIDDEN_SHARE
 
-PROCESS_BYTES = 0.75e9  # the interpreter with torch, transformers and lm-eval: 0.36 GB resident measured with
-#                         torch's CPU build (workflow/benchmarks/paper_scale.py), twice that for a CUDA build
+PROCESS_BYTES = 0.5e9  # the interpreter with torch, transformers and lm-eval imported: 0.36 GB resident with
+#                        torch's CPU build (measured, docs/benchmarks.md), and room for a CUDA build's larger import
 CUDA_CONTEXT_BYTES = 0.5e9  # CUDA context and kernels on each GPU a job uses (not measured on a GPU)
-CUDA_HOST_BYTES = 0.75e9  # host memory of a process that initialises CUDA (its libraries; not measured on a GPU)
+CUDA_HOST_BYTES = 1.0e9  # host memory a process adds when it initialises CUDA (not measured on a GPU)
 STAGING_SHARE = 0.5  # collection.staging auto: device when every block's staging takes at most this of the
 #                      device memory left beside the weights (sfsd/features/stats.py choose_staging)
 SHARD_BYTES = 5 * 2**30  # a compressed folder's weight shards (sfsd/decompose/compress.py SHARD_BYTES)
