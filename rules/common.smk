@@ -141,7 +141,8 @@ def planned(model):
 
 
 def stage_need(stage, wildcards):
-    return planned(wildcards.model)[f"factor_cache:{wildcards.method}" if stage == "factor_cache" else stage]
+    per_method = stage in ("factor_cache", "loss_spectra")  # planned as <stage>:<method>
+    return planned(wildcards.model)[f"{stage}:{wildcards.method}" if per_method else stage]
 
 
 def plan_mem_mb(stage):

@@ -93,7 +93,9 @@ rule spectral_plan:
 
 rule loss_spectra:
     """Per factor method, every layer's predicted loss increase at every rank (sfsd/decompose/criteria.py):
-    the factor cache, stage 1's input statistics and the output gradients (collect_gradients)."""
+    the factor cache, stage 1's input statistics and the output gradients (collect_gradients). Sized by the
+    resource planner (sfsd/resources/loss_needs.py loss_spectra: one block's files and one Linear's float64
+    working set)."""
     input:
         factors=rules.factor_cache.output.factors,
         features="results/{model}/features",
@@ -113,10 +115,10 @@ rule loss_spectra:
         "results/logs/loss_spectra/{model}/{method}.log",
     benchmark:
         "results/benchmarks/loss_spectra/{model}/{method}.tsv"
-    threads: 1
+    threads: plan_threads("loss_spectra")
     resources:
-        # one block's weights (the model is read a block at a time) and one layer's float64 G, C and products
-        mem_mb=lambda wc, attempt: int(model_params_b(wc.model) * 1e9 * 4 / 1e6 / 16 + 3000) * attempt,
+        mem_mb=plan_mem_mb("loss_spectra"),
+        disk_mb=plan_disk_mb("loss_spectra"),
         runtime=lambda wc: int(10 + 30 * model_params_b(wc.model)),
     shell:
         "python -m sfsd --threads {threads} loss-spectra --model-dir {input.model:q} --results {params.results:q} "

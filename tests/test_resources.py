@@ -18,7 +18,8 @@ from sfsd.io import safetensors_header
 from sfsd.model.shapes import model_shapes
 from sfsd.resources.decide import decide_streamed
 from sfsd.features.gradients import resolve_full
-from sfsd.resources.loss_needs import backward_bytes, gradients
+from sfsd.resources.loss_needs import (backward_bytes, curve_work_bytes, gradient_file_bytes, gradients,
+                                       loss_file_bytes, loss_spectra)
 from sfsd.resources.modes import candidates, every_mode, gradients_full, plan_stage, staging_on_device
 from sfsd.resources.needs import (
     CHOICE_TOKENS,
@@ -126,7 +127,8 @@ def test_the_other_stages():
     # statistics, covariance and Cholesky factor of each input, the block's bfloat16 weights (its pages and
     # the tensors read from them), gate's SVD: down's eigh (8 x 4 x 8^2 = 2048) is below gate's thin SVD
     # (8 x (3 x 128 + 64) = 3584)
-    assert e.host_bytes == PROC + 4224 + (3 * 16 * 64 + 16 * 256) + 2 * 592 * 2 + 8 * (3 * 128 + 64) + files
+    # the decomposed Linears' 576 weights read from their bfloat16 pages
+    assert e.host_bytes == PROC + 4224 + (3 * 16 * 64 + 16 * 256) + 2 * 576 * 2 + 8 * (3 * 128 + 64) + files
     feature = factor_cache(TINY, SETTINGS, streamed=False, method="feature")
     # the weights, and the larger of the checkpoint's pages while they load (3408) and one block's work
     assert feature.host_bytes == PROC + 1704 * 4 + max(2 * 1704, 2944 + 8 * (128 + 128 + 64) + 2304)
@@ -219,6 +221,47 @@ def test_a_gradient_stage_that_fits_nowhere_names_the_fix():
     # the stage refuses streamed always (its backward pass is not streamed)
     assert plan_stage("collect_gradients", TINY, replace(s, streamed="always"), BIG).fix.startswith("streamed: auto")
 
+
+
+def test_the_loss_criterion_stage_on_hand_made_shapes():
+    # per Linear loss(r) at r = 0..kappa - 1 in float64: kappa 4 (q, o), 2 (k, v), 5 (gate, up, down)
+    assert loss_file_bytes(TINY) == 8 * (4 + 2 + 2 + 4 + 5 + 5 + 5) == 216
+    assert gradient_file_bytes(TINY, True) == 8 * 736 + 8 * 64 == 6400 and gradient_file_bytes(TINY, False) == 1024
+    # down_proj (out 8, in 16, k = 4), feature space at in + 1 = 17 (bias_compensation none's row of ones):
+    # W, first, second in float64 8 x (136 + 68 + 32), G W C 8 x 136, the largest product 8 x 136; beside them
+    # E[x x^T] / count and the covariance 16 x 17^2 (the third 17^2 while it is formed is less) and the mean
+    assert curve_work_bytes(8, 16, "feature") == 16 * 289 + 8 * (136 + 68 + 32) + 2 * 8 * 136 + 8 * 17 == 8824
+    # weight space reads E[x x^T] / count alone, at in = 16
+    assert curve_work_bytes(8, 16, "weight") == 8 * 256 + 8 * (128 + 64 + 32) + 2 * 8 * 128 + 8 * 16 == 6016
+    assert max(curve_work_bytes(o, i, "feature") for _, o, i in TINY.linears) == 8824  # down_proj's is the largest
+    # the embedding and lm_head (520) and one block (592) at the stored 2 bytes, then one block's factors (2304),
+    # statistics (4224) and G (6400), each of their tensors read as its file's pages with 3 x 64 KiB around it
+    # (5 a Linear, 3 an input), down_proj's working set and the curves
+    mapped = 3 * 65536 * (5 * 7 + 3 * 4)
+    feature = loss_spectra(TINY, SETTINGS, "feature", full=True)
+    assert feature.host_bytes == PROC + 2 * 520 + 2 * 592 + (2304 + 4224 + 6400 + mapped) + 8824 + 216
+    assert feature.disk_bytes == feature.disk_total == 2 * 216 and (feature.gpus, feature.device_bytes) == (0, 0)
+    assert feature.mode == "feature, full G" and feature.jobs == 1
+    diagonal = loss_spectra(TINY, SETTINGS, "weight", full=False)
+    assert diagonal.host_bytes == PROC + 2 * 520 + 2 * 592 + (2304 + 4224 + 1024 + mapped) + 6016 + 216
+    # the block as read beside its checkpoint pages, where that is more than its files and one Linear's curve
+    heavy = replace(TINY, block_params=10**7, stored_bytes=2 * (2 * 10**7 + 520))
+    assert loss_spectra(heavy, SETTINGS, "weight", full=False).host_bytes == PROC + 2 * 520 + 2 * 2 * 10**7
+
+
+def test_the_loss_criterion_reads_the_g_the_gradient_stage_chose():
+    s = replace(SETTINGS, grad_full="auto", gpu=False)
+    full_free = Machine(None, 0, PROC + 1704 * 4 + 37_376)  # the gradient stage's full G just fits (see above)
+    assert plan_stage("loss_spectra", TINY, s, full_free, method="whitened").mode == "whitened, full G"
+    less = replace(full_free, host_bytes=full_free.host_bytes - 1)
+    assert plan_stage("loss_spectra", TINY, s, less, method="whitened").mode == "whitened, diagonal G"
+    assert [n.mode for n in every_mode("loss_spectra", TINY, s, BIG, method="asvd")] == [
+        "asvd, full G", "asvd, diagonal G"]
+    full = loss_spectra(TINY, SETTINGS, "feature", full=True)
+    tight = replace(BIG, host_bytes=full.host_bytes - 1)
+    assert plan_stage("loss_spectra", TINY, SETTINGS, tight, method="feature").fix == "gradients.full: false"
+    assert plan_stage("loss_spectra", TINY, replace(SETTINGS, grad_full="false"), replace(BIG, host_bytes=100),
+                      method="feature").fix.startswith("a machine with ")
 
 def test_modes_follow_the_settings_and_the_first_that_fits_is_chosen():
     assert plan_stage("collect_features", TINY, SETTINGS, BIG).mode == "whole, staging device"
@@ -351,12 +394,18 @@ def test_the_gradient_stage_is_planned_when_the_loss_allocation_is_configured(ll
     a gradient pass that fits in no mode in one line naming the stage, its need and the fix."""
     local = {"llama3": {"source": "local", "path": str(llama3_8b)}}
     machine = Machine(gpu_bytes=24e9, gpus=1, host_bytes=512e9, disk_bytes=None)
-    assert "collect_gradients" not in plan_config(validated({"models": local}), "llama3", tmp_path, machine)
-    assert "collect_gradients" in job_needs(validated({"models": local}), "llama3", tmp_path, machine)  # sized anyway
+    plain = validated({"models": local})
+    assert not [s for s in plan_config(plain, "llama3", tmp_path, machine) if s.startswith(("collect_gra", "loss_"))]
+    sized = job_needs(plain, "llama3", tmp_path, machine)  # sized anyway
+    assert "collect_gradients" in sized and all(f"loss_spectra:{m}" in sized for m in plain["compression"]["methods"])
     config = validated({"models": local, "device": "cuda", "compression": {"allocations": ["uniform", "loss"]}})
+    assert [s for s in plan_config(config, "llama3", tmp_path, machine) if s.startswith("loss_")] == [
+        f"loss_spectra:{m}" for m in config["compression"]["methods"]]
     _, rows = plan_rows(config, "llama3", tmp_path, machine)
     assert [(n.mode, chosen) for n, chosen, _ in rows if n.stage == "collect_gradients"] == [
         ("full G", True), ("diagonal G", False)]  # 178 GB of sums fit half of the 510 GB free
+    feature = [(n.mode, chosen) for n, chosen, _ in rows if n.stage == "loss_spectra" and n.mode.startswith("feature")]
+    assert feature == [("feature, full G", True), ("feature, diagonal G", False)]
     with pytest.raises(ConfigError) as err:  # 32 GB of float32 weights on a 24 GB GPU
         check_fit(config, tmp_path, machine)
     line = str(err.value)
@@ -443,13 +492,13 @@ def test_job_needs_of_the_default_config_cover_every_rule():
     needs = job_needs(config, "smollm2-135m", REPO / "does-not-exist", Machine(None, 0, 16e9, None))
     assert {"prepare_model", "collect_features", "collect_gradients", "eigendecompose", "compress_model",
             "evaluate_model", "check_scorer", "search", "laser_point", "inference_speed"} <= set(needs)
-    assert all(f"factor_cache:{m}" in needs for m in config["compression"]["methods"])
+    assert all(f"factor_cache:{m}" in needs and f"loss_spectra:{m}" in needs for m in config["compression"]["methods"])
     assert json.dumps({k: v.host_bytes for k, v in needs.items()})  # plain numbers
 
 
 RULES_SIZED = {"prepare_model": "prepare_model", "collect_features": "collect_features",
                "collect_gradients": "collect_gradients", "eigendecompose": "eigendecompose",
-               "factor_cache": "factor_cache", "compress_model": "compress_model",
+               "factor_cache": "factor_cache", "loss_spectra": "loss_spectra", "compress_model": "compress_model",
                "compress_searched": "compress_model", "evaluate_model": "evaluate_model",
                "check_scorer": "check_scorer", "search": "search", "laser_point": "laser_point",
                "inference_speed": "inference_speed", "spectra": "eigendecompose"}
@@ -481,7 +530,7 @@ def test_snakemake_resources_are_the_planners(tmp_path, tiny_llama, calibration_
     config["host_memory_gb"] = 16
     config["models"]["big"] = {"source": "hub", "id": "org/model-70b", "params_b": 70}
     targets = ["results/tiny/eval/base.parquet", "results/tiny/features", "results/tiny/factors/whitened",
-               "results/tiny/gradients", "results/big/eval/base.parquet"]
+               "results/tiny/gradients", "results/tiny/loss/whitened", "results/big/eval/base.parquet"]
     out = snakemake(snakefile, workdir, config, "--dry-run", *targets).stdout
     jobs = re.findall(r"^(?:rule|checkpoint|localrule|localcheckpoint) (\w+):\n(.*?)^\s+resources: ([^\n]*)", out,
                       re.M | re.S)
@@ -493,7 +542,7 @@ def test_snakemake_resources_are_the_planners(tmp_path, tiny_llama, calibration_
         model = re.search(r"wildcards: model=(\w+)", head)
         if rule not in RULES_SIZED or model is None:
             continue
-        stage = RULES_SIZED[rule] + (":whitened" if rule == "factor_cache" else "")
+        stage = RULES_SIZED[rule] + (":whitened" if rule in ("factor_cache", "loss_spectra") else "")
         need = (tiny if model[1] == "tiny" else big)[stage]
         got = dict(re.findall(r"(\w+)=([^,]+)", resources))
         expected = min(16000, -(-int(need.host_bytes) // 10**6))  # the global limit caps it
@@ -505,9 +554,107 @@ def test_snakemake_resources_are_the_planners(tmp_path, tiny_llama, calibration_
         assert threads is None or int(threads[1]) == min(need.threads, 2), (rule, head)
         seen.add((rule, model[1]))
     assert {("collect_features", "tiny"), ("collect_gradients", "tiny"), ("factor_cache", "tiny"),
-            ("evaluate_model", "tiny"), ("evaluate_model", "big")} <= seen, seen
+            ("loss_spectra", "tiny"), ("evaluate_model", "tiny"), ("evaluate_model", "big")} <= seen, seen
     assert big["evaluate_model"].host_bytes > 16e9  # capped above
     out = snakemake(snakefile, workdir, config, "--dry-run", "results/big/eval/base.parquet", "--resources",
                     "mem_mb=1000000").stdout
     evaluate = re.search(r"^rule evaluate_model:\n.*?^\s+resources: ([^\n]*)", out, re.M | re.S)[1]
     assert f"mem_mb={-(-int(big['evaluate_model'].host_bytes) // 10**6)}," in evaluate, evaluate
+
+
+# loss-spectra's pass in a fresh process, its peak resident memory above the memory held before it (the
+# modules outside the blocks): a first pass loads the kernels' code, /proc/self/clear_refs resets the peak
+# (VmHWM) to the memory held now, and large blocks are mapped (MALLOC_MMAP_THRESHOLD_), so memory freed goes
+# back and the peak is the tensors'
+MEASURE_LOSS_SPECTRA = """
+import sys, torch
+from pathlib import Path
+from sfsd.decompose.compress import BlockFile
+from sfsd.decompose.criteria import save_loss_spectra
+from sfsd.features.collect import block_file
+from sfsd.model.stream import open_blocks
+torch.set_num_threads(1)
+root, method = Path(sys.argv[1]), sys.argv[2]
+source = open_blocks(root / "model", "always")
+def status(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+def files(kind):
+    return lambda b: BlockFile(root / kind / block_file(b), None)
+def loss_pass(out):
+    save_loss_spectra(source, source.spec, method, list(source.spec.linears), root / out, files(f"factors/{method}"),
+                      files("features"), files("gradients"))
+loss_pass("warm")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+loss_pass("measured")
+print(status("VmHWM") - before)
+"""
+
+
+def _loss_spectra_inputs(root, config: dict, methods: tuple[str, ...]) -> None:
+    """A random-weight Llama stored in bfloat16 and, per block, random files of the shapes loss-spectra reads:
+    stage 1's float64 statistics, the whole float64 G of every Linear, each method's float32 factors at rank
+    kappa - 1 (feature space's with the output mean)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sfsd.features.collect import block_file
+    from sfsd.io import save_tensors
+    from sfsd.model.registry import get_arch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16).save_pretrained(root / "model")
+    size = model_size(root / "model", LAYERS)
+    spec, shapes = get_arch("LlamaForCausalLM"), {n: (o, i) for n, o, i in size.linears}
+    for b in range(size.n_blocks):
+        features = {}
+        for group, d in size.groups:
+            x = torch.randn(4 * d, d, dtype=torch.float64)
+            features |= {f"{group}.xxt": x.T @ x, f"{group}.xsum": x.sum(0), f"{group}.xabs": x.abs().sum(0),
+                         f"{group}.count": torch.tensor(4 * d)}
+        save_tensors(root / "features" / block_file(b), features, {"block": b})
+        grads = {}
+        for name, (o, _) in shapes.items():
+            g = torch.randn(2 * o, o, dtype=torch.float64)
+            grads |= {f"{name}.ggt": g.T @ g, f"{name}.gsum": g.sum(0)}
+        save_tensors(root / "gradients" / block_file(b), grads, {"block": b, "full": True})
+        for method in methods:
+            factors = {}
+            for name, (o, i) in shapes.items():
+                k = max(1, o * i // (o + i) - 1)
+                factors |= {f"{name}.first": torch.randn(k, i), f"{name}.second": torch.randn(o, k)}
+                if method == "feature":
+                    factors[f"{name}.mean"] = torch.randn(o)
+            save_tensors(root / "factors" / method / block_file(b), factors, {"block": b})
+    assert set(shapes) == set(spec.linears)
+
+
+@pytest.mark.parametrize("method", ["feature", "weight"])
+def test_the_planned_loss_spectra_is_never_under_its_measured_peak(tmp_path, method):
+    """The resource planner's loss-criterion stage (sfsd/resources/loss_needs.py loss_spectra, the whole G)
+    against the peak memory of its pass measured in a fresh process on a small Llama stored in bfloat16: the
+    prediction beyond the process and the modules outside the blocks (one block's weights and files, one
+    Linear's float64 working set) is at least the measured peak, and not twice it."""
+    import os
+    import subprocess
+    import sys
+
+    from sfsd.resources.loss_needs import loss_spectra
+    from sfsd.resources.needs import stored_bytes
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak")
+    config = {"hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8, "num_key_value_heads": 4,
+              "num_hidden_layers": 2, "vocab_size": 2000, "tie_word_embeddings": False}
+    _loss_spectra_inputs(tmp_path, config, (method,))
+    size = model_size(tmp_path / "model", LAYERS)
+    assert round(size.stored_bytes / size.total_params) == 2  # the blocks are read at the stored dtype
+    need = loss_spectra(size, Settings(gpu=False), method, full=True)
+    predicted = need.host_bytes - PROC - stored_bytes(size, size.embed_params + size.head_params)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    run = subprocess.run([sys.executable, "-c", MEASURE_LOSS_SPECTRA, str(tmp_path), method], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = int(run.stdout.split()[-1])
+    assert predicted / 2 < measured <= predicted, (measured, predicted)
+    assert (tmp_path / "measured" / "block_001.safetensors").stat().st_size <= need.disk_bytes / size.n_blocks + 4096

@@ -4,8 +4,9 @@
 prefers them: stage 1 whole with every block's staging on the device, streamed with one block's staging on
 the device, whole with the staging of one input at a time (the float64 totals on the host), streamed so;
 the output gradients with the whole G or its diagonal (gradients.full; auto by `gradients_full`, the rule
-the stage runs by; never streamed); the factor cache and compression whole, then streamed (`streamed:
-auto`; `always`/`never` keep one); the GPU stages on as many GPUs as hold the weights (device auto).
+the stage runs by; never streamed); the loss criterion a block at a time, reading the G that stage chose;
+the factor cache and compression whole, then streamed (`streamed: auto`; `always`/`never` keep one); the
+GPU stages on as many GPUs as hold the weights (device auto).
 `plan_stage` returns the first candidate that the code runs (a mode it refuses carries its `fix` already)
 and that fits the machine; when none does, the one that comes closest, with `fix` set to the first change
 of `FIXES` (a setting, or GPUs of device auto) under which the same formulas fit.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from sfsd.resources.loss_needs import gradients
+from sfsd.resources.loss_needs import gradients, loss_spectra
 from sfsd.resources.needs import (
     MAX_GPUS,
     PROCESS_BYTES,
@@ -36,7 +37,8 @@ from sfsd.resources.needs import (
 )
 
 STAGES = ("prepare_model", "collect_features", "collect_gradients", "eigendecompose", "factor_cache",
-          "compress_model", "evaluate_model", "check_scorer", "search", "laser_point", "inference_speed")
+          "loss_spectra", "compress_model", "evaluate_model", "check_scorer", "search", "laser_point",
+          "inference_speed")
 
 GRADIENTS_UNSTREAMED = "streamed: auto (the gradient pass holds the whole model; its backward is not streamed)"
 
@@ -96,6 +98,8 @@ def candidates(stage: str, size: ModelSize, s: Settings, m: Machine, method: str
         return [eigen(size, s)]
     if stage == "factor_cache":
         return [factor_cache(size, s, streamed, method) for streamed in _streamed_options(s.streamed)]
+    if stage == "loss_spectra":  # reads the gradients files, whole G or diagonal as that stage chose
+        return [loss_spectra(size, s, method, gradients_full(size, s, m))]
     if stage == "compress_model":
         return [compress(size, s, streamed) for streamed in _streamed_options(s.streamed)]
     return [gpu_stage(size, s, m, stage, jobs=jobs)]
@@ -104,13 +108,15 @@ def candidates(stage: str, size: ModelSize, s: Settings, m: Machine, method: str
 def every_mode(stage: str, size: ModelSize, s: Settings, m: Machine, **kw) -> list[StageNeed]:
     """Every mode of a stage whatever the settings choose (the table shows them all): stage 1 in its four
     combinations of whole/streamed and device/host staging, the factor cache and compression whole and
-    streamed."""
+    streamed, the output gradients and the loss criterion with the whole G and its diagonal."""
     if stage == "collect_features":
         return [collect(size, s, m, streamed, staging) for staging in ("device", "host") for streamed in (False, True)]
     if stage in ("factor_cache", "compress_model"):
         return candidates(stage, size, replace(s, streamed="auto"), m, **kw)
     if stage == "collect_gradients":
         return [gradients(size, s, m, full) for full in (True, False)]
+    if stage == "loss_spectra":
+        return [loss_spectra(size, s, kw.get("method", "feature"), full) for full in (True, False)]
     return candidates(stage, size, s, m, **kw)
 
 
@@ -150,6 +156,8 @@ def _fixes(stage: str, s: Settings, m: Machine, kw: dict) -> list[tuple[str, Set
         if s.grad_itemsize > 2:
             out.append(("gradients.dtype: bfloat16", replace(s, grad_itemsize=2), m, kw))
         return out
+    if stage == "loss_spectra":  # one block at a time already: only the diagonal of G holds less
+        return [("gradients.full: false", replace(s, grad_full="false"), m, kw)] if s.grad_full != "false" else []
     if stage == "collect_features":
         if s.staging != "host":
             out.append(("collection.staging: host", replace(s, staging="host"), m, kw))

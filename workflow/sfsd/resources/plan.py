@@ -5,7 +5,8 @@ settings and the machine the formulas read, the plan of every stage, and the che
   under results/models/), else a Llama-shaped model of `params_b` (`needs.llama_like`), else None.
 - `settings_of(config, size, model_config)`, `machine_of(config, root, ...)`: what the formulas read.
 - `plan_config(config, name, root, machine)`: {stage: the StageNeed of its chosen mode} (the factor cache
-  per method, `factor_cache:<method>`), what rules/common.smk sizes every job from.
+  and the loss criterion per method, `factor_cache:<method>`, `loss_spectra:<method>`), what
+  rules/common.smk sizes every job from.
 - `check_fit(config, root, machine)`: a ConfigError naming the stage, its need and the fix when a stage of
   a model whose shapes are known fits in no mode, or when results/ lacks the disk the stages still to run
   write; a model not downloaded yet is skipped with a log line.
@@ -139,9 +140,10 @@ def machine_of(config: Mapping, root: str | Path = ".", gpu_gb: float | None = N
 
 
 def stage_jobs(config: Mapping, name: str, every: bool = False) -> dict[str, dict]:
-    """The stages that run for model `name`: {stage (the factor cache as factor_cache:<method>): keywords
-    of `modes.plan_stage` (method, source, jobs)}; with `every`, also those the config switches off (a
-    rule's resources are sized whether it runs or not)."""
+    """The stages that run for model `name`: {stage (the factor cache and the loss criterion as
+    factor_cache:<method>, loss_spectra:<method>): keywords of `modes.plan_stage` (method, source, jobs)};
+    with `every`, also those the config switches off (a rule's resources are sized whether it runs or not:
+    the loss criterion then of every method with a factor cache)."""
     m, ev, made = config["models"][name], config["evaluation"], variants(config)
     out: dict[str, dict] = {}
     if m["source"] != "local":
@@ -153,6 +155,9 @@ def stage_jobs(config: Mapping, name: str, every: bool = False) -> dict[str, dic
     methods = dict.fromkeys([*config["compression"]["methods"],
                              *(config["search"]["methods"] if config["search"]["enabled"] else [])])
     out.update({f"factor_cache:{method}": {"method": method} for method in methods})
+    if "loss" in config["compression"]["allocations"] or every:  # the loss plans of compression.methods
+        loss_methods = methods if every else config["compression"]["methods"]
+        out.update({f"loss_spectra:{method}": {"method": method} for method in loss_methods})
     if made["written"] or every:
         out["compress_model"] = {}
     if ev["enabled"] or every:
@@ -217,6 +222,7 @@ def _output(stage: str, name: str) -> Path:
             "collect_gradients": Path("results") / name / "gradients",
             "eigendecompose": Path("results") / name / "eigen" / "summary.json",
             "factor_cache": Path("results") / name / "factors" / method,
+            "loss_spectra": Path("results") / name / "loss" / method,
             "compress_model": Path("results") / name / "compressed"}.get(kind, Path("results") / name / kind)
 
 
