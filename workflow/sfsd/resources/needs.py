@@ -22,10 +22,11 @@ from dataclasses import dataclass, replace
 from sfsd.model.placement import gpus_needed
 from sfsd.model.stream import HIDDEN_SHARE
 
-PROCESS_BYTES = 0.5e9  # the interpreter with torch, transformers and lm-eval imported: 0.36 GB resident with
-#                        torch's CPU build (measured, docs/benchmarks.md), and room for a CUDA build's larger import
+PROCESS_BYTES = 0.75e9  # the interpreter with torch, transformers and lm-eval imported (0.36 GB resident with
+#                         torch's CPU build, measured) and what the formulas leave out (allocator, transient copies:
+#                         up to 0.3 GB on the 2.26B model of docs/benchmarks.md#paper-scale)
 CUDA_CONTEXT_BYTES = 0.5e9  # CUDA context and kernels on each GPU a job uses (not measured on a GPU)
-CUDA_HOST_BYTES = 1.0e9  # host memory a process adds when it initialises CUDA (not measured on a GPU)
+CUDA_HOST_BYTES = 0.75e9  # host memory a process adds when it initialises CUDA (not measured on a GPU)
 STAGING_SHARE = 0.5  # collection.staging auto: device when every block's staging takes at most this of the
 #                      device memory left beside the weights (sfsd/features/stats.py choose_staging)
 SHARD_BYTES = 5 * 2**30  # a compressed folder's weight shards (sfsd/decompose/compress.py SHARD_BYTES)
@@ -332,11 +333,12 @@ def collect(size: ModelSize, s: Settings, m: Machine, streamed: bool, staging: s
 
 def eigen(size: ModelSize, s: Settings) -> StageNeed:
     """eigendecompose, one job per block on the CPU: the block's float64 statistics, each input's covariance
-    and Cholesky factor (kept for the Linears that share it), the block's weights as stored, the largest
+    and Cholesky factor (kept for the Linears that share it), the decomposed Linears' weights as stored, the largest
     Linear's eigendecomposition working set and the eigen entries gathered for the file. Writes the block's
     eigen file (min(in, out) eigenvector columns)."""
     covariances = sum(2 * 8 * d * d for _, d in size.groups)
-    weights = 2 * stored_bytes(size, size.block_params)  # read from the checkpoint's pages into tensors
+    # the decomposed Linears' weights, read from the checkpoint's pages into tensors
+    weights = 2 * stored_bytes(size, sum(o * i for _, o, i in size.linears))
     work = max(eigh_work_bytes(o, i) for _, o, i in size.linears)
     files = sum(eigen_file_bytes(o, i, s.eigen_itemsize) for _, o, i in size.linears)
     host = PROCESS_BYTES + moments_bytes(size) + covariances + weights + work + files
