@@ -31,10 +31,28 @@ def test_measured_takes_each_rules_largest_job_and_logged_gpu_peak(tmp_path):
     _write(bench / "search" / "bench" / "s.tsv", head + "3.0\t0:00:03\t-\t-\t-\t-\t-\t-\t-\t-\n")
     _write(tmp_path / "results" / "logs" / "search" / "bench" / "s.log",
            "INFO sfsd: peak GPU memory: 1.250 GB\nINFO sfsd: peak GPU memory: 0.500 GB\n")
+    _write(bench / "factor_cache" / "bench" / "feature.tsv", head + "5.0\t0:00:05\t512.0\t1\t1\t1\t0\t0\t1\t5\n")
+    _write(tmp_path / "results" / "logs" / "factor_cache" / "bench" / "feature.log", "INFO sfsd: peak host memory: 3.250 GB\n")
     got = paper_scale.measured(tmp_path)
+    # no logged peak: the largest sampled max_rss (MiB)
     assert got["eigendecompose"] == {"host": 2048 * 2**20, "device": None, "seconds": 22.5, "jobs": 2}
     assert got["search"] == {"host": None, "device": 1.25e9, "seconds": 3.0, "jobs": 1}
-    assert set(got) == {"eigendecompose", "search"}
+    # the command's own VmHWM over Snakemake's sample, which can miss the peak
+    assert got["factor_cache"]["host"] == 3.25e9
+    assert set(got) == {"eigendecompose", "search", "factor_cache"}
+
+
+def test_a_command_logs_its_peak_resident_memory(tmp_path, caplog):
+    from sfsd.cli.main import log_host_peak
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t 9000 kB\nVmHWM:\t  2000000 kB\nVmRSS:\t 1000 kB\n")
+    with caplog.at_level(logging.INFO, logger="sfsd"):
+        log_host_peak(str(status))
+        log_host_peak(str(tmp_path / "absent"))  # no /proc: nothing, no error
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["peak host memory: 2.048 GB"]
+    assert paper_scale.HOST_PEAK_LINE.search(lines[0]).group(1) == "2.048"
 
 
 def test_table_puts_prediction_beside_measurement():

@@ -17,7 +17,8 @@ at one budget, a search of the last block, and the inference-cost rules. The sha
 hidden,intermediate,layers,heads,kv_heads of a Llama (the default: 2.26B parameters, 4.5 GB in bf16).
 `--layers` defaults to the Linear layers whose outputs are hidden-wide, so that the eigendecompositions
 (cubic in a layer's output width) take minutes on a CPU, not hours; the planner is given the same layers.
-Measured peaks: Snakemake's benchmark file of each job (max_rss), and the CUDA peak each command logs.
+Measured peaks: the peak resident memory (VmHWM) and the CUDA peak each command logs (sfsd.cli.main), the
+largest over a rule's jobs.
 Writes a JSON of the table and of the digests of the run's outputs (plans, factor caches, tables), so two
 runs (capped and uncapped) can be compared file by file.
 """
@@ -61,6 +62,7 @@ STAGES = {
     "search": "search", "compress_searched": "compress_model", "inference_speed": "inference_speed",
 }
 PEAK_LINE = re.compile(r"peak GPU memory: ([0-9.]+) GB")
+HOST_PEAK_LINE = re.compile(r"peak host memory: ([0-9.]+) GB")
 
 
 def baseline_address_space() -> int:
@@ -110,12 +112,14 @@ def measured(workdir: Path) -> dict[str, dict]:
     for rule in STAGES:
         rows = [r for f in sorted((workdir / "results" / "benchmarks" / rule).rglob("*.tsv"))
                 for r in csv.DictReader(f.open(), delimiter="\t")]
-        peaks = [float(m.group(1)) * GB for f in (workdir / "results" / "logs" / rule).rglob("*.log")
-                 for m in PEAK_LINE.finditer(f.read_text())]
+        logs = [f.read_text() for f in (workdir / "results" / "logs" / rule).rglob("*.log")]
+        peaks = [float(m.group(1)) * GB for text in logs for m in PEAK_LINE.finditer(text)]
+        # the peak each command logs (VmHWM), else Snakemake's sampled max_rss (which can miss a short peak)
+        host = [float(m.group(1)) * GB for text in logs for m in HOST_PEAK_LINE.finditer(text)] or [
+            float(r["max_rss"]) * 2**20 for r in rows if r["max_rss"] not in ("-", "NA")]
         if rows or peaks:
-            out[rule] = {"host": max((float(r["max_rss"]) * 2**20 for r in rows if r["max_rss"] != "-"), default=None),
-                         "device": max(peaks, default=None), "seconds": sum(float(r["s"]) for r in rows),
-                         "jobs": len(rows)}
+            out[rule] = {"host": max(host, default=None), "device": max(peaks, default=None),
+                         "seconds": sum(float(r["s"]) for r in rows), "jobs": len(rows)}
     return out
 
 

@@ -51,7 +51,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     log_gpu_peak()
+    log_host_peak()
     return 0
+
+
+def log_host_peak(status: str = "/proc/self/status") -> None:
+    """Log the command's peak resident memory (Linux's VmHWM), so the job's log says what the stage held on
+    the host (Snakemake's benchmark files sample it, every 30 s once a job has run 30 s, and can miss a
+    peak; workflow/benchmarks/paper_scale.py reads this line); nothing where the kernel does not report it."""
+    try:
+        with open(status) as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return
+    logging.getLogger("sfsd").info("peak host memory: %.3f GB", kb * 1024 / 1e9)
 
 
 def log_gpu_peak() -> None:
