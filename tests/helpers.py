@@ -368,6 +368,11 @@ CONFIG_CASES = [
                                      "evaluation": {"tasks": ["arc_easy"]}},
      "search.targets.accuracy ['piqa'] are not in evaluation.tasks ['arc_easy']"),
     ("unknown search method", {"search": {"methods": ["laser"]}}, "search.methods.0: 'laser' is not one of"),
+    ("search completed by a loss criterion the run does not make",
+     {"search": {"enabled": True, "first_block": -1, "complete": "loss"}},
+     "search.complete loss reads the loss criterion, which runs (and is sized) only where compression.allocations "
+     "lists loss"),
+    ("unknown search completion", {"search": {"complete": "energy"}}, "search.complete: 'energy' is not one of"),
     ("unknown search metric", {"search": {"metric": "f1"}}, "search.metric: 'f1' is not one of"),
     # a metric lm-eval's task config does not define (BoolQ and WinoGrande have acc only)
     ("table metric undefined for a task", {"evaluation": {"tasks": ["arc_easy", "boolq"], "metric": "acc_norm"}},

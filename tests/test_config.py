@@ -45,7 +45,7 @@ _MIRRORED = {
                 "flush_every": "collection.flush_every", "staging": "collection.staging"},
     "make-plan": {"first_block": "compression.first_block", "convention": "compression.convention",
                   "bias_compensation": "compression.bias_compensation",
-                  "spectral_groups": "compression.spectral_groups"},
+                  "spectral_groups": "compression.spectral_groups", "complete": "search.complete"},
     "evaluate": {"split": "evaluation.split", "limit": "evaluation.limit", "scorer": "evaluation.scorer",
                  "batch_size": "evaluation.batch_size", "task_source": "evaluation.source",
                  "ppl_source": "evaluation.perplexity.source", "ppl_window": "evaluation.perplexity.window",
@@ -94,6 +94,21 @@ def test_block_range():
     for first, last in [(30, None), (-31, None), (2, 1), (0, 30)]:
         with pytest.raises(ConfigError, match="is out of range: model m has blocks 0..29"):
             defaults.block_range(first, last, 30, "search.first_block", "model m")
+
+
+def test_search_completion_is_read_in_one_place():
+    """search.complete auto: loss where compression.allocations lists loss, else spectral; a set value as it
+    is. make-plan's --complete auto reads the same rule from whether --loss is given."""
+    def config(complete, allocations):
+        return {"search": {"complete": complete}, "compression": {"allocations": allocations}}
+
+    assert sfsd_config.search_completion(config("auto", ["uniform", "spectral", "loss"])) == "loss"
+    assert sfsd_config.search_completion(config("auto", ["uniform", "spectral"])) == "spectral"
+    assert sfsd_config.search_completion(config("spectral", ["loss"])) == "spectral"
+    assert sfsd_config.search_completion(config("loss", ["loss"])) == "loss"
+    assert defaults.resolve_completion("auto", True) == "loss" and defaults.resolve_completion("auto", False) == "spectral"
+    with pytest.raises(ConfigError, match="search.complete 'energy' is unknown"):
+        defaults.resolve_completion("energy", True)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CONFIG_CASES])

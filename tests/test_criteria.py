@@ -146,6 +146,34 @@ def test_loss_spectrum_and_greedy_follow_the_loss():
     assert ranks == {"0.q_proj": 1, "1.q_proj": 4}
 
 
+def test_loss_completion_keeps_the_fixed_layers_and_follows_the_curves():
+    """Three 10x10 q_proj layers (kappa 5; every other Linear dense), the top one fixed at rank 2 as a search
+    decided it, the uniform plan given: rank 3 each at 0.95 of the decoder Linears' parameters (180 of
+    the q_projs' 300), so the free layers share 140 - 40 at rank 1 = five rank steps of 20. Layer 0's loss
+    curve is 100 times layer 1's: by the loss, four steps take layer 0 to dense (each saves more per
+    parameter than any of layer 1's) and the fifth raises layer 1 to rank 2; the plan lands on the uniform
+    plan's size and predicts what is left, layer 1's loss at rank 2 (4)."""
+    from sfsd.model.shapes import ModelShapes
+
+    names = list(SPEC.linears)
+    shapes = ModelShapes("LlamaForCausalLM", 3, {n: (10, 10) for n in names}, {n: False for n in names},
+                         3 * 7 * 100 + 500, (50, 10))
+    curve = torch.tensor([16.0, 8.0, 4.0, 2.0, 0.5], dtype=torch.float64)
+    spectra = {"0.q_proj": LayerSpectrum.from_curve(10, 10, 100 * curve),
+               "1.q_proj": LayerSpectrum.from_curve(10, 10, curve)}
+    fixed = {"2.q_proj": {"method": "weight", "rank": 2}}
+    uniform = budget_plan(SPEC, shapes, ["q_proj"], 0.95, "weight", convention="decoder_linear")
+    assert {e["rank"] for e in uniform["layers"].values()} == {3}
+    for groups in ("type", "global"):
+        plan = spectral_plan(SPEC, shapes, ["q_proj"], 0.95, "weight", spectra, convention="decoder_linear",
+                             fixed=fixed, groups=groups, uniform=uniform, criterion="loss")
+        assert plan["layers"] == {"0.q_proj": {"method": "dense"}, "1.q_proj": {"method": "weight", "rank": 2},
+                                  "2.q_proj": {"method": "weight", "rank": 2}}, groups
+        counts = count_params(shapes, plan)["decoder_linear"]
+        assert counts["compressed"] == count_params(shapes, uniform)["decoder_linear"]["compressed"] == 1980
+        assert plan["notes"]["predicted_loss"] == 4.0 and plan["notes"]["fixed_layers"] == 1
+
+
 @pytest.fixture(scope="module")
 def tiny_loss(tiny_stats, tmp_path_factory):
     """The tiny model's factor caches, gradients and loss spectra of every method."""
@@ -219,6 +247,49 @@ def test_commands_make_a_loss_plan(tiny_llama, tmp_path):
     assert plan["notes"]["provenance"]["calibration_digest"] == tokens_digest(tokens)
     shapes = model_shapes(tiny_llama)
     assert count_params(shapes, plan)["model"]["compressed"] <= count_params(shapes, uniform)["model"]["compressed"]
+
+
+def test_make_plan_completes_a_search_by_the_loss(tiny_loss, tmp_path, capsys):
+    """make-plan --allocation searched --complete loss: the search's decisions as it took them and the other
+    layers as the loss allocation places them around those (spectral_plan, criterion loss, the decisions
+    fixed), at most the uniform plan's size; auto reads loss where --loss is given and spectral where it is
+    not, and loss without --loss is one line naming the option."""
+    import json
+
+    from sfsd.cli.main import main as sfsd_main
+    from sfsd.io import read_json
+
+    shapes, root, linears, method = tiny_loss["shapes"], tiny_loss["root"], tiny_loss["linears"], "feature"
+    search = tmp_path / "search"
+    search.mkdir()
+    decided = {"1.down_proj": {"method": method, "rank": 1}, "1.up_proj": {"method": "dense"}}
+    (search / "plan.json").write_text(json.dumps({"layers": decided}))
+    base = ["make-plan", "--model-dir", str(tiny_loss["dir"]), "--model-name", "tiny", "--method", method,
+            "--params-fraction", "0.8", "--first-block", "0", "--layers", ",".join(linears), "--allocation", "searched",
+            "--search", str(search), "--budget-label", "p80"]
+
+    def make(*extra: str) -> dict:
+        out = tmp_path / "plan.json"
+        assert sfsd_main([*base, *extra, "--out", str(out)]) == 0
+        return read_json(out)
+
+    plan = make("--complete", "loss", "--loss", str(root / "loss"))
+    files = {b: BlockFile(root / "loss" / method / block_file(b), tiny_loss["digest"]) for b in range(shapes.n_blocks)}
+    free = [f"{b}.{n}" for b in range(shapes.n_blocks) for n in linears if f"{b}.{n}" not in decided]
+    spectra = curve_spectra(SPEC, shapes, free, lambda b, n: files[b][f"{n}.loss"])
+    uniform = budget_plan(SPEC, shapes, linears, 0.8, method)
+    expected = spectral_plan(SPEC, shapes, linears, 0.8, method, spectra, fixed=decided, uniform=uniform,
+                             criterion="loss")
+    assert plan["layers"] == expected["layers"] and all(plan["layers"][k] == v for k, v in decided.items())
+    notes = plan["notes"]
+    assert (notes["builder"], notes["completion"], notes["completed_layers"]) == ("searched", "loss", len(free))
+    assert notes["predicted_loss"] == pytest.approx(expected["notes"]["predicted_loss"])
+    assert notes["provenance"]["settings"]["complete"] == "loss"
+    assert count_params(shapes, plan)["model"]["compressed"] <= count_params(shapes, uniform)["model"]["compressed"]
+    assert make("--loss", str(root / "loss"))["layers"] == plan["layers"]  # auto with --loss: the loss
+    assert make("--factors", str(root / "factors"))["notes"]["completion"] == "spectral"  # auto without it
+    assert sfsd_main([*base, "--complete", "loss", "--factors", str(root / "factors"), "--out", str(tmp_path / "x")]) == 2
+    assert "make-plan --allocation searched --complete loss needs --loss" in capsys.readouterr().err
 
 
 def test_fisher_order_keeps_the_costliest_directions():

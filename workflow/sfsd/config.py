@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from sfsd.defaults import SCHEMA_PATH, block_range, schema
+from sfsd.defaults import SCHEMA_PATH, block_range, resolve_completion, schema
 from sfsd.errors import ConfigError
 
 TASK_EXPORT = Path("results") / "tasks"  # rules/evaluate.smk's export_tasks output, under the working folder
@@ -229,6 +229,9 @@ def _check_search(config: Mapping) -> None:
         if mode in search["modes"] and unknown:
             raise ConfigError(f"search.targets.{mode} {unknown} are not in evaluation.tasks {tasks}; add them there "
                               "(the search scores their search split) or use average")
+    if search["budgets"] and search["complete"] == "loss" and "loss" not in config["compression"]["allocations"]:
+        raise ConfigError("search.complete loss reads the loss criterion, which runs (and is sized) only where "
+                          "compression.allocations lists loss; add loss there or set search.complete to spectral")
     empty = [m for m in search["modes"] if not search["targets"][m]]
     if empty:
         raise ConfigError(f"search.targets.{empty[0]} is empty while search.modes lists {empty[0]}; name a target "
@@ -240,6 +243,13 @@ def _check_search(config: Mapping) -> None:
             conflict = search_text_conflict(target, config["evaluation"]["perplexity"], config["calibration"])
             if conflict:
                 raise ConfigError(conflict)
+
+
+def search_completion(config: Mapping) -> str:
+    """How `searched_plan` allocates the layers a search cut at a budget did not decide: search.complete,
+    `auto` read as loss where compression.allocations lists loss (its loss criterion is made anyway), else
+    spectral (`sfsd.defaults.resolve_completion`). rules/search.smk reads it here."""
+    return resolve_completion(config["search"]["complete"], "loss" in config["compression"]["allocations"])
 
 
 def _check_metrics(config: Mapping) -> None:

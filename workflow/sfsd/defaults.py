@@ -5,6 +5,7 @@
   their defaults from it); `choices("streamed")`: the values it allows.
 - `resolve_block(block, n_blocks)` / `block_range(...)`: the one reading of block numbers (negative ones
   count from the top).
+- `resolve_completion(setting, loss_criterion)`: search.complete's `auto` read as spectral or loss.
 
 Small on purpose: every command imports it (its options' defaults), so it imports no other module of the
 package but `errors`. The checks of a whole config live in `sfsd.config`.
@@ -51,6 +52,17 @@ def choices(key: str) -> tuple:
     if "enum" not in node:
         raise KeyError(f"{key} has no enum in {SCHEMA_PATH.name}")
     return tuple(node["enum"])
+
+
+def resolve_completion(setting: str, loss_criterion: bool) -> str:
+    """search.complete (make-plan --complete) as `spectral` or `loss`: `auto` is loss where the loss
+    criterion is made (`loss_criterion`: in the workflow compression.allocations lists loss, see
+    `sfsd.config.search_completion`; for make-plan, --loss names its root), else spectral."""
+    if setting not in choices("search.complete"):
+        raise ConfigError(f"search.complete {setting!r} is unknown; use one of {', '.join(choices('search.complete'))}")
+    if setting == "auto":
+        return "loss" if loss_criterion else "spectral"
+    return setting
 
 
 def resolve_block(block: int, n_blocks: int) -> int:

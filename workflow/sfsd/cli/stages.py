@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 
 from sfsd.cli.options import METHOD_CHOICES, add_dtype, csv_list
-from sfsd.defaults import block_range, choices, default
-from sfsd.errors import ConfigError, DataError
+from sfsd.defaults import block_range, choices, default, resolve_completion
+from sfsd.errors import ConfigError
 
 
 def add_parsers(sub) -> None:
@@ -102,9 +102,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--allocation", choices=["uniform", "spectral", "loss", "searched"], default="uniform",
                    help="uniform: one keep ratio; spectral: ranks from the cached spectra (sfsd.decompose.allocate); loss: "
                         "ranks from the predicted loss increase (sfsd.decompose.criteria); searched: "
-                        "a search's plan at the budget, its unsearched layers allocated spectrally")
-    p.add_argument("--factors", help="factor cache root (results/<model>/factors): spectral and searched")
-    p.add_argument("--loss", help="loss criterion root (results/<model>/loss, command loss-spectra): loss")
+                        "a search's plan at the budget, the layers it did not decide allocated by --complete")
+    p.add_argument("--complete", choices=choices("search.complete"), default=default("search.complete"),
+                   help="searched: allocate the layers the search did not decide spectrally (needs --factors) or "
+                        "by the loss (needs --loss); auto: loss where --loss is given, else spectral")
+    p.add_argument("--factors", help="factor cache root (results/<model>/factors): spectral, searched spectral")
+    p.add_argument("--loss", help="loss criterion root (results/<model>/loss, command loss-spectra): loss, searched loss")
     p.add_argument("--search", help="search output folder: searched")
     p.add_argument("--budget-label", help="the budget's name (e.g. p54): the search's checkpoint of that budget")
     p.add_argument("--spectral-groups", choices=("type", "global"), default=default("compression.spectral_groups"),
@@ -281,8 +284,8 @@ def cmd_make_plan(args: argparse.Namespace) -> None:
         plan = budget_plan(spec, shapes, linears, args.params_fraction, args.method, blocks=range(first, shapes.n_blocks),
                            convention=args.convention, **header)
     else:
-        plan, calibration = _allocated_plan(args, spec, shapes, linears, range(first, shapes.n_blocks), digest, header)
-        settings["search"] = args.search
+        plan, calibration, searched = _allocated_plan(args, spec, shapes, linears, range(first, shapes.n_blocks), header)
+        settings.update(searched)
     plan["notes"]["counts"] = count_params(shapes, plan)
     plan["notes"]["provenance"] = stamp(digest, calibration, settings)
     write_json(args.out, plan)
@@ -290,120 +293,27 @@ def cmd_make_plan(args: argparse.Namespace) -> None:
                  args.convention)
 
 
-def _allocated_plan(args, spec, shapes, linears, blocks: range, digest, header) -> tuple[dict, str | None]:
-    """A spectral plan, or a searched one: the search's own plan where it landed on the budget
-    (checkpoints/<label>.json), else its decisions completed by the spectral allocation of the rest."""
-    from pathlib import Path
+def _allocated_plan(args, spec, shapes, linears, blocks: range, header) -> tuple[dict, str | None, dict]:
+    """(plan, calibration digest, settings for its provenance) of a spectral, loss or searched plan
+    (`sfsd.decompose.allocated.allocated_plan`): a searched one allocates the layers its search did not
+    decide by --complete (auto: loss where --loss is given, else spectral)."""
+    from sfsd.decompose.allocated import allocated_plan
 
-    from sfsd.decompose.allocate import curve_spectra, layer_spectra, spectral_plan
-    from sfsd.decompose.compress import BlockFile
-    from sfsd.decompose.factor_cache import factor_spectrum
-    from sfsd.features.collect import block_file
-    from sfsd.io import read_json
-    from sfsd.decompose.plan import budget_plan, count_params, layer_key
-
-    files: dict[int, BlockFile] = {}
-    if args.allocation == "loss":
-        if not args.loss:
-            raise ConfigError("make-plan --allocation loss needs --loss (the loss criterion root, command loss-spectra)")
-
-        def curve(block: int, linear: str):
-            if block not in files:
-                files[block] = BlockFile(Path(args.loss) / args.method / block_file(block), digest)
-                made = files[block].metadata.get("settings", {}).get("bias_compensation")
-                if made != args.bias_compensation:
-                    raise DataError(f"{files[block].path} predicts the loss with bias compensation {made}, not "
-                                    f"{args.bias_compensation}; rerun loss-spectra")
-            return files[block][f"{linear}.loss"]
-
-        spectra = curve_spectra(spec, shapes, [layer_key(b, n) for b in blocks for n in linears], curve)
-        plan = spectral_plan(spec, shapes, linears, args.params_fraction, args.method, spectra, blocks=blocks,
-                             convention=args.convention, groups=args.spectral_groups, criterion="loss", **header)
-        calibration = {f.metadata.get("calibration_digest") for f in files.values()}
-        return plan, (calibration.pop() if len(calibration) == 1 else None)
-    if not args.factors:
-        raise ConfigError(f"make-plan --allocation {args.allocation} needs --factors (the factor cache root)")
-
-    def read(block: int, linear: str):
-        if block not in files:
-            files[block] = BlockFile(Path(args.factors) / args.method / block_file(block), digest)
-        return factor_spectrum(files[block], linear, args.bias_compensation)
-
-    fixed, uniform = {}, None
-    keys = [layer_key(b, n) for b in blocks for n in linears]
-    if args.allocation == "searched":
+    allocation, search, settings = args.allocation, None, {}
+    if allocation == "searched":
         if not args.search or not args.budget_label:
             raise ConfigError("make-plan --allocation searched needs --search (a search folder) and --budget-label")
-        uniform = budget_plan(spec, shapes, linears, args.params_fraction, args.method,
-                              blocks=blocks, convention=args.convention, **header)
-        size = count_params(shapes, uniform)[args.convention]["compressed"]
-        landed = Path(args.search) / "checkpoints" / f"{args.budget_label}.json"
-        plan = read_json(landed) if landed.is_file() else None
-        if plan is not None and plan.get("notes", {}).get("builder") == "search-budget":
-            plan = _to_size(shapes, plan, size, args.convention)
-            plan["notes"].update({"builder": "searched", "search": args.search, "completed_layers": 0,
-                                  "params_fraction": _fraction(shapes, plan, args.convention)})
-            searched = read_json(Path(args.search) / "plan.json").get("notes", {}).get("provenance", {})
-            return plan, searched.get("calibration_digest")
-        fixed = _feasible_prefix(Path(args.search), shapes, keys, args.method, size, args.convention, header)
-    keys = [k for k in keys if k not in fixed]
-    spectra = layer_spectra(spec, shapes, keys, read)
-    plan = spectral_plan(spec, shapes, linears, args.params_fraction, args.method, spectra,
-                         blocks=blocks, convention=args.convention, fixed=fixed,
-                         groups=args.spectral_groups, uniform=uniform, **header)
-    if args.allocation == "searched":
-        plan["notes"].update({"builder": "searched", "search": args.search, "completed_layers": len(spectra)})
-    calibration = {f.metadata.get("calibration_digest") for f in files.values()}
-    return plan, (calibration.pop() if len(calibration) == 1 else None)
-
-
-def _to_size(shapes, plan: dict, size: int, convention: str) -> dict:
-    """A search's plan landed on a budget, its crossing layer's rank lowered (never below the rank the
-    search accepted) until the plan keeps at most `size` parameters: the uniform plan's count, which lies
-    under the budget by up to a rank step per layer, so every allocation compares at the same size."""
-    from sfsd.decompose.plan import count_params, largest_fitting
-
-    notes = plan.get("notes", {})
-    key, accepted = notes.get("crossing_layer"), notes.get("accepted_rank")
-    entry = plan["layers"].get(key, {})
-    if entry.get("rank") is None or accepted is None:
-        return plan
-
-    def fits(rank: int) -> bool:
-        return count_params(shapes, {**plan, "layers": {**plan["layers"], key: {**entry, "rank": rank}}})[convention][
-            "compressed"] <= size
-
-    plan["layers"][key] = {**entry, "rank": largest_fitting(fits, min(accepted, entry["rank"]), entry["rank"])}
-    return plan
-
-
-def _feasible_prefix(search, shapes, keys, method: str, size: int, convention: str, header) -> dict:
-    """The search's decisions, in its order, up to the last one that still lets the layers it did not
-    decide reach `size` parameters at rank 1 (a search that ends above the budget after covering every
-    targeted layer keeps only its top decisions; the spectral allocation takes the rest)."""
-    from sfsd.io import read_json
-    from sfsd.decompose.plan import count_params, new_plan
-
-    decided = read_json(search / "plan.json")["layers"]
-    log_path = search / "log.jsonl"
-    order = [json.loads(line)["layer"] for line in log_path.read_text().splitlines()] if log_path.is_file() \
-        else list(decided)
-    order = [k for k in order if k in decided]
-    for n in range(len(order), -1, -1):
-        fixed = {k: decided[k] for k in order[:n]}
-        trial = new_plan({**{k: {"method": method, "rank": 1} for k in keys if k not in fixed}, **fixed}, **header)
-        if count_params(shapes, trial)[convention]["compressed"] <= size:
-            if n < len(order):
-                logging.info("the search's first %d of %d decisions fit the budget; the rest is allocated spectrally",
-                             n, len(order))
-            return fixed
-    return {}
-
-
-def _fraction(shapes, plan, convention: str) -> float:
-    from sfsd.decompose.plan import count_params
-
-    return count_params(shapes, plan)[convention]["fraction"]
+        allocation, search = resolve_completion(args.complete, args.loss is not None), args.search
+        settings = {"search": search, "complete": allocation}
+    root = args.loss if allocation == "loss" else args.factors
+    if not root:
+        given = f"--allocation {args.allocation}" + (f" --complete {allocation}" if search else "")
+        raise ConfigError(f"make-plan {given} needs " + ("--loss (the loss criterion root, command loss-spectra)"
+                                                         if allocation == "loss" else "--factors (the factor cache root)"))
+    plan, calibration = allocated_plan(spec, shapes, linears, args.params_fraction, args.method, blocks, allocation, root,
+                                       convention=args.convention, groups=args.spectral_groups, search=search,
+                                       budget_label=args.budget_label, **header)
+    return plan, calibration, settings
 
 
 def cmd_loss_spectra(args: argparse.Namespace) -> None:
