@@ -91,12 +91,21 @@ rule compress_searched:
         "> {log:q} 2>&1"
 
 
+# How searched_plan allocates the layers a search did not decide: search.complete, auto read as loss where
+# compression.allocations lists loss, else spectral (sfsd/config.py search_completion)
+from sfsd.config import search_completion
+
+SEARCH_COMPLETION = search_completion(config)
+
+
 rule searched_plan:
     """A search at a parameter budget: its own plan where it landed on the budget, else its decisions with
-    the layers it did not reach allocated spectrally (sfsd make-plan --allocation searched)."""
+    the layers it did not reach allocated by SEARCH_COMPLETION, spectrally from the factor cache or by the
+    loss criterion of its method (sfsd make-plan --allocation searched --complete)."""
     input:
         summary=rules.search.output.summary,
         factors="results/{model}/factors/{method}",
+        loss=lambda wc: f"results/{wc.model}/loss/{wc.method}" if SEARCH_COMPLETION == "loss" else [],
         model=model_dir,
     output:
         plan="results/{model}/plans/search-{method}-{mode}-{target}-{budget}.json",
@@ -109,6 +118,8 @@ rule searched_plan:
         factors=lambda wc, input: Path(input.factors).parent,
         search=lambda wc, input: Path(input.summary).parent,
         groups=config["compression"]["spectral_groups"],
+        complete=SEARCH_COMPLETION,
+        loss=lambda wc, input: f"--loss {shlex.quote(str(Path(input.loss).parent))}" if input.loss else "",
         code=command_version("make-plan"),
     conda:
         "../envs/cpu-stages.yaml"
@@ -119,7 +130,7 @@ rule searched_plan:
         runtime=10,
     shell:
         "python -m sfsd --threads {threads} make-plan --allocation searched --factors {params.factors:q} "
-        "--spectral-groups {params.groups} "
+        "--complete {params.complete} {params.loss} --spectral-groups {params.groups} "
         "--search {params.search:q} --budget-label {wildcards.budget} --model-dir {input.model:q} "
         "--model-name {wildcards.model} --method {wildcards.method} --params-fraction {params.fraction} "
         "--first-block {params.first_block} --layers {params.layers} --convention {params.convention} "

@@ -292,6 +292,33 @@ def test_make_plan_completes_a_search_by_the_loss(tiny_loss, tmp_path, capsys):
     assert "make-plan --allocation searched --complete loss needs --loss" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two Snakemake dry runs of the real workflow
+def test_searched_plan_reads_the_loss_criterion_where_it_completes_by_it(tiny_llama, calibration_text_file, tmp_path):
+    """A dry run of a search cut at a budget: with compression.allocations listing loss (search.complete
+    auto), searched_plan waits for its method's loss spectra (and so the gradients) and passes them with
+    --complete loss; without loss, it completes spectrally from the factor cache alone."""
+    from helpers import base_config, deep_merge, new_run, planned_jobs, snakemake
+
+    snakefile, workdir = new_run(tmp_path)
+    target = "results/tiny/plans/search-feature-kl-average-b80.json"
+    for allocations, complete in ((["uniform", "loss"], "loss"), (["uniform"], "spectral")):
+        config = deep_merge(base_config(tiny_llama, calibration_text_file),
+                            {"compression": {"methods": ["feature"], "allocations": allocations},
+                             "search": {"enabled": True, "modes": ["kl"]}})
+        proc = snakemake(snakefile, workdir, config, "--dry-run", "--printshellcmds", target)
+        jobs = planned_jobs(proc)
+        assert jobs["searched_plan"] == 1 and jobs["search"] == 1
+        job = proc.stdout[proc.stdout.index("rule searched_plan:"):]
+        inputs, command = job.splitlines()[1], job[job.index("make-plan"):].splitlines()[0]
+        assert f"--complete {complete} " in command
+        if complete == "loss":
+            assert jobs["loss_spectra"] == 1 and jobs["collect_gradients"] == 1
+            assert "results/tiny/loss/feature" in inputs and "--loss results/tiny/loss " in command
+        else:
+            assert not {"loss_spectra", "collect_gradients"} & set(jobs)
+            assert "loss" not in inputs and "--loss" not in command
+
+
 def test_fisher_order_keeps_the_costliest_directions():
     """Directions ranked by lambda_i u_i^T G u_i: keeping the top r of them, the measured increase of a
     quadratic loss whose Hessian G weighs the low-variance output directions most is 1/2 the sum of the
