@@ -21,6 +21,7 @@ from sfsd.features.gradients import resolve_full
 from sfsd.resources.loss_needs import (backward_bytes, curve_work_bytes, gradient_file_bytes, gradients,
                                        loss_file_bytes, loss_spectra)
 from sfsd.resources.modes import candidates, every_mode, gradients_full, plan_stage, staging_on_device
+from sfsd.io import MAX_SHARD_BYTES, shard_bytes_of
 from sfsd.resources.needs import (
     CHOICE_TOKENS,
     CUDA_CONTEXT_BYTES as CTX,
@@ -336,6 +337,8 @@ def test_shapes_come_from_the_header_alone(llama3_8b):
     assert sum(d * d for _, d in size.groups) == 3 * 4096**2 + 14336**2  # 2.56e8 moments per block
     assert size.n_blocks * staging_bytes(size) == 32_762_757_120  # the 32.7 GB of float32 staging
     assert size.n_blocks * moments_bytes(size) == pytest.approx(65.5e9, rel=1e-3)  # float64 totals on the host
+    # one file describing 16 GB of weights: a compressed folder is written in shards of at most 5 GiB
+    assert size.shard_bytes == MAX_SHARD_BYTES
 
 
 def test_shapes_of_a_real_checkpoint_equal_the_meta_model(tiny_llama, tmp_path):
@@ -348,6 +351,9 @@ def test_shapes_of_a_real_checkpoint_equal_the_meta_model(tiny_llama, tmp_path):
     # a folder with config.json alone is planned from the model built on the meta device
     (tmp_path / "config.json").write_text((tiny_llama / "config.json").read_text())
     assert model_size(tmp_path, LAYERS).total_params == size.total_params
+    # a compressed folder is sharded like its checkpoint: no shard larger than its largest file
+    data = [f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in tiny_llama.glob("*.safetensors")]
+    assert size.shard_bytes == max(data) and shard_bytes_of(tiny_llama) == max(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
 
 
 def test_plan_resources_table_for_a_24_gb_gpu(llama3_8b, tmp_path):

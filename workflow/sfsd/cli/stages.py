@@ -338,12 +338,13 @@ def cmd_loss_spectra(args: argparse.Namespace) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     from sfsd.decompose.factor_cache import compress_from_cache
-    from sfsd.io import model_digest, read_json
+    from sfsd.io import model_digest, read_json, shard_bytes_of
     from sfsd.model.loading import load_tokenizer
     from sfsd.model.stream import open_blocks
 
     digest = model_digest(args.model_dir)
     source = open_blocks(args.model_dir, _streamed("compress_model", args), args.dtype)
+    # sharded like the checkpoint it came from: whatever could open that checkpoint's files opens these
     applied = compress_from_cache(source, read_json(args.plan), args.factors, args.out, model_digest=digest,
-                                  tokenizer=load_tokenizer(args.model_dir))
+                                  tokenizer=load_tokenizer(args.model_dir), shard_bytes=shard_bytes_of(args.model_dir))
     logging.info("compressed %d layers into %s", len(applied["layers"]), args.out)

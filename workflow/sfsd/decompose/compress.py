@@ -44,6 +44,7 @@ from sfsd.decompose.plan import FACTOR_METHODS, parse_layer_key, validate_plan
 from sfsd.errors import ConfigError, DataError
 from sfsd.features.collect import block_file
 from sfsd.io import (
+    MAX_SHARD_BYTES,
     ShardWriter,
     atomic_dir,
     check_checkpoint,
@@ -64,7 +65,6 @@ from sfsd.provenance import stamp
 
 log = logging.getLogger(__name__)
 
-SHARD_BYTES = 5 * 2**30  # weight shards of at most 5 GiB (a single larger tensor: a shard of its own)
 PLAN_FILE = "plan.json"
 MODELING_FILE = "modeling_sfsd.py"  # sfsd.model.hf_modeling, as config.json's auto_map names it
 FORMAT = "sfsd-compressed-2"  # 1: compressed.safetensors, loadable by load_compressed only
@@ -286,7 +286,7 @@ class CompressedFolder:
     `finish` adds the modules outside the blocks (a tied tensor once) and writes the metadata, plan.json,
     config.json, modeling_sfsd.py, generation_config.json and the tokenizer."""
 
-    def __init__(self, folder: str | os.PathLike, model: nn.Module, shard_bytes: int = SHARD_BYTES) -> None:
+    def __init__(self, folder: str | os.PathLike, model: nn.Module, shard_bytes: int = MAX_SHARD_BYTES) -> None:
         self.folder, self.model = Path(folder), model
         self.spec = get_arch(architecture_of(model.config))
         self.prefix = self.spec.blocks + "."
@@ -336,7 +336,7 @@ class CompressedFolder:
 
 
 def save_compressed(model: nn.Module, plan: Mapping, out_dir: str | os.PathLike, tokenizer=None,
-                    factors: Mapping | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+                    factors: Mapping | None = None, shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write a compressed model in memory into `out_dir` atomically (`CompressedFolder`)."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

@@ -22,7 +22,6 @@ from torch import nn
 
 from sfsd.decompose.compress import (
     FEATURE_METHODS,
-    SHARD_BYTES,
     BlockFile,
     BlockSource,
     BlockTensors,
@@ -38,7 +37,7 @@ from sfsd.decompose.methods import max_rank
 from sfsd.decompose.plan import FACTOR_METHODS, parse_layer_key, validate_plan
 from sfsd.errors import ConfigError, DataError
 from sfsd.features.collect import block_file
-from sfsd.io import atomic_dir, save_tensors
+from sfsd.io import MAX_SHARD_BYTES, atomic_dir, save_tensors
 from sfsd.model.registry import blocks_of
 from sfsd.model.spec import ArchSpec
 from sfsd.model.stream import BlockStream, WholeModel
@@ -263,7 +262,7 @@ def compress_from_cache(
     *,
     model_digest: str | None = None,
     tokenizer=None,
-    shard_bytes: int = SHARD_BYTES,
+    shard_bytes: int = MAX_SHARD_BYTES,
 ) -> dict:
     """Compress the model of `source` as `plan` says, from the factor cache, and write the folder
     (`compress.CompressedFolder`) block by block: block b is read (streamed), cut, written into the weight

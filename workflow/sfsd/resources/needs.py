@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from sfsd.io import MAX_SHARD_BYTES
 from sfsd.model.placement import gpus_needed
 from sfsd.model.stream import HIDDEN_SHARE
 
@@ -29,7 +30,6 @@ CUDA_CONTEXT_BYTES = 0.5e9  # CUDA context and kernels on each GPU a job uses (n
 CUDA_HOST_BYTES = 0.75e9  # host memory a process adds when it initialises CUDA (not measured on a GPU)
 STAGING_SHARE = 0.5  # collection.staging auto: device when every block's staging takes at most this of the
 #                      device memory left beside the weights (sfsd/features/stats.py choose_staging)
-SHARD_BYTES = 5 * 2**30  # a compressed folder's weight shards (sfsd/decompose/compress.py SHARD_BYTES)
 TASK_TOKENS = 512  # context of one multiple-choice document (an assumption: most BoolQ passages, the
 #                    longest of the six tasks, are shorter)
 CHOICE_TOKENS = 128  # positions per document whose logits the native scorer computes (its choices' tokens)
@@ -46,7 +46,9 @@ class ModelSize:
 
     `linears`: (name, out, in) of each decomposed Linear of a block; `groups`: (input group, width) of
     their distinct inputs; `embed_params`: the parameters a streamed pass loads besides its block (input
-    embedding, final norm, and the lm_head when it is tied); `head_params`: an untied lm_head's."""
+    embedding, final norm, and the lm_head when it is tied); `head_params`: an untied lm_head's;
+    `shard_bytes`: the weight shards a compressed folder is written in (`io.shard_bytes_of`: the
+    checkpoint's largest file, at most `io.MAX_SHARD_BYTES`)."""
 
     n_blocks: int
     hidden: int
@@ -60,6 +62,7 @@ class ModelSize:
     embed_params: int
     head_params: int
     stored_bytes: int
+    shard_bytes: int = MAX_SHARD_BYTES
 
     @property
     def total_params(self) -> int:
@@ -383,7 +386,7 @@ def compress(size: ModelSize, s: Settings, streamed: bool) -> StageNeed:
     weights = (size.total_params if not streamed else size.embed_params + size.head_params + 2 * size.block_params)
     pages = stored_bytes(size, size.total_params if not streamed else size.block_params)  # while reading
     host = PROCESS_BYTES + weights * s.itemsize + max(pages, factors_block_bytes(size, s.factor_itemsize)
-                                                      + size.block_params * s.itemsize + min(SHARD_BYTES, written))
+                                                      + size.block_params * s.itemsize + min(size.shard_bytes, written))
     total = sum(compressed_params(size, f) * s.itemsize for f in s.compressed)
     return StageNeed("compress_model", "streamed" if streamed else "whole", 0, host, written, total,
                      jobs=len(s.compressed), why="weights, one shard")

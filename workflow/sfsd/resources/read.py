@@ -18,10 +18,11 @@ import os
 import shutil
 import subprocess
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from sfsd.errors import ConfigError, DataError
-from sfsd.io import INDEX_FILE
+from sfsd.io import INDEX_FILE, MAX_SHARD_BYTES
 from sfsd.model.registry import architecture_of, get_arch, groups_for, select_linears
 from sfsd.resources.needs import ModelSize
 
@@ -95,8 +96,16 @@ def model_size(model_dir: str | os.PathLike, layers: list[str] | None = None) ->
         raise ConfigError(f"{folder} has no config.json; the planner reads a model's shapes from it")
     config = json.loads((folder / "config.json").read_text())
     _check_keys(folder / "config.json", config)
-    return size_from(config, checkpoint_tensors(folder) if checkpoint_files(folder) else _meta_tensors(config),
-                     layers)
+    size = size_from(config, checkpoint_tensors(folder) if checkpoint_files(folder) else _meta_tensors(config), layers)
+    return replace(size, shard_bytes=min(MAX_SHARD_BYTES, largest_file_bytes(folder)))
+
+
+def largest_file_bytes(model_dir: str | os.PathLike) -> int:
+    """The data bytes of the checkpoint's largest safetensors file, as its header describes them (a
+    shapes-only folder plans like the real checkpoint); MAX_SHARD_BYTES where the folder has no weights."""
+    sizes = [max((int(i["data_offsets"][1]) for i in read_header(f).values()), default=0)
+             for f in checkpoint_files(model_dir)]
+    return max(sizes, default=MAX_SHARD_BYTES)
 
 
 def _check_keys(path: Path, config: Mapping) -> None:
