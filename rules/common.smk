@@ -37,6 +37,8 @@ def check_config():
         sfsd_config.check_config(config, root=".")
     except ConfigError as err:
         fail(str(err))
+    for warning in sfsd_config.config_warnings(config, root="."):
+        print(f"config warning: {warning}", file=sys.stderr)
 
 
 check_config()

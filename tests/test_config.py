@@ -136,3 +136,22 @@ def test_validate_fills_defaults_without_changing_given_values():
     assert config["search"]["delta"] == 0.1
     assert config["search"]["eps"] == defaults.default("search.eps")
     assert config["compression"]["first_block"] == defaults.default("compression.first_block")
+
+
+def test_more_calibration_samples_than_the_source_holds_is_a_warning(tiny_llama, calibration_text_file, tmp_path):
+    """The stage would calibrate on every document the source holds, fewer than asked: said before any job."""
+    from helpers import base_config
+
+    config = base_config(tiny_llama, calibration_text_file)
+    sfsd_config.validate(config)
+    paragraphs = len([p for p in calibration_text_file.read_text().split("\n\n") if p.strip()])
+    config["calibration"]["num_samples"] = paragraphs
+    assert sfsd_config.config_warnings(config, tmp_path) == []
+    config["calibration"]["num_samples"] = paragraphs + 1
+    (warning,) = sfsd_config.config_warnings(config, tmp_path)
+    assert f"exceeds the {paragraphs} documents that calibration.source text_file offers" in warning
+    # the default source: the calibration part of the six tasks' local documents
+    config["calibration"] = {**config["calibration"], "source": "combination", "num_samples": 10**8}
+    (warning,) = sfsd_config.config_warnings(config, tmp_path)
+    assert warning.startswith("calibration.num_samples 100000000 exceeds the 1730 documents that calibration.source "
+                              "combination offers") and "\n" not in warning

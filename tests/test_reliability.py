@@ -41,7 +41,7 @@ def snakefile(tmp_path_factory) -> Path:
 # reads (files, the model, several keys, the LASER study), each one line before any job, no file written.
 WIRED_CASES = ["binary calibration file", "misspelt key", "batch size as a string", "first block out of range",
                "search target not evaluated", "laser metric undefined for its task",
-               "more calibration samples than the tasks offer", "quick budget not a compression budget"]
+               "quick budget not a compression budget"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,22 @@ def test_bad_config_fails_before_any_job(config_case_runs, case):
     line = one_error_line(proc.stdout + proc.stderr, "config error: ")
     assert expected in line, line
     assert not written  # no results, no Snakemake metadata: nothing but the test's own config file
+
+
+def test_a_setting_the_run_cannot_honour_is_said_before_any_job(snakefile, tiny_llama, calibration_text_file,
+                                                                tmp_path):
+    """calibration.num_samples beyond what the source holds: the run goes on with what there is, and says so
+    in its own output before its first job, not only in the calibration job's log."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config, _ = bad_config("misspelt key", tmp_path, tiny_llama, calibration_text_file)
+    config.pop("calibraton")
+    config["calibration"] = {**config["calibration"], "source": "combination", "num_samples": 10**8}
+    proc = snakemake(snakefile, workdir, config, "--dry-run")
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("config warning: ")]
+    assert warnings == [line for line in warnings if "calibration.num_samples 100000000 exceeds the 1730" in line]
+    # said while the config is read, before Snakemake plans a job
+    assert len(warnings) == 1 and "Job stats" in proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------- bad files and numerical faults: the stages

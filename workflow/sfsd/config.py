@@ -1,6 +1,8 @@
 """The workflow's configuration checks: the JSON schema's, and those the schema cannot make alone.
 
 - `validate(config)`: the schema check (first violation as one line), filling in the defaults.
+- `config_warnings(config, root)`: what the run will do differently from what was asked (more calibration
+  samples than the source holds), one line each, printed before any job.
 - `check_config(config, root)`: what needs files, the model's own limits or several keys at once (a
   model folder without config.json, a binary calibration file, a search block range the model does not
   have, a metric lm-eval does not define for a task, a stage that fits the machine in no mode or a disk
@@ -50,7 +52,6 @@ def check_config(config: Mapping, root: str | Path = ".", machine=None) -> None:
     root = Path(root)
     _check_models(config, root)
     _check_calibration(config["calibration"], config["splits"], root)
-    _check_calibration_size(config, root)
     _check_model_limits(config, root)
     _check_dtype(config, root)
     _check_search(config)
@@ -153,9 +154,15 @@ def _check_calibration(cal: Mapping, splits: Mapping, root: Path) -> None:
                           "choose another calibration.source")
 
 
-def _check_calibration_size(config: Mapping, root: Path) -> None:
-    """calibration.num_samples against the documents its source offers, where they are countable now: the
-    stage would otherwise take all of them, fewer than asked, and say so only in its log."""
+def config_warnings(config: Mapping, root: str | Path = ".") -> list[str]:
+    """What a validated config asks for that the run will not do as asked, though it can run: one line each,
+    printed before any job (rules/common.smk), where the stage would otherwise say it only in its log."""
+    root = Path(root)
+    return [w for w in (_calibration_size(config, root),) if w]
+
+
+def _calibration_size(config: Mapping, root: Path) -> str | None:
+    """calibration.num_samples against the documents its source offers, where they are countable now."""
     from sfsd.features.calibration import available_documents, from_settings, settings_of
 
     cal = config["calibration"]
@@ -165,8 +172,10 @@ def _check_calibration_size(config: Mapping, root: Path) -> None:
     available = available_documents(from_settings(settings))
     if available is not None and cal["num_samples"] > available:
         where = " (the calibration part of each task, splits.calibration_fraction)" if cal["source"] == "combination" else ""
-        raise ConfigError(f"calibration.num_samples {cal['num_samples']} exceeds the {available} documents that "
-                          f"calibration.source {cal['source']} offers{where}; set it to {available} or less")
+        return (f"calibration.num_samples {cal['num_samples']} exceeds the {available} documents that calibration.source "
+                f"{cal['source']} offers{where}: the run calibrates on those {available}; set it to {available} or less "
+                "to say so, or give a larger source")
+    return None
 
 
 def _check_model_limits(config: Mapping, root: Path) -> None:
