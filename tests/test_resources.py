@@ -27,6 +27,7 @@ from sfsd.resources.needs import (
     CUDA_CONTEXT_BYTES as CTX,
     PROCESS_BYTES as PROC,
     CUDA_HOST_BYTES,
+    FLUSH_BAND_BYTES as BAND,
     STAGING_SHARE,
     Machine,
     ModelSize,
@@ -101,24 +102,24 @@ def test_stage_one_in_each_mode():
     assert whole.device_bytes == weights + 2 * 2432 + act + CTX
     # loading: the weights and the checkpoint's bfloat16 pages (2 x 1704); then the float64 totals of both blocks
     # and a batch's flush of the widest (16-wide) input: its float32 copy from the GPU and a float64 one
-    assert whole.host_bytes == GPU_PROC + max(weights + 2 * 1704, 2 * 4224 + 12 * 256) == GPU_PROC + 11520
+    assert whole.host_bytes == GPU_PROC + max(weights + 2 * 1704, 2 * 4224 + 12 * 256 + BAND) == GPU_PROC + 11520 + BAND
     assert whole.disk_bytes == 2 * 4224 and whole.gpus == 1
     host_staged = collect(TINY, SETTINGS, BIG, streamed=False, staging="host")
     assert host_staged.device_bytes == weights + (4 * 256 + 16 * 16) + act + CTX  # one input's buffers
     streamed = collect(TINY, SETTINGS, BIG, streamed=True, staging="device")
     assert streamed.device_bytes == outside + block + 2432 + act + CTX + 384  # hidden states on the GPU
     # one block's totals and flush, the block and its pages
-    assert streamed.host_bytes == GPU_PROC + 4224 + 12 * 256 + block + 592 * 2
+    assert streamed.host_bytes == GPU_PROC + 4224 + 12 * 256 + BAND + block + 592 * 2
     # a GPU with 400 bytes to spare keeps a quarter of it (100) of the 384 bytes of hidden states; the host
     # keeps a quarter of its 1000 (250); the last 34 go to temporary files
     small = Machine(gpu_bytes=outside + CTX + 400, gpus=1, host_bytes=1000)
     spilled = collect(TINY, SETTINGS, small, streamed=True, staging="device")
     assert spilled.device_bytes == outside + block + 2432 + act + CTX + 100
-    assert spilled.host_bytes == GPU_PROC + 4224 + 12 * 256 + block + 592 * 2 + 250
+    assert spilled.host_bytes == GPU_PROC + 4224 + 12 * 256 + BAND + block + 592 * 2 + 250
     assert spilled.disk_bytes == 2 * 4224 + 34
     on_cpu = collect(TINY, replace(SETTINGS, gpu=False), BIG, streamed=False, staging="device")
     assert (on_cpu.device_bytes, on_cpu.gpus) == (0, 0)
-    assert on_cpu.host_bytes == PROC + max(weights + 2 * 1704, weights + 2 * 2432 + 2 * 4224 + 8 * 256 + act)
+    assert on_cpu.host_bytes == PROC + max(weights + 2 * 1704, weights + 2 * 2432 + 2 * 4224 + 8 * 256 + BAND + act)
 
 
 def test_the_other_stages():

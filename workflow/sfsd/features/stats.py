@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sfsd.errors import DataError, NumericalError
+from sfsd.resources.needs import FLUSH_BAND_BYTES
 
 
 @dataclass
@@ -73,11 +74,14 @@ class InputMoments:
                 self._staged_xxt = self._staged_xsum = self._staged_xabs = None
             return
         # a float32 X^T X from gemm need not be exactly symmetric: add (S + S^T) / 2, exact in float64, through
-        # one float64 temporary (d^2 x 8 bytes; `+` and `/` would make three, 1.5 GB for a 14336-wide input)
+        # one float64 temporary (d^2 x 8 bytes): S^T is added a band of rows at a time, since adding a float32
+        # operand to a float64 tensor casts the whole operand first (a second d^2 x 8 bytes)
         staged = self._staged_xxt.to("cpu")  # the staging sum itself on a CPU run
         total = staged.to(torch.float64)
-        total.add_(staged.T).mul_(0.5)
-        self.xxt += total
+        rows = max(1, FLUSH_BAND_BYTES // (8 * total.shape[1]))
+        for start in range(0, total.shape[0], rows):
+            total[start:start + rows].add_(staged.T[start:start + rows])
+        self.xxt += total.mul_(0.5)
         del staged, total
         self.xsum += self._staged_xsum.cpu()
         if self.xabs is not None:

@@ -28,6 +28,7 @@ PROCESS_BYTES = 0.75e9  # the interpreter with torch, transformers and lm-eval i
 #                         up to 0.3 GB on the 2.26B model of docs/benchmarks.md#paper-scale)
 CUDA_CONTEXT_BYTES = 0.5e9  # CUDA context and kernels on each GPU a job uses (not measured on a GPU)
 CUDA_HOST_BYTES = 0.75e9  # host memory a process adds when it initialises CUDA (not measured on a GPU)
+FLUSH_BAND_BYTES = 32 * 2**20  # stage 1 adds S^T into a float64 total in bands of rows of this size (stats.flush)
 STAGING_SHARE = 0.5  # collection.staging auto: device when every block's staging takes at most this of the
 #                      device memory left beside the weights (sfsd/features/stats.py choose_staging)
 TASK_TOKENS = 512  # context of one multiple-choice document (an assumption: most BoolQ passages, the
@@ -290,15 +291,15 @@ def collect(size: ModelSize, s: Settings, m: Machine, streamed: bool, staging: s
     staging and the hidden states up to a quarter of the device (then a quarter of the host, then
     temporary files) on the device; one block's totals and its weights as read on the host. On the CPU all of it is host memory. Writes the
     float64 statistics of every block. Each batch's staging sum of the widest input is added into its total
-    through a float64 copy on the host (8 d^2, with its float32 copy from a GPU: 12 d^2; `stats.InputMoments
-    .flush`). Leaves out: the per-block mask and position tables a streamed pass records, and the tokens
+    through a float64 copy on the host (8 d^2 and a band of `FLUSH_BAND_BYTES`, with its float32 copy from a
+    GPU: 12 d^2; `stats.InputMoments.flush`). Leaves out: the per-block mask and position tables a streamed pass records, and the tokens
     (samples x seq_len int64)."""
     ci = s.collect_itemsize
     act = forward_bytes(size, s.collect_batch, s.seq_len, ci) + 8 * s.collect_batch * s.seq_len * max(
         d for _, d in size.groups)  # the hook's float32 copy and its real tokens
     one_input = max(4 * d * d + 16 * d for _, d in size.groups)
     widest = max(d for _, d in size.groups)
-    flush = (12 if s.gpu and m.gpu_bytes is not None else 8) * widest * widest
+    flush = (12 if s.gpu and m.gpu_bytes is not None else 8) * widest * widest + FLUSH_BAND_BYTES
     totals = moments_bytes(size)
     weights, block, outside = size.total_params * ci, size.block_params * ci, size.embed_params * ci
     gpu = s.gpu and m.gpu_bytes is not None
