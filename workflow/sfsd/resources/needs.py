@@ -23,9 +23,9 @@ from sfsd.io import MAX_SHARD_BYTES
 from sfsd.model.placement import gpus_needed
 from sfsd.model.stream import HIDDEN_SHARE
 
-PROCESS_BYTES = 0.75e9  # the interpreter with torch, transformers and lm-eval imported (0.36 GB resident with
+PROCESS_BYTES = 0.85e9  # the interpreter with torch, transformers and lm-eval imported (0.23-0.36 GB resident with
 #                         torch's CPU build, measured) and what the formulas leave out (allocator, transient copies:
-#                         up to 0.3 GB on the 2.26B model of docs/benchmarks.md#paper-scale)
+#                         up to 0.56 GB measured, docs/benchmarks.md#paper-scale)
 CUDA_CONTEXT_BYTES = 0.5e9  # CUDA context and kernels on each GPU a job uses (not measured on a GPU)
 CUDA_HOST_BYTES = 0.75e9  # host memory a process adds when it initialises CUDA (not measured on a GPU)
 FLUSH_BAND_BYTES = 32 * 2**20  # stage 1 adds S^T into a float64 total in bands of rows of this size (stats.flush)
