@@ -401,24 +401,29 @@ def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cp
     name = run_dtype(saved, dtype)  # auto: config.json's dtype, the weights' (load_state_dict casts any other)
     check_device_dtype(name, device)
     dtype = resolve_dtype(name)
-    with _no_init():
+    from accelerate import init_empty_weights
+
+    # the parameters on the meta device until the saved tensors take their place (buffers such as the rotary
+    # frequencies are built for real): the dense model is never allocated beside the compressed weights
+    with _no_init(), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # transformers 5 ties inside init_weights, which no_init_weights skips
-    blocks = blocks_of(model, spec)
-    norm = validate_plan(plan, spec, len(blocks), linear_shapes(model, spec))
-    for key, entry in norm["layers"].items():
-        if entry["method"] not in FACTOR_METHODS:
-            continue
-        block, linear = parse_layer_key(key, spec, len(blocks))
-        path = linear_path(spec, block, linear)
-        first = tensors.get(f"{path}.first.weight")
-        if first is None or first.shape[0] != entry["rank"]:
-            raise DataError(f"{out_dir}: saved factors of {key} do not match plan rank {entry['rank']}; "
-                            "the folder is inconsistent, save it again")
-        dense = model.get_submodule(path)
-        replace_module(model, path, LowRankLinear(dense.in_features, dense.out_features, entry["rank"],
-                                                  f"{path}.second.bias" in tensors, dtype=dtype))
-    result = model.load_state_dict(tensors, strict=False)
+        blocks = blocks_of(model, spec)
+        norm = validate_plan(plan, spec, len(blocks), linear_shapes(model, spec))
+        for key, entry in norm["layers"].items():
+            if entry["method"] not in FACTOR_METHODS:
+                continue
+            block, linear = parse_layer_key(key, spec, len(blocks))
+            path = linear_path(spec, block, linear)
+            first = tensors.get(f"{path}.first.weight")
+            if first is None or first.shape[0] != entry["rank"]:
+                raise DataError(f"{out_dir}: saved factors of {key} do not match plan rank {entry['rank']}; "
+                                "the folder is inconsistent, save it again")
+            dense = model.get_submodule(path)
+            replace_module(model, path, LowRankLinear(dense.in_features, dense.out_features, entry["rank"],
+                                                      f"{path}.second.bias" in tensors, dtype=dtype))
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}  # no copy at its dtype
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()  # the tied parameters share the loaded tensor (transformers 5 ties in init_weights)
     missing = set(result.missing_keys) - set(meta.get("tied", {}))
     if missing or result.unexpected_keys:
         raise DataError(f"{out_dir}: weights do not fit the architecture (missing {sorted(missing)[:3]}, "
@@ -426,6 +431,9 @@ def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cp
     for name, source in meta.get("tied", {}).items():  # tied in the saved model: tied here too
         if model.get_parameter(name) is not model.get_parameter(source):
             raise DataError(f"{out_dir}: {name} was tied to {source} but this config does not tie them")
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise DataError(f"{out_dir}: no saved weights for {empty[:3]}; save it again")
     return place_model(model, device).eval(), norm
 
 
