@@ -10,12 +10,20 @@ def _run_jobs():
     return {rule: n for rule, n in counts.items() if rule not in ("all", "quick")}
 
 
+def _local_cores():
+    """--cores of a local run; None for a cluster run, which has no total (asking for it is an error)."""
+    try:
+        return workflow.cores
+    except Exception:  # snakemake's WorkflowError: "Workflow requires a total number of cores"
+        return None
+
+
 onstart:
     from sfsd.resources.timing import earlier_seconds, stage_lines
 
     jobs = _run_jobs()
     pending = any(True for _ in workflow.dag.checkpoint_jobs)
-    lines = stage_lines(jobs, earlier_seconds("results/benchmarks"), workflow.cores or 1, pending)
+    lines = stage_lines(jobs, earlier_seconds("results/benchmarks"), _local_cores(), pending)
     print("\n".join(f"run plan: {line}" for line in lines), file=sys.stderr)
 
 

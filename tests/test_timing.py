@@ -25,6 +25,11 @@ def test_stage_lines_count_jobs_and_expect_the_median_earlier_job():
     assert lines[2] == "5 jobs; the timed ones ~60 s on 2 cores (estimate from earlier jobs); 1 stage never timed here"
 
 
+def test_a_cluster_run_without_a_core_count_sums_the_job_time():
+    line = stage_lines({"evaluate_model": 3}, {"evaluate_model": [40.0]}, cores=None)[-1]
+    assert line == "3 jobs; the timed ones ~2 min of job time (estimate from earlier jobs)"
+
+
 def test_a_pending_checkpoint_makes_the_count_a_lower_bound():
     line = stage_lines({"collect_features": 1}, {}, cores=8, pending_checkpoint=True)[-1]
     assert line.startswith("1+ jobs") and "once collect_features has run" in line

@@ -35,11 +35,12 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def stage_lines(jobs: Mapping[str, int], seconds: Mapping[str, Sequence[float]], cores: int,
+def stage_lines(jobs: Mapping[str, int], seconds: Mapping[str, Sequence[float]], cores: int | None,
                 pending_checkpoint: bool = False) -> list[str]:
     """One line per rule with jobs to run: their count and, where earlier jobs of the rule were timed, the
     expected time (count x the median earlier job); then the total, as core-time spread over `cores`
-    (an estimate: it ignores the order jobs must run in). `pending_checkpoint`: the per-block jobs are not
+    (an estimate: it ignores the order jobs must run in), or the summed job time where the run has no core
+    count (a cluster run, whose jobs run side by side on their nodes). `pending_checkpoint`: the per-block jobs are not
     known until collect_features has run, so the counts are a lower bound."""
     lines, known, unknown = [], 0.0, []
     width = max((len(r) for r in jobs), default=0)
@@ -54,8 +55,10 @@ def stage_lines(jobs: Mapping[str, int], seconds: Mapping[str, Sequence[float]],
             lines.append(f"{rule:<{width}}  {n:>4} job{'s' if n > 1 else ' '}  (no earlier timing)")
     total = sum(jobs.values())
     summary = f"{total}{'+' if pending_checkpoint else ''} jobs"
-    if known:
-        summary += f"; the timed ones ~{_minutes(known / max(cores, 1))} on {cores} cores (estimate from earlier jobs)"
+    if known and cores:
+        summary += f"; the timed ones ~{_minutes(known / cores)} on {cores} cores (estimate from earlier jobs)"
+    elif known:
+        summary += f"; the timed ones ~{_minutes(known)} of job time (estimate from earlier jobs)"
     if unknown:
         summary += f"; {len(unknown)} stage{'s' if len(unknown) > 1 else ''} never timed here"
     if pending_checkpoint:
