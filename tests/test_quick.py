@@ -8,7 +8,7 @@ import re
 import pandas as pd
 import pytest
 
-from helpers import new_run, planned_jobs, snakemake
+from helpers import base_config, new_run, planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow  # one real run of the quick target (about a minute on 2 cores)
 
@@ -26,17 +26,11 @@ def planned(proc) -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, tiny_llama, calibration_text_file):
     snakefile, workdir = new_run(tmp_path_factory.mktemp("quick"))
-    config = {
-        "models": {"tiny": {"source": "local", "path": str(tiny_llama)}},
-        "calibration": {"source": "text_file", "path": str(calibration_text_file), "num_samples": 24, "seq_len": 32},
-        "collection": {"batch_size": 4},
-        "device": "cpu",
-        "compression": {"budgets": {"b80": 0.8}, "first_block": 0},
-        "evaluation": {"tasks": ["arc_easy", "winogrande"], "limit": 6, "batch_size": 4, "check_docs": 2,
-                       "perplexity": {"source": "lambada", "window": 32, "max_docs": 20}},
-        "quick": {"budget": "b80", "limit": 3, "perplexity_docs": 5},
-        "speed": {"prompt_tokens": 16, "decode_tokens": 4, "batch_sizes": [1], "repeats": 1},
-    }
+    config = base_config(tiny_llama, calibration_text_file)  # the tiny model, one budget (b80)
+    config["evaluation"] = {"tasks": ["arc_easy", "winogrande"], "limit": 6, "batch_size": 4, "check_docs": 2,
+                            "perplexity": {"source": "lambada", "window": 32, "max_docs": 20}}
+    config["quick"] = {"budget": "b80", "limit": 3, "perplexity_docs": 5}
+    config["speed"] = {"prompt_tokens": 16, "decode_tokens": 4, "batch_sizes": [1], "repeats": 1}
     proc = snakemake(snakefile, workdir, config, "quick")
     return snakefile, workdir, config, proc
 
