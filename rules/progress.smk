@@ -5,9 +5,16 @@ import collections
 
 
 def _run_jobs():
-    """{rule: jobs to run} of this run, in Snakemake's order (rules that hold no work left out)."""
-    counts = collections.Counter(job.rule.name for job in workflow.dag.needrun_jobs())
-    return {rule: n for rule, n in counts.items() if rule not in ("all", "quick")}
+    """{rule: jobs to run} of this run, in the order they run (a rule's first job's level in the DAG's
+    topological order; rules that hold no work left out)."""
+    jobs = list(workflow.dag.needrun_jobs())
+    counts = collections.Counter(job.rule.name for job in jobs)
+    level = {}
+    for depth, batch in enumerate(workflow.dag.toposorted(jobs)):
+        for job in batch:
+            level.setdefault(job.rule.name, depth)
+    ordered = sorted(counts, key=lambda rule: (level.get(rule, 0), rule))
+    return {rule: counts[rule] for rule in ordered if rule not in ("all", "quick")}
 
 
 def _local_cores():

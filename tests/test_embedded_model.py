@@ -92,3 +92,24 @@ def test_native_scorer_equals_lmeval_on_the_embedded_model_on_all_six_tasks(tmp_
     report = check_against_lmeval(native, reference, tolerance=1e-4)
     assert report["mismatches"] == [] and report["docs"] == 6 * 8
     assert {d["task"] for d in reference} == set(tasks)
+
+
+@pytest.mark.slow
+def test_embedded_model_is_planned_from_its_shapes_before_it_is_converted(tmp_path):
+    """From an empty results/, the embedded model's jobs are sized by its own shapes (read from the GGUF
+    file's config), the same as once it is converted: not by the 7B stand-in, which asked the whole
+    machine's memory for every scoring job of the 135M model and ran them one at a time."""
+    from sfsd.config import validate
+    from sfsd.model.loading import convert_embedded
+    from sfsd.resources.plan import PREPARED, job_needs, model_size_of
+
+    config = {"models": {"smollm2-135m": {"source": "embedded", "id": "smollm2-135m-instruct"}}, "device": "cpu"}
+    validate(config)
+    before, source = model_size_of(config, "smollm2-135m", tmp_path)
+    assert source == "shapes" and before.n_blocks == 30 and before.hidden == 576
+    planned = job_needs(config, "smollm2-135m", tmp_path)
+    assert planned["evaluate_model"].host_bytes < 3e9
+    convert_embedded("smollm2-135m-instruct", tmp_path / PREPARED / "smollm2-135m")
+    after, source = model_size_of(config, "smollm2-135m", tmp_path)
+    assert source == "shapes" and after == before
+    assert job_needs(config, "smollm2-135m", tmp_path) == planned

@@ -140,6 +140,11 @@ def test_the_other_stages():
     assert streamed.host_bytes == PROC + (264 + 256 + 592) * 4 + 4224 + (3648 + 16 * 256) + 2304
     c = compress(TINY, SETTINGS, streamed=False)
     assert c.disk_bytes == 852 * 4 and c.host_bytes == PROC + 1704 * 4 + 2304 + 592 * 4 + 852 * 4
+    # at the dtype it is stored in, the whole model is the checkpoint's mapped pages: counted once
+    stored = replace(SETTINGS, itemsize=2)
+    assert (factor_cache(TINY, stored, streamed=False, method="feature").host_bytes
+            == PROC + 1704 * 2 + 2944 + 8 * (128 + 128 + 64) + 2304)
+    assert compress(TINY, stored, streamed=False).host_bytes == PROC + 1704 * 2 + 2304 + 592 * 2 + 852 * 2
     assert prepare(TINY, SETTINGS, "hub").disk_bytes == 3408
     assert prepare(TINY, SETTINGS, "embedded").host_bytes == PROC + 2 * 4 * 1704
     ev = gpu_stage(TINY, SETTINGS, BIG, "evaluate_model")
@@ -401,7 +406,7 @@ def test_the_gradient_stage_is_planned_when_the_loss_allocation_is_configured(ll
     a gradient pass that fits in no mode in one line naming the stage, its need and the fix."""
     local = {"llama3": {"source": "local", "path": str(llama3_8b)}}
     machine = Machine(gpu_bytes=24e9, gpus=1, host_bytes=512e9, disk_bytes=None)
-    plain = validated({"models": local})
+    plain = validated({"models": local, "compression": {"allocations": ["uniform", "spectral"]}})
     assert not [s for s in plan_config(plain, "llama3", tmp_path, machine) if s.startswith(("collect_gra", "loss_"))]
     sized = job_needs(plain, "llama3", tmp_path, machine)  # sized anyway
     assert "collect_gradients" in sized and all(f"loss_spectra:{m}" in sized for m in plain["compression"]["methods"])

@@ -7,8 +7,8 @@ loss criterion (rule loss_spectra), as a control the same greedy on the unnormal
 E||dy||^2 (no G), and optionally the searched plans under results/<model>/plans/, applies
 each to the embedded model and prints, per plan, the parameters kept, the summed normalised output error
 the spectral allocation minimises, the summed predicted loss increase the loss allocation minimises (nats
-per token), and LAMBADA perplexity (128-token windows) on the first N of the test
-passages (those no search scored), with the ratio to the uniform plan's and its 95% interval (the windows
+per token), and perplexity (128-token windows; LAMBADA, or any `evaluation.perplexity.source` with
+`--ppl-source`/`--ppl-path`) on the first N of the test passages (those no search scored), with the ratio to the uniform plan's and its 95% interval (the windows
 resampled, paired: `report.compare.paired_ppl_ratio`); BOS placed in the windows as
 `evaluation.perplexity.bos` places it (`--bos`, default from the schema: auto, the model family's protocol).
 
@@ -48,7 +48,10 @@ def main() -> None:
     parser.add_argument("--method", default="feature")
     parser.add_argument("--budget", type=float, default=0.806, help="fraction of the parameters kept")
     parser.add_argument("--first-block", type=int, default=4, help="as compression.first_block")
-    parser.add_argument("--docs", type=int, default=100, help="test passages scored (LAMBADA, after the searched 20%)")
+    parser.add_argument("--docs", type=int, default=100, help="test passages scored (after the searched 20%%)")
+    parser.add_argument("--ppl-source", default="lambada", choices=choices("evaluation.perplexity.source"),
+                        help="the scored text, as evaluation.perplexity.source (text_file: --ppl-path)")
+    parser.add_argument("--ppl-path", default=None, help="as evaluation.perplexity.path (text_file, jsonl_file)")
     parser.add_argument("--plans", nargs="*", default=[], help="more plan files to score (e.g. searched plans)")
     parser.add_argument("--bos", choices=choices("evaluation.perplexity.bos"),
                         default=default("evaluation.perplexity.bos"), help="as evaluation.perplexity.bos")
@@ -93,10 +96,12 @@ def main() -> None:
         plans[Path(path).stem] = json.loads(Path(path).read_text())
 
     calibration = [d["doc_id"] for d in read_texts(args.results / "calibration" / "texts.jsonl")]
-    docs = split_texts(perplexity_texts("lambada", exclude_ids=calibration, max_docs=300), 0.2)["test"][:args.docs]
+    texts = perplexity_texts(args.ppl_source, path=args.ppl_path, exclude_ids=calibration,
+                             max_docs=default("evaluation.perplexity.max_docs"))
+    docs = split_texts(texts, 0.2)["test"][:args.docs]
     bos = perplexity_bos(args.bos, json.loads((model_dir / "config.json").read_text()).get("model_type"))
     print(f"{args.model}, {args.method}, budget {args.budget}, blocks {args.first_block}-{shapes.n_blocks - 1}; "
-          f"LAMBADA perplexity on {len(docs)} test passages, 128-token windows, BOS {bos.replace('_', ' ')}")
+          f"{args.ppl_source} perplexity on {len(docs)} test passages, 128-token windows, BOS {bos.replace('_', ' ')}")
     print(f"{'plan':<34}{'params %':>9}{'norm. error':>13}{'pred. loss':>12}{'ppl':>10}{'vs uniform [95% CI]':>26}")
     reference = None
     for name, plan in plans.items():

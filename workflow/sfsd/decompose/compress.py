@@ -18,7 +18,6 @@ loading without the remote code is refused rather than half-initialised.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -60,6 +59,7 @@ from sfsd.io import (
 from sfsd.model.hf_modeling import MODEL_TYPE_PREFIX, LowRankLinear
 from sfsd.model.placement import place_model
 from sfsd.model.registry import architecture_of, blocks_of, get_arch
+from sfsd.model.skeleton import without_weights
 from sfsd.model.spec import ArchSpec
 from sfsd.provenance import stamp
 
@@ -267,18 +267,6 @@ def apply_plan(
 # ---------------------------------------------------------------- save / load
 
 
-def _no_init():
-    """transformers' context that skips random initialisation (every weight is loaded afterwards)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()
-
-
 class CompressedFolder:
     """Writes a compressed model into `folder` (a temporary folder of `atomic_dir`) one block at a time:
     `add_block(b, block)` puts block b's tensors into the weight shards (`io.ShardWriter`: a shard is
@@ -401,26 +389,24 @@ def load_compressed(out_dir: str | os.PathLike, device: str | torch.device = "cp
     name = run_dtype(saved, dtype)  # auto: config.json's dtype, the weights' (load_state_dict casts any other)
     check_device_dtype(name, device)
     dtype = resolve_dtype(name)
-    from accelerate import init_empty_weights
-
-    # the parameters on the meta device until the saved tensors take their place (buffers such as the rotary
-    # frequencies are built for real): the dense model is never allocated beside the compressed weights
-    with _no_init(), init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        blocks = blocks_of(model, spec)
-        norm = validate_plan(plan, spec, len(blocks), linear_shapes(model, spec))
-        for key, entry in norm["layers"].items():
-            if entry["method"] not in FACTOR_METHODS:
-                continue
-            block, linear = parse_layer_key(key, spec, len(blocks))
-            path = linear_path(spec, block, linear)
-            first = tensors.get(f"{path}.first.weight")
-            if first is None or first.shape[0] != entry["rank"]:
-                raise DataError(f"{out_dir}: saved factors of {key} do not match plan rank {entry['rank']}; "
-                                "the folder is inconsistent, save it again")
-            dense = model.get_submodule(path)
-            replace_module(model, path, LowRankLinear(dense.in_features, dense.out_features, entry["rank"],
-                                                      f"{path}.second.bias" in tensors, dtype=dtype))
+    # the parameters on the meta device until the saved tensors take their place (model.skeleton; buffers
+    # such as the rotary frequencies are built for real): the dense model is never allocated
+    model = without_weights(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype))
+    blocks = blocks_of(model, spec)
+    norm = validate_plan(plan, spec, len(blocks), linear_shapes(model, spec))
+    for key, entry in norm["layers"].items():
+        if entry["method"] not in FACTOR_METHODS:
+            continue
+        block, linear = parse_layer_key(key, spec, len(blocks))
+        path = linear_path(spec, block, linear)
+        first = tensors.get(f"{path}.first.weight")
+        if first is None or first.shape[0] != entry["rank"]:
+            raise DataError(f"{out_dir}: saved factors of {key} do not match plan rank {entry['rank']}; "
+                            "the folder is inconsistent, save it again")
+        dense = model.get_submodule(path)
+        bias = f"{path}.second.bias" in tensors
+        replace_module(model, path, without_weights(
+            lambda: LowRankLinear(dense.in_features, dense.out_features, entry["rank"], bias, dtype=dtype)))
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}  # no copy at its dtype
     result = model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()  # the tied parameters share the loaded tensor (transformers 5 ties in init_weights)

@@ -10,7 +10,9 @@ tokenizer) so every later stage treats them alike:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -100,10 +102,8 @@ def check_device_dtype(dtype: str, device: str | torch.device, key: str = "dtype
                           f"set {key} to float32") from None
 
 
-def convert_embedded(name: str, out_dir: str | os.PathLike) -> None:
-    """Dequantize a packaged GGUF model into an ordinary fp32 safetensors folder plus tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _embedded(name: str) -> tuple[EmbeddedModel, Path]:
+    """The registry entry of embedded model `name` and the folder of the package holding its file."""
     try:
         spec = EMBEDDED[name]
     except KeyError:
@@ -111,7 +111,30 @@ def convert_embedded(name: str, out_dir: str | os.PathLike) -> None:
     found = importlib.util.find_spec(spec.package)
     if found is None or found.origin is None:
         raise DataError(f"package {spec.package} is not installed; run workflow/setup.sh")
-    folder = Path(found.origin).parent
+    return spec, Path(found.origin).parent
+
+
+@functools.lru_cache(maxsize=None)
+def _embedded_config(name: str) -> str:
+    from transformers import AutoConfig
+
+    spec, folder = _embedded(name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=spec.gguf_file).to_dict()
+    config.pop("quantization_config", None)
+    return json.dumps({**config, "architectures": [spec.architecture], "dtype": "float32"})
+
+
+def embedded_config(name: str) -> dict:
+    """The config.json `convert_embedded` writes for embedded model `name` (float32), read from the GGUF
+    file's metadata alone: the resource planner sizes the model's jobs by it before it is converted."""
+    return json.loads(_embedded_config(name))
+
+
+def convert_embedded(name: str, out_dir: str | os.PathLike) -> None:
+    """Dequantize a packaged GGUF model into an ordinary fp32 safetensors folder plus tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec, folder = _embedded(name)
     log.info("dequantizing %s from %s", spec.gguf_file, spec.package)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)

@@ -39,6 +39,7 @@ from sfsd.defaults import choices
 from sfsd.errors import ConfigError, DataError
 from sfsd.io import checkpoint_index
 from sfsd.model.registry import architecture_of, blocks_of, check_linears, get_arch
+from sfsd.model.skeleton import without_weights
 from sfsd.model.spec import ArchSpec
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,10 @@ class Checkpoint:
 
 def empty_model(model_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     """The model of `model_dir` with its parameters on the meta device (no memory) and real buffers."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = without_weights(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype))
     model.tie_weights()  # transformers 5 ties inside init_weights, which init_empty_weights skips
     return model.eval()
 

@@ -363,31 +363,38 @@ def _method_work(size: ModelSize, method: str, s: Settings) -> tuple[float, floa
 
 
 def factor_cache(size: ModelSize, s: Settings, streamed: bool, method: str) -> StageNeed:
-    """factor_cache of one method on the CPU: the weights at the run dtype (whole) or the modules outside the
-    blocks and one block (streamed), one block's statistics, the largest Linear's float64 working set and
-    the block's factors until they are written (beside the checkpoint's pages while the weights are read).
-    Writes every block's factors (float32)."""
-    weights = (size.total_params if not streamed else size.embed_params + size.head_params + size.block_params)
+    """factor_cache of one method on the CPU: the whole model (at the stored dtype the checkpoint's mapped
+    pages; converted, beside the pages while it loads: `loading_bytes`) or the modules outside the blocks
+    and one block (streamed, beside the block's pages while it is read), one block's statistics, the
+    largest Linear's float64 working set and the block's factors until they are written. Writes every
+    block's factors (float32)."""
     stats, work = _method_work(size, method, s)
     block = factors_block_bytes(size, s.factor_itemsize)
-    pages = stored_bytes(size, size.total_params if not streamed else size.block_params)  # while reading
-    host = PROCESS_BYTES + weights * s.itemsize + max(pages, stats + work + block)
+    if streamed:  # a block's tensors are copied from the checkpoint's pages
+        weights = (size.embed_params + size.head_params + size.block_params) * s.itemsize
+        host = PROCESS_BYTES + weights + max(stored_bytes(size, size.block_params), stats + work + block)
+    else:
+        weights = size.total_params * s.itemsize
+        host = PROCESS_BYTES + max(loading_bytes(size, s.itemsize, False), weights + stats + work + block)
     disk = size.n_blocks * block
     return StageNeed("factor_cache", f"{'streamed' if streamed else 'whole'}, {method}", 0, host, disk, disk,
                      why="weights, one block's factors")
 
 
 def compress(size: ModelSize, s: Settings, streamed: bool) -> StageNeed:
-    """compress_model, one job per compressed folder, on the CPU: the weights (whole) or the modules outside
-    the blocks and one block (streamed), one factor-cache block and the block cut from it, and the weight
-    shard being filled (at most 5 GiB). Writes the compressed folder at the run dtype; the disk of every
-    folder (`Settings.compressed`) is summed in `disk_total`."""
+    """compress_model, one job per compressed folder, on the CPU: the whole model (as `factor_cache`) or the
+    modules outside the blocks and one block (streamed), one factor-cache block and the block cut from it,
+    and the weight shard being filled (at most 5 GiB). Writes the compressed folder at the run dtype; the
+    disk of every folder (`Settings.compressed`) is summed in `disk_total`."""
     largest = max(s.compressed, default=1.0)
     written = compressed_params(size, largest) * s.itemsize
-    weights = (size.total_params if not streamed else size.embed_params + size.head_params + 2 * size.block_params)
-    pages = stored_bytes(size, size.total_params if not streamed else size.block_params)  # while reading
-    host = PROCESS_BYTES + weights * s.itemsize + max(pages, factors_block_bytes(size, s.factor_itemsize)
-                                                      + size.block_params * s.itemsize + min(size.shard_bytes, written))
+    work = (factors_block_bytes(size, s.factor_itemsize) + size.block_params * s.itemsize
+            + min(size.shard_bytes, written))
+    if streamed:  # a block's tensors are copied from the checkpoint's pages
+        weights = (size.embed_params + size.head_params + 2 * size.block_params) * s.itemsize
+        host = PROCESS_BYTES + weights + max(stored_bytes(size, size.block_params), work)
+    else:
+        host = PROCESS_BYTES + max(loading_bytes(size, s.itemsize, False), size.total_params * s.itemsize + work)
     total = sum(compressed_params(size, f) * s.itemsize for f in s.compressed)
     return StageNeed("compress_model", "streamed" if streamed else "whole", 0, host, written, total,
                      jobs=len(s.compressed), why="weights, one shard")

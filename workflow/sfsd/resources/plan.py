@@ -24,7 +24,7 @@ from sfsd.errors import ConfigError
 from sfsd.resources.modes import every_mode, plan_stage
 from sfsd.resources.needs import (DTYPE_BYTES, MAX_GPUS, SAVE_DTYPE_BYTES, TASK_TOKENS, Machine, ModelSize, Settings,
                                   StageNeed, llama_like)
-from sfsd.resources.read import disk_free, gpus_here, model_size
+from sfsd.resources.read import config_size, disk_free, gpus_here, model_size
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,16 @@ def model_folder(config: Mapping, name: str, root: str | Path = ".") -> Path:
 
 
 def model_size_of(config: Mapping, name: str, root: str | Path = ".") -> tuple[ModelSize | None, str]:
-    """(the model's shapes, where they come from: "shapes" of its folder, "params_b" (a Llama-shaped
-    model of that many parameters), or None when neither is known)."""
+    """(the model's shapes, where they come from: "shapes" of its folder or, for an embedded model not
+    converted yet, of its GGUF file's config; "params_b" (a Llama-shaped model of that many parameters), or
+    None when neither is known)."""
     folder, m = model_folder(config, name, root), config["models"][name]
     if (folder / "config.json").is_file():
         return model_size(folder, list(config["layers"])), "shapes"
+    if m["source"] == "embedded":  # its shapes are in the package's GGUF file before it is converted
+        from sfsd.model.loading import embedded_config
+
+        return config_size(embedded_config(m["id"]), list(config["layers"])), "shapes"
     if m.get("params_b"):
         return llama_like(m["params_b"], 2 if m["source"] == "hub" else 4), "params_b"
     return None, "unknown"

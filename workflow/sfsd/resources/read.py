@@ -100,6 +100,13 @@ def model_size(model_dir: str | os.PathLike, layers: list[str] | None = None) ->
     return replace(size, shard_bytes=min(MAX_SHARD_BYTES, largest_file_bytes(folder)))
 
 
+def config_size(config: Mapping, layers: list[str] | None = None) -> ModelSize:
+    """The shapes of a model that is not on disk yet, from its config.json mapping alone (the model built on
+    the meta device, stored in the dtype its config names, in one file up to MAX_SHARD_BYTES)."""
+    size = size_from(config, _meta_tensors(config), layers)
+    return replace(size, shard_bytes=min(MAX_SHARD_BYTES, int(size.stored_bytes)))
+
+
 def largest_file_bytes(model_dir: str | os.PathLike) -> int:
     """The data bytes of the checkpoint's largest safetensors file, as its header describes them (a
     shapes-only folder plans like the real checkpoint); MAX_SHARD_BYTES where the folder has no weights."""
