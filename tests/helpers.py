@@ -230,7 +230,9 @@ def base_config(model: Path, calibration: Path) -> dict:
         "calibration": {"source": "text_file", "path": str(calibration), "num_samples": 24, "seq_len": 32},
         "collection": {"batch_size": 4},
         "device": "cpu",
-        "compression": {"budgets": {"b80": 0.8}, "first_block": 0},
+        # every method, and the allocation that needs no gradient pass (the loss allocation's own tests add it)
+        "compression": {"budgets": {"b80": 0.8}, "first_block": 0, "methods": ["feature", "weight", "whitened", "asvd"],
+                        "allocations": ["uniform", "spectral"]},
         "evaluation": {"tasks": ["arc_easy"], "limit": 4, "perplexity": {"source": "lambada", "window": 32}},
     }
 

@@ -112,3 +112,16 @@ def test_digests_ignore_the_recorded_code_version_and_nothing_else(tmp_path):
     changed = run(tmp_path / "c", "1", 2.0)
     assert changed["bench/plans/p.json"] == same["bench/plans/p.json"]
     assert changed["bench/features/block_000.safetensors"] != same["bench/features/block_000.safetensors"]
+
+
+def test_the_benchmark_config_plans_every_measured_stage(tmp_path):
+    """A dry run of the benchmark's own config on a tiny model plans a job of every rule it measures
+    (the search among them: the schema leaves search off unless a config turns it on)."""
+    from helpers import build_tiny_model, new_run, planned_jobs, snakemake
+
+    snakefile, workdir = new_run(tmp_path)
+    model = build_tiny_model(tmp_path / "model")
+    config = paper_scale.run_config(model, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], "cpu", 0.9)
+    jobs = planned_jobs(snakemake(snakefile, workdir, config, "--dry-run"))
+    per_block = {"eigendecompose"}  # added once collect_features (a checkpoint) has run
+    assert set(paper_scale.STAGES) - per_block <= set(jobs), set(paper_scale.STAGES) - set(jobs)

@@ -410,7 +410,8 @@ def test_the_gradient_stage_is_planned_when_the_loss_allocation_is_configured(ll
     assert not [s for s in plan_config(plain, "llama3", tmp_path, machine) if s.startswith(("collect_gra", "loss_"))]
     sized = job_needs(plain, "llama3", tmp_path, machine)  # sized anyway
     assert "collect_gradients" in sized and all(f"loss_spectra:{m}" in sized for m in plain["compression"]["methods"])
-    config = validated({"models": local, "device": "cuda", "compression": {"allocations": ["uniform", "loss"]}})
+    config = validated({"models": local, "device": "cuda", "compression": {"allocations": ["uniform", "loss"]},
+                        "gradients": {"dtype": "float32"}})
     assert [s for s in plan_config(config, "llama3", tmp_path, machine) if s.startswith("loss_")] == [
         f"loss_spectra:{m}" for m in config["compression"]["methods"]]
     _, rows = plan_rows(config, "llama3", tmp_path, machine)
@@ -670,3 +671,31 @@ def test_the_planned_loss_spectra_is_never_under_its_measured_peak(tmp_path, met
     measured = int(run.stdout.split()[-1])
     assert predicted / 2 < measured <= predicted, (measured, predicted)
     assert (tmp_path / "measured" / "block_001.safetensors").stat().st_size <= need.disk_bytes / size.n_blocks + 4096
+
+
+def test_gradient_dtype_auto_is_float32_where_it_fits_else_the_checkpoints(llama3_8b, tmp_path):
+    """gradients.dtype auto: bfloat16 Llama-3-8B's backward pass runs in float32 on a 48 GB GPU and in its own
+    bfloat16 on a 24 GB one, where float32 fits in no mode; the planner's mode names the dtype, and the stage
+    decides the same way on the same machine (decide_gradient_dtype)."""
+    from sfsd.resources.decide import decide_gradient_dtype
+
+    local = {"llama3": {"source": "local", "path": str(llama3_8b)}}
+    config = validated({"models": local, "device": "cuda", "compression": {"allocations": ["uniform", "loss"]}})
+    assert config["gradients"]["dtype"] == "auto"
+    tokens = tmp_path / "tokens.safetensors"
+    from sfsd.io import save_tensors
+
+    save_tensors(tokens, {"input_ids": torch.zeros(128, 128, dtype=torch.long),
+                          "attention_mask": torch.ones(128, 128, dtype=torch.long)}, {})
+    for gpu_gb, dtype in ((24, "bfloat16"), (48, "float32")):
+        machine = Machine(gpu_bytes=gpu_gb * 1e9, gpus=1, host_bytes=512e9, disk_bytes=None)
+        need = plan_config(config, "llama3", tmp_path, machine)["collect_gradients"]
+        assert need.fix is None and need.mode.endswith(f", {dtype}"), (gpu_gb, need)
+        assert decide_gradient_dtype(llama3_8b, "auto", device=torch.device("cuda"), layers=LAYERS, tokens=tokens,
+                                     batch_size=4, machine=machine) == dtype
+    fixed = validated({"models": local, "device": "cuda", "compression": {"allocations": ["uniform", "loss"]},
+                       "gradients": {"dtype": "float32"}})
+    small = Machine(gpu_bytes=24e9, gpus=1, host_bytes=512e9, disk_bytes=None)
+    assert plan_config(fixed, "llama3", tmp_path, small)["collect_gradients"].fix == "gradients.dtype: bfloat16"
+    assert decide_gradient_dtype(llama3_8b, "bfloat16", device=torch.device("cpu"), layers=LAYERS, tokens=tokens,
+                                 batch_size=4) == "bfloat16"

@@ -9,7 +9,7 @@ planner's device prediction.
 
     python workflow/benchmarks/paper_scale.py [--work-dir DIR] [--shape 2048,5632,40,16,4]
         [--cap-ratio 1.5 | 0] [--device cpu | cuda] [--cores 2]
-        [--layers q_proj,k_proj,v_proj,o_proj,down_proj] [--budget 0.806] [--out-json FILE]
+        [--layers q_proj,k_proj,v_proj,o_proj,down_proj] [--budget 0.806] [--out-json FILE] [--resume]
 
 The workflow runs as a user runs it: Snakemake on a config that points at the model folder (source local)
 with the model's own dtype (bfloat16), small calibration and evaluation sizes (`RUN_CONFIG`), one method
@@ -48,8 +48,8 @@ RUN_CONFIG = {
     "evaluation": {"limit": 4, "check_docs": 2, "batch_size": 4, "perplexity": {"max_docs": 4}},
     "compression": {"methods": ["feature"], "budgets": {"p54": 0.806}, "allocations": ["uniform"], "first_block": 0},
     # the block-input cache at 512 MB, the fix the config check names under the cap (a cache never changes a result)
-    "search": {"methods": ["feature"], "modes": ["kl"], "first_block": -1, "search_limit": 2, "curve_limit": 2,
-               "budgets": False, "cache_max_mb": 512},
+    "search": {"enabled": True, "methods": ["feature"], "modes": ["kl"], "first_block": -1, "search_limit": 2,
+               "curve_limit": 2, "budgets": False, "cache_max_mb": 512},
     "laser": {"enabled": False},
     "figures": {"enabled": True},  # the search-curve figure is what asks for the search
     "speed": {"enabled": True, "allocations": ["uniform"], "prompt_tokens": 32, "decode_tokens": 4,
@@ -87,12 +87,15 @@ def run_config(model_dir: Path, layers: list[str], device: str, budget: float) -
             "layers": layers, "device": device, "dtype": "auto"}
 
 
-def run_workflow(workdir: Path, config: dict, cores: int, cap: int | None) -> float:
-    """Snakemake from an empty results/ in `workdir`, under the address-space cap; its wall time."""
+def run_workflow(workdir: Path, config: dict, cores: int, cap: int | None, resume: bool = False) -> float:
+    """Snakemake from an empty results/ in `workdir` (`resume`: the jobs whose outputs are missing, as
+    `--rerun-triggers mtime` decides), under the address-space cap; its wall time."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "bench-config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(workdir / "bench-config.yaml"), "--cores", str(cores), "--retries", "0"]
+    if resume:
+        cmd += ["--rerun-triggers", "mtime"]
     if cap:
         cmd = ["prlimit", f"--as={cap}", "--", *cmd]
     env = run_env()
@@ -206,6 +209,9 @@ def main() -> None:
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--no-run", action="store_true",
                         help="no workflow run: the table and digests of the finished run in the work folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the work folder's results/ and run only the jobs whose outputs are missing "
+                             "(a stage that failed under the cap, once fixed); wall time is then that of the rest")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -226,11 +232,11 @@ def main() -> None:
     if args.no_run:
         wall = float("nan")
     else:
-        if (workdir / "results").exists():
+        if (workdir / "results").exists() and not args.resume:
             import shutil
 
             shutil.rmtree(workdir / "results")
-        wall = run_workflow(workdir, cfg, args.cores, cap)
+        wall = run_workflow(workdir, cfg, args.cores, cap, args.resume)
     meas, pred = measured(workdir), predicted(workdir, cfg, cap)
     text = table(meas, pred, args.device)
     print(f"\n{label}, {args.device}, {args.cores} cores: {wall:.0f} s in all\n{text}")

@@ -41,8 +41,8 @@ def gb(x: float) -> str:
 
 def rows(host_gb: float, num_samples: int) -> list[str]:
     out = ["| model | GPU | stage 1: mode | GPU GB | host GB | eigen: host GB per block | factor cache (feature): "
-           "mode, host GB | evaluation: GPUs, GPU GB | search: GPU GB | disk GB (all stages) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "mode, host GB | gradients: mode, GPU GB | evaluation: GPUs, GPU GB | search: GPU GB | disk GB (all stages) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, model_config in MODELS.items():
             folder = write_shapes_only(Path(tmp) / name, model_config)
@@ -53,11 +53,12 @@ def rows(host_gb: float, num_samples: int) -> list[str]:
                 machine = Machine(gpu * 1e9, 1, host_gb * 1e9, None)
                 needs = plan_config(config, name, tmp, machine, every=True)  # the search too (off by default)
                 c, e, f = needs["collect_features"], needs["eigendecompose"], needs["factor_cache:feature"]
-                ev, s = needs["evaluate_model"], needs["search"]
+                ev, s, g = needs["evaluate_model"], needs["search"], needs["collect_gradients"]
                 disk = sum(n.disk_total for n in plan_config(config, name, tmp, machine).values())
                 mark = lambda n: "" if n.fix is None else f" (does not fit: {n.fix})"  # noqa: E731
                 out.append(f"| {name} | {gpu} GB | {c.mode}{mark(c)} | {gb(c.device_bytes)} | {gb(c.host_bytes)} | "
                            f"{gb(e.host_bytes)} | {f.mode.split(',')[0]}, {gb(f.host_bytes)} | "
+                           f"{g.mode}, {gb(g.device_bytes)}{mark(g)} | "
                            f"{ev.gpus}, {gb(ev.device_bytes)}{mark(ev)} | {gb(s.device_bytes)}{mark(s)} | {gb(disk)} |")
     return out
 

@@ -224,9 +224,14 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 def cmd_gradients(args: argparse.Namespace) -> None:
     from sfsd.features.gradients import run_gradients
+    from sfsd.model.placement import resolve_device
+    from sfsd.resources.decide import decide_gradient_dtype
 
-    run_gradients(args.model_dir, args.tokens, args.out, model_name=args.model_name, layers=csv_list(args.layers),
-                  full=args.full, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+    layers = csv_list(args.layers)
+    dtype = decide_gradient_dtype(args.model_dir, args.dtype, device=resolve_device(args.device), layers=layers,
+                                  tokens=args.tokens, batch_size=args.batch_size, full=args.full)
+    run_gradients(args.model_dir, args.tokens, args.out, model_name=args.model_name, layers=layers,
+                  full=args.full, dtype=dtype, device=args.device, batch_size=args.batch_size,
                   streamed=args.streamed)
 
 

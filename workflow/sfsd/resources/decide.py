@@ -51,6 +51,32 @@ def decide_streamed(stage: str, model_dir: str | os.PathLike, streamed: str, *, 
     return "always" if need.mode.startswith("streamed") else "never"
 
 
+def decide_gradient_dtype(model_dir: str | os.PathLike, setting: str, *, device: torch.device, layers: list[str],
+                          tokens: str | os.PathLike, batch_size: int, full: str = "auto",
+                          machine: Machine | None = None) -> str:
+    """The dtype of the gradient stage under gradients.dtype `setting`: a dtype as it is; auto the planner's
+    mode on `machine` (default: as free now): float32 where the pass fits in it, else the checkpoint's own
+    half dtype (`plan._gradient_fallback`), logged with its numbers."""
+    from sfsd.model.loading import model_config, run_dtype
+
+    if setting != "auto":
+        return setting
+    own = run_dtype(model_config(model_dir), "auto")
+    if DTYPE_BYTES[own] >= 4:
+        return "float32"
+    size = model_size(model_dir, layers)
+    samples, seq_len = tokens_shape(tokens)
+    s = Settings(itemsize=DTYPE_BYTES[own], collect_itemsize=DTYPE_BYTES[own], gpu=device.type == "cuda",
+                 samples=samples, seq_len=seq_len, grad_itemsize=4, grad_fallback=own, grad_batch=batch_size,
+                 grad_full=full)
+    machine = machine or machine_now(device)
+    need = plan_stage("collect_gradients", size, s, machine)
+    dtype = need.mode.rsplit(", ", 1)[-1]
+    log.info("collect_gradients (gradients.dtype: auto): %s, %s%s", need.mode, _numbers(need, machine),
+             "" if need.fix is None else f"; it fits in no mode (set {need.fix})")
+    return dtype
+
+
 def _numbers(need: StageNeed, machine: Machine) -> str:
     device = (f"{need.device_bytes / 1e9:.2f} GB on the GPU ({machine.gpu_bytes / 1e9:.2f} GB free), "
               if need.gpus and machine.gpu_bytes else "")

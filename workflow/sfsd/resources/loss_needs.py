@@ -89,7 +89,10 @@ def gradients(size: ModelSize, s: Settings, m: Machine, full: bool) -> StageNeed
         device = 0
         host = PROCESS_BYTES + max(loading, weights / HEADROOM, weights + sums + max(act, writing))
     disk = size.n_blocks * block_file
-    return StageNeed("collect_gradients", "full G" if full else "diagonal G", device, host, disk, disk,
+    # gradients.dtype auto: the mode names the dtype the stage then runs in (decide.decide_gradient_dtype)
+    dtype = ("float32" if it == 4 else s.grad_fallback) if s.grad_fallback else None
+    mode = ("full G" if full else "diagonal G") + (f", {dtype}" if dtype else "")
+    return StageNeed("collect_gradients", mode, device, host, disk, disk,
                      gpus=int(gpu), threads=2, why="weights, one batch's backward pass and the sums of G")
 
 

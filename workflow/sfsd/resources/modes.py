@@ -89,11 +89,12 @@ def candidates(stage: str, size: ModelSize, s: Settings, m: Machine, method: str
             order = [(False, s.staging), (True, s.staging)]
         allowed = _streamed_options(s.streamed)
         return [collect(size, s, m, streamed, staging) for streamed, staging in order if streamed in allowed]
-    if stage == "collect_gradients":
-        need = gradients(size, s, m, gradients_full(size, s, m))
+    if stage == "collect_gradients":  # gradients.dtype auto: float32, then the checkpoint's half dtype
+        options = [s] + ([replace(s, grad_itemsize=2)] if s.grad_fallback and s.grad_itemsize > 2 else [])
+        needs = [gradients(size, o, m, gradients_full(size, o, m)) for o in options]
         if s.streamed == "always":  # the backward pass is not streamed: the stage refuses it
-            return [replace(need, fix=GRADIENTS_UNSTREAMED)]
-        return [need]
+            return [replace(n, fix=GRADIENTS_UNSTREAMED) for n in needs]
+        return needs
     if stage == "eigendecompose":
         return [eigen(size, s)]
     if stage == "factor_cache":
@@ -153,7 +154,7 @@ def _fixes(stage: str, s: Settings, m: Machine, kw: dict) -> list[tuple[str, Set
         if s.grad_full != "false":
             out.append(("gradients.full: false", replace(s, grad_full="false"), m, kw))
         out += [(f"gradients.batch_size: {b}", replace(s, grad_batch=b), m, kw) for b in _halvings(s.grad_batch)]
-        if s.grad_itemsize > 2:
+        if s.grad_itemsize > 2 and not s.grad_fallback:
             out.append(("gradients.dtype: bfloat16", replace(s, grad_itemsize=2), m, kw))
         return out
     if stage == "loss_spectra":  # one block at a time already: only the diagonal of G holds less

@@ -109,7 +109,8 @@ class Settings:
     eval_batch: int = 8
     eval_context: int = TASK_TOKENS
     ppl_window: int = 128  # perplexity's window (0: no perplexity), logits at each of its positions
-    grad_itemsize: int = 4  # gradients.dtype (float32 whatever the run dtype)
+    grad_itemsize: int = 4  # gradients.dtype (auto: float32 first)
+    grad_fallback: str | None = None  # gradients.dtype auto: the checkpoint's half dtype, tried where float32 does not fit
     grad_batch: int = 4
     grad_full: str = "auto"  # gradients.full: auto, true or false
     search_batch: int = 8

@@ -69,6 +69,18 @@ def _itemsize(setting: str, model_config: Mapping | None, source: str) -> int:
     return DTYPE_BYTES[setting]
 
 
+def _gradient_fallback(setting: str, model_config: Mapping | None, source: str) -> str | None:
+    """gradients.dtype auto: the checkpoint's own dtype where it is a half one (tried where float32 does not
+    fit; a model not on disk yet: as `_itemsize` assumes, bfloat16 for a hub model), else None."""
+    from sfsd.model.loading import run_dtype
+
+    if setting != "auto":
+        return None
+    own = run_dtype(model_config, "auto") if model_config is not None else (
+        "float32" if source == "embedded" else "bfloat16")
+    return own if DTYPE_BYTES[own] < 4 else None
+
+
 def variants(config: Mapping) -> dict[str, list[tuple[str, float]]]:
     """The variants a config makes of each model, with the fraction of the parameters each keeps (1.0 for a
     searched model cut at no budget: an upper bound): "budget" (every method, allocation and budget, and
@@ -118,7 +130,9 @@ def settings_of(config: Mapping, size: ModelSize, model_config: Mapping | None, 
                                      *(search["methods"] if search["enabled"] else [])])),
         compressed=tuple(_model_fraction(size, f, config["compression"]["convention"]) for f in (written or [])),
         eval_batch=ev["batch_size"], eval_context=max(TASK_TOKENS, window), ppl_window=window,
-        grad_itemsize=DTYPE_BYTES[config["gradients"]["dtype"]], grad_batch=config["gradients"]["batch_size"],
+        grad_itemsize=DTYPE_BYTES.get(config["gradients"]["dtype"], 4),
+        grad_fallback=_gradient_fallback(config["gradients"]["dtype"], model_config, source),
+        grad_batch=config["gradients"]["batch_size"],
         grad_full=str(config["gradients"]["full"]).lower(),
         search_batch=search["batch_size"], search_cache_bytes=search["cache_max_mb"] * 1e6 if search["cache"] else 0.0,
         laser_batch=config["laser"]["batch_size"], speed_batch=max(speed["batch_sizes"]),
