@@ -142,8 +142,8 @@ def test_the_other_stages():
     assert c.disk_bytes == 852 * 4 and c.host_bytes == PROC + 1704 * 4 + 2304 + 592 * 4 + 852 * 4
     # at the dtype it is stored in, the whole model is the checkpoint's mapped pages: counted once
     stored = replace(SETTINGS, itemsize=2)
-    assert (factor_cache(TINY, stored, streamed=False, method="feature").host_bytes
-            == PROC + 1704 * 2 + 2944 + 8 * (128 + 128 + 64) + 2304)
+    assert (factor_cache(TINY, stored, streamed=False, method="feature").host_bytes  # the 2 x 576 read
+            == PROC + 2 * 576 * 2 + 2944 + 8 * (128 + 128 + 64) + 2304)
     assert compress(TINY, stored, streamed=False).host_bytes == PROC + 1704 * 2 + 2304 + 592 * 2 + 852 * 2
     assert prepare(TINY, SETTINGS, "hub").disk_bytes == 3408
     assert prepare(TINY, SETTINGS, "embedded").host_bytes == PROC + 2 * 4 * 1704

@@ -365,7 +365,8 @@ def _method_work(size: ModelSize, method: str, s: Settings) -> tuple[float, floa
 
 def factor_cache(size: ModelSize, s: Settings, streamed: bool, method: str) -> StageNeed:
     """factor_cache of one method on the CPU: the whole model (at the stored dtype the checkpoint's mapped
-    pages; converted, beside the pages while it loads: `loading_bytes`) or the modules outside the blocks
+    pages, of which only the decomposed Linears' are read and so resident; converted, beside the pages while
+    it loads: `loading_bytes`) or the modules outside the blocks
     and one block (streamed, beside the block's pages while it is read), one block's statistics, the
     largest Linear's float64 working set and the block's factors until they are written. Writes every
     block's factors (float32)."""
@@ -374,6 +375,9 @@ def factor_cache(size: ModelSize, s: Settings, streamed: bool, method: str) -> S
     if streamed:  # a block's tensors are copied from the checkpoint's pages
         weights = (size.embed_params + size.head_params + size.block_params) * s.itemsize
         host = PROCESS_BYTES + weights + max(stored_bytes(size, size.block_params), stats + work + block)
+    elif mapped(size, s.itemsize):  # the weights are the checkpoint's pages; only the decomposed Linears' are read
+        read = stored_bytes(size, size.n_blocks * sum(o * i for _, o, i in size.linears))
+        host = PROCESS_BYTES + read + stats + work + block
     else:
         weights = size.total_params * s.itemsize
         host = PROCESS_BYTES + max(loading_bytes(size, s.itemsize, False), weights + stats + work + block)
