@@ -182,6 +182,9 @@ def test_allocations_at_equal_size_are_paired_with_uniform_and_each_other():
     assert {variant_name("asvd", "p54", a, "kl-average") for a in ALLOCATIONS} == {
         "asvd-p54", "asvd-spectral-p54", "asvd-loss-p54", "search-asvd-kl-average-p54"}
     assert parse_variant("asvd-loss-p54") == Variant("loss", "asvd", "p54")
+    assert C.comparison_pairs(["feature-p54", "feature-loss-p54", "search-feature-kl-average-p54"]) == [
+        ("feature-loss-p54", "feature-p54"), ("search-feature-kl-average-p54", "feature-p54"),
+        ("search-feature-kl-average-p54", "feature-loss-p54")]
     assert C.comparison_pairs(["feature-p54", "feature-spectral-p54", "feature-loss-p54"]) == [
         ("feature-spectral-p54", "feature-p54"), ("feature-loss-p54", "feature-p54"),
         ("feature-loss-p54", "feature-spectral-p54")]

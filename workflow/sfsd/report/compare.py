@@ -141,7 +141,7 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
     """The (a, b) pairs compared, a - b, from the variants present (names: `sfsd.decompose.variants`): at each budget
     (in order of first appearance) every pair of uniform methods (in `METHOD_NAMES` order: feature vs
     weight, feature vs whitened, ...); per method at each budget, the spectral, loss and searched
-    allocations vs uniform, loss vs spectral and searched vs spectral (equal sizes); each tolerance search vs the uniform
+    allocations vs uniform, loss vs spectral, searched vs spectral and searched vs loss (equal sizes); each tolerance search vs the uniform
     variant of its method at each budget; then every variant vs base."""
     present = list(dict.fromkeys(variants))
     by: dict[tuple[str, str, str], list[str]] = {}  # (kind, method, budget) -> names
@@ -167,6 +167,7 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
             if (m, budget) in uniform:
                 pairs += [(name, uniform[(m, budget)]) for name in spectral + loss + searched]
             pairs += [(s, sp) for s in loss + searched for sp in spectral]
+            pairs += [(s, lo) for s in searched for lo in loss]  # does a search beat the allocation it completes by?
     for name, method in searches:
         pairs += [(name, uniform[(method, b)]) for b in budgets if (method, b) in uniform]
     if "base" in present:
