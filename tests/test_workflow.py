@@ -27,7 +27,9 @@ def finished_run(tmp_path_factory, tiny_llama, calibration_text_file):
         "calibration": {"source": "text_file", "path": str(calibration_text_file), "num_samples": 24, "seq_len": 32},
         "collection": {"batch_size": 4},
         "device": "cpu",
-        "compression": {"budgets": {"b80": 0.8}, "first_block": 0},
+        # every method, and the allocation that needs no gradient pass (as helpers.base_config)
+        "compression": {"budgets": {"b80": 0.8}, "first_block": 0, "methods": ["feature", "weight", "whitened", "asvd"],
+                        "allocations": ["uniform", "spectral"]},
         "evaluation": {"tasks": ["arc_easy", "winogrande"], "limit": 4, "batch_size": 4,
                        "perplexity": {"source": "lambada", "window": 32, "max_docs": 20}},
         "speed": {"prompt_tokens": 16, "decode_tokens": 4, "batch_sizes": [1, 2], "repeats": 1},
