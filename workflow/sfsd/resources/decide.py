@@ -56,13 +56,14 @@ def decide_gradient_dtype(model_dir: str | os.PathLike, setting: str, *, device:
                           machine: Machine | None = None) -> str:
     """The dtype of the gradient stage under gradients.dtype `setting`: a dtype as it is; auto the planner's
     mode on `machine` (default: as free now): float32 where the pass fits in it, else the checkpoint's own
-    half dtype (`plan._gradient_fallback`), logged with its numbers."""
-    from sfsd.model.loading import model_config, run_dtype
+    half dtype (`plan.gradient_fallback`), logged with its numbers."""
+    from sfsd.model.loading import model_config
+    from sfsd.resources.plan import gradient_fallback
 
     if setting != "auto":
         return setting
-    own = run_dtype(model_config(model_dir), "auto")
-    if DTYPE_BYTES[own] >= 4:
+    own = gradient_fallback(setting, model_config(model_dir), "local")
+    if own is None:  # a float32 checkpoint: nothing smaller to fall back to
         return "float32"
     size = model_size(model_dir, layers)
     samples, seq_len = tokens_shape(tokens)

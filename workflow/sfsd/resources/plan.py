@@ -69,7 +69,7 @@ def _itemsize(setting: str, model_config: Mapping | None, source: str) -> int:
     return DTYPE_BYTES[setting]
 
 
-def _gradient_fallback(setting: str, model_config: Mapping | None, source: str) -> str | None:
+def gradient_fallback(setting: str, model_config: Mapping | None, source: str) -> str | None:
     """gradients.dtype auto: the checkpoint's own dtype where it is a half one (tried where float32 does not
     fit; a model not on disk yet: as `_itemsize` assumes, bfloat16 for a hub model), else None."""
     from sfsd.model.loading import run_dtype
@@ -131,7 +131,7 @@ def settings_of(config: Mapping, size: ModelSize, model_config: Mapping | None, 
         compressed=tuple(_model_fraction(size, f, config["compression"]["convention"]) for f in (written or [])),
         eval_batch=ev["batch_size"], eval_context=max(TASK_TOKENS, window), ppl_window=window,
         grad_itemsize=DTYPE_BYTES.get(config["gradients"]["dtype"], 4),
-        grad_fallback=_gradient_fallback(config["gradients"]["dtype"], model_config, source),
+        grad_fallback=gradient_fallback(config["gradients"]["dtype"], model_config, source),
         grad_batch=config["gradients"]["batch_size"],
         grad_full=str(config["gradients"]["full"]).lower(),
         search_batch=search["batch_size"], search_cache_bytes=search["cache_max_mb"] * 1e6 if search["cache"] else 0.0,
