@@ -163,8 +163,31 @@ def plan_gpus(stage):
     return lambda wildcards: stage_need(stage, wildcards).gpus
 
 
+def local_cores():
+    """--cores of a local run; None for a cluster run, which has no total (asking for it is an error)."""
+    try:
+        return workflow.cores
+    except Exception:  # snakemake's WorkflowError: "Workflow requires a total number of cores"
+        return None
+
+
+def shared_threads(threads):
+    """Threads of a multi-threaded job that must not wait for the whole machine: at most half of a local
+    run's cores (at least 1). On 2 cores a 2-thread job starts only when both cores are free at once, which
+    a stream of 1-thread jobs never leaves, so the stage-1 chain would start after them (a cluster job
+    keeps its count)."""
+    cores = local_cores()
+    return threads if cores is None else max(1, min(threads, cores // 2))
+
+
 def plan_threads(stage):
-    return lambda wildcards: stage_need(stage, wildcards).threads
+    return lambda wildcards: shared_threads(stage_need(stage, wildcards).threads)
+
+
+# Jobs on the path to the search and the compressed models run before the scoring jobs that wait beside
+# them (Snakemake starts the ready job of highest priority first): the evaluations then fill the cores
+# while the chain runs, instead of the chain waiting for them.
+CHAIN_PRIORITY = 10
 
 
 def blocks_of_model(model):

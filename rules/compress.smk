@@ -28,6 +28,7 @@ rule factor_cache:
         mem_mb=plan_mem_mb("factor_cache"),
         disk_mb=plan_disk_mb("factor_cache"),
         runtime=lambda wc: int(10 + 30 * model_params_b(wc.model)),
+    priority: CHAIN_PRIORITY
     shell:
         "python -m sfsd --threads {threads} factor-cache --model-dir {input.model:q} --results {params.results:q} "
         "--method {wildcards.method} --layers {params.layers} --streamed {params.streamed} --dtype {params.dtype} "
@@ -54,6 +55,7 @@ rule make_plan:
     resources:
         mem_mb=2000,
         runtime=10,
+    priority: CHAIN_PRIORITY
     shell:
         "python -m sfsd --threads {threads} make-plan --model-dir {input.model:q} --model-name {wildcards.model} "
         "--method {wildcards.method} --params-fraction {params.fraction} --first-block {params.first_block} "
@@ -120,6 +122,7 @@ rule loss_spectra:
         mem_mb=plan_mem_mb("loss_spectra"),
         disk_mb=plan_disk_mb("loss_spectra"),
         runtime=lambda wc: int(10 + 30 * model_params_b(wc.model)),
+    priority: CHAIN_PRIORITY
     shell:
         "python -m sfsd --threads {threads} loss-spectra --model-dir {input.model:q} --results {params.results:q} "
         "--factors {params.factors:q} --method {wildcards.method} --layers {params.layers} "
@@ -148,6 +151,7 @@ rule loss_plan:
     resources:
         mem_mb=2000,
         runtime=10,
+    priority: CHAIN_PRIORITY
     shell:
         "python -m sfsd --threads {threads} make-plan --allocation loss --loss {params.loss:q} "
         "--spectral-groups {params.groups} "
@@ -178,6 +182,7 @@ rule compress_model:
         mem_mb=plan_mem_mb("compress_model"),
         disk_mb=plan_disk_mb("compress_model"),
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
+    priority: CHAIN_PRIORITY
     shell:
         "python -m sfsd --threads {threads} compress --model-dir {input.model:q} --plan {input.plan:q} --factors {params.factors:q} "
         "--streamed {params.streamed} --dtype {params.dtype} --out {output.model:q} > {log:q} 2>&1"

@@ -22,6 +22,7 @@ rule eigendecompose:
         mem_mb=plan_mem_mb("eigendecompose"),
         disk_mb=plan_disk_mb("eigendecompose"),
         runtime=lambda wc: int(5 + 5 * model_params_b(wc.model)),
+    priority: CHAIN_PRIORITY
     shell:
         "python -m sfsd --threads {threads} eigen --features {input.features:q}/block_{wildcards.block}.safetensors "
         "--model-dir {input.model:q} --layers {params.layers} --save-dtype {params.save_dtype} "

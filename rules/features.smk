@@ -30,6 +30,7 @@ checkpoint collect_features:
         disk_mb=plan_disk_mb("collect_features"),
         runtime=lambda wc: int(20 + 20 * model_params_b(wc.model)),
         gpu=plan_gpus("collect_features"),
+    priority: CHAIN_PRIORITY
     shell:
         "python -m sfsd --threads {threads} collect --model-dir {input.model:q} --model-name {wildcards.model} "
         "--tokens {input.tokens:q} --layers {params.layers} --dtype {params.dtype} --device {params.device} "
@@ -69,6 +70,7 @@ rule collect_gradients:
         disk_mb=plan_disk_mb("collect_gradients"),
         runtime=lambda wc: int(20 + 60 * model_params_b(wc.model)),
         gpu=plan_gpus("collect_gradients"),
+    priority: CHAIN_PRIORITY
     shell:
         "python -m sfsd --threads {threads} gradients --model-dir {input.model:q} --model-name {wildcards.model} "
         "--tokens {input.tokens:q} --layers {params.layers} --full {params.full} --dtype {params.dtype} "

@@ -17,20 +17,12 @@ def _run_jobs():
     return {rule: counts[rule] for rule in ordered if rule not in ("all", "quick")}
 
 
-def _local_cores():
-    """--cores of a local run; None for a cluster run, which has no total (asking for it is an error)."""
-    try:
-        return workflow.cores
-    except Exception:  # snakemake's WorkflowError: "Workflow requires a total number of cores"
-        return None
-
-
 onstart:
     from sfsd.resources.timing import earlier_seconds, stage_lines
 
     jobs = _run_jobs()
     pending = any(True for _ in workflow.dag.checkpoint_jobs)
-    lines = stage_lines(jobs, earlier_seconds("results/benchmarks"), _local_cores(), pending)
+    lines = stage_lines(jobs, earlier_seconds("results/benchmarks"), local_cores(), pending)
     print("\n".join(f"run plan: {line}" for line in lines), file=sys.stderr)
 
 

@@ -48,7 +48,8 @@ rule search:
         "results/logs/search/{model}/{method}-{mode}-{target}.log",
     benchmark:
         "results/benchmarks/search/{model}/{method}-{mode}-{target}.tsv"
-    threads: 2
+    threads: shared_threads(2)
+    priority: CHAIN_PRIORITY
     resources:
         mem_mb=plan_mem_mb("search"),
         runtime=lambda wc: int(60 + 600 * model_params_b(wc.model)),
@@ -84,6 +85,7 @@ rule compress_searched:
         mem_mb=plan_mem_mb("compress_model"),
         disk_mb=plan_disk_mb("compress_model"),
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
+    priority: CHAIN_PRIORITY
     shell:
         "python -m sfsd --threads {threads} compress --model-dir {input.model:q} "
         "--plan {input.plan:q} --factors {params.factors:q} --streamed {params.streamed} --dtype {params.dtype} "
@@ -128,6 +130,7 @@ rule searched_plan:
     resources:
         mem_mb=2000,
         runtime=10,
+    priority: CHAIN_PRIORITY
     shell:
         "python -m sfsd --threads {threads} make-plan --allocation searched --factors {params.factors:q} "
         "--complete {params.complete} {params.loss} --spectral-groups {params.groups} "
