@@ -4,22 +4,19 @@
 
 
 def speed_variants():
-    """`base` and every budget variant of the allocations in speed.allocations (sfsd/decompose/variants.py names)."""
+    """`base` and every budget variant of speed.methods under the allocations in speed.allocations
+    (sfsd/decompose/variants.py names)."""
     comp, speed = config["compression"], config["speed"]
     allocations = [a for a in speed["allocations"] if a in comp["allocations"]]
+    methods = [m for m in comp["methods"] if speed["methods"] is None or m in speed["methods"]]
     return ["base"] + [f"{m}-{b}" if a == "uniform" else f"{m}-{a}-{b}" for b in comp["budgets"]
-                       for m in comp["methods"] for a in allocations]
+                       for m in methods for a in allocations]
 
 
 def speed_threads():
     """Every core of the run (so no other job runs beside a measurement); 8 where the run has no core
     count (a cluster profile sets jobs, not cores)."""
-    from snakemake.exceptions import WorkflowError
-
-    try:
-        return workflow.cores
-    except WorkflowError:
-        return 8
+    return local_cores() or 8
 
 
 def speed_targets():

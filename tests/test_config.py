@@ -155,3 +155,25 @@ def test_more_calibration_samples_than_the_source_holds_is_a_warning(tiny_llama,
     (warning,) = sfsd_config.config_warnings(config, tmp_path)
     assert warning.startswith("calibration.num_samples 100000000 exceeds the 1730 documents that calibration.source "
                               "combination offers") and "\n" not in warning
+
+
+def test_a_speed_selection_of_nothing_built_is_a_warning(tiny_llama, calibration_text_file):
+    """speed.methods or speed.allocations naming nothing compression builds would leave the inference-cost
+    table with the dense model alone: said before any job; the default measures feature space at uniform ranks."""
+    from helpers import base_config
+
+    config = base_config(tiny_llama, calibration_text_file)
+    sfsd_config.validate(config)
+    assert config["speed"]["methods"] == ["feature"] and sfsd_config.config_warnings(config, ".") == []
+    config["speed"]["methods"] = ["asvd"]
+    assert sfsd_config.config_warnings(config, ".") == []  # base_config builds asvd
+    config["compression"]["methods"] = ["feature", "weight"]
+    (warning,) = sfsd_config.config_warnings(config, ".")
+    assert warning == ("speed.methods ['asvd'] names none of compression.methods ['feature', 'weight']: the "
+                       "inference-cost table holds the dense model alone; add one of compression.methods to speed.methods")
+    config["speed"] = {**config["speed"], "methods": None, "allocations": ["spectral"]}
+    config["compression"]["allocations"] = ["uniform"]
+    (warning,) = sfsd_config.config_warnings(config, ".")
+    assert warning.startswith("speed.allocations ['spectral'] names none of compression.allocations ['uniform']")
+    config["speed"]["enabled"] = False
+    assert sfsd_config.config_warnings(config, ".") == []

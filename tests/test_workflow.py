@@ -32,7 +32,7 @@ def finished_run(tmp_path_factory, tiny_llama, calibration_text_file):
                         "allocations": ["uniform", "spectral"]},
         "evaluation": {"tasks": ["arc_easy", "winogrande"], "limit": 4, "batch_size": 4,
                        "perplexity": {"source": "lambada", "window": 32, "max_docs": 20}},
-        "speed": {"prompt_tokens": 16, "decode_tokens": 4, "batch_sizes": [1, 2], "repeats": 1},
+        "speed": {"prompt_tokens": 16, "decode_tokens": 4, "batch_sizes": [1, 2], "repeats": 1, "methods": None},
     }
     # every job's log also lists the modules it imported (test_every_command_imports_only_...)
     snakemake(snakefile, workdir, config, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})

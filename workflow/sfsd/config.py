@@ -158,7 +158,21 @@ def config_warnings(config: Mapping, root: str | Path = ".") -> list[str]:
     """What a validated config asks for that the run will not do as asked, though it can run: one line each,
     printed before any job (rules/common.smk), where the stage would otherwise say it only in its log."""
     root = Path(root)
-    return [w for w in (_calibration_size(config, root),) if w]
+    return [w for w in (_calibration_size(config, root), _speed_selection(config)) if w]
+
+
+def _speed_selection(config: Mapping) -> str | None:
+    """speed.methods and speed.allocations name what compression builds; one that names none of it measures
+    only the dense model."""
+    speed, comp = config["speed"], config["compression"]
+    if not speed["enabled"]:
+        return None
+    for key, built in (("methods", comp["methods"]), ("allocations", comp["allocations"])):
+        chosen = speed[key]
+        if chosen is not None and not set(chosen) & set(built):
+            return (f"speed.{key} {list(chosen)} names none of compression.{key} {list(built)}: the inference-cost "
+                    f"table holds the dense model alone; add one of compression.{key} to speed.{key}")
+    return None
 
 
 def _calibration_size(config: Mapping, root: Path) -> str | None:
