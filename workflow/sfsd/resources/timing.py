@@ -4,13 +4,17 @@ the line a finished run ends with, naming its tables and report.
 
 `earlier_seconds(benchmarks)` reads the records; `stage_lines(jobs, seconds, cores)` and `finish_line(...)`
 are pure. rules/progress.smk prints them from Snakemake's onstart and onsuccess handlers.
+`simulate_schedule(jobs, cores)` and `critical_path(jobs)` replay a finished run's jobs on another number of
+cores (workflow/benchmarks/run_estimate.py reads them from the run's log).
 """
 
 from __future__ import annotations
 
 import csv
+import heapq
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -74,3 +78,68 @@ def finish_line(targets: Sequence[str]) -> str:
     parts += [f"figures in {', '.join(figures)}"] if figures else []
     where = "; ".join(parts) or "outputs under results/"
     return f"finished: {where}; the HTML report: snakemake --report report.html"
+
+
+@dataclass(frozen=True)
+class TimedJob:
+    """One job of a finished run, for `simulate_schedule`: its wall seconds, the cores it holds, its
+    Snakemake priority and the jobs whose outputs it reads."""
+
+    name: str
+    seconds: float
+    threads: int = 1
+    priority: int = 0
+    after: tuple[str, ...] = ()
+
+
+def simulate_schedule(jobs: Sequence[TimedJob], cores: int) -> float:
+    """Wall seconds of running `jobs` on `cores` cores: each job starts when the jobs it reads have finished
+    and its threads (at most `cores`) are free, the ready job of highest priority first and, among equal
+    priorities, the longest first; no job waits for cores that another job could use now (Snakemake's
+    scheduler reserves none either). The jobs keep their measured times, so on more cores it is an
+    estimate: a job's own speed-up from more threads, and the jobs' contention for memory bandwidth, are
+    left out."""
+    by_name = {j.name: j for j in jobs}
+    missing = {a for j in jobs for a in j.after} - set(by_name)
+    if missing:
+        raise ValueError(f"jobs wait for unknown jobs: {sorted(missing)[:3]}")
+    waiting = {j.name: len(set(j.after)) for j in jobs}
+    readers: dict[str, list[str]] = {}
+    for j in jobs:
+        for a in set(j.after):
+            readers.setdefault(a, []).append(j.name)
+    ready = [j.name for j in jobs if waiting[j.name] == 0]
+    running: list[tuple[float, str]] = []
+    free, now, done = cores, 0.0, 0
+    while done < len(jobs):
+        ready.sort(key=lambda n: (-by_name[n].priority, -by_name[n].seconds, n))
+        for name in list(ready):
+            need = min(max(1, by_name[name].threads), cores)
+            if need <= free:
+                free -= need
+                ready.remove(name)
+                heapq.heappush(running, (now + by_name[name].seconds, name))
+        if not running:
+            raise ValueError("the jobs wait for each other in a cycle")
+        now, name = heapq.heappop(running)
+        free += min(max(1, by_name[name].threads), cores)
+        done += 1
+        for reader in readers.get(name, []):
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                ready.append(reader)
+    return now
+
+
+def critical_path(jobs: Sequence[TimedJob]) -> float:
+    """Seconds of the longest chain of jobs each reading the one before: no number of cores runs faster."""
+    by_name = {j.name: j for j in jobs}
+    memo: dict[str, float] = {}
+
+    def finish(name: str) -> float:
+        if name not in memo:
+            job = by_name[name]
+            memo[name] = job.seconds + max((finish(a) for a in job.after), default=0.0)
+        return memo[name]
+
+    return max((finish(j.name) for j in jobs), default=0.0)
