@@ -409,6 +409,7 @@ def test_cli(docs_files, tmp_path):
 # ------------------------------------------------------------------------------------ the rule
 
 
+@pytest.mark.slow  # runs the real Snakefile (a minute); test_cli runs the same command on the same kind of files
 def test_comparisons_rule_in_the_workflow(tmp_path):
     """The comparisons_table rule of the real Snakefile from synthetic docs files alone: --allowed-rules keeps
     the evaluation rules out (as on a machine that holds only copied results); its outputs are default

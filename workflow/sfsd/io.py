@@ -127,6 +127,32 @@ def load_tensors(path: str | os.PathLike, keys: list[str] | None = None) -> tupl
         raise DataError(f"{path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
 
 
+class TensorFile:
+    """One safetensors file open for reading tensor by tensor. Every tensor read shares the file's one
+    mapping: a safe_open per read maps the whole file again and each tensor keeps its mapping alive, so
+    the rank search, reading a block's factors one Linear at a time, held 15 mappings of one 88 MB file
+    (1.3 GB of address space, which an address-space limit counts). A missing, corrupt or truncated file,
+    or a tensor it lacks, is a DataError."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(f"missing file {self.path}; run the stage that makes it first")
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+            self._keys = frozenset(self._file.keys())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise DataError(f"{self.path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise DataError(f"{self.path} lacks tensors {[key]}; it was made by another config, delete and rerun")
+        try:
+            return self._file.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise DataError(f"{self.path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
+
+
 def _decoded(metadata: dict | None) -> dict:
     """Metadata as save_tensors wrote it: JSON values decoded, raw strings (not JSON) kept as they are."""
     out = {}

@@ -45,11 +45,11 @@ from sfsd.features.collect import block_file
 from sfsd.io import (
     MAX_SHARD_BYTES,
     ShardWriter,
+    TensorFile,
     atomic_dir,
     check_checkpoint,
     checkpoint_index,
     checkpoint_metadata,
-    load_tensors,
     read_json,
     read_metadata,
     read_parameters,
@@ -99,10 +99,13 @@ class BlockFile:
                             "rerun its stage for this model")
         self.metadata = meta
         self._cache: dict[str, torch.Tensor] = {}
+        self._file: TensorFile | None = None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._cache:
-            self._cache[key] = load_tensors(self.path, [key])[0][key]
+            if self._file is None:  # one mapping of the file for every tensor read (io.TensorFile)
+                self._file = TensorFile(self.path)
+            self._cache[key] = self._file[key]
         return self._cache[key]
 
     def __contains__(self, key: str) -> bool:
