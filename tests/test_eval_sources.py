@@ -367,6 +367,7 @@ def _dry_run(workflow_copy, tmp_path, evaluation: dict, **extra):
     return proc, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # dry runs of the real Snakefile
 def test_rules_hub_source_needs_no_export_and_local_keeps_it(workflow_copy, tmp_path):
 
     proc, out = _dry_run(workflow_copy, tmp_path / "hub", {

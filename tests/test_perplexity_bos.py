@@ -296,6 +296,7 @@ def test_comparisons_refuse_windows_of_two_protocols(tmp_path):
 # ------------------------------------------------------------------------- the workflow
 
 
+@pytest.mark.slow  # dry runs of the real Snakefile
 def test_the_setting_reaches_the_evaluation_and_perplexity_search_commands(tmp_path, tiny_llama,
                                                                         calibration_text_file):
     """A dry run of the real Snakefile: evaluate_model and a perplexity search run with --ppl-bos of the

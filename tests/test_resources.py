@@ -650,6 +650,7 @@ def _loss_spectra_inputs(root, config: dict, methods: tuple[str, ...]) -> None:
     assert set(shapes) == set(spec.linears)
 
 
+@pytest.mark.slow  # the pass measured in a fresh process per method
 @pytest.mark.parametrize("method", ["feature", "weight"])
 def test_the_planned_loss_spectra_is_never_under_its_measured_peak(tmp_path, method):
     """The resource planner's loss-criterion stage (sfsd/resources/loss_needs.py loss_spectra, the whole G)
