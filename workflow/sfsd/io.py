@@ -112,19 +112,12 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 def load_tensors(path: str | os.PathLike, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Load tensors (all, or `keys`) and the decoded metadata; a corrupt file is a DataError."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"missing file {path}; run the stage that makes it first")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = _decoded(f.metadata())
-            names = keys if keys is not None else list(f.keys())
-            missing = [k for k in names if k not in f.keys()]
-            if missing:
-                raise DataError(f"{path} lacks tensors {missing[:3]}; it was made by another config, delete and rerun")
-            return {k: f.get_tensor(k) for k in names}, meta
-    except (SafetensorError, OSError, ValueError) as err:
-        raise DataError(f"{path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
+    f = TensorFile(path)
+    names = keys if keys is not None else list(f.keys)
+    missing = [k for k in names if k not in f]
+    if missing:
+        raise DataError(f"{f.path} lacks tensors {missing[:3]}; it was made by another config, delete and rerun")
+    return {k: f[k] for k in names}, f.metadata
 
 
 class TensorFile:
@@ -140,12 +133,17 @@ class TensorFile:
             raise DataError(f"missing file {self.path}; run the stage that makes it first")
         try:
             self._file = safe_open(str(self.path), framework="pt")
-            self._keys = frozenset(self._file.keys())
+            self.keys: list[str] = list(self._file.keys())  # in the file's order
+            self.metadata = _decoded(self._file.metadata())
         except (SafetensorError, OSError, ValueError) as err:
             raise DataError(f"{self.path} is corrupt or truncated ({err}); delete it and rerun its stage") from None
+        self._names = frozenset(self.keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._names
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
+        if key not in self:
             raise DataError(f"{self.path} lacks tensors {[key]}; it was made by another config, delete and rerun")
         try:
             return self._file.get_tensor(key)
