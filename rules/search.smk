@@ -82,8 +82,8 @@ rule compress_searched:
     benchmark:
         "results/benchmarks/compress_searched/{model}/{method}-{mode}-{target}.tsv"
     resources:
-        mem_mb=plan_mem_mb("compress_model"),
-        disk_mb=plan_disk_mb("compress_model"),
+        mem_mb=plan_mem_mb("compress_searched"),
+        disk_mb=plan_disk_mb("compress_searched"),
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
     priority: CHAIN_PRIORITY
     shell:

@@ -5,6 +5,7 @@ mode and the fix, the shapes read from safetensors headers alone (a Llama-3-8B f
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -26,6 +27,7 @@ from sfsd.resources.needs import (
     CHOICE_TOKENS,
     CUDA_CONTEXT_BYTES as CTX,
     PROCESS_BYTES as PROC,
+    LINALG_PROCESS_BYTES as LINALG,
     CUDA_HOST_BYTES,
     FLUSH_BAND_BYTES as BAND,
     STAGING_SHARE,
@@ -130,7 +132,7 @@ def test_the_other_stages():
     # the tensors read from them), gate's SVD: down's eigh (8 x 4 x 8^2 = 2048) is below gate's thin SVD
     # (8 x (3 x 128 + 64) = 3584)
     # the decomposed Linears' 576 weights read from their bfloat16 pages
-    assert e.host_bytes == PROC + 4224 + (3 * 16 * 64 + 16 * 256) + 2 * 576 * 2 + 8 * (3 * 128 + 64) + files
+    assert e.host_bytes == LINALG + 4224 + (3 * 16 * 64 + 16 * 256) + 2 * 576 * 2 + 8 * (3 * 128 + 64) + files
     feature = factor_cache(TINY, SETTINGS, streamed=False, method="feature")
     # the weights, and the larger of the checkpoint's pages while they load (3408) and one block's work
     assert feature.host_bytes == PROC + 1704 * 4 + max(2 * 1704, 2944 + 8 * (128 + 128 + 64) + 2304)
@@ -139,12 +141,15 @@ def test_the_other_stages():
     # the modules outside the blocks and one block; the input statistics; down's SVD and Cholesky factor
     assert streamed.host_bytes == PROC + (264 + 256 + 592) * 4 + 4224 + (3648 + 16 * 256) + 2304
     c = compress(TINY, SETTINGS, streamed=False)
-    assert c.disk_bytes == 852 * 4 and c.host_bytes == PROC + 1704 * 4 + 2304 + 592 * 4 + 852 * 4
+    # converted from bfloat16: the float32 weights (above their pages), a factor-cache block, a block, the shard
+    assert c.disk_bytes == 852 * 4 and c.host_bytes == LINALG + 1704 * 4 + 2304 + 592 * 4 + 852 * 4
     # at the dtype it is stored in, the whole model is the checkpoint's mapped pages: counted once
     stored = replace(SETTINGS, itemsize=2)
     assert (factor_cache(TINY, stored, streamed=False, method="feature").host_bytes  # the 2 x 576 read
             == PROC + 2 * 576 * 2 + 2944 + 8 * (128 + 128 + 64) + 2304)
-    assert compress(TINY, stored, streamed=False).host_bytes == PROC + 1704 * 2 + 2304 + 592 * 2 + 852 * 2
+    # at the stored dtype only the pages the folder keeps are read: the compressed model (852 parameters) as
+    # built, a factor-cache block and the shard (the whole folder here)
+    assert compress(TINY, stored, streamed=False).host_bytes == LINALG + 852 * 2 + 2304 + 852 * 2
     assert prepare(TINY, SETTINGS, "hub").disk_bytes == 3408
     assert prepare(TINY, SETTINGS, "embedded").host_bytes == PROC + 2 * 4 * 1704
     ev = gpu_stage(TINY, SETTINGS, BIG, "evaluate_model")
@@ -453,10 +458,34 @@ def test_config_check_refuses_a_disk_too_small(llama3_8b, tmp_path):
     for variant in variants(config)["written"]:  # written already: not counted again
         (tmp_path / "results" / "llama3" / "compressed" / variant[0]).mkdir(parents=True)
     (tmp_path / "results" / "llama3" / "features").mkdir(parents=True)
-    left = sum(n.disk_total for stage, n in needs.items() if stage not in ("compress_model", "collect_features"))
+    left = sum(n.disk_total for stage, n in needs.items()
+               if stage not in ("compress_model", "compress_searched", "collect_features"))
     check_fit(config, tmp_path, replace(machine, disk_bytes=left + 1))
     with pytest.raises(ConfigError, match="results/ has"):
         check_fit(config, tmp_path, replace(machine, disk_bytes=left - 1))
+
+
+def test_a_searched_folder_is_sized_apart_from_the_budget_variants(llama3_8b, tmp_path):
+    """compress_model is sized for the largest budget variant; compress_searched for a searched plan, which may
+    keep every parameter; each counts the disk of its own folders."""
+    config = validated({"models": {"llama3": {"source": "local", "path": str(llama3_8b)}}, "device": "cpu",
+                        "search": {"enabled": True, "methods": ["feature"], "modes": ["kl"], "budgets": False}})
+    made = variants(config)
+    searched = [v for v, _ in made["written"] if v.startswith("search-")]
+    budget = [f for v, f in made["written"] if not v.startswith("search-")]
+    assert searched and budget and max(budget) < 1
+    needs = plan_config(config, "llama3", tmp_path, Machine(None, 0, 512e9, None))
+    size = model_size(llama3_8b, config["layers"])
+    model, search = needs["compress_model"], needs["compress_searched"]
+    assert (model.mode, search.mode) == ("whole", "whole")
+    assert model.disk_bytes == math.ceil(max(budget) * size.total_params) * 2
+    assert search.disk_bytes == size.total_params * 2 > model.disk_bytes
+    assert (model.jobs, search.jobs) == (len(budget), len(searched))
+    assert search.disk_total == len(searched) * size.total_params * 2
+    # whole at the stored dtype: the folder as built, a factor-cache block and one shard
+    shard = min(size.shard_bytes, search.disk_bytes)
+    assert search.host_bytes == LINALG + search.disk_bytes + factors_block_bytes(size, 4) + shard
+    assert search.host_bytes - model.host_bytes == search.disk_bytes - model.disk_bytes
 
 
 def test_a_model_not_downloaded_is_skipped_with_a_log_line(tmp_path, caplog):
@@ -512,7 +541,7 @@ def test_job_needs_of_the_default_config_cover_every_rule():
 RULES_SIZED = {"prepare_model": "prepare_model", "collect_features": "collect_features",
                "collect_gradients": "collect_gradients", "eigendecompose": "eigendecompose",
                "factor_cache": "factor_cache", "loss_spectra": "loss_spectra", "compress_model": "compress_model",
-               "compress_searched": "compress_model", "evaluate_model": "evaluate_model",
+               "compress_searched": "compress_searched", "evaluate_model": "evaluate_model",
                "check_scorer": "check_scorer", "search": "search", "laser_point": "laser_point",
                "inference_speed": "inference_speed", "spectra": "eigendecompose"}
 

@@ -59,10 +59,11 @@ RUN_CONFIG = {
 STAGES = {
     "collect_features": "collect_features", "eigendecompose": "eigendecompose", "factor_cache": "factor_cache:feature",
     "compress_model": "compress_model", "evaluate_model": "evaluate_model", "check_scorer": "check_scorer",
-    "search": "search", "compress_searched": "compress_model", "inference_speed": "inference_speed",
+    "search": "search", "compress_searched": "compress_searched", "inference_speed": "inference_speed",
 }
 PEAK_LINE = re.compile(r"peak GPU memory: ([0-9.]+) GB")
 HOST_PEAK_LINE = re.compile(r"peak host memory: ([0-9.]+) GB")
+MODE_LINE = re.compile(r"\(streamed: auto\): (.+?), [0-9.]+ GB of host memory")  # sfsd.resources.decide's log
 
 
 def baseline_address_space() -> int:
@@ -126,11 +127,19 @@ def measured(workdir: Path) -> dict[str, dict]:
     return out
 
 
+def logged_mode(workdir: Path, rule: str) -> str | None:
+    """The mode a rule's jobs logged choosing (`streamed: auto`), where they all chose the same one."""
+    modes = {m.group(1) for f in (workdir / "results" / "logs" / rule).rglob("*.log")
+             for m in MODE_LINE.finditer(f.read_text())}
+    return modes.pop() if len(modes) == 1 else None
+
+
 def predicted(workdir: Path, config: dict, host_bytes: float | None) -> dict[str, dict]:
     """The planner's StageNeed of each measured rule's stage, for the model as run, on this machine with
-    its host memory set to the cap (when there is one)."""
+    its host memory set to the cap (when there is one), in the mode the stage ran in (as its jobs logged
+    it; the planner's choice now where they logged none)."""
     from sfsd.config import validate
-    from sfsd.resources.plan import machine_of, plan_config
+    from sfsd.resources.plan import machine_of, plan_config, plan_rows
 
     full = yaml.safe_load((REPO / "config.yaml").read_text())
     for key, value in config.items():
@@ -140,7 +149,13 @@ def predicted(workdir: Path, config: dict, host_bytes: float | None) -> dict[str
     if host_bytes:
         machine = dataclasses.replace(machine, host_bytes=host_bytes)
     needs = plan_config(full, "bench", workdir, machine)
-    return {rule: needs[stage] for rule, stage in STAGES.items() if stage in needs}
+    _, rows = plan_rows(full, "bench", workdir, machine)
+    out = {}
+    for rule, stage in STAGES.items():
+        if stage in needs:
+            need, ran = needs[stage], logged_mode(workdir, rule)
+            out[rule] = next((n for n, _, _ in rows if n.stage == need.stage and n.mode == ran), need)
+    return out
 
 
 def digests(workdir: Path) -> dict[str, str]:

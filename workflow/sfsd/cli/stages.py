@@ -147,7 +147,8 @@ def add_streamed(p: argparse.ArgumentParser, where: str) -> None:
                         "as the resource planner counts it)")
 
 
-def _streamed(stage: str, args: argparse.Namespace, layers: list[str] | None = None, method: str = "feature") -> str:
+def _streamed(stage: str, args: argparse.Namespace, layers: list[str] | None = None, method: str = "feature",
+              kept: float = 1.0) -> str:
     """The --streamed option of a CPU stage decided: auto by the resource planner against host memory."""
     import torch
 
@@ -155,7 +156,7 @@ def _streamed(stage: str, args: argparse.Namespace, layers: list[str] | None = N
     from sfsd.resources.decide import decide_streamed
 
     return decide_streamed(stage, args.model_dir, args.streamed, dtype=run_dtype(args.model_dir, args.dtype),
-                           device=torch.device("cpu"), layers=layers, method=method)
+                           device=torch.device("cpu"), layers=layers, method=method, kept=kept)
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
@@ -348,8 +349,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from sfsd.model.stream import open_blocks
 
     digest = model_digest(args.model_dir)
-    source = open_blocks(args.model_dir, _streamed("compress_model", args), args.dtype)
+    plan = read_json(args.plan)
+    # the share of the parameters the folder keeps, as the plan counted it (else sized as every parameter)
+    kept = float(plan.get("notes", {}).get("counts", {}).get("model", {}).get("fraction", 1.0))
+    source = open_blocks(args.model_dir, _streamed("compress_model", args, kept=kept), args.dtype)
     # sharded like the checkpoint it came from: whatever could open that checkpoint's files opens these
-    applied = compress_from_cache(source, read_json(args.plan), args.factors, args.out, model_digest=digest,
+    applied = compress_from_cache(source, plan, args.factors, args.out, model_digest=digest,
                                   tokenizer=load_tokenizer(args.model_dir), shard_bytes=shard_bytes_of(args.model_dir))
     logging.info("compressed %d layers into %s", len(applied["layers"]), args.out)

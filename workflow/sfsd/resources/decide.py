@@ -30,11 +30,13 @@ def machine_now(device: torch.device) -> Machine:
 
 def decide_streamed(stage: str, model_dir: str | os.PathLike, streamed: str, *, dtype: str, device: torch.device,
                     layers: list[str] | None = None, tokens: str | os.PathLike | None = None, batch_size: int = 8,
-                    staging: str = "auto", method: str = "feature", machine: Machine | None = None) -> str:
+                    staging: str = "auto", method: str = "feature", kept: float = 1.0,
+                    machine: Machine | None = None) -> str:
     """`always` or `never`: the `streamed` setting of `stage` (collect_features, factor_cache or
     compress_model) for the model of `model_dir` at `dtype` on `device` (`layers`: the decomposed Linear
     layers, default all); auto chooses the planner's mode on
-    `machine` (default: as free now, `machine_now`), logged with its numbers."""
+    `machine` (default: as free now, `machine_now`), logged with its numbers; `kept`: the fraction of the
+    parameters the folder compress_model writes keeps (its plan's count; 1.0 where unknown)."""
     if streamed not in STREAMED:
         raise ConfigError(f"streamed {streamed!r} is unknown; use one of {', '.join(STREAMED)}")
     if streamed != "auto":
@@ -43,7 +45,7 @@ def decide_streamed(stage: str, model_dir: str | os.PathLike, streamed: str, *, 
     samples, seq_len = tokens_shape(tokens) if tokens is not None else (1, 1)
     s = Settings(itemsize=DTYPE_BYTES[dtype], collect_itemsize=DTYPE_BYTES[dtype], gpu=device.type == "cuda",
                  streamed="auto", staging=staging, samples=samples, seq_len=seq_len, collect_batch=batch_size,
-                 methods=(method,), compressed=(1.0,))
+                 methods=(method,), compressed=(kept,))
     machine = machine or machine_now(device)
     need = plan_stage(stage, size, s, machine, method=method)
     log.info("%s (streamed: auto): %s, %s%s", stage, need.mode, _numbers(need, machine),

@@ -37,9 +37,10 @@ from sfsd.resources.needs import (
 )
 
 STAGES = ("prepare_model", "collect_features", "collect_gradients", "eigendecompose", "factor_cache",
-          "loss_spectra", "compress_model", "evaluate_model", "check_scorer", "search", "laser_point",
-          "inference_speed")
+          "loss_spectra", "compress_model", "compress_searched", "evaluate_model", "check_scorer", "search",
+          "laser_point", "inference_speed")
 
+COMPRESS_STAGES = ("compress_model", "compress_searched")  # one formula (`needs.compress`), their own folders
 GRADIENTS_UNSTREAMED = "streamed: auto (the gradient pass holds the whole model; its backward is not streamed)"
 
 # the setting that sets each GPU stage's batch (Settings field, config key)
@@ -101,8 +102,9 @@ def candidates(stage: str, size: ModelSize, s: Settings, m: Machine, method: str
         return [factor_cache(size, s, streamed, method) for streamed in _streamed_options(s.streamed)]
     if stage == "loss_spectra":  # reads the gradients files, whole G or diagonal as that stage chose
         return [loss_spectra(size, s, method, gradients_full(size, s, m))]
-    if stage == "compress_model":
-        return [compress(size, s, streamed) for streamed in _streamed_options(s.streamed)]
+    if stage in COMPRESS_STAGES:
+        return [compress(size, s, streamed, searched=stage == "compress_searched")
+                for streamed in _streamed_options(s.streamed)]
     return [gpu_stage(size, s, m, stage, jobs=jobs)]
 
 
@@ -112,7 +114,7 @@ def every_mode(stage: str, size: ModelSize, s: Settings, m: Machine, **kw) -> li
     streamed, the output gradients and the loss criterion with the whole G and its diagonal."""
     if stage == "collect_features":
         return [collect(size, s, m, streamed, staging) for staging in ("device", "host") for streamed in (False, True)]
-    if stage in ("factor_cache", "compress_model"):
+    if stage in ("factor_cache", *COMPRESS_STAGES):
         return candidates(stage, size, replace(s, streamed="auto"), m, **kw)
     if stage == "collect_gradients":
         return [gradients(size, s, m, full) for full in (True, False)]
@@ -146,7 +148,7 @@ def _halvings(value: int) -> list[int]:
 def _fixes(stage: str, s: Settings, m: Machine, kw: dict) -> list[tuple[str, Settings, Machine, dict]]:
     """Changes to try, in order: (what to set, the settings and machine with it, the stage's keywords)."""
     out: list[tuple[str, Settings, Machine, dict]] = []
-    if stage in ("collect_features", "factor_cache", "compress_model") and s.streamed == "never":
+    if stage in ("collect_features", "factor_cache", *COMPRESS_STAGES) and s.streamed == "never":
         out.append(("streamed: always", replace(s, streamed="always"), m, kw))
     if stage == "collect_gradients":
         if s.streamed == "always":
@@ -179,7 +181,7 @@ def _fixes(stage: str, s: Settings, m: Machine, kw: dict) -> list[tuple[str, Set
         if stage == "search":
             out += [(f"search.cache_max_mb: {mb}", replace(s, search_cache_bytes=mb * 1e6), m, kw)
                     for mb in _halvings(int(s.search_cache_bytes / 1e6))]
-    if stage in ("factor_cache", "compress_model") or stage in BATCH_KEYS and stage != "collect_features":
+    if stage in ("factor_cache", *COMPRESS_STAGES) or stage in BATCH_KEYS and stage != "collect_features":
         if s.itemsize > 2:
             out.append(("dtype: bfloat16", replace(s, itemsize=2), m, kw))
     return out

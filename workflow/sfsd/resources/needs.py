@@ -10,7 +10,8 @@ running the same formula again with that setting changed).
 
 Every number is a prediction from shapes, not a measurement; what a formula leaves out is said in its
 docstring. Terms every stage has: `PROCESS_BYTES` of host memory for the interpreter and its libraries
-(`CUDA_HOST_BYTES` more where it runs on a GPU), and `CUDA_CONTEXT_BYTES` on each GPU it uses.
+(`LINALG_PROCESS_BYTES` for the two that run no forward pass; `CUDA_HOST_BYTES` more where it runs on a
+GPU), and `CUDA_CONTEXT_BYTES` on each GPU it uses.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from sfsd.model.stream import HIDDEN_SHARE
 PROCESS_BYTES = 0.85e9  # the interpreter with torch, transformers and lm-eval imported (0.23-0.36 GB resident with
 #                         torch's CPU build, measured) and what the formulas leave out (allocator, transient copies:
 #                         up to 0.56 GB measured, docs/benchmarks.md#paper-scale)
+LINALG_PROCESS_BYTES = 0.6e9  # the same for a stage that runs no forward pass, only linear algebra on the
+#                               tensors its formula names (eigendecompose, compress_model): the interpreter with
+#                               torch and transformers' model classes (0.38 GB measured) and at most 0.07 GB
+#                               measured beyond the named tensors (docs/configuration.md#will-it-fit)
 CUDA_CONTEXT_BYTES = 0.5e9  # CUDA context and kernels on each GPU a job uses (not measured on a GPU)
 CUDA_HOST_BYTES = 0.75e9  # host memory a process adds when it initialises CUDA (not measured on a GPU)
 FLUSH_BAND_BYTES = 32 * 2**20  # stage 1 adds S^T into a float64 total in bands of rows of this size (stats.flush)
@@ -90,7 +95,8 @@ def llama_like(params_b: float, stored_itemsize: int = 2) -> ModelSize:
 @dataclass(frozen=True)
 class Settings:
     """The settings the formulas read (bytes per element of each dtype; `compressed`: the fraction of the
-    parameters each written compressed folder keeps; `eval_context`: tokens per scored sequence)."""
+    parameters each written budget variant's folder keeps; `searched`: the searched folders written;
+    `eval_context`: tokens per scored sequence)."""
 
     itemsize: int = 4  # the model's run dtype (factor cache, compression, evaluation, search, LASER, speed)
     collect_itemsize: int = 4
@@ -106,6 +112,7 @@ class Settings:
     methods: tuple[str, ...] = ("feature",)
     factor_itemsize: int = 4  # factors are cached in float32
     compressed: tuple[float, ...] = ()
+    searched: int = 0
     eval_batch: int = 8
     eval_context: int = TASK_TOKENS
     ppl_window: int = 128  # perplexity's window (0: no perplexity), logits at each of its positions
@@ -346,7 +353,7 @@ def eigen(size: ModelSize, s: Settings) -> StageNeed:
     weights = 2 * stored_bytes(size, sum(o * i for _, o, i in size.linears))
     work = max(eigh_work_bytes(o, i) for _, o, i in size.linears)
     files = sum(eigen_file_bytes(o, i, s.eigen_itemsize) for _, o, i in size.linears)
-    host = PROCESS_BYTES + moments_bytes(size) + covariances + weights + work + files
+    host = LINALG_PROCESS_BYTES + moments_bytes(size) + covariances + weights + work + files
     return StageNeed("eigendecompose", "per block", 0, host, files, size.n_blocks * files, threads=s.eigen_threads,
                      jobs=size.n_blocks, why="one block's statistics, covariances and eigh")
 
@@ -386,23 +393,32 @@ def factor_cache(size: ModelSize, s: Settings, streamed: bool, method: str) -> S
                      why="weights, one block's factors")
 
 
-def compress(size: ModelSize, s: Settings, streamed: bool) -> StageNeed:
-    """compress_model, one job per compressed folder, on the CPU: the whole model (as `factor_cache`) or the
-    modules outside the blocks and one block (streamed), one factor-cache block and the block cut from it,
-    and the weight shard being filled (at most 5 GiB). Writes the compressed folder at the run dtype; the
-    disk of every folder (`Settings.compressed`) is summed in `disk_total`."""
-    largest = max(s.compressed, default=1.0)
-    written = compressed_params(size, largest) * s.itemsize
-    work = (factors_block_bytes(size, s.factor_itemsize) + size.block_params * s.itemsize
-            + min(size.shard_bytes, written))
+def compress(size: ModelSize, s: Settings, streamed: bool, searched: bool = False) -> StageNeed:
+    """compress_model (the budget variants' folders, `Settings.compressed`) or, with `searched`,
+    compress_searched (`Settings.searched` folders, each sized at every parameter: a searched plan keeps
+    an unknown share, up to all): one job per folder, on the CPU, sized for the largest folder. Streamed,
+    the modules outside the blocks and one block (beside the block's pages while it is read), one
+    factor-cache block and the block cut from it, and the weight shard being filled (at most 5 GiB).
+    Whole, at the stored dtype (the weights are the checkpoint's mapped pages, of which only those the
+    folder keeps are read): the compressed model as it is built, one factor-cache block and the shard being
+    filled; converted, the whole model beside the pages it loads from, with the same work. Writes the folder
+    at the run dtype; the disk of every folder of the stage is summed in `disk_total`."""
+    folders = (1.0,) * s.searched if searched else s.compressed
+    written = compressed_params(size, max(folders, default=1.0)) * s.itemsize
+    shard = min(size.shard_bytes, written)
+    cache_block = factors_block_bytes(size, s.factor_itemsize)
     if streamed:  # a block's tensors are copied from the checkpoint's pages
         weights = (size.embed_params + size.head_params + 2 * size.block_params) * s.itemsize
-        host = PROCESS_BYTES + weights + max(stored_bytes(size, size.block_params), work)
+        work = cache_block + size.block_params * s.itemsize + shard
+        host = LINALG_PROCESS_BYTES + weights + max(stored_bytes(size, size.block_params), work)
+    elif mapped(size, s.itemsize):  # kept weights stay their pages; each cut Linear becomes its factors
+        host = LINALG_PROCESS_BYTES + written + cache_block + shard
     else:
-        host = PROCESS_BYTES + max(loading_bytes(size, s.itemsize, False), size.total_params * s.itemsize + work)
-    total = sum(compressed_params(size, f) * s.itemsize for f in s.compressed)
-    return StageNeed("compress_model", "streamed" if streamed else "whole", 0, host, written, total,
-                     jobs=len(s.compressed), why="weights, one shard")
+        work = cache_block + size.block_params * s.itemsize + shard
+        host = LINALG_PROCESS_BYTES + max(loading_bytes(size, s.itemsize, False), size.total_params * s.itemsize + work)
+    total = sum(compressed_params(size, f) * s.itemsize for f in folders)
+    return StageNeed("compress_searched" if searched else "compress_model", "streamed" if streamed else "whole", 0,
+                     host, written, total, jobs=len(folders), why="weights, one shard")
 
 
 GPU_STAGES = ("evaluate_model", "check_scorer", "search", "laser_point", "inference_speed")

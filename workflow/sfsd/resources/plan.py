@@ -113,8 +113,9 @@ def _model_fraction(size: ModelSize, fraction: float, convention: str) -> float:
 
 
 def settings_of(config: Mapping, size: ModelSize, model_config: Mapping | None, source: str,
-                written: list[float] | None = None) -> Settings:
-    """The planner's settings of a validated config (defaults filled) for one model."""
+                written: list[float] | None = None, searched: int = 0) -> Settings:
+    """The planner's settings of a validated config (defaults filled) for one model (`written`: the fraction
+    each budget variant's folder keeps; `searched`: the searched folders written)."""
     cal, col, ev, search, speed = (config[k] for k in ("calibration", "collection", "evaluation", "search", "speed"))
     dtype = config["dtype"]
     collect_dtype = col["dtype"] if col["dtype"] != "auto" else dtype
@@ -129,6 +130,7 @@ def settings_of(config: Mapping, size: ModelSize, model_config: Mapping | None, 
         methods=tuple(dict.fromkeys([*config["compression"]["methods"],
                                      *(search["methods"] if search["enabled"] else [])])),
         compressed=tuple(_model_fraction(size, f, config["compression"]["convention"]) for f in (written or [])),
+        searched=searched,
         eval_batch=ev["batch_size"], eval_context=max(TASK_TOKENS, window), ppl_window=window,
         grad_itemsize=DTYPE_BYTES.get(config["gradients"]["dtype"], 4),
         grad_fallback=gradient_fallback(config["gradients"]["dtype"], model_config, source),
@@ -177,8 +179,11 @@ def stage_jobs(config: Mapping, name: str, every: bool = False) -> dict[str, dic
     if "loss" in config["compression"]["allocations"] or every:  # the loss plans of compression.methods
         loss_methods = methods if every else config["compression"]["methods"]
         out.update({f"loss_spectra:{method}": {"method": method} for method in loss_methods})
-    if made["written"] or every:
+    searched = _searched_written(made)
+    if len(made["written"]) > len(searched) or every:
         out["compress_model"] = {}
+    if searched or every:
+        out["compress_searched"] = {}
     if ev["enabled"] or every:
         out["evaluate_model"] = {"jobs": 1 + len(made["evaluated"])}
         if ev["scorer"] == "native" and ev["check_docs"] or every:
@@ -195,9 +200,19 @@ def stage_jobs(config: Mapping, name: str, every: bool = False) -> dict[str, dic
     return out
 
 
+def _searched_written(made: Mapping) -> list[str]:
+    """The searched folders among `variants`' written ones (rule compress_searched; the searches cut at a
+    budget are budget variants, compressed by compress_model)."""
+    names = {f"search-{s}" for s in made["searches"]}
+    return [v for v, _ in made["written"] if v in names]
+
+
 def _settings(config: Mapping, name: str, root: str | Path, size: ModelSize) -> Settings:
-    written = [f for _, f in variants(config)["written"]]
-    return settings_of(config, size, _model_config(config, name, root), config["models"][name]["source"], written)
+    made = variants(config)
+    searched = _searched_written(made)
+    written = [f for v, f in made["written"] if v not in searched]
+    return settings_of(config, size, _model_config(config, name, root), config["models"][name]["source"], written,
+                       len(searched))
 
 
 def plan_config(config: Mapping, name: str, root: str | Path = ".", machine: Machine | None = None,
@@ -242,15 +257,19 @@ def _output(stage: str, name: str) -> Path:
             "eigendecompose": Path("results") / name / "eigen" / "summary.json",
             "factor_cache": Path("results") / name / "factors" / method,
             "loss_spectra": Path("results") / name / "loss" / method,
-            "compress_model": Path("results") / name / "compressed"}.get(kind, Path("results") / name / kind)
+            "compress_model": Path("results") / name / "compressed",
+            "compress_searched": Path("results") / name / "compressed"}.get(kind, Path("results") / name / kind)
 
 
 def _left_to_write(config: Mapping, name: str, root: Path, stage: str, size: ModelSize) -> float:
     """The share of a stage's disk still to be written: 0 where its output exists; of the compressed
     folders, those not written yet (each in proportion to the parameters it keeps)."""
-    if stage != "compress_model":
+    if stage not in ("compress_model", "compress_searched"):
         return 0.0 if (root / _output(stage, name)).exists() else 1.0
-    kept = {v: _model_fraction(size, f, config["compression"]["convention"]) for v, f in variants(config)["written"]}
+    made = variants(config)
+    searched = _searched_written(made)
+    kept = {v: _model_fraction(size, f, config["compression"]["convention"]) for v, f in made["written"]
+            if (v in searched) == (stage == "compress_searched")}
     missing = sum(f for v, f in kept.items() if not (root / _output(stage, name) / v).exists())
     return missing / sum(kept.values()) if kept else 0.0
 
