@@ -93,6 +93,14 @@ rule spectral_plan:
         "--convention {params.convention} --bias-compensation {params.bias} --out {output.plan:q} > {log:q} 2>&1"
 
 
+# The loss criterion of one method, weighed by the dense model's gradients or a shot's (rules/loss_shots.smk)
+LOSS_SPECTRA_SHELL = (
+    "python -m sfsd --threads {threads} loss-spectra --model-dir {input.model:q} --results {params.results:q} "
+    "{params.gradients}--factors {params.factors:q} --method {wildcards.method} --layers {params.layers} "
+    "--bias-compensation {params.bias} --out {output.loss:q} > {log:q} 2>&1"
+)
+
+
 rule loss_spectra:
     """Per factor method, every layer's predicted loss increase at every rank (sfsd/decompose/criteria.py):
     the factor cache, stage 1's input statistics and the output gradients (collect_gradients). Sized by the
@@ -110,6 +118,7 @@ rule loss_spectra:
         results=lambda wc, input: Path(input.features).parent,
         factors=lambda wc, input: Path(input.factors).parent,
         bias=config["compression"]["bias_compensation"],
+        gradients="",  # results/<model>/gradients
         code=command_version("loss-spectra"),
     conda:
         "../envs/cpu-stages.yaml"
@@ -124,14 +133,22 @@ rule loss_spectra:
         runtime=lambda wc: int(10 + 30 * model_params_b(wc.model)),
     priority: CHAIN_PRIORITY
     shell:
-        "python -m sfsd --threads {threads} loss-spectra --model-dir {input.model:q} --results {params.results:q} "
-        "--factors {params.factors:q} --method {wildcards.method} --layers {params.layers} "
-        "--bias-compensation {params.bias} --out {output.loss:q} > {log:q} 2>&1"
+        LOSS_SPECTRA_SHELL
+
+
+# The loss allocation's plan, of the last shot where compression.loss_shots > 1 (rules/loss_shots.smk)
+LOSS_PLAN_SHELL = (
+    "python -m sfsd --threads {threads} make-plan --allocation loss --loss {params.loss:q} "
+    "--spectral-groups {params.groups} "
+    "--model-dir {input.model:q} --model-name {wildcards.model} --method {wildcards.method} "
+    "--params-fraction {params.fraction} --first-block {params.first_block} --layers {params.layers} "
+    "--convention {params.convention} --bias-compensation {params.bias} --out {output.plan:q} > {log:q} 2>&1"
+)
 
 
 rule loss_plan:
     input:
-        loss=rules.loss_spectra.output.loss,
+        loss=lambda wc: shot_loss(wc, LOSS_SHOTS),
         model=model_dir,
     output:
         plan="results/{model}/plans/{method}-loss-{budget}.json",
@@ -153,11 +170,15 @@ rule loss_plan:
         runtime=10,
     priority: CHAIN_PRIORITY
     shell:
-        "python -m sfsd --threads {threads} make-plan --allocation loss --loss {params.loss:q} "
-        "--spectral-groups {params.groups} "
-        "--model-dir {input.model:q} --model-name {wildcards.model} --method {wildcards.method} "
-        "--params-fraction {params.fraction} --first-block {params.first_block} --layers {params.layers} "
-        "--convention {params.convention} --bias-compensation {params.bias} --out {output.plan:q} > {log:q} 2>&1"
+        LOSS_PLAN_SHELL
+
+
+# A plan cut from the factor cache into a model folder (also compress_searched and loss_shot_model)
+COMPRESS_SHELL = (
+    "python -m sfsd --threads {threads} compress --model-dir {input.model:q} --plan {input.plan:q} "
+    "--factors {params.factors:q} --streamed {params.streamed} --dtype {params.dtype} --out {output.model:q} "
+    "> {log:q} 2>&1"
+)
 
 
 rule compress_model:
@@ -184,5 +205,4 @@ rule compress_model:
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
     priority: CHAIN_PRIORITY
     shell:
-        "python -m sfsd --threads {threads} compress --model-dir {input.model:q} --plan {input.plan:q} --factors {params.factors:q} "
-        "--streamed {params.streamed} --dtype {params.dtype} --out {output.model:q} > {log:q} 2>&1"
+        COMPRESS_SHELL

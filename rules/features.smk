@@ -44,6 +44,15 @@ checkpoint collect_features:
 # (sfsd/features/gradients.py): one forward and backward pass over the calibration tokens. Read only by the
 # loss allocation (compression.allocations: loss); a model that does not fit the device is refused. Sized by
 # the resource planner (sfsd/resources/loss_needs.py gradients), whose rule the stage decides gradients.full auto by.
+# The gradient pass of the dense model, or of a shot's compressed model (rules/loss_shots.smk)
+GRADIENTS_SHELL = (
+    "python -m sfsd --threads {threads} gradients --model-dir {input.model:q} --model-name {wildcards.model} "
+    "{params.compressed}--tokens {input.tokens:q} --layers {params.layers} --full {params.full} "
+    "--dtype {params.dtype} --device {params.device} --batch-size {params.batch_size} --streamed {params.streamed} "
+    "--out {output.gradients:q} > {log:q} 2>&1"
+)
+
+
 rule collect_gradients:
     input:
         model=model_dir,
@@ -57,6 +66,7 @@ rule collect_gradients:
         device=config["device"],
         batch_size=config["gradients"]["batch_size"],
         streamed=config["streamed"],
+        compressed="",  # the dense model (a shot of the loss allocation passes its compressed model)
         code=command_version("gradients"),
     conda:
         "../envs/gpu-stages.yaml"
@@ -72,7 +82,4 @@ rule collect_gradients:
         gpu=plan_gpus("collect_gradients"),
     priority: CHAIN_PRIORITY
     shell:
-        "python -m sfsd --threads {threads} gradients --model-dir {input.model:q} --model-name {wildcards.model} "
-        "--tokens {input.tokens:q} --layers {params.layers} --full {params.full} --dtype {params.dtype} "
-        "--device {params.device} --batch-size {params.batch_size} --streamed {params.streamed} "
-        "--out {output.gradients:q} > {log:q} 2>&1"
+        GRADIENTS_SHELL

@@ -87,10 +87,7 @@ rule compress_searched:
         runtime=lambda wc: int(10 + 10 * model_params_b(wc.model)),
     priority: CHAIN_PRIORITY
     shell:
-        "python -m sfsd --threads {threads} compress --model-dir {input.model:q} "
-        "--plan {input.plan:q} --factors {params.factors:q} --streamed {params.streamed} --dtype {params.dtype} "
-        "--out {output.model:q} "
-        "> {log:q} 2>&1"
+        COMPRESS_SHELL
 
 
 # How searched_plan allocates the layers a search did not decide: search.complete, auto read as loss where

@@ -277,3 +277,15 @@ def test_cli_method_choices_are_the_factor_methods():
     from sfsd.cli.options import METHOD_CHOICES
 
     assert METHOD_CHOICES == FACTOR_METHODS
+
+
+def test_shot_fractions_step_linearly_to_the_budget():
+    """Shots reach the budget from the dense model in equal steps of the parameters removed; one shot is the
+    budget itself."""
+    from sfsd.decompose.allocate import shot_fractions
+
+    assert shot_fractions(0.5, 1) == [0.5]
+    assert shot_fractions(0.5, 2) == [0.75, 0.5]
+    assert shot_fractions(0.4, 3) == pytest.approx([0.8, 0.6, 0.4]) and shot_fractions(0.4, 3)[-1] == 0.4
+    with pytest.raises(ConfigError, match="loss_shots must be >= 1"):
+        shot_fractions(0.5, 0)

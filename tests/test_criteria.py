@@ -319,6 +319,64 @@ def test_searched_plan_reads_the_loss_criterion_where_it_completes_by_it(tiny_ll
             assert "loss" not in inputs and "--loss" not in command
 
 
+def test_loss_shots_chain_each_shot_to_the_gradients_of_the_last(tiny_llama, calibration_text_file, tmp_path):
+    """A dry run with compression.loss_shots 3: shots 1 and 2 are each planned, compressed, passed backward and
+    criterioned; shot 1 allocates by the dense model's loss criterion at 1 - 0.2/3 of the parameters, shot 2 by
+    shot 1's, and the loss variant's plan (shot 3) by shot 2's, at the budget."""
+    from helpers import base_config, deep_merge, new_run, planned_jobs, snakemake
+
+    snakefile, workdir = new_run(tmp_path)
+    config = deep_merge(base_config(tiny_llama, calibration_text_file),
+                        {"compression": {"methods": ["feature"], "allocations": ["uniform", "loss"], "loss_shots": 3}})
+    proc = snakemake(snakefile, workdir, config, "--dry-run", "--printshellcmds",
+                     "results/tiny/plans/feature-loss-b80.json")
+    jobs = planned_jobs(proc)
+    assert {rule: jobs.get(rule) for rule in ("collect_gradients", "loss_spectra", "loss_shot_plan", "loss_shot_model",
+                                              "loss_shot_gradients", "loss_shot_spectra", "loss_plan")} == {
+        "collect_gradients": 1, "loss_spectra": 1, "loss_shot_plan": 2, "loss_shot_model": 2,
+        "loss_shot_gradients": 2, "loss_shot_spectra": 2, "loss_plan": 1}
+    shots = "results/tiny/loss_shots/feature-b80"
+    steps = proc.stdout.split("\n\n")
+
+    def job(rule: str, output: str) -> str:
+        return next(j for j in steps if f"rule {rule}:" in j and f"output: {output}" in j)
+
+    final = job("loss_plan", "results/tiny/plans/feature-loss-b80.json")
+    assert f"input: {shots}/2/loss/feature, " in final and "--params-fraction 0.8 " in final
+    for shot, loss, fraction in ((1, "results/tiny/loss/feature", 1 - 0.2 / 3), (2, f"{shots}/1/loss/feature", 1 - 0.4 / 3)):
+        plan = job("loss_shot_plan", f"{shots}/{shot}/plan.json")
+        assert f"input: {loss}, " in plan and f"--params-fraction {fraction} " in plan, plan
+    assert f"input: {shots}/2/plan.json" in job("loss_shot_model", f"{shots}/2/model")
+    assert f"--compressed {shots}/2/model " in job("loss_shot_gradients", f"{shots}/2/gradients")
+    assert f"--gradients {shots}/2/gradients " in job("loss_shot_spectra", f"{shots}/2/loss/feature")
+
+
+@pytest.mark.slow
+def test_loss_shots_run_on_the_gradients_of_each_shots_model(tiny_llama, calibration_text_file, tmp_path):
+    """The loss allocation in two shots, run: shot 1 lands on 0.9 of the parameters, its model's gradients
+    carry its plan's digest and weigh the criterion the budget's plan is allocated by; the shot's model is
+    removed once its gradients are written."""
+    from helpers import base_config, deep_merge, new_run, snakemake
+    from sfsd.io import load_tensors, read_json
+    from sfsd.provenance import value_digest
+
+    snakefile, workdir = new_run(tmp_path)
+    config = deep_merge(base_config(tiny_llama, calibration_text_file),
+                        {"compression": {"methods": ["feature"], "allocations": ["uniform", "loss"], "loss_shots": 2}})
+    snakemake(snakefile, workdir, config, "results/tiny/plans/feature-loss-b80.json")
+    shot = workdir / "results/tiny/loss_shots/feature-b80/1"
+    first, final = read_json(shot / "plan.json"), read_json(workdir / "results/tiny/plans/feature-loss-b80.json")
+    assert first["notes"]["target_params_fraction"] == pytest.approx(0.9)
+    assert final["notes"]["target_params_fraction"] == 0.8 and final["notes"]["builder"] == "loss"
+    assert not (shot / "model").exists()
+    _, grads = load_tensors(shot / "gradients" / "block_001.safetensors")
+    assert grads["settings"]["compressed_plan"] == value_digest(first["layers"])
+    _, loss = load_tensors(shot / "loss" / "feature" / "block_001.safetensors")
+    assert loss["gradients_of_plan"] == value_digest(first["layers"])
+    _, dense = load_tensors(workdir / "results/tiny/loss/feature/block_001.safetensors")
+    assert dense["gradients_of_plan"] is None
+
+
 def test_fisher_order_keeps_the_costliest_directions():
     """Directions ranked by lambda_i u_i^T G u_i: keeping the top r of them, the measured increase of a
     quadratic loss whose Hessian G weighs the low-variance output directions most is 1/2 the sum of the

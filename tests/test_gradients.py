@@ -173,3 +173,38 @@ def test_the_planned_pass_is_never_under_its_measured_peak(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     measured = int(run.stdout.split()[-1])
     assert predicted / 4 < measured <= predicted, (measured, predicted)
+
+
+def test_the_gradients_of_a_compressed_model(tiny_llama, model_and_tokens, tmp_path):
+    """--compressed: the gradients of a compressed folder of the model, stamped with the dense model's digest
+    (the loss criterion pairs them with its statistics) and the plan's; a cut in block 1 changes the
+    gradient reaching block 0, and the files hold what the pass computes on the compressed model itself."""
+    from sfsd.decompose.compress import apply_plan, load_compressed, save_compressed
+    from sfsd.decompose.plan import uniform_plan
+    from sfsd.features.calibration import tokens_digest
+    from sfsd.io import model_digest
+    from sfsd.model.loading import load_tokenizer, model_config
+    from sfsd.model.shapes import model_shapes
+    from sfsd.provenance import tokenizer_digest, value_digest
+
+    _, tokens = model_and_tokens
+    path = tmp_path / "tokens.safetensors"
+    save_tensors(path, tokens, {"digest": tokens_digest(tokens), "tokenizer_digest": tokenizer_digest(tiny_llama)})
+    plan = uniform_plan(SPEC, 2, ["q_proj", "down_proj"], model_shapes(model_config(tiny_llama)), 0.3, "weight",
+                        blocks=[1])
+    model = load_model(tiny_llama, device="cpu")[0]
+    apply_plan(model, SPEC, plan)
+    folder = save_compressed(model, plan, tmp_path / "compressed", tokenizer=load_tokenizer(tiny_llama))
+    compressed = load_compressed(folder, "cpu", "float32")
+    linears = ["q_proj", "down_proj"]
+    run_gradients(tiny_llama, path, tmp_path / "dense", "tiny", linears, full="true", device="cpu", batch_size=2)
+    run_gradients(tiny_llama, path, tmp_path / "cut", "tiny", linears, full="true", device="cpu", batch_size=2,
+                  compressed=compressed)
+    dense, _ = load_tensors(tmp_path / "dense" / "block_000.safetensors")
+    cut, meta = load_tensors(tmp_path / "cut" / "block_000.safetensors")
+    assert meta["model_digest"] == model_digest(tiny_llama)
+    assert meta["settings"]["compressed_plan"] == value_digest(compressed[1]["layers"])
+    assert not torch.allclose(cut["down_proj.ggt"], dense["down_proj.ggt"])
+    moments, _ = collect_output_gradients(compressed[0], SPEC, linears, tokens["input_ids"], tokens["attention_mask"],
+                                          batch_size=2, full=True, progress=False)
+    torch.testing.assert_close(cut["down_proj.ggt"], moments[0]["down_proj"].second_moment())

@@ -488,6 +488,21 @@ def test_a_searched_folder_is_sized_apart_from_the_budget_variants(llama3_8b, tm
     assert search.host_bytes - model.host_bytes == search.disk_bytes - model.disk_bytes
 
 
+def test_the_loss_allocations_shots_are_counted_in_the_disk(llama3_8b, tmp_path):
+    """compression.loss_shots 3 at two budgets and two methods: each method and budget adds two gradient
+    passes and two loss criteria, each writing its own files."""
+    one = validated({"models": {"llama3": {"source": "local", "path": str(llama3_8b)}}, "device": "cpu",
+                     "compression": {"methods": ["feature", "weight"], "allocations": ["uniform", "loss"]}})
+    three = validated({**json.loads(json.dumps(one)), "compression": {**one["compression"], "loss_shots": 3}})
+    machine = Machine(None, 0, 512e9, None)
+    a, b = plan_config(one, "llama3", tmp_path, machine), plan_config(three, "llama3", tmp_path, machine)
+    assert (a["collect_gradients"].jobs, b["collect_gradients"].jobs) == (1, 1 + 2 * 2 * 2)
+    assert b["collect_gradients"].disk_total == 9 * a["collect_gradients"].disk_total
+    assert (a["loss_spectra:feature"].jobs, b["loss_spectra:feature"].jobs) == (1, 1 + 2 * 2)
+    assert b["loss_spectra:weight"].disk_total == 5 * a["loss_spectra:weight"].disk_total
+    assert b["collect_gradients"].host_bytes == a["collect_gradients"].host_bytes  # each job is the same pass
+
+
 def test_a_model_not_downloaded_is_skipped_with_a_log_line(tmp_path, caplog):
     config = validated({"models": {"big": {"source": "hub", "id": "org/model", "params_b": 70}}})
     check_fit(config, tmp_path, Machine(24e9, 1, 1e9, 1e9))  # would fit nowhere; not checked yet
@@ -543,7 +558,9 @@ RULES_SIZED = {"prepare_model": "prepare_model", "collect_features": "collect_fe
                "factor_cache": "factor_cache", "loss_spectra": "loss_spectra", "compress_model": "compress_model",
                "compress_searched": "compress_searched", "evaluate_model": "evaluate_model",
                "check_scorer": "check_scorer", "search": "search", "laser_point": "laser_point",
-               "inference_speed": "inference_speed", "spectra": "eigendecompose"}
+               "inference_speed": "inference_speed", "spectra": "eigendecompose",
+               "loss_shot_model": "compress_model", "loss_shot_gradients": "collect_gradients",
+               "loss_shot_spectra": "loss_spectra"}
 
 
 def test_every_heavy_rule_is_sized_by_the_planner():

@@ -130,6 +130,13 @@ def command_digest(command: str, package_dir: str | os.PathLike = PACKAGE_DIR) -
     return h.hexdigest()[:12]
 
 
+def value_digest(obj) -> str:
+    """A short digest of a JSON-like value (keys sorted; anything else by its str)."""
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def tokenizer_digest(model_dir: str | os.PathLike) -> str:
     """Digest of a model folder's tokenizer files (two models sharing a tokenizer share it)."""
     folder = Path(model_dir)

@@ -65,6 +65,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", choices=choices("gradients.dtype"), default=default("gradients.dtype"))
     p.add_argument("--device", default=default("device"))
     p.add_argument("--batch-size", type=int, default=default("gradients.batch_size"))
+    p.add_argument("--compressed", help="a compressed folder of the model of --model-dir: the gradients of that "
+                   "model (the loss allocation iterated on its own gradients); the files are stamped with the "
+                   "dense model's digest and the folder's plan")
     add_streamed(p, "the device; this stage then refuses it")
     p.add_argument("--out", required=True, help="output folder (block_XXX.safetensors + manifest.json)")
     p.set_defaults(func=cmd_gradients)
@@ -118,6 +121,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("loss-spectra", help="the predicted loss increase of every rank of every layer (one factor method)")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--results", required=True, help="results/<model> (holds features/ and gradients/)")
+    p.add_argument("--gradients", help="the output gradients to weigh by (default: <results>/gradients)")
     p.add_argument("--factors", required=True, help="factor cache root (results/<model>/factors)")
     p.add_argument("--method", choices=METHOD_CHOICES, required=True)
     p.add_argument("--layers", required=True)
@@ -231,9 +235,14 @@ def cmd_gradients(args: argparse.Namespace) -> None:
     layers = csv_list(args.layers)
     dtype = decide_gradient_dtype(args.model_dir, args.dtype, device=resolve_device(args.device), layers=layers,
                                   tokens=args.tokens, batch_size=args.batch_size, full=args.full)
+    compressed = None
+    if args.compressed:  # a compressed model is smaller than the dense one the planner sized the pass for
+        from sfsd.decompose.compress import load_compressed
+
+        compressed = load_compressed(args.compressed, args.device, dtype)
     run_gradients(args.model_dir, args.tokens, args.out, model_name=args.model_name, layers=layers,
                   full=args.full, dtype=dtype, device=args.device, batch_size=args.batch_size,
-                  streamed=args.streamed)
+                  streamed=args.streamed, compressed=compressed)
 
 
 def cmd_eigen(args: argparse.Namespace) -> None:
@@ -337,7 +346,7 @@ def cmd_loss_spectra(args: argparse.Namespace) -> None:
         paths = save_loss_spectra(
             source, source.spec, args.method, select_linears(source.spec, csv_list(args.layers)), tmp,
             lambda b: BlockFile(Path(args.factors) / args.method / block_file(b), digest), features,
-            lambda b: BlockFile(Path(args.results) / "gradients" / block_file(b), digest),
+            lambda b: BlockFile(Path(args.gradients or Path(args.results) / "gradients") / block_file(b), digest),
             model_digest=digest, bias_compensation=args.bias_compensation)
     logging.info("wrote the loss criterion of %d blocks of %s", len(paths), args.method)
 

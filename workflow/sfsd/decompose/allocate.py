@@ -340,5 +340,13 @@ def curve_spectra(
     return out
 
 
+def shot_fractions(fraction: float, shots: int) -> list[float]:
+    """The fractions of the parameters kept after each of `shots` allocations that reach `fraction` from the
+    dense model (1.0) in equal steps: 1 - (1 - fraction) j / shots for j = 1..shots (the last is `fraction`)."""
+    if shots < 1:
+        raise ConfigError(f"compression.loss_shots must be >= 1, got {shots}")
+    return [fraction if j == shots else 1 - (1 - fraction) * j / shots for j in range(1, shots + 1)]
+
+
 __all__ = ["LayerSpectrum", "captured_energy", "curve_spectra", "greedy_ranks", "layer_spectra", "output_energy",
-           "spectral_plan"]
+           "shot_fractions", "spectral_plan"]

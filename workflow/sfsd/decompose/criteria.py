@@ -194,8 +194,12 @@ def save_loss_spectra(
                 # peak of a 2048-wide block by 15% (0.32 GB) above the tensors held (resources.loss_needs)
                 return_freed_memory()
         full = gradients.metadata.get("full") if isinstance(gradients, BlockFile) else None
+        # the plan of the compressed model the gradients were measured on (a shot of the loss allocation), else None
+        weighed_by = gradients.metadata.get("settings", {}).get("compressed_plan") if isinstance(
+            gradients, BlockFile) else None
         path = Path(out_dir) / block_file(block)
         save_tensors(path, tensors, {"method": method, "block": block, "linears": list(linears), "full_g": full,
+                                     "gradients_of_plan": weighed_by,
                                      **stamp(model_digest, calibration, {"method": method, "layers": list(linears),
                                                                          "bias_compensation": bias_compensation})})
         paths.append(path)

@@ -50,7 +50,7 @@ from sfsd.model.placement import input_device, placement, resolve_device
 from sfsd.model.registry import architecture_of, blocks_of, get_arch, select_linears
 from sfsd.model.spec import ArchSpec
 from sfsd.model.stream import host_available
-from sfsd.provenance import require, stamp, tokenizer_digest
+from sfsd.provenance import require, stamp, tokenizer_digest, value_digest
 from sfsd.resources.needs import full_fits, gradient_sums_bytes
 
 log = logging.getLogger(__name__)
@@ -220,9 +220,13 @@ def run_gradients(
     device: str = "auto",
     batch_size: int = 4,
     streamed: str = "auto",
+    compressed: tuple[torch.nn.Module, dict] | None = None,
 ) -> dict:
     """Load model and tokens, collect the output gradients, write block_NNN.safetensors and manifest.json
-    (the layout of stage 1's features/, `collect.block_file`)."""
+    (the layout of stage 1's features/, `collect.block_file`). `compressed`: (model, plan) of a compressed
+    folder of the model of `model_dir` (`decompose.compress.load_compressed`), whose gradients are collected
+    instead; the files keep the dense model's digest (the loss criterion pairs them with its statistics) and
+    record the plan's digest in their settings."""
     digest = model_digest(model_dir)
     config = model_config(model_dir)
     arch = architecture_of(config)
@@ -235,7 +239,7 @@ def run_gradients(
                           "pass is not streamed block by block: run this stage on a device that holds the model")
     tokens, tok_meta = load_tensors(tokens_path, ["input_ids", "attention_mask"])
     require(tokens_path, tok_meta, "tokenize_calibration", tokenizer_digest=tokenizer_digest(model_dir))
-    model = load_model(model_dir, dtype=dtype, device=device)[0]
+    model = load_model(model_dir, dtype=dtype, device=device)[0] if compressed is None else compressed[0]
     linears = select_linears(spec, layers)
     n_blocks = len(blocks_of(model, spec))
     outs = [model.get_submodule(f"{spec.blocks}.0.{spec.linears[n]}").out_features for n in linears] * n_blocks
@@ -248,6 +252,8 @@ def run_gradients(
     seconds = time.perf_counter() - started
     settings = {"layers": list(layers), "full": str(full).lower(), "dtype": dtype, "device": device,
                 "batch_size": batch_size}
+    if compressed is not None:
+        settings["compressed_plan"] = value_digest(compressed[1]["layers"])
     common = {"model": model_name, "architecture": arch, "full": use_full, "loss": LOSS,
               "tokens": summary["tokens"], "predicted_tokens": summary["predicted_tokens"], "dtype": dtype,
               **stamp(digest, tok_meta.get("digest"), settings, tokenizer_digest=tok_meta.get("tokenizer_digest"))}

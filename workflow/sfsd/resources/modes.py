@@ -77,6 +77,12 @@ def gradients_full(size: ModelSize, s: Settings, m: Machine) -> bool:
     return full_fits([o for _, o, _ in size.linears] * size.n_blocks, m.host_bytes - PROCESS_BYTES - weights)
 
 
+def _repeated(need: StageNeed, jobs: int) -> StageNeed:
+    """A stage whose every job writes its own files (the output gradients and loss criterion of each shot of
+    the loss allocation, rules/loss_shots.smk): `jobs` times its disk."""
+    return replace(need, jobs=jobs, disk_total=need.disk_bytes * jobs)
+
+
 def candidates(stage: str, size: ModelSize, s: Settings, m: Machine, method: str = "feature",
                source: str = "hub", jobs: int = 1) -> list[StageNeed]:
     """The modes a stage can run in under the settings, in the order the code prefers them."""
@@ -92,7 +98,7 @@ def candidates(stage: str, size: ModelSize, s: Settings, m: Machine, method: str
         return [collect(size, s, m, streamed, staging) for streamed, staging in order if streamed in allowed]
     if stage == "collect_gradients":  # gradients.dtype auto: float32, then the checkpoint's half dtype
         options = [s] + ([replace(s, grad_itemsize=2)] if s.grad_fallback and s.grad_itemsize > 2 else [])
-        needs = [gradients(size, o, m, gradients_full(size, o, m)) for o in options]
+        needs = [_repeated(gradients(size, o, m, gradients_full(size, o, m)), jobs) for o in options]
         if s.streamed == "always":  # the backward pass is not streamed: the stage refuses it
             return [replace(n, fix=GRADIENTS_UNSTREAMED) for n in needs]
         return needs
@@ -101,7 +107,7 @@ def candidates(stage: str, size: ModelSize, s: Settings, m: Machine, method: str
     if stage == "factor_cache":
         return [factor_cache(size, s, streamed, method) for streamed in _streamed_options(s.streamed)]
     if stage == "loss_spectra":  # reads the gradients files, whole G or diagonal as that stage chose
-        return [loss_spectra(size, s, method, gradients_full(size, s, m))]
+        return [_repeated(loss_spectra(size, s, method, gradients_full(size, s, m)), jobs)]
     if stage in COMPRESS_STAGES:
         return [compress(size, s, streamed, searched=stage == "compress_searched")
                 for streamed in _streamed_options(s.streamed)]

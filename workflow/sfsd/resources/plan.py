@@ -170,15 +170,18 @@ def stage_jobs(config: Mapping, name: str, every: bool = False) -> dict[str, dic
     if m["source"] != "local":
         out["prepare_model"] = {"source": m["source"]}
     out["collect_features"] = {}
+    # the loss allocation's shots after the first each take a gradient pass and a loss criterion (per budget
+    # and method; rules/loss_shots.smk)
+    extra = (config["compression"]["loss_shots"] - 1) * len(config["compression"]["budgets"])
     if "loss" in config["compression"]["allocations"] or every:  # read by the loss allocation only
-        out["collect_gradients"] = {}
+        out["collect_gradients"] = {"jobs": 1 + extra * len(config["compression"]["methods"])}
     out["eigendecompose"] = {}
     methods = dict.fromkeys([*config["compression"]["methods"],
                              *(config["search"]["methods"] if config["search"]["enabled"] else [])])
     out.update({f"factor_cache:{method}": {"method": method} for method in methods})
     if "loss" in config["compression"]["allocations"] or every:  # the loss plans of compression.methods
         loss_methods = methods if every else config["compression"]["methods"]
-        out.update({f"loss_spectra:{method}": {"method": method} for method in loss_methods})
+        out.update({f"loss_spectra:{method}": {"method": method, "jobs": 1 + extra} for method in loss_methods})
     searched = _searched_written(made)
     if len(made["written"]) > len(searched) or every:
         out["compress_model"] = {}

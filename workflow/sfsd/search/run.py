@@ -30,7 +30,7 @@ from sfsd.features.collect import block_file
 from sfsd.io import atomic_dir, atomic_path, model_digest, write_json
 from sfsd.model.placement import placement
 from sfsd.model.registry import architecture_of, get_arch, select_linears
-from sfsd.provenance import stamp
+from sfsd.provenance import stamp, value_digest
 from sfsd.search.algorithm import SearchRecord, search_order, surgical_search
 from sfsd.search.objectives import AccuracyObjective, KLObjective, LoglikObjective, PerplexityObjective
 from sfsd.search.settings import SearchSettings
@@ -52,7 +52,7 @@ class SearchState(SearchRecord):
     def __init__(self, path: str | os.PathLike, settings: SearchSettings) -> None:
         super().__init__()
         self.path = Path(path)
-        self.digest = _digest(asdict(settings))
+        self.digest = value_digest(asdict(settings))
         records = self._read()
         if records and records[0].get("type") == "header" and records[0].get("digest") == self.digest:
             for r in records[1:]:
@@ -221,7 +221,7 @@ def run_search(
         inputs = ids
     # a perplexity search's scores depend on its windows too: a resumed state must have been scored on the same
     scored_on = [digest, inputs, search_limit] + ([ppl_window, ppl_bos] if ppl_docs is not None else [])
-    settings = SearchSettings(**{**asdict(settings), "inputs": _digest(scored_on)})
+    settings = SearchSettings(**{**asdict(settings), "inputs": value_digest(scored_on)})
 
     if with_curve:
         test_ids, n_docs = read_split_ids(splits_file, list(tasks), "test", curve_limit, task_source)
@@ -264,10 +264,6 @@ def run_search(
     return summary
 
 
-def _digest(obj) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _write_outputs(out_dir, result, summary: dict, model_name: str, name: str, settings: SearchSettings) -> None:
