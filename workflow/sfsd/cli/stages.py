@@ -66,7 +66,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default=default("device"))
     p.add_argument("--batch-size", type=int, default=default("gradients.batch_size"))
     p.add_argument("--compressed", help="a compressed folder of the model of --model-dir: the gradients of that "
-                   "model (the loss allocation iterated on its own gradients); the files are stamped with the "
+                   "model (a shot of the loss allocation, compression.loss_shots); the files are stamped with the "
                    "dense model's digest and the folder's plan")
     add_streamed(p, "the device; this stage then refuses it")
     p.add_argument("--out", required=True, help="output folder (block_XXX.safetensors + manifest.json)")
