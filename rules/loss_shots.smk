@@ -7,10 +7,7 @@
 from sfsd.decompose.allocate import shot_fractions
 
 LOSS_SHOTS = config["compression"]["loss_shots"]
-
-
-def shot_dir(wc, shot):
-    return f"results/{wc.model}/loss_shots/{wc.method}-{wc.budget}/{shot}"
+SHOT_DIR = "results/{model}/loss_shots/{method}-{budget}/{shot}"  # one shot's files
 
 
 def shot_loss(wc, shot):
@@ -18,7 +15,8 @@ def shot_loss(wc, shot):
     gradients of shot - 1's model."""
     if int(shot) == 1:
         return f"results/{wc.model}/loss/{wc.method}"
-    return f"{shot_dir(wc, int(shot) - 1)}/loss/{wc.method}"
+    previous = SHOT_DIR.format(model=wc.model, method=wc.method, budget=wc.budget, shot=int(shot) - 1)
+    return f"{previous}/loss/{wc.method}"
 
 
 wildcard_constraints:
@@ -30,7 +28,7 @@ rule loss_shot_plan:
         loss=lambda wc: shot_loss(wc, wc.shot),
         model=model_dir,
     output:
-        plan="results/{model}/loss_shots/{method}-{budget}/{shot}/plan.json",
+        plan=f"{SHOT_DIR}/plan.json",
     params:
         layers=",".join(config["layers"]),
         fraction=lambda wc: shot_fractions(config["compression"]["budgets"][wc.budget], LOSS_SHOTS)[int(wc.shot) - 1],
@@ -58,7 +56,7 @@ rule loss_shot_model:
         factors="results/{model}/factors/{method}",
         model=model_dir,
     output:
-        model=temp(directory("results/{model}/loss_shots/{method}-{budget}/{shot}/model")),
+        model=temp(directory(f"{SHOT_DIR}/model")),
     params:
         factors=lambda wc, input: Path(input.factors).parent,
         streamed=config["streamed"],
@@ -83,7 +81,7 @@ rule loss_shot_gradients:
         compressed=rules.loss_shot_model.output.model,
         tokens=rules.tokenize_calibration.output.tokens,
     output:
-        gradients=directory("results/{model}/loss_shots/{method}-{budget}/{shot}/gradients"),
+        gradients=directory(f"{SHOT_DIR}/gradients"),
     params:
         layers=",".join(config["layers"]),
         full=str(config["gradients"]["full"]).lower(),
@@ -117,7 +115,7 @@ rule loss_shot_spectra:
         gradients=rules.loss_shot_gradients.output.gradients,
         model=model_dir,
     output:
-        loss=directory("results/{model}/loss_shots/{method}-{budget}/{shot}/loss/{method}"),
+        loss=directory(f"{SHOT_DIR}/loss/{{method}}"),
     params:
         layers=",".join(config["layers"]),
         results=lambda wc, input: Path(input.features).parent,

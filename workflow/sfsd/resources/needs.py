@@ -407,14 +407,13 @@ def compress(size: ModelSize, s: Settings, streamed: bool, searched: bool = Fals
     written = compressed_params(size, max(folders, default=1.0)) * s.itemsize
     shard = min(size.shard_bytes, written)
     cache_block = factors_block_bytes(size, s.factor_itemsize)
+    work = cache_block + size.block_params * s.itemsize + shard  # a factor-cache block, the block cut, the shard
     if streamed:  # a block's tensors are copied from the checkpoint's pages
         weights = (size.embed_params + size.head_params + 2 * size.block_params) * s.itemsize
-        work = cache_block + size.block_params * s.itemsize + shard
         host = LINALG_PROCESS_BYTES + weights + max(stored_bytes(size, size.block_params), work)
     elif mapped(size, s.itemsize):  # kept weights stay their pages; each cut Linear becomes its factors
         host = LINALG_PROCESS_BYTES + written + cache_block + shard
     else:
-        work = cache_block + size.block_params * s.itemsize + shard
         host = LINALG_PROCESS_BYTES + max(loading_bytes(size, s.itemsize, False), size.total_params * s.itemsize + work)
     total = sum(compressed_params(size, f) * s.itemsize for f in folders)
     return StageNeed("compress_searched" if searched else "compress_model", "streamed" if streamed else "whole", 0,
