@@ -564,12 +564,17 @@ RULES_SIZED = {"prepare_model": "prepare_model", "collect_features": "collect_fe
 
 
 def test_every_heavy_rule_is_sized_by_the_planner():
-    """Each rule that loads a model or its statistics takes mem_mb (and gpu) from the planner's stage."""
+    """Each rule that loads a model or its statistics takes mem_mb (and gpu) from the planner's stage; a rule
+    made from another (`use rule P as R with:`, a shot of the loss allocation) keeps P's resources."""
     import re
 
     text = "\n".join(p.read_text() for p in sorted((REPO / "rules").glob("*.smk")))
     for rule, stage in RULES_SIZED.items():
-        block = re.search(rf"^(?:rule|checkpoint) {rule}:\n(.*?)(?=^(?:rule|checkpoint) |\Z)", text, re.M | re.S)[1]
+        used = re.search(rf"^use rule (\w+) as {rule} with:\n(.*?)(?=^(?:rule|checkpoint|use rule) |\Z)", text, re.M | re.S)
+        if used:
+            assert RULES_SIZED.get(used[1]) == stage and "resources:" not in used[2], rule
+            continue
+        block = re.search(rf"^(?:rule|checkpoint) {rule}:\n(.*?)(?=^(?:rule|checkpoint|use rule) |\Z)", text, re.M | re.S)[1]
         assert f'mem_mb=plan_mem_mb("{stage}")' in block, rule
         assert "gpu=" not in block or f'gpu=plan_gpus("{stage}")' in block, rule
     assert "collect_mem_mb" not in text and "eigen_mem_mb" not in text and "gpus_for" not in text
