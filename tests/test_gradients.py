@@ -13,6 +13,7 @@ from sfsd.features.gradients import (
     output_gradient,
     resolve_full,
     run_gradients,
+    sampled_targets,
     token_losses,
 )
 from sfsd.io import load_tensors, read_json, save_tensors
@@ -81,6 +82,45 @@ def test_token_losses_sum_real_predictions():
     assert n == 4 and float(loss) == pytest.approx(4 * torch.log(torch.tensor(5.0)).item())
 
 
+def test_sampled_labels_give_the_true_fisher():
+    """Labels drawn from softmax(z): the gradient of the NLL at the logits is g = p - e_y, whose mean over
+    the draws is 0 and whose second moment is diag(p) - p p^T (the true Fisher of a softmax); the text's
+    own label (the empirical Fisher) gives (p - e_y)(p - e_y)^T instead. 40000 positions of the same
+    logits, so the Monte Carlo error is about 1/200."""
+    z = torch.tensor([2.0, 0.5, 0.0, -1.0, 1.0])
+    p = z.softmax(0)
+    logits = z.expand(1, 40001, 5)
+    targets = sampled_targets(logits, torch.Generator().manual_seed(0))
+    assert targets.shape == (1, 40000)
+    g = p - torch.nn.functional.one_hot(targets[0], 5).float()
+    torch.testing.assert_close(g.mean(0), torch.zeros(5), atol=0.01, rtol=0)
+    torch.testing.assert_close(g.T @ g / len(g), torch.diag(p) - torch.outer(p, p), atol=0.01, rtol=0)
+    same = sampled_targets(logits, torch.Generator().manual_seed(0))
+    other = sampled_targets(logits, torch.Generator().manual_seed(1))
+    assert torch.equal(same, targets) and not torch.equal(other, targets)
+    certain = torch.full((2, 4, 5), -30.0)
+    certain[..., 3] = 30.0  # all the mass on token 3: every draw is 3
+    assert torch.equal(sampled_targets(certain, torch.Generator().manual_seed(0)), torch.full((2, 3), 3))
+
+
+def test_sampled_labels_in_the_pass(model_and_tokens):
+    """The pass with sampled labels: the same seed gives the same G, another seed or the text's labels
+    another one; an unknown kind of label is one ConfigError."""
+    model, tokens = model_and_tokens
+    args = (model, SPEC, ["v_proj"], tokens["input_ids"], tokens["attention_mask"])
+
+    def g(**kw):
+        moments, _ = collect_output_gradients(*args, batch_size=2, full=False, progress=False, **kw)
+        return moments[1]["v_proj"].second_moment()
+
+    sampled = g(labels="sampled", seed=0)
+    torch.testing.assert_close(g(labels="sampled", seed=0), sampled, rtol=0, atol=0)
+    assert not torch.allclose(g(labels="sampled", seed=1), sampled)
+    assert not torch.allclose(g(), sampled)
+    with pytest.raises(ConfigError, match="gradients.labels"):
+        g(labels="model")
+
+
 def test_memory_bound():
     """12 d^2 + 8 d bytes per Linear for the whole G (float64 total, float32 staging, float64 sum of g),
     16 d for the diagonal; auto = full when that takes at most half the free memory."""
@@ -111,6 +151,12 @@ def test_stage_writes_blocks_and_manifest(tiny_llama, model_and_tokens, tmp_path
     assert meta["tokens"] == int(tokens["attention_mask"].sum())
     assert output_gradient(tensors, "down_proj").ndim == 1
     assert sorted(tensors) == ["down_proj.gdiag", "down_proj.gsum", "q_proj.gdiag", "q_proj.gsum"]
+    assert meta["labels"] == "data" and meta["settings"]["labels"] == "data" and "seed" not in meta["settings"]
+    sampled = tmp_path / "sampled"
+    run_gradients(tiny_llama, path, sampled, "tiny", ["q_proj"], full="false", device="cpu", batch_size=2,
+                  labels="sampled", seed=3)
+    meta = load_tensors(sampled / "block_000.safetensors")[1]
+    assert meta["labels"] == "sampled" and meta["settings"]["labels"] == "sampled" and meta["settings"]["seed"] == 3
 
 
 # the gradient pass in a fresh process, its peak resident memory above the memory held before it: a first

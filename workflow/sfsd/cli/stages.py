@@ -65,6 +65,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", choices=choices("gradients.dtype"), default=default("gradients.dtype"))
     p.add_argument("--device", default=default("device"))
     p.add_argument("--batch-size", type=int, default=default("gradients.batch_size"))
+    p.add_argument("--labels", choices=choices("gradients.labels"), default=default("gradients.labels"),
+                   help="the tokens the NLL scores: the text's (empirical Fisher) or sampled from the model (true Fisher)")
+    p.add_argument("--seed", type=int, default=default("gradients.seed"), help="seed of the sampled labels")
     p.add_argument("--compressed", help="a compressed folder of the model of --model-dir: the gradients of that "
                    "model (a shot of the loss allocation, compression.loss_shots); the files are stamped with the "
                    "dense model's digest and the folder's plan")
@@ -242,7 +245,7 @@ def cmd_gradients(args: argparse.Namespace) -> None:
         compressed = load_compressed(args.compressed, args.device, dtype)
     run_gradients(args.model_dir, args.tokens, args.out, model_name=args.model_name, layers=layers,
                   full=args.full, dtype=dtype, device=args.device, batch_size=args.batch_size,
-                  streamed=args.streamed, compressed=compressed)
+                  streamed=args.streamed, compressed=compressed, labels=args.labels, seed=args.seed)
 
 
 def cmd_eigen(args: argparse.Namespace) -> None:

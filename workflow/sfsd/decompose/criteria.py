@@ -197,9 +197,11 @@ def save_loss_spectra(
         # the plan of the compressed model the gradients were measured on (a shot of the loss allocation), else None
         weighed_by = gradients.metadata.get("settings", {}).get("compressed_plan") if isinstance(
             gradients, BlockFile) else None
+        # the tokens the gradients' NLL scored (gradients.labels): the text's, or drawn from the model
+        labels = gradients.metadata.get("labels", "data") if isinstance(gradients, BlockFile) else None
         path = Path(out_dir) / block_file(block)
         save_tensors(path, tensors, {"method": method, "block": block, "linears": list(linears), "full_g": full,
-                                     "gradients_of_plan": weighed_by,
+                                     "gradients_of_plan": weighed_by, "gradients_labels": labels,
                                      **stamp(model_digest, calibration, {"method": method, "layers": list(linears),
                                                                          "bias_compensation": bias_compensation})})
         paths.append(path)

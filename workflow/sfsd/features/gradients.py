@@ -22,6 +22,12 @@ and on each targeted Linear a forward hook that puts a tensor hook on its output
 the gradients of padded positions are dropped (they are 0: right padding feeds no real prediction).
 Each batch's g^T g is formed in float32 and added into float64 totals on the CPU (`GradientMoments`).
 
+`gradients.labels`: the tokens the NLL scores. data = the calibration text's next tokens, so G is the
+empirical Fisher (the loss criterion then predicts the rise of the text's NLL); sampled = one token per
+position drawn from the model's own prediction (seeded by `gradients.seed`), so G estimates the true
+Fisher, the Gauss-Newton Hessian of the KL divergence from the model's predictions (the criterion then
+predicts the KL of the compressed model from the dense one, as K-FAC samples its targets). Same cost.
+
 `gradients.full`: true = the whole G (out x out per Linear), false = its diagonal, auto = the whole G when
 its sums fit (`resolve_full`, by the resource planner's rule `sfsd.resources.needs.full_fits`, which also
 sizes the job). The model must fit the device: with `streamed` always, or auto where its weights take
@@ -55,6 +61,7 @@ from sfsd.resources.needs import full_fits, gradient_sums_bytes
 
 log = logging.getLogger(__name__)
 
+LABELS = ("data", "sampled")
 LOSS = "sum of token NLLs (nats) over predicted real tokens; G = (1/tokens) sum_t g_t g_t^T, g_t = dL/dy_t"
 
 
@@ -116,13 +123,25 @@ class GradientMoments:
         return gg / max(self.count, 1)
 
 
-def token_losses(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+def token_losses(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(sum of the NLLs, number of predictions) of a right-padded batch: position t predicts token t + 1
-    where both are real tokens (float32 log-softmax)."""
-    targets = input_ids[:, 1:].to(logits.device)
+    where both are real tokens (float32 log-softmax). `targets` (batch, length - 1): the tokens scored in
+    place of the text's next tokens (`sampled_targets`)."""
+    targets = (input_ids[:, 1:] if targets is None else targets).to(logits.device)
     valid = (mask[:, 1:] * mask[:, :-1]).to(logits.device).bool()
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return (nll * valid.reshape(-1)).sum(), int(valid.sum())
+
+
+def sampled_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One next token per position drawn from the model's own distribution softmax(logits) (float32), shape
+    (batch, length - 1): the labels under which E[g g^T] is the true Fisher, the Gauss-Newton Hessian of
+    the KL divergence from the model's predictions, instead of the empirical Fisher of the text's tokens."""
+    with torch.no_grad():
+        probs = logits[:, :-1].float().softmax(dim=-1)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return drawn.reshape(probs.shape[:2])
 
 
 def _batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -146,12 +165,19 @@ def collect_output_gradients(
     batch_size: int,
     full: bool,
     progress: bool = True,
+    labels: str = "data",
+    seed: int = 0,
 ) -> tuple[list[dict[str, GradientMoments]], dict]:
     """Per block and targeted Linear, the moments of g = dL/dy over the real tokens (L the summed NLL:
     module docstring), and a summary: `loss` (summed NLL), `predicted_tokens`, `tokens`. The model's
-    parameters are frozen for the pass (and their requires_grad restored after it)."""
+    parameters are frozen for the pass (and their requires_grad restored after it). `labels`: data = the
+    text's next tokens (the empirical Fisher); sampled = one token per position drawn from the model's own
+    prediction (`sampled_targets`, a generator seeded with `seed`; the true Fisher)."""
     if batch_size < 1:
         raise ConfigError(f"gradients.batch_size must be >= 1, got {batch_size}")
+    if labels not in LABELS:
+        raise ConfigError(f"gradients.labels {labels!r} is unknown; use one of {', '.join(LABELS)}")
+    generators: dict[torch.device, torch.Generator] = {}
     blocks = blocks_of(model, spec)
     moments = [{name: None for name in linears} for _ in blocks]
     state: dict = {}
@@ -189,7 +215,12 @@ def collect_output_gradients(
                 state["valid"] = mask.reshape(-1).nonzero().squeeze(1)
                 embeds = embed(ids).detach().requires_grad_(True)
                 logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-                loss, n = token_losses(logits, ids, mask)
+                targets = None
+                if labels == "sampled":
+                    if logits.device not in generators:
+                        generators[logits.device] = torch.Generator(device=logits.device).manual_seed(seed)
+                    targets = sampled_targets(logits, generators[logits.device])
+                loss, n = token_losses(logits, ids, mask, targets)
                 if not torch.isfinite(loss):
                     raise DataError(f"the calibration loss is {float(loss)}: the model's weights or dtype overflow "
                                     "(collect gradients in float32)")
@@ -221,6 +252,8 @@ def run_gradients(
     batch_size: int = 4,
     streamed: str = "auto",
     compressed: tuple[torch.nn.Module, dict] | None = None,
+    labels: str = "data",
+    seed: int = 0,
 ) -> dict:
     """Load model and tokens, collect the output gradients, write block_NNN.safetensors and manifest.json
     (the layout of stage 1's features/, `collect.block_file`). `compressed`: (model, plan) of a compressed
@@ -248,13 +281,15 @@ def run_gradients(
              "full" if use_full else "diagonal", gradient_sums_bytes(outs, use_full) / 1e9)
     started = time.perf_counter()
     moments, summary = collect_output_gradients(model, spec, linears, tokens["input_ids"], tokens["attention_mask"],
-                                                batch_size, use_full)
+                                                batch_size, use_full, labels=labels, seed=seed)
     seconds = time.perf_counter() - started
     settings = {"layers": list(layers), "full": str(full).lower(), "dtype": dtype, "device": device,
-                "batch_size": batch_size}
+                "batch_size": batch_size, "labels": labels}
+    if labels == "sampled":
+        settings["seed"] = seed
     if compressed is not None:
         settings["compressed_plan"] = value_digest(compressed[1]["layers"])
-    common = {"model": model_name, "architecture": arch, "full": use_full, "loss": LOSS,
+    common = {"model": model_name, "architecture": arch, "full": use_full, "loss": LOSS, "labels": labels,
               "tokens": summary["tokens"], "predicted_tokens": summary["predicted_tokens"], "dtype": dtype,
               **stamp(digest, tok_meta.get("digest"), settings, tokenizer_digest=tok_meta.get("tokenizer_digest"))}
     key = "ggt" if use_full else "gdiag"
@@ -297,5 +332,5 @@ def output_gradient(block, linear: str) -> torch.Tensor:
     raise DataError(f"the output gradients lack {linear}; rerun collect_gradients with this layer")
 
 
-__all__ = ["GradientMoments", "LOSS", "collect_output_gradients", "output_gradient", "resolve_full", "run_gradients",
-           "token_losses"]
+__all__ = ["GradientMoments", "LABELS", "LOSS", "collect_output_gradients", "output_gradient", "resolve_full", "run_gradients",
+           "sampled_targets", "token_losses"]
