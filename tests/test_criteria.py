@@ -323,13 +323,14 @@ def test_loss_shots_chain_each_shot_to_the_gradients_of_the_last(tiny_llama, cal
     """A dry run with compression.loss_shots 3: shots 1 and 2 are each planned, compressed, passed backward and
     criterioned; shot 1 allocates by the dense model's loss criterion at 1 - 0.2/3 of the parameters, shot 2 by
     shot 1's, and the loss variant's plan (shot 3) by shot 2's, at the budget. Every gradient pass, the dense
-    model's and each shot's, scores the labels gradients.labels names, drawn with its seed."""
+    model's and each shot's, scores the labels gradients.labels names, drawn with its seed, and packs the
+    texts as gradients.pack says."""
     from helpers import base_config, deep_merge, new_run, planned_jobs, snakemake
 
     snakefile, workdir = new_run(tmp_path)
     config = deep_merge(base_config(tiny_llama, calibration_text_file),
                         {"compression": {"methods": ["feature"], "allocations": ["uniform", "loss"], "loss_shots": 3},
-                         "gradients": {"labels": "sampled", "seed": 5}})
+                         "gradients": {"labels": "sampled", "seed": 5, "pack": True}})
     proc = snakemake(snakefile, workdir, config, "--dry-run", "--printshellcmds",
                      "results/tiny/plans/feature-loss-b80.json")
     jobs = planned_jobs(proc)
@@ -352,7 +353,7 @@ def test_loss_shots_chain_each_shot_to_the_gradients_of_the_last(tiny_llama, cal
     assert f"--compressed {shots}/2/model " in job("loss_shot_gradients", f"{shots}/2/gradients")
     assert f"--gradients {shots}/2/gradients " in job("loss_shot_spectra", f"{shots}/2/loss/feature")
     for passes in (job("collect_gradients", "results/tiny/gradients"), job("loss_shot_gradients", f"{shots}/1/gradients")):
-        assert "--labels sampled --seed 5 " in passes, passes
+        assert "--labels sampled --seed 5 --pack true " in passes, passes
 
 
 @pytest.mark.slow

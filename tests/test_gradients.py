@@ -11,6 +11,7 @@ from sfsd.features.calibration import tokenize
 from sfsd.features.gradients import (
     collect_output_gradients,
     output_gradient,
+    packed_tokens,
     resolve_full,
     run_gradients,
     sampled_targets,
@@ -121,6 +122,18 @@ def test_sampled_labels_in_the_pass(model_and_tokens):
         g(labels="model")
 
 
+def test_packed_tokens_join_the_texts_into_full_rows():
+    """Texts [1 2 3] and [4 5] in rows of 4 (padding 0), separator 9: the stream 1 2 3 9 4 5 9 cut into rows
+    of 4, the last padded and masked; without a separator the texts simply follow each other."""
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    packed = packed_tokens(ids, mask, 9)
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 9], [4, 5, 9, 0]]
+    assert packed["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert packed_tokens(ids, mask, None)["input_ids"].tolist() == [[1, 2, 3, 4], [5, 0, 0, 0]]
+    assert packed_tokens(ids, mask, None)["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+
+
 def test_memory_bound():
     """12 d^2 + 8 d bytes per Linear for the whole G (float64 total, float32 staging, float64 sum of g),
     16 d for the diagonal; auto = full when that takes at most half the free memory."""
@@ -157,6 +170,13 @@ def test_stage_writes_blocks_and_manifest(tiny_llama, model_and_tokens, tmp_path
                   labels="sampled", seed=3)
     meta = load_tensors(sampled / "block_000.safetensors")[1]
     assert meta["labels"] == "sampled" and meta["settings"]["labels"] == "sampled" and meta["settings"]["seed"] == 3
+    packed = tmp_path / "packed"
+    run_gradients(tiny_llama, path, packed, "tiny", ["q_proj"], full="false", device="cpu", batch_size=2, pack=True)
+    meta = load_tensors(packed / "block_000.safetensors")[1]
+    texts = tokens["input_ids"].shape[0]  # one end-of-sequence token after each text
+    assert meta["pack"] is True and meta["settings"]["pack"] is True
+    assert meta["tokens"] == int(tokens["attention_mask"].sum()) + texts
+    assert meta["calibration_digest"] == tokens_digest(tokens)  # paired with stage 1's statistics of the same texts
 
 
 # the gradient pass in a fresh process, its peak resident memory above the memory held before it: a first

@@ -28,6 +28,11 @@ position drawn from the model's own prediction (seeded by `gradients.seed`), so 
 Fisher, the Gauss-Newton Hessian of the KL divergence from the model's predictions (the criterion then
 predicts the KL of the compressed model from the dense one, as K-FAC samples its targets). Same cost.
 
+`gradients.pack`: the pass reads the calibration texts packed end to end (each followed by the tokenizer's
+end-of-sequence token) into full rows of `calibration.seq_len` (`packed_tokens`), instead of one text per
+row: the same tokens, each with the whole row after it to feed (a short text's last tokens otherwise feed
+no later position). Stage 1's statistics keep one text per row.
+
 `gradients.full`: true = the whole G (out x out per Linear), false = its diagonal, auto = the whole G when
 its sums fit (`resolve_full`, by the resource planner's rule `sfsd.resources.needs.full_fits`, which also
 sizes the job). The model must fit the device: with `streamed` always, or auto where its weights take
@@ -144,6 +149,21 @@ def sampled_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.T
     return drawn.reshape(probs.shape[:2])
 
 
+def packed_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, separator: int | None) -> dict[str, torch.Tensor]:
+    """The real tokens of every row in order, each text followed by `separator` (None: nothing), cut into
+    rows as long as the input's (seq_len); the last row right-padded and masked."""
+    seq_len = input_ids.shape[1]
+    tail = [] if separator is None else [separator]
+    stream = [t for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())
+              for t in ids[: sum(mask)] + tail]
+    rows = -(-len(stream) // seq_len)
+    ids = torch.zeros((rows, seq_len), dtype=input_ids.dtype)
+    mask = torch.zeros((rows, seq_len), dtype=attention_mask.dtype)
+    ids.view(-1)[: len(stream)] = torch.tensor(stream, dtype=input_ids.dtype)
+    mask.view(-1)[: len(stream)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def _batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Longest first, each batch cut after its last real token (right padding changes no real token)."""
     lengths = attention_mask.sum(dim=1)
@@ -254,6 +274,7 @@ def run_gradients(
     compressed: tuple[torch.nn.Module, dict] | None = None,
     labels: str = "data",
     seed: int = 0,
+    pack: bool = False,
 ) -> dict:
     """Load model and tokens, collect the output gradients, write block_NNN.safetensors and manifest.json
     (the layout of stage 1's features/, `collect.block_file`). `compressed`: (model, plan) of a compressed
@@ -272,6 +293,12 @@ def run_gradients(
                           "pass is not streamed block by block: run this stage on a device that holds the model")
     tokens, tok_meta = load_tensors(tokens_path, ["input_ids", "attention_mask"])
     require(tokens_path, tok_meta, "tokenize_calibration", tokenizer_digest=tokenizer_digest(model_dir))
+    if pack:
+        from sfsd.model.loading import load_tokenizer
+
+        before = tokens["input_ids"].shape[0]
+        tokens = packed_tokens(tokens["input_ids"], tokens["attention_mask"], load_tokenizer(model_dir).eos_token_id)
+        log.info("packed %d calibration texts into %d rows of %d tokens", before, *tokens["input_ids"].shape)
     model = load_model(model_dir, dtype=dtype, device=device)[0] if compressed is None else compressed[0]
     linears = select_linears(spec, layers)
     n_blocks = len(blocks_of(model, spec))
@@ -284,12 +311,12 @@ def run_gradients(
                                                 batch_size, use_full, labels=labels, seed=seed)
     seconds = time.perf_counter() - started
     settings = {"layers": list(layers), "full": str(full).lower(), "dtype": dtype, "device": device,
-                "batch_size": batch_size, "labels": labels}
+                "batch_size": batch_size, "labels": labels, "pack": pack}
     if labels == "sampled":
         settings["seed"] = seed
     if compressed is not None:
         settings["compressed_plan"] = value_digest(compressed[1]["layers"])
-    common = {"model": model_name, "architecture": arch, "full": use_full, "loss": LOSS, "labels": labels,
+    common = {"model": model_name, "architecture": arch, "full": use_full, "loss": LOSS, "labels": labels, "pack": pack,
               "tokens": summary["tokens"], "predicted_tokens": summary["predicted_tokens"], "dtype": dtype,
               **stamp(digest, tok_meta.get("digest"), settings, tokenizer_digest=tok_meta.get("tokenizer_digest"))}
     key = "ggt" if use_full else "gdiag"
@@ -332,5 +359,5 @@ def output_gradient(block, linear: str) -> torch.Tensor:
     raise DataError(f"the output gradients lack {linear}; rerun collect_gradients with this layer")
 
 
-__all__ = ["GradientMoments", "LABELS", "LOSS", "collect_output_gradients", "output_gradient", "resolve_full", "run_gradients",
+__all__ = ["GradientMoments", "LABELS", "LOSS", "collect_output_gradients", "output_gradient", "resolve_full", "packed_tokens", "run_gradients",
            "sampled_targets", "token_losses"]
