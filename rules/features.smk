@@ -49,7 +49,7 @@ GRADIENTS_SHELL = (
     "python -m sfsd --threads {threads} gradients --model-dir {input.model:q} --model-name {wildcards.model} "
     "{params.compressed}--tokens {input.tokens:q} --layers {params.layers} --full {params.full} "
     "--dtype {params.dtype} --device {params.device} --batch-size {params.batch_size} --streamed {params.streamed} "
-    "--labels {params.labels} --seed {params.seed} --pack {params.pack} --out {output.gradients:q} > {log:q} 2>&1"
+    "--labels {params.labels} --seed {params.seed} {params.pack}--out {output.gradients:q} > {log:q} 2>&1"
 )
 
 
@@ -67,7 +67,7 @@ rule collect_gradients:
         batch_size=config["gradients"]["batch_size"],
         labels=config["gradients"]["labels"],
         seed=config["gradients"]["seed"],
-        pack=str(config["gradients"]["pack"]).lower(),
+        pack="--pack " if config["gradients"]["pack"] else "",
         streamed=config["streamed"],
         compressed="",  # the dense model (a shot of the loss allocation passes its compressed model)
         code=command_version("gradients"),

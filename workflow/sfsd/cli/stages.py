@@ -68,8 +68,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--labels", choices=choices("gradients.labels"), default=default("gradients.labels"),
                    help="the tokens the NLL scores: the text's (empirical Fisher) or sampled from the model (true Fisher)")
     p.add_argument("--seed", type=int, default=default("gradients.seed"), help="seed of the sampled labels")
-    p.add_argument("--pack", choices=["true", "false"], default=str(default("gradients.pack")).lower(),
-                   help="pack the calibration texts end to end into full rows for this pass")
+    p.add_argument("--pack", action="store_true", help="pack the calibration texts end to end into full rows for this "
+                   "pass (gradients.pack)")
     p.add_argument("--compressed", help="a compressed folder of the model of --model-dir: the gradients of that "
                    "model (a shot of the loss allocation, compression.loss_shots); the files are stamped with the "
                    "dense model's digest and the folder's plan")
@@ -248,7 +248,7 @@ def cmd_gradients(args: argparse.Namespace) -> None:
     run_gradients(args.model_dir, args.tokens, args.out, model_name=args.model_name, layers=layers,
                   full=args.full, dtype=dtype, device=args.device, batch_size=args.batch_size,
                   streamed=args.streamed, compressed=compressed, labels=args.labels, seed=args.seed,
-                  pack=args.pack == "true")
+                  pack=args.pack)
 
 
 def cmd_eigen(args: argparse.Namespace) -> None:

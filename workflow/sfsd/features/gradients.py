@@ -56,7 +56,7 @@ from sfsd.errors import ConfigError, DataError
 from sfsd.features.collect import block_file
 from sfsd.features.stats import check_finite
 from sfsd.io import atomic_dir, load_tensors, model_digest, save_tensors, write_json
-from sfsd.model.loading import load_model, model_config, resolve_dtype
+from sfsd.model.loading import load_model, load_tokenizer, model_config, resolve_dtype
 from sfsd.model.placement import input_device, placement, resolve_device
 from sfsd.model.registry import architecture_of, blocks_of, get_arch, select_linears
 from sfsd.model.spec import ArchSpec
@@ -294,8 +294,6 @@ def run_gradients(
     tokens, tok_meta = load_tensors(tokens_path, ["input_ids", "attention_mask"])
     require(tokens_path, tok_meta, "tokenize_calibration", tokenizer_digest=tokenizer_digest(model_dir))
     if pack:
-        from sfsd.model.loading import load_tokenizer
-
         before = tokens["input_ids"].shape[0]
         tokens = packed_tokens(tokens["input_ids"], tokens["attention_mask"], load_tokenizer(model_dir).eos_token_id)
         log.info("packed %d calibration texts into %d rows of %d tokens", before, *tokens["input_ids"].shape)
